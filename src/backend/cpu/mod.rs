@@ -1,0 +1,1 @@
+//! The CPU reference backend on candle-core.

@@ -1,0 +1,1 @@
+//! Sampling math shared by the engine and the backends' device-side fast path.

@@ -1,0 +1,36 @@
+//! Flags shared by the commands that load a model (vLLM's names where the meaning is the same).
+
+use clap::ValueEnum;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadFormat {
+    /// Read `*.safetensors` from the model directory.
+    Safetensors,
+    /// Seeded random weights of the right shapes and dtypes (no files needed but config.json).
+    Dummy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    /// CUDA when a GPU is found, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A model directory, a preset name under `models/`, or a Hugging Face hub id (`org/name`).
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, value_enum, default_value_t = LoadFormat::Safetensors)]
+    pub load_format: LoadFormat,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 128)]
+    pub block_size: usize,
+    /// Seed for dummy weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}

@@ -1,0 +1,10 @@
+//! One file per subcommand of the `tandem` binary; `common` holds the flags they share.
+
+pub mod bench;
+pub mod common;
+pub mod demo;
+pub mod frontend;
+pub mod generate;
+pub mod pareto;
+pub mod serve;
+pub mod worker;

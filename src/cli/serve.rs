@@ -1,0 +1,6 @@
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`tandem serve` is not implemented yet")
+}

@@ -1,0 +1,3 @@
+//! The engine: sequences, scheduler, sampling, the step loop and its metrics.
+
+pub mod types;
