@@ -1,0 +1,140 @@
+// Per-token kernels of the Llama forward pass. One block per token row unless noted.
+// Activations are BF16, the residual stream F32, accumulation F32.
+
+// residual[t, :] = table[tokens[t], :]
+extern "C" __global__ void embed(float* residual, const bf16* table, const int* tokens, int hidden) {
+    int t = blockIdx.x;
+    const bf16* row = table + (u64)tokens[t] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) residual[(u64)t * hidden + i] = bf2f(row[i]);
+}
+
+// residual[t] += delta[t] (when delta is not null); out[t] = rmsnorm(residual[t]) * weight.
+extern "C" __global__ void add_rmsnorm(float* residual, const bf16* delta, const bf16* weight, bf16* out,
+                                       int hidden, float eps) {
+    __shared__ float scratch[32];
+    int t = blockIdx.x;
+    float* r = residual + (u64)t * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = r[i];
+        if (delta) {
+            v += bf2f(delta[(u64)t * hidden + i]);
+            r[i] = v;
+        }
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        out[(u64)t * hidden + i] = f2bf(r[i] * inv * bf2f(weight[i]));
+}
+
+// For each selected row s: out[s] = rmsnorm(residual[rows[s]] + delta[rows[s]]) * weight, without
+// writing the residual (the last layer's add is needed only for the tokens that produce logits).
+extern "C" __global__ void final_norm_rows(bf16* out, const float* residual, const bf16* delta, const int* rows,
+                                           const bf16* weight, int hidden, float eps) {
+    __shared__ float scratch[32];
+    int s = blockIdx.x;
+    u64 base = (u64)rows[s] * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = residual[base + i] + bf2f(delta[base + i]);
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = residual[base + i] + bf2f(delta[base + i]);
+        out[(u64)s * hidden + i] = f2bf(v * inv * bf2f(weight[i]));
+    }
+}
+
+// Rotary embedding (rotate-half pairing i, i + head_dim/2), in place on the q and k heads of a fused
+// qkv row: q heads start at column 0, k heads right after. inv_freq already has llama3 scaling.
+extern "C" __global__ void rope(bf16* qkv, const int* positions, const float* inv_freq, int row_stride,
+                                int num_q_heads, int num_kv_heads, int head_dim) {
+    int t = blockIdx.x;
+    int half = head_dim / 2;
+    float pos = (float)positions[t];
+    int pairs = (num_q_heads + num_kv_heads) * half;
+    bf16* row = qkv + (u64)t * row_stride;
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        int head = p / half, i = p % half;
+        float s, c;
+        sincosf(pos * inv_freq[i], &s, &c);
+        bf16* h = row + head * head_dim;
+        float x0 = bf2f(h[i]), x1 = bf2f(h[i + half]);
+        h[i] = f2bf(x0 * c - x1 * s);
+        h[i + half] = f2bf(x1 * c + x0 * s);
+    }
+}
+
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]
+extern "C" __global__ void silu_mul(bf16* out, const bf16* gate_up, int inter) {
+    int t = blockIdx.x;
+    const bf16* g = gate_up + (u64)t * 2 * inter;
+    for (int i = threadIdx.x; i < inter; i += blockDim.x) {
+        float x = bf2f(g[i]);
+        float silu = x / (1.0f + expf(-x));
+        out[(u64)t * inter + i] = f2bf(silu * bf2f(g[inter + i]));
+    }
+}
+
+// Dynamic per-token FP8: scale = max|x| / 448 (at least 1e-12 / 448), q = e4m3(x / scale), saturating.
+extern "C" __global__ void quantize_fp8(fp8* out, float* scales, const bf16* in, int cols) {
+    __shared__ float scratch[32];
+    int t = blockIdx.x;
+    const bf16* x = in + (u64)t * cols;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(bf2f(x[i])));
+    amax = block_max(amax, scratch);
+    float scale = fmaxf(amax, 1e-12f) / FP8_MAX;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[(u64)t * cols + i] = f2e4m3(bf2f(x[i]) / scale);
+    if (threadIdx.x == 0) scales[t] = scale;
+}
+
+// Writes token t's k and v heads (from the fused qkv row) to its cache slot; slot < 0 skips.
+// Cache layout per layer: [num_blocks, num_kv_heads, block_size, head_dim].
+extern "C" __global__ void kv_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int* slots, int row_stride,
+                                    int k_col, int v_col, int num_kv_heads, int head_dim, int block_size) {
+    int t = blockIdx.x;
+    int slot = slots[t];
+    if (slot < 0) return;
+    int block = slot / block_size, off = slot % block_size;
+    const bf16* row = qkv + (u64)t * row_stride;
+    for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x) {
+        int h = i / head_dim, d = i % head_dim;
+        u64 dst = (((u64)block * num_kv_heads + h) * block_size + off) * head_dim + d;
+        k_cache[dst] = row[k_col + i];
+        v_cache[dst] = row[v_col + i];
+    }
+}
+
+// ---- Random fill for dummy weights, generated on the device (counter-based, seeded). ----
+
+__device__ __forceinline__ u64 splitmix64(u64 x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// Uniform in [lo, hi).
+__device__ __forceinline__ float uniform_at(u64 seed, u64 i, float lo, float hi) {
+    u64 r = splitmix64(seed * 0x2545F4914F6CDD1Dull + i);
+    float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+    return lo + (hi - lo) * u;
+}
+
+extern "C" __global__ void fill_uniform_bf16(bf16* out, u64 n, u64 seed, float lo, float hi) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = f2bf(uniform_at(seed, i, lo, hi));
+}
+
+extern "C" __global__ void fill_uniform_fp8(fp8* out, u64 n, u64 seed, float lo, float hi) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = f2e4m3(uniform_at(seed, i, lo, hi));
+}
+
+extern "C" __global__ void fill_uniform_f32(float* out, u64 n, u64 seed, float lo, float hi) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = uniform_at(seed, i, lo, hi);
+}
