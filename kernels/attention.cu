@@ -12,8 +12,10 @@
 #define MAX_RPW 4
 #define HD_MAX 128
 
-extern "C" __global__ void __launch_bounds__(256) paged_attention(
-    bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache, const int* positions,
+// A: type of q and out; C: type of the cache. Instantiated below as paged_attention_{bf16,f32}.
+template <typename A, typename C>
+__device__ __forceinline__ void paged_attention_t(
+    A* out, const A* qkv, const C* k_cache, const C* v_cache, const int* positions,
     const int* tile_seq, const int* tile_q_start, const int* tile_q_len, const int* block_tables,
     const int* block_table_start, int row_stride, int num_q_heads, int num_kv_heads, int head_dim,
     int block_size, float scale, int q_per_tile) {
@@ -30,7 +32,7 @@ extern "C" __global__ void __launch_bounds__(256) paged_attention(
     for (int idx = threadIdx.x; idx < R * head_dim; idx += blockDim.x) {
         int r = idx / head_dim, d = idx % head_dim;
         int i = r / G, h = kvh * G + r % G;
-        Qs[idx] = i < qn ? bf2f(qkv[(u64)(q0 + i) * row_stride + h * head_dim + d]) * scale : 0.0f;
+        Qs[idx] = i < qn ? ld(qkv, (u64)(q0 + i) * row_stride + h * head_dim + d) * scale : 0.0f;
     }
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float m[MAX_RPW], l[MAX_RPW], acc[MAX_RPW][HD_MAX / 32];
@@ -56,8 +58,8 @@ extern "C" __global__ void __launch_bounds__(256) paged_attention(
             if (key <= kmax) {
                 int blk = bt[key / block_size], off = key % block_size;
                 u64 src = (((u64)blk * num_kv_heads + kvh) * block_size + off) * head_dim + d;
-                kv = bf2f(k_cache[src]);
-                vv = bf2f(v_cache[src]);
+                kv = ld(k_cache, src);
+                vv = ld(v_cache, src);
             }
             Ks[j * (head_dim + 1) + d] = kv;
             Vs[j * head_dim + d] = vv;
@@ -95,12 +97,26 @@ extern "C" __global__ void __launch_bounds__(256) paged_attention(
         int r = warp + k * NWARPS;
         if (rpos[k] < 0) continue;
         int i = r / G, h = kvh * G + r % G;
-        bf16* o = out + (u64)(q0 + i) * num_q_heads * head_dim + h * head_dim;
+        u64 o = (u64)(q0 + i) * num_q_heads * head_dim + h * head_dim;
         float inv = 1.0f / l[k];
 #pragma unroll
         for (int c = 0; c < HD_MAX / 32; c++) {
             int d = lane + 32 * c;
-            if (d < head_dim) o[d] = f2bf(acc[k][c] * inv);
+            if (d < head_dim) st(out, o + d, acc[k][c] * inv);
         }
     }
 }
+
+#define ATTENTION_KERNEL(A, SUFFIX)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX(                              \
+        A* out, const A* qkv, const A* k_cache, const A* v_cache, const int* positions, const int* tile_seq, \
+        const int* tile_q_start, const int* tile_q_len, const int* block_tables, const int* block_table_start, \
+        int row_stride, int num_q_heads, int num_kv_heads, int head_dim, int block_size, float scale,          \
+        int q_per_tile) {                                                                                    \
+        paged_attention_t<A, A>(out, qkv, k_cache, v_cache, positions, tile_seq, tile_q_start, tile_q_len,    \
+                                block_tables, block_table_start, row_stride, num_q_heads, num_kv_heads,       \
+                                head_dim, block_size, scale, q_per_tile);                                     \
+    }
+
+ATTENTION_KERNEL(bf16, bf16)
+ATTENTION_KERNEL(float, f32)

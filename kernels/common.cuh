@@ -62,3 +62,10 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     float t = lane < nwarps ? scratch[lane] : NEG_INF;
     return warp_max(t);
 }
+
+// Loads and stores that convert to and from F32, so kernels can be templated on the storage type
+// of activations and KV (BF16 for serving, F32 for the reference-precision mode).
+__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16* p, u64 i) { return bf2f(p[i]); }
+__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i] = f2bf(v); }

@@ -8,9 +8,12 @@ extern "C" __global__ void embed(float* residual, const bf16* table, const int* 
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) residual[(u64)t * hidden + i] = bf2f(row[i]);
 }
 
+// Kernels templated on the activation type A (bf16 or float) are instantiated below as
+// `<name>_bf16` and `<name>_f32`.
+
 // residual[t] += delta[t] (when delta is not null); out[t] = rmsnorm(residual[t]) * weight.
-extern "C" __global__ void add_rmsnorm(float* residual, const bf16* delta, const bf16* weight, bf16* out,
-                                       int hidden, float eps) {
+template <typename A>
+__device__ void add_rmsnorm_t(float* residual, const A* delta, const bf16* weight, A* out, int hidden, float eps) {
     __shared__ float scratch[32];
     int t = blockIdx.x;
     float* r = residual + (u64)t * hidden;
@@ -18,95 +21,130 @@ extern "C" __global__ void add_rmsnorm(float* residual, const bf16* delta, const
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = r[i];
         if (delta) {
-            v += bf2f(delta[(u64)t * hidden + i]);
+            v += ld(delta, (u64)t * hidden + i);
             r[i] = v;
         }
         ss += v * v;
     }
     float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        out[(u64)t * hidden + i] = f2bf(r[i] * inv * bf2f(weight[i]));
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(out, (u64)t * hidden + i, r[i] * inv * bf2f(weight[i]));
 }
 
 // For each selected row s: out[s] = rmsnorm(residual[rows[s]] + delta[rows[s]]) * weight, without
 // writing the residual (the last layer's add is needed only for the tokens that produce logits).
-extern "C" __global__ void final_norm_rows(bf16* out, const float* residual, const bf16* delta, const int* rows,
-                                           const bf16* weight, int hidden, float eps) {
+template <typename A>
+__device__ void final_norm_rows_t(A* out, const float* residual, const A* delta, const int* rows, const bf16* weight,
+                                  int hidden, float eps) {
     __shared__ float scratch[32];
     int s = blockIdx.x;
     u64 base = (u64)rows[s] * hidden;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = residual[base + i] + bf2f(delta[base + i]);
+        float v = residual[base + i] + ld(delta, base + i);
         ss += v * v;
     }
     float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = residual[base + i] + bf2f(delta[base + i]);
-        out[(u64)s * hidden + i] = f2bf(v * inv * bf2f(weight[i]));
+        float v = residual[base + i] + ld(delta, base + i);
+        st(out, (u64)s * hidden + i, v * inv * bf2f(weight[i]));
     }
 }
 
 // Rotary embedding (rotate-half pairing i, i + head_dim/2), in place on the q and k heads of a fused
 // qkv row: q heads start at column 0, k heads right after. inv_freq already has llama3 scaling.
-extern "C" __global__ void rope(bf16* qkv, const int* positions, const float* inv_freq, int row_stride,
-                                int num_q_heads, int num_kv_heads, int head_dim) {
+template <typename A>
+__device__ void rope_t(A* qkv, const int* positions, const float* inv_freq, int row_stride, int num_q_heads,
+                       int num_kv_heads, int head_dim) {
     int t = blockIdx.x;
     int half = head_dim / 2;
     float pos = (float)positions[t];
     int pairs = (num_q_heads + num_kv_heads) * half;
-    bf16* row = qkv + (u64)t * row_stride;
+    A* row = qkv + (u64)t * row_stride;
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
         int head = p / half, i = p % half;
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
-        bf16* h = row + head * head_dim;
-        float x0 = bf2f(h[i]), x1 = bf2f(h[i + half]);
-        h[i] = f2bf(x0 * c - x1 * s);
-        h[i + half] = f2bf(x1 * c + x0 * s);
+        u64 at = (u64)head * head_dim + i;
+        float x0 = ld(row, at), x1 = ld(row, at + half);
+        st(row, at, x0 * c - x1 * s);
+        st(row, at + half, x1 * c + x0 * s);
     }
 }
 
 // out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]
-extern "C" __global__ void silu_mul(bf16* out, const bf16* gate_up, int inter) {
+template <typename A>
+__device__ void silu_mul_t(A* out, const A* gate_up, int inter) {
     int t = blockIdx.x;
-    const bf16* g = gate_up + (u64)t * 2 * inter;
+    u64 g = (u64)t * 2 * inter;
     for (int i = threadIdx.x; i < inter; i += blockDim.x) {
-        float x = bf2f(g[i]);
+        float x = ld(gate_up, g + i);
         float silu = x / (1.0f + expf(-x));
-        out[(u64)t * inter + i] = f2bf(silu * bf2f(g[inter + i]));
+        st(out, (u64)t * inter + i, silu * ld(gate_up, g + inter + i));
     }
 }
 
-// Dynamic per-token FP8: scale = max|x| / 448 (at least 1e-12 / 448), q = e4m3(x / scale), saturating.
-extern "C" __global__ void quantize_fp8(fp8* out, float* scales, const bf16* in, int cols) {
+// Dynamic per-token FP8: scale = max(max|x| / 448, 1 / (448 * 512)), q = e4m3(x / scale), saturating.
+template <typename A>
+__device__ void quantize_fp8_t(fp8* out, float* scales, const A* in, int cols) {
     __shared__ float scratch[32];
     int t = blockIdx.x;
-    const bf16* x = in + (u64)t * cols;
+    u64 row = (u64)t * cols;
     float amax = 0.0f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(bf2f(x[i])));
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(ld(in, row + i)));
     amax = block_max(amax, scratch);
-    float scale = fmaxf(amax, 1e-12f) / FP8_MAX;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[(u64)t * cols + i] = f2e4m3(bf2f(x[i]) / scale);
+    // The floor keeps all-zero rows finite (the same rule as the CPU backend and the fixtures).
+    float scale = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[row + i] = f2e4m3(ld(in, row + i) / scale);
     if (threadIdx.x == 0) scales[t] = scale;
 }
 
 // Writes token t's k and v heads (from the fused qkv row) to its cache slot; slot < 0 skips.
 // Cache layout per layer: [num_blocks, num_kv_heads, block_size, head_dim].
-extern "C" __global__ void kv_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int* slots, int row_stride,
-                                    int k_col, int v_col, int num_kv_heads, int head_dim, int block_size) {
+template <typename A, typename C>
+__device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slots, int row_stride, int k_col,
+                           int v_col, int num_kv_heads, int head_dim, int block_size) {
     int t = blockIdx.x;
     int slot = slots[t];
     if (slot < 0) return;
     int block = slot / block_size, off = slot % block_size;
-    const bf16* row = qkv + (u64)t * row_stride;
+    u64 row = (u64)t * row_stride;
     for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x) {
         int h = i / head_dim, d = i % head_dim;
         u64 dst = (((u64)block * num_kv_heads + h) * block_size + off) * head_dim + d;
-        k_cache[dst] = row[k_col + i];
-        v_cache[dst] = row[v_col + i];
+        st(k_cache, dst, ld(qkv, row + k_col + i));
+        st(v_cache, dst, ld(qkv, row + v_col + i));
     }
 }
+
+#define ELEMENTWISE_KERNELS(A, SUFFIX)                                                                        \
+    extern "C" __global__ void add_rmsnorm_##SUFFIX(float* residual, const A* delta, const bf16* weight, A* out, \
+                                                    int hidden, float eps) {                                 \
+        add_rmsnorm_t<A>(residual, delta, weight, out, hidden, eps);                                          \
+    }                                                                                                         \
+    extern "C" __global__ void final_norm_rows_##SUFFIX(A* out, const float* residual, const A* delta,        \
+                                                        const int* rows, const bf16* weight, int hidden,      \
+                                                        float eps) {                                          \
+        final_norm_rows_t<A>(out, residual, delta, rows, weight, hidden, eps);                                \
+    }                                                                                                         \
+    extern "C" __global__ void rope_##SUFFIX(A* qkv, const int* positions, const float* inv_freq,             \
+                                             int row_stride, int num_q_heads, int num_kv_heads, int head_dim) { \
+        rope_t<A>(qkv, positions, inv_freq, row_stride, num_q_heads, num_kv_heads, head_dim);                 \
+    }                                                                                                         \
+    extern "C" __global__ void silu_mul_##SUFFIX(A* out, const A* gate_up, int inter) {                       \
+        silu_mul_t<A>(out, gate_up, inter);                                                                   \
+    }                                                                                                         \
+    extern "C" __global__ void quantize_fp8_##SUFFIX(fp8* out, float* scales, const A* in, int cols) {        \
+        quantize_fp8_t<A>(out, scales, in, cols);                                                             \
+    }                                                                                                         \
+    extern "C" __global__ void kv_write_##SUFFIX(A* k_cache, A* v_cache, const A* qkv, const int* slots,      \
+                                                 int row_stride, int k_col, int v_col, int num_kv_heads,      \
+                                                 int head_dim, int block_size) {                              \
+        kv_write_t<A, A>(k_cache, v_cache, qkv, slots, row_stride, k_col, v_col, num_kv_heads, head_dim,      \
+                         block_size);                                                                         \
+    }
+
+ELEMENTWISE_KERNELS(bf16, bf16)
+ELEMENTWISE_KERNELS(float, f32)
 
 // ---- Random fill for dummy weights, generated on the device (counter-based, seeded). ----
 

@@ -1,15 +1,19 @@
-//! [`CudaBackend`]: the Llama forward pass on one GPU over a paged BF16 KV cache.
+//! [`CudaBackend`]: the Llama forward pass on one GPU over a paged KV cache.
 //!
 //! Everything is allocated at construction (weights, KV pool, workspaces for
 //! `max_num_batched_tokens` tokens and `max_num_seqs` outputs); a step makes one host-to-device
 //! copy (the packed plan), launches its kernels on one stream, and copies back only the sampled
 //! tokens (and the logits rows asked for).
+//!
+//! Precision: BF16 activations and KV (serving), or F32 activations, KV and dense weights (the
+//! reference mode, which follows an f32 implementation such as the CPU backend token for token).
+//! The residual stream and all accumulation are F32 in both.
 
-use super::device::{DeviceBuffer, Gpu};
+use super::device::{DeviceBuffer, Gpu, Profiler};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::meta::{plan_step, StepPlan};
-use super::ops::{AttentionArgs, Ops};
+use super::ops::{AttentionArgs, Ops, Precision};
 use super::weights::{GpuLinear, GpuWeights};
 use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
@@ -26,6 +30,7 @@ pub struct CudaOptions {
     pub num_blocks: Option<usize>,
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
+    pub precision: Precision,
 }
 
 impl Default for CudaOptions {
@@ -37,6 +42,7 @@ impl Default for CudaOptions {
             num_blocks: None,
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
+            precision: Precision::Bf16,
         }
     }
 }
@@ -44,9 +50,7 @@ impl Default for CudaOptions {
 pub enum WeightSource<'a> {
     Host(&'a LlamaWeights),
     /// Seeded random weights generated on the GPU.
-    Dummy {
-        seed: u64,
-    },
+    Dummy { seed: u64 },
 }
 
 /// Step workspaces, sized once for the largest step.
@@ -67,21 +71,20 @@ struct Workspace {
 }
 
 impl Workspace {
-    fn new(gpu: &Gpu, c: &LlamaConfig, t: usize, s: usize) -> Result<Self> {
-        let h = c.hidden_size;
+    fn new(gpu: &Gpu, c: &LlamaConfig, t: usize, s: usize, p: Precision) -> Result<Self> {
+        let (h, i, a) = (c.hidden_size, c.intermediate_size, p.bytes());
         let qkv_n = c.q_size() + 2 * c.kv_size();
-        let i = c.intermediate_size;
         Ok(Self {
             residual: gpu.alloc(t * h * 4)?,
-            xn: gpu.alloc(t * h * 2)?,
-            qkv: gpu.alloc(t * qkv_n * 2)?,
-            attn: gpu.alloc(t * c.q_size() * 2)?,
-            delta: gpu.alloc(t * h * 2)?,
-            gate_up: gpu.alloc(t * 2 * i * 2)?,
-            act: gpu.alloc(t * i * 2)?,
+            xn: gpu.alloc(t * h * a)?,
+            qkv: gpu.alloc(t * qkv_n * a)?,
+            attn: gpu.alloc(t * c.q_size() * a)?,
+            delta: gpu.alloc(t * h * a)?,
+            gate_up: gpu.alloc(t * 2 * i * a)?,
+            act: gpu.alloc(t * i * a)?,
             xq: gpu.alloc(t * h.max(i).max(c.q_size()))?,
             xs: gpu.alloc(t * 4)?,
-            last_norm: gpu.alloc(s * h * 2)?,
+            last_norm: gpu.alloc(s * h * a)?,
             logits: gpu.alloc(s * c.vocab_size * 4)?,
             tokens_out: gpu.alloc(s * 4)?,
             meta: gpu.alloc((8 * t + 16 * s) * 4)?,
@@ -93,6 +96,7 @@ pub struct CudaBackend {
     config: LlamaConfig,
     opts: CudaOptions,
     // Field order is drop order: everything on the device goes before the context in `gpu`.
+    profiler: Profiler,
     ws: Workspace,
     kv: DeviceBuffer,
     weights: GpuWeights,
@@ -127,28 +131,22 @@ impl CudaBackend {
         let gpu = Gpu::new(opts.device)?;
         let kernels = Kernels::load().context("loading the CUDA kernels")?;
         let gemm = Gemm::new()?;
-        let weights = {
-            let ops = Ops {
-                k: &kernels,
-                stream: gpu.cu_stream(),
-            };
-            match source {
-                WeightSource::Host(w) => GpuWeights::upload(&gpu, config, w)?,
-                WeightSource::Dummy { seed } => GpuWeights::dummy(&gpu, &ops, config, seed)?,
+        let p = opts.precision;
+        let weights = match source {
+            WeightSource::Host(w) => GpuWeights::upload(&gpu, config, w, p)?,
+            WeightSource::Dummy { seed } => {
+                ensure!(p == Precision::Bf16, "dummy weights are generated in BF16 precision only");
+                let ops = Ops { k: &kernels, stream: gpu.cu_stream(), act: p };
+                GpuWeights::dummy(&gpu, &ops, config, seed)?
             }
         };
-        let ws = Workspace::new(&gpu, config, opts.max_num_batched_tokens, opts.max_num_seqs)?;
-        let layout = Self::layout_for(config, opts.block_size);
+        let ws = Workspace::new(&gpu, config, opts.max_num_batched_tokens, opts.max_num_seqs, p)?;
+        let block_bytes = Self::layout_for(config, opts.block_size, p).block_bytes();
         let num_blocks = match opts.num_blocks {
             Some(n) => n,
             None => {
                 let (free, total) = gpu.mem_info()?;
-                num_blocks_for(
-                    opts.gpu_memory_utilization,
-                    free,
-                    total,
-                    layout.block_bytes(),
-                )
+                num_blocks_for(opts.gpu_memory_utilization, free, total, block_bytes)
             }
         };
         if num_blocks == 0 {
@@ -158,9 +156,7 @@ impl CudaBackend {
                 opts.gpu_memory_utilization
             );
         }
-        let kv = gpu
-            .alloc(num_blocks * layout.block_bytes())
-            .context("allocating the KV pool")?;
+        let kv = gpu.alloc(num_blocks * block_bytes).context("allocating the KV pool")?;
         gpu.sync()?;
         tracing::info!(
             weights_gib = weights.bytes() as f64 / (1u64 << 30) as f64,
@@ -168,36 +164,31 @@ impl CudaBackend {
             kv_tokens = num_blocks * opts.block_size,
             "CUDA backend ready"
         );
-        Ok(Self {
-            config: config.clone(),
-            opts,
-            ws,
-            kv,
-            weights,
-            gemm,
-            kernels,
-            gpu,
-            num_blocks,
-        })
+        let profiler = Profiler::default();
+        Ok(Self { config: config.clone(), opts, profiler, ws, kv, weights, gemm, kernels, gpu, num_blocks })
     }
 
-    fn layout_for(c: &LlamaConfig, block_size: usize) -> KvLayout {
+    fn layout_for(c: &LlamaConfig, block_size: usize, p: Precision) -> KvLayout {
         KvLayout {
             num_layers: c.num_hidden_layers,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
             block_size,
-            dtype: KvDtype::Bf16,
+            dtype: match p {
+                Precision::Bf16 => KvDtype::Bf16,
+                Precision::F32 => KvDtype::F32,
+            },
         }
+    }
+
+    /// Bytes of one block of one layer's K (or V).
+    fn block_part_bytes(&self) -> usize {
+        self.config.num_key_value_heads * self.opts.block_size * self.config.head_dim * self.opts.precision.bytes()
     }
 
     /// Bytes of one layer's K (or V) pool.
     fn pool_bytes(&self) -> usize {
-        self.num_blocks
-            * self.config.num_key_value_heads
-            * self.opts.block_size
-            * self.config.head_dim
-            * 2
+        self.num_blocks * self.block_part_bytes()
     }
 
     fn k_cache(&self, layer: usize) -> u64 {
@@ -208,11 +199,6 @@ impl CudaBackend {
         self.kv.at((2 * layer + 1) * self.pool_bytes())
     }
 
-    /// Bytes of one block of one layer's K (or V).
-    fn block_part_bytes(&self) -> usize {
-        self.config.num_key_value_heads * self.opts.block_size * self.config.head_dim * 2
-    }
-
     pub fn options(&self) -> &CudaOptions {
         &self.opts
     }
@@ -221,46 +207,56 @@ impl CudaBackend {
         self.weights.bytes()
     }
 
-    /// Fills the whole KV pool with random BF16 values (benchmarks that skip the prefill).
+    fn ops(&self) -> Ops<'_> {
+        Ops { k: &self.kernels, stream: self.gpu.cu_stream(), act: self.opts.precision }
+    }
+
+    /// Fills the whole KV pool with random values (benchmarks that skip the prefill).
     pub fn fill_kv_random(&mut self, seed: u64) -> Result<()> {
         self.gpu.bind()?;
-        let ops = Ops {
-            k: &self.kernels,
-            stream: self.gpu.cu_stream(),
-        };
-        ops.fill_bf16(self.kv.ptr, self.kv.bytes / 2, seed, -1.0, 1.0)?;
+        ensure!(self.opts.precision == Precision::Bf16, "random KV fill is for BF16 pools");
+        self.ops().fill_bf16(self.kv.ptr, self.kv.bytes / 2, seed, -1.0, 1.0)?;
         self.gpu.sync()
     }
 
-    /// Waits for all queued work (benchmarks).
-    pub fn synchronize(&self) -> Result<()> {
-        self.gpu.sync()
+    /// Times every kernel of later steps with CUDA events (see [`Self::take_profile`]).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler.enabled = on;
+    }
+
+    /// (kernel, total ms, launches) since the last call, largest first.
+    pub fn take_profile(&mut self) -> Vec<(&'static str, f64, usize)> {
+        self.profiler.take()
+    }
+
+    fn mark(&mut self, label: &'static str) -> Result<()> {
+        self.profiler.mark(label, self.gpu.cu_stream())
     }
 
     fn linear(&mut self, lin: Lin, x: u64, m: usize, out: u64) -> Result<()> {
         let stream = self.gpu.cu_stream();
         let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
+        let f32_out = self.opts.precision == Precision::F32;
         let layer = match lin {
             Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
         };
-        let l = match lin {
-            Lin::Qkv(_) => &layer.qkv,
-            Lin::O(_) => &layer.o,
-            Lin::GateUp(_) => &layer.gate_up,
-            Lin::Down(_) => &layer.down,
+        let (l, label) = match lin {
+            Lin::Qkv(_) => (&layer.qkv, "gemm qkv"),
+            Lin::O(_) => (&layer.o, "gemm o"),
+            Lin::GateUp(_) => (&layer.gate_up, "gemm gate_up"),
+            Lin::Down(_) => (&layer.down, "gemm down"),
         };
         match l {
-            GpuLinear::Bf16 { w, n, k } => self.gemm.bf16(m, *n, *k, x, w.ptr, out, false, stream),
+            GpuLinear::Bf16 { w, n, k } => self.gemm.bf16(m, *n, *k, x, w.ptr, out, false, stream)?,
+            GpuLinear::F32 { w, n, k } => self.gemm.f32(m, *n, *k, x, w.ptr, out, stream)?,
             GpuLinear::Fp8 { w, scale, n, k } => {
-                let ops = Ops {
-                    k: &self.kernels,
-                    stream,
-                };
+                let ops = Ops { k: &self.kernels, stream, act: self.opts.precision };
                 ops.quantize_fp8(xq, xs, x, m, *k)?;
-                self.gemm
-                    .fp8(m, *n, *k, xq, xs, w.ptr, scale.ptr, out, stream)
+                self.profiler.mark("quantize fp8", stream)?;
+                self.gemm.fp8(m, *n, *k, xq, xs, w.ptr, scale.ptr, out, f32_out, stream)?;
             }
         }
+        self.mark(label)
     }
 
     fn forward(&mut self, plan: &StepPlan) -> Result<Vec<SeqOutput>> {
@@ -272,167 +268,84 @@ impl CudaBackend {
             "step of {n} tokens exceeds --max-num-batched-tokens {}",
             self.opts.max_num_batched_tokens
         );
-        ensure!(
-            ne <= self.opts.max_num_seqs,
-            "step of {ne} sequences exceeds --max-num-seqs {}",
-            self.opts.max_num_seqs
-        );
+        ensure!(ne <= self.opts.max_num_seqs, "step of {ne} sequences exceeds --max-num-seqs {}", self.opts.max_num_seqs);
         if plan.packed.len() * 4 > self.ws.meta.bytes {
             self.ws.meta = self.gpu.alloc(plan.packed.len() * 8)?;
         }
         self.gpu.copy_to(&self.ws.meta, 0, &plan.packed)?;
+        self.mark("start")?;
         let meta = self.ws.meta.ptr;
         let m = |off: usize| meta + 4 * off as u64;
         let at = &plan.at;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qkv_n = c.q_size() + 2 * c.kv_size();
-        let stream = self.gpu.cu_stream();
         let ws = &self.ws;
-        let (residual, xn, qkv, attn, delta, gate_up, act) = (
-            ws.residual.ptr,
-            ws.xn.ptr,
-            ws.qkv.ptr,
-            ws.attn.ptr,
-            ws.delta.ptr,
-            ws.gate_up.ptr,
-            ws.act.ptr,
-        );
-        let group = c.num_attention_heads / c.num_key_value_heads;
-        let q_per_tile = Ops::attention_tokens_per_tile(group);
-        Ops {
-            k: &self.kernels,
-            stream,
-        }
-        .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
+        let (residual, xn, qkv, attn, delta, gate_up, act) =
+            (ws.residual.ptr, ws.xn.ptr, ws.qkv.ptr, ws.attn.ptr, ws.delta.ptr, ws.gate_up.ptr, ws.act.ptr);
+        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
+        self.ops().embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
+        self.mark("embed")?;
         for i in 0..c.num_hidden_layers {
-            {
-                let ops = Ops {
-                    k: &self.kernels,
-                    stream,
-                };
-                let layer = &self.weights.layers[i];
-                ops.add_rmsnorm(
-                    residual,
-                    if i == 0 { 0 } else { delta },
-                    layer.input_norm.ptr,
-                    xn,
-                    n,
-                    h,
-                    eps,
-                )?;
-            }
+            let prev = if i == 0 { 0 } else { delta };
+            self.ops().add_rmsnorm(residual, prev, self.weights.layers[i].input_norm.ptr, xn, n, h, eps)?;
+            self.mark("add_rmsnorm")?;
             self.linear(Lin::Qkv(i), xn, n, qkv)?;
-            {
-                let ops = Ops {
-                    k: &self.kernels,
-                    stream,
-                };
-                let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-                ops.rope(
-                    qkv,
-                    m(at.positions),
-                    self.weights.inv_freq.ptr,
-                    n,
-                    qkv_n,
-                    nh,
-                    nkv,
-                    hd,
-                )?;
-                let (kc, vc) = (self.k_cache(i), self.v_cache(i));
-                ops.kv_write(
-                    kc,
-                    vc,
-                    qkv,
-                    m(at.slots),
-                    n,
-                    qkv_n,
-                    c.q_size(),
-                    c.q_size() + c.kv_size(),
-                    nkv,
-                    hd,
-                    self.opts.block_size,
-                )?;
-                ops.paged_attention(&AttentionArgs {
-                    out: attn,
-                    qkv,
-                    k_cache: kc,
-                    v_cache: vc,
-                    positions: m(at.positions),
-                    tile_seq: m(at.tile_seq),
-                    tile_q_start: m(at.tile_q_start),
-                    tile_q_len: m(at.tile_q_len),
-                    block_tables: m(at.block_tables),
-                    block_table_start: m(at.block_table_start),
-                    num_tiles: plan.num_tiles,
-                    row_stride: qkv_n,
-                    q_heads: nh,
-                    kv_heads: nkv,
-                    head_dim: hd,
-                    block_size: self.opts.block_size,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                    q_per_tile,
-                })?;
-            }
+            self.ops().rope(qkv, m(at.positions), self.weights.inv_freq.ptr, n, qkv_n, nh, nkv, hd)?;
+            self.mark("rope")?;
+            let (kc, vc) = (self.k_cache(i), self.v_cache(i));
+            let (kcol, vcol) = (c.q_size(), c.q_size() + c.kv_size());
+            self.ops().kv_write(kc, vc, qkv, m(at.slots), n, qkv_n, kcol, vcol, nkv, hd, self.opts.block_size)?;
+            self.mark("kv_write")?;
+            self.ops().paged_attention(&AttentionArgs {
+                out: attn,
+                qkv,
+                k_cache: kc,
+                v_cache: vc,
+                positions: m(at.positions),
+                tile_seq: m(at.tile_seq),
+                tile_q_start: m(at.tile_q_start),
+                tile_q_len: m(at.tile_q_len),
+                block_tables: m(at.block_tables),
+                block_table_start: m(at.block_table_start),
+                num_tiles: plan.num_tiles,
+                row_stride: qkv_n,
+                q_heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                block_size: self.opts.block_size,
+                scale: 1.0 / (hd as f32).sqrt(),
+                q_per_tile,
+            })?;
+            self.mark("attention")?;
             self.linear(Lin::O(i), attn, n, delta)?;
-            {
-                let ops = Ops {
-                    k: &self.kernels,
-                    stream,
-                };
-                ops.add_rmsnorm(
-                    residual,
-                    delta,
-                    self.weights.layers[i].post_norm.ptr,
-                    xn,
-                    n,
-                    h,
-                    eps,
-                )?;
-            }
+            self.ops().add_rmsnorm(residual, delta, self.weights.layers[i].post_norm.ptr, xn, n, h, eps)?;
+            self.mark("add_rmsnorm")?;
             self.linear(Lin::GateUp(i), xn, n, gate_up)?;
-            Ops {
-                k: &self.kernels,
-                stream,
-            }
-            .silu_mul(act, gate_up, n, c.intermediate_size)?;
+            self.ops().silu_mul(act, gate_up, n, c.intermediate_size)?;
+            self.mark("silu_mul")?;
             self.linear(Lin::Down(i), act, n, delta)?;
         }
         if ne == 0 {
             self.gpu.sync()?;
+            self.profiler.collect()?;
             return Ok(vec![SeqOutput::Nothing; plan.num_seqs]);
         }
-        let (last_norm, logits, tokens_out) = (
-            self.ws.last_norm.ptr,
-            self.ws.logits.ptr,
-            self.ws.tokens_out.ptr,
-        );
-        let ops = Ops {
-            k: &self.kernels,
-            stream,
-        };
-        ops.final_norm_rows(
-            last_norm,
-            residual,
-            delta,
-            m(at.emit_rows),
-            self.weights.norm.ptr,
-            ne,
-            h,
-            eps,
-        )?;
-        self.gemm.bf16(
-            ne,
-            c.vocab_size,
-            h,
-            last_norm,
-            self.weights.lm_head.ptr,
-            logits,
-            true,
-            stream,
-        )?;
-        ops.sample_tokens(tokens_out, logits, m(at.sample_params), ne, c.vocab_size)?;
+        let (last_norm, logits, tokens_out) = (self.ws.last_norm.ptr, self.ws.logits.ptr, self.ws.tokens_out.ptr);
+        self.ops().final_norm_rows(last_norm, residual, delta, m(at.emit_rows), self.weights.norm.ptr, ne, h, eps)?;
+        self.mark("final_norm")?;
+        let stream = self.gpu.cu_stream();
+        match &self.weights.lm_head {
+            GpuLinear::Bf16 { w, n: v, k } => self.gemm.bf16(ne, *v, *k, last_norm, w.ptr, logits, true, stream)?,
+            GpuLinear::F32 { w, n: v, k } => self.gemm.f32(ne, *v, *k, last_norm, w.ptr, logits, stream)?,
+            GpuLinear::Fp8 { .. } => bail!("lm_head is dequantized at upload"),
+        }
+        self.mark("lm_head")?;
+        self.ops().sample_tokens(tokens_out, logits, m(at.sample_params), ne, c.vocab_size)?;
+        self.mark("sample")?;
         let mut tokens = vec![0i32; ne];
         self.gpu.copy_from(&self.ws.tokens_out, 0, &mut tokens)?;
+        self.profiler.collect()?;
         self.collect(plan, &tokens)
     }
 
@@ -466,7 +379,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        Self::layout_for(&self.config, self.opts.block_size)
+        Self::layout_for(&self.config, self.opts.block_size, self.opts.precision)
     }
 
     fn num_kv_blocks(&self) -> usize {

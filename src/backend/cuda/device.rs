@@ -173,3 +173,63 @@ impl Drop for DeviceBuffer {
 // The raw pointer is only an address; access goes through the owning backend.
 unsafe impl Send for DeviceBuffer {}
 unsafe impl Sync for DeviceBuffer {}
+
+/// Optional per-kernel timing with CUDA events: `mark(label)` after each launch attributes the GPU
+/// time since the previous mark to `label`. Off by default (one branch per mark).
+#[derive(Default)]
+pub struct Profiler {
+    pub enabled: bool,
+    marks: Vec<(&'static str, sys::CUevent)>,
+    spare: Vec<sys::CUevent>,
+    /// label -> (total ms, count)
+    totals: std::collections::BTreeMap<&'static str, (f64, usize)>,
+}
+
+impl Profiler {
+    pub fn mark(&mut self, label: &'static str, stream: sys::CUstream) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let ev = match self.spare.pop() {
+            Some(e) => e,
+            None => result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)?,
+        };
+        // SAFETY: a live event and stream.
+        unsafe { result::event::record(ev, stream)? };
+        self.marks.push((label, ev));
+        Ok(())
+    }
+
+    /// After the stream is synchronized: adds the intervals between marks to the totals.
+    pub fn collect(&mut self) -> Result<()> {
+        for w in self.marks.windows(2) {
+            // SAFETY: both events were recorded and have completed.
+            let ms = unsafe { result::event::elapsed(w[0].1, w[1].1)? } as f64;
+            let e = self.totals.entry(w[1].0).or_insert((0.0, 0));
+            e.0 += ms;
+            e.1 += 1;
+        }
+        self.spare.extend(self.marks.drain(..).map(|(_, e)| e));
+        Ok(())
+    }
+
+    /// (label, total ms, count), largest first; clears the totals.
+    pub fn take(&mut self) -> Vec<(&'static str, f64, usize)> {
+        let mut v: Vec<_> = std::mem::take(&mut self.totals).into_iter().map(|(l, (ms, n))| (l, ms, n)).collect();
+        v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+        v
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        for e in self.spare.drain(..).chain(self.marks.drain(..).map(|(_, e)| e)) {
+            // SAFETY: created by this profiler, destroyed once.
+            unsafe {
+                let _ = result::event::destroy(e);
+            }
+        }
+    }
+}
+
+unsafe impl Send for Profiler {}

@@ -17,12 +17,12 @@ const WORKSPACE_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GemmKind {
-    /// e4m3 x e4m3 with vector scales, BF16 out.
-    Fp8,
-    /// BF16 x BF16, BF16 out.
-    Bf16,
-    /// BF16 x BF16, F32 out (logits).
-    Bf16F32Out,
+    /// e4m3 x e4m3 with vector scales; BF16 out (fast accumulation) or F32 out (full accumulation).
+    Fp8 { f32_out: bool },
+    /// BF16 x BF16, BF16 or F32 out.
+    Bf16 { f32_out: bool },
+    /// F32 x F32, F32 out, no TF32 (the reference-precision mode).
+    F32,
 }
 
 struct Plan {
@@ -84,9 +84,11 @@ impl Gemm {
         use sys::cublasLtMatmulDescAttributes_t as A;
         use sys::cudaDataType as T;
         let (in_t, out_t) = match kind {
-            GemmKind::Fp8 => (T::CUDA_R_8F_E4M3, T::CUDA_R_16BF),
-            GemmKind::Bf16 => (T::CUDA_R_16BF, T::CUDA_R_16BF),
-            GemmKind::Bf16F32Out => (T::CUDA_R_16BF, T::CUDA_R_32F),
+            GemmKind::Fp8 { f32_out: false } => (T::CUDA_R_8F_E4M3, T::CUDA_R_16BF),
+            GemmKind::Fp8 { f32_out: true } => (T::CUDA_R_8F_E4M3, T::CUDA_R_32F),
+            GemmKind::Bf16 { f32_out: false } => (T::CUDA_R_16BF, T::CUDA_R_16BF),
+            GemmKind::Bf16 { f32_out: true } => (T::CUDA_R_16BF, T::CUDA_R_32F),
+            GemmKind::F32 => (T::CUDA_R_32F, T::CUDA_R_32F),
         };
         let desc =
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, T::CUDA_R_32F)
@@ -95,13 +97,14 @@ impl Gemm {
         unsafe {
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?; // CUBLAS_OP_T
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?; // CUBLAS_OP_N
-            if kind == GemmKind::Fp8 {
+            if let GemmKind::Fp8 { f32_out } = kind {
                 let outer =
                     sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
                         as i32;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
-                set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+                let fast_accum = if f32_out { 0i8 } else { 1i8 };
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum)?;
                 // Scale pointers must be set before the heuristic; real ones are set per call.
                 let dummy = self.workspace.ptr;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &dummy)?;
@@ -177,7 +180,7 @@ impl Gemm {
         .map_err(|e| anyhow!("cuBLASLt matmul {kind:?} M={m} N={n} K={k}: {e:?}"))
     }
 
-    /// `out[M,N] (BF16) = (x[M,K] · x_scale[M]) · (w[N,K] · w_scale[N])ᵀ`, e4m3 inputs.
+    /// `out[M,N] = (x[M,K] · x_scale[M]) · (w[N,K] · w_scale[N])ᵀ`, e4m3 inputs, F32 or BF16 out.
     #[allow(clippy::too_many_arguments)]
     pub fn fp8(
         &mut self,
@@ -189,19 +192,21 @@ impl Gemm {
         w: u64,
         w_scale: u64,
         out: u64,
+        f32_out: bool,
         stream: CUstream,
     ) -> Result<()> {
         use sys::cublasLtMatmulDescAttributes_t as A;
         if m == 0 {
             return Ok(());
         }
-        let desc = self.plan(GemmKind::Fp8, m, n, k)?.desc;
+        let kind = GemmKind::Fp8 { f32_out };
+        let desc = self.plan(kind, m, n, k)?.desc;
         // SAFETY: live descriptor; pointer-typed attributes.
         unsafe {
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale)?;
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale)?;
         }
-        self.run(GemmKind::Fp8, m, n, k, x, w, out, stream)
+        self.run(kind, m, n, k, x, w, out, stream)
     }
 
     /// `out[M,N] = x[M,K] · w[N,K]ᵀ`, BF16 inputs; F32 out when `f32_out`, else BF16.
@@ -217,12 +222,13 @@ impl Gemm {
         f32_out: bool,
         stream: CUstream,
     ) -> Result<()> {
-        let kind = if f32_out {
-            GemmKind::Bf16F32Out
-        } else {
-            GemmKind::Bf16
-        };
-        self.run(kind, m, n, k, x, w, out, stream)
+        self.run(GemmKind::Bf16 { f32_out }, m, n, k, x, w, out, stream)
+    }
+
+    /// `out[M,N] = x[M,K] · w[N,K]ᵀ` in F32 (no TF32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn f32(&mut self, m: usize, n: usize, k: usize, x: u64, w: u64, out: u64, stream: CUstream) -> Result<()> {
+        self.run(GemmKind::F32, m, n, k, x, w, out, stream)
     }
 }
 

@@ -16,13 +16,41 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// (module name, source) of every kernel module.
 pub const MODULES: &[(&str, &str)] = &[
-    (
-        "elementwise",
-        include_str!("../../../kernels/elementwise.cu"),
-    ),
+    ("elementwise", include_str!("../../../kernels/elementwise.cu")),
     ("attention", include_str!("../../../kernels/attention.cu")),
     ("sampling", include_str!("../../../kernels/sampling.cu")),
 ];
+
+/// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
+const TYPED: &[(&str, &[&str])] = &[
+    ("elementwise", &["add_rmsnorm", "final_norm_rows", "rope", "silu_mul", "quantize_fp8", "kv_write"]),
+    ("attention", &["paged_attention"]),
+];
+
+/// Kernels with one version.
+const PLAIN: &[(&str, &[&str])] = &[
+    ("elementwise", &["embed", "fill_uniform_bf16", "fill_uniform_fp8", "fill_uniform_f32"]),
+    ("sampling", &["sample_tokens"]),
+];
+
+/// Every kernel name of a module.
+pub fn kernel_names(module: &str) -> Vec<String> {
+    let mut names = vec![];
+    for (m, list) in TYPED {
+        if *m == module {
+            for n in *list {
+                names.push(format!("{n}_bf16"));
+                names.push(format!("{n}_f32"));
+            }
+        }
+    }
+    for (m, list) in PLAIN {
+        if *m == module {
+            names.extend(list.iter().map(|n| n.to_string()));
+        }
+    }
+    names
+}
 
 const ARCH: &str = "--gpu-architecture=sm_90a";
 const OPTIONS: &[&str] = &[ARCH, "--std=c++17", "-lineinfo", "--fmad=true"];
@@ -135,11 +163,11 @@ pub fn check_all() -> Result<Vec<(&'static str, usize)>> {
 /// Every kernel function, loaded into the current context.
 pub struct Kernels {
     modules: Vec<sys::CUmodule>,
-    functions: HashMap<&'static str, sys::CUfunction>,
+    functions: HashMap<String, sys::CUfunction>,
 }
 
 /// Kernels that need more than 48 KiB of dynamic shared memory, and how much they may use.
-const BIG_SHARED: &[(&str, i32)] = &[("paged_attention", 96 * 1024)];
+const BIG_SHARED: &[(&str, i32)] = &[("paged_attention_bf16", 96 * 1024), ("paged_attention_f32", 96 * 1024)];
 
 impl Kernels {
     pub fn load() -> Result<Self> {
@@ -151,15 +179,15 @@ impl Kernels {
             let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
                 .with_context(|| format!("cannot load kernel module `{name}`"))?;
             modules.push(module);
-            for fname in kernel_names(src) {
-                // SAFETY: the module is loaded; the name comes from its source.
-                let f = unsafe { result::module::get_function(module, CString::new(fname)?) }
+            for fname in kernel_names(name) {
+                // SAFETY: the module is loaded; a missing name is an error, not UB.
+                let f = unsafe { result::module::get_function(module, CString::new(fname.as_str())?) }
                     .with_context(|| format!("kernel `{fname}` not found in module `{name}`"))?;
                 functions.insert(fname, f);
             }
         }
         for (fname, bytes) in BIG_SHARED {
-            let f = functions[fname];
+            let f = functions[*fname];
             // SAFETY: a valid function handle.
             unsafe {
                 result::function::set_function_attribute(
@@ -194,21 +222,6 @@ impl Drop for Kernels {
 // Function handles are plain driver handles, valid in their context from any thread.
 unsafe impl Send for Kernels {}
 unsafe impl Sync for Kernels {}
-
-/// Names of `extern "C" __global__` functions in a source (kernel declarations start a line).
-fn kernel_names(src: &'static str) -> Vec<&'static str> {
-    src.lines()
-        .filter(|l| l.starts_with("extern \"C\" __global__"))
-        .filter_map(|l| {
-            // `extern "C" __global__ void [__launch_bounds__(..)] name(`
-            let mut rest = l["extern \"C\" __global__ void".len()..].trim_start();
-            if let Some(r) = rest.strip_prefix("__launch_bounds__(") {
-                rest = r[r.find(')')? + 1..].trim_start();
-            }
-            Some(&rest[..rest.find('(')?])
-        })
-        .collect()
-}
 
 /// One kernel argument. Each is passed from an 8-byte slot (little endian: 4-byte values are
 /// read from its low half).
@@ -251,20 +264,17 @@ pub fn launch(
 mod tests {
     use super::*;
 
+    /// Every listed kernel is defined in its module's source (directly or by an instantiation macro).
     #[test]
-    fn finds_every_kernel_name() {
-        let names: Vec<_> = MODULES.iter().flat_map(|(_, s)| kernel_names(s)).collect();
-        for want in [
-            "embed",
-            "add_rmsnorm",
-            "rope",
-            "silu_mul",
-            "quantize_fp8",
-            "kv_write",
-            "paged_attention",
-            "sample_tokens",
-        ] {
-            assert!(names.contains(&want), "{want} missing from {names:?}");
+    fn listed_kernels_exist_in_sources() {
+        for (module, src) in MODULES {
+            for name in kernel_names(module) {
+                let base = name.trim_end_matches("_bf16").trim_end_matches("_f32");
+                let direct = src.contains(&format!(" {name}("));
+                let templated = src.contains(&format!(" {base}_##SUFFIX("));
+                assert!(direct || templated, "{name} not found in {module}.cu");
+            }
         }
+        assert!(kernel_names("attention").contains(&"paged_attention_f32".to_string()));
     }
 }

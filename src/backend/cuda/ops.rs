@@ -12,9 +12,35 @@ pub const ATTENTION_ROWS: usize = 32;
 const ATTENTION_KEYS_PER_TILE: usize = 32;
 pub const MAX_HEAD_DIM: usize = 128;
 
+/// Storage type of activations (and of the KV cache): BF16 for serving, F32 for the
+/// reference-precision mode that matches an f32 implementation token for token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Bf16,
+    F32,
+}
+
+impl Precision {
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::Bf16 => 2,
+            Precision::F32 => 4,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
 pub struct Ops<'a> {
     pub k: &'a Kernels,
     pub stream: CUstream,
+    /// Which instantiation of the typed kernels to launch.
+    pub act: Precision,
 }
 
 fn rows(n: usize) -> (u32, u32, u32) {
@@ -22,6 +48,10 @@ fn rows(n: usize) -> (u32, u32, u32) {
 }
 
 impl Ops<'_> {
+    fn typed(&self, base: &str) -> String {
+        format!("{base}_{}", self.act.suffix())
+    }
+
     fn go(
         &self,
         name: &str,
@@ -78,7 +108,7 @@ impl Ops<'_> {
         eps: f32,
     ) -> Result<()> {
         self.go(
-            "add_rmsnorm",
+            &self.typed("add_rmsnorm"),
             rows(n),
             ROW_THREADS,
             0,
@@ -107,7 +137,7 @@ impl Ops<'_> {
         eps: f32,
     ) -> Result<()> {
         self.go(
-            "final_norm_rows",
+            &self.typed("final_norm_rows"),
             rows(n),
             ROW_THREADS,
             0,
@@ -137,7 +167,7 @@ impl Ops<'_> {
         head_dim: usize,
     ) -> Result<()> {
         self.go(
-            "rope",
+            &self.typed("rope"),
             rows(n),
             ROW_THREADS,
             0,
@@ -156,7 +186,7 @@ impl Ops<'_> {
     /// `out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]`.
     pub fn silu_mul(&self, out: u64, gate_up: u64, n: usize, inter: usize) -> Result<()> {
         self.go(
-            "silu_mul",
+            &self.typed("silu_mul"),
             rows(n),
             ROW_THREADS,
             0,
@@ -174,7 +204,7 @@ impl Ops<'_> {
         cols: usize,
     ) -> Result<()> {
         self.go(
-            "quantize_fp8",
+            &self.typed("quantize_fp8"),
             rows(n),
             ROW_THREADS,
             0,
@@ -204,7 +234,7 @@ impl Ops<'_> {
         block_size: usize,
     ) -> Result<()> {
         self.go(
-            "kv_write",
+            &self.typed("kv_write"),
             rows(n),
             ROW_THREADS,
             0,
@@ -247,7 +277,7 @@ impl Ops<'_> {
                 + ATTENTION_KEYS_PER_TILE * (a.head_dim + 1)
                 + ATTENTION_KEYS_PER_TILE * a.head_dim);
         self.go(
-            "paged_attention",
+            &self.typed("paged_attention"),
             (a.num_tiles as u32, a.kv_heads as u32, 1),
             256,
             shared as u32,

@@ -3,7 +3,7 @@
 //! into one matrix each (one GEMM instead of three or two).
 
 use super::device::{DeviceBuffer, Gpu};
-use super::ops::Ops;
+use super::ops::{Ops, Precision};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
 use anyhow::{bail, Context, Result};
@@ -13,6 +13,12 @@ use half::bf16;
 /// `y = x · Wᵀ` with `W: [n, k]` on the device.
 pub enum GpuLinear {
     Bf16 {
+        w: DeviceBuffer,
+        n: usize,
+        k: usize,
+    },
+    /// F32 weight (the reference-precision mode).
+    F32 {
         w: DeviceBuffer,
         n: usize,
         k: usize,
@@ -29,12 +35,12 @@ pub enum GpuLinear {
 impl GpuLinear {
     pub fn n(&self) -> usize {
         match self {
-            GpuLinear::Bf16 { n, .. } | GpuLinear::Fp8 { n, .. } => *n,
+            GpuLinear::Bf16 { n, .. } | GpuLinear::F32 { n, .. } | GpuLinear::Fp8 { n, .. } => *n,
         }
     }
     pub fn k(&self) -> usize {
         match self {
-            GpuLinear::Bf16 { k, .. } | GpuLinear::Fp8 { k, .. } => *k,
+            GpuLinear::Bf16 { k, .. } | GpuLinear::F32 { k, .. } | GpuLinear::Fp8 { k, .. } => *k,
         }
     }
     pub fn is_fp8(&self) -> bool {
@@ -58,8 +64,8 @@ pub struct GpuWeights {
     pub embed: DeviceBuffer,
     pub layers: Vec<GpuLayer>,
     pub norm: DeviceBuffer,
-    /// `[vocab, hidden]` BF16 (an FP8 lm_head is dequantized at upload).
-    pub lm_head: DeviceBuffer,
+    /// `[vocab, hidden]`, BF16 or F32 (an FP8 lm_head is dequantized at upload).
+    pub lm_head: GpuLinear,
     /// `[head_dim / 2]` F32, llama3 scaling applied.
     pub inv_freq: DeviceBuffer,
 }
@@ -72,8 +78,20 @@ fn upload_bf16(gpu: &Gpu, t: &Tensor) -> Result<DeviceBuffer> {
     gpu.upload(&bf16_vec(t)?)
 }
 
+/// A dense `[n, k]` weight in the activation precision.
+fn upload_dense(gpu: &Gpu, t: &Tensor, precision: Precision) -> Result<GpuLinear> {
+    let (n, k) = t.dims2()?;
+    Ok(match precision {
+        Precision::Bf16 => GpuLinear::Bf16 { w: upload_bf16(gpu, t)?, n, k },
+        Precision::F32 => {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            GpuLinear::F32 { w: gpu.upload(&v)?, n, k }
+        }
+    })
+}
+
 /// Concatenates linears along the output dimension and uploads them.
-fn upload_fused(gpu: &Gpu, parts: &[&Linear], what: &str) -> Result<GpuLinear> {
+fn upload_fused(gpu: &Gpu, parts: &[&Linear], what: &str, precision: Precision) -> Result<GpuLinear> {
     let k = parts[0].dims().1;
     let n: usize = parts.iter().map(|p| p.dims().0).sum();
     if parts.iter().any(|p| p.dims().1 != k) {
@@ -89,8 +107,7 @@ fn upload_fused(gpu: &Gpu, parts: &[&Linear], what: &str) -> Result<GpuLinear> {
                 Linear::Fp8 { .. } => unreachable!(),
             })
             .collect();
-        let w = upload_bf16(gpu, &Tensor::cat(&ws, 0)?)?;
-        return Ok(GpuLinear::Bf16 { w, n, k });
+        return upload_dense(gpu, &Tensor::cat(&ws, 0)?, precision);
     }
     if !all_fp8 {
         bail!("{what}: mixing FP8 and unquantized linears in one fused matrix is not supported");
@@ -131,22 +148,15 @@ fn dequantized(l: &Linear) -> Result<Tensor> {
     })
 }
 
-fn upload_layer(gpu: &Gpu, l: &LayerWeights, i: usize) -> Result<GpuLayer> {
+fn upload_layer(gpu: &Gpu, l: &LayerWeights, i: usize, p: Precision) -> Result<GpuLayer> {
+    let fused = |parts: &[&Linear], what: &str| upload_fused(gpu, parts, &format!("layer {i} {what}"), p);
     Ok(GpuLayer {
         input_norm: upload_bf16(gpu, &l.input_layernorm)?,
-        qkv: upload_fused(
-            gpu,
-            &[&l.q_proj, &l.k_proj, &l.v_proj],
-            &format!("layer {i} qkv"),
-        )?,
-        o: upload_fused(gpu, &[&l.o_proj], &format!("layer {i} o_proj"))?,
+        qkv: fused(&[&l.q_proj, &l.k_proj, &l.v_proj], "qkv")?,
+        o: fused(&[&l.o_proj], "o_proj")?,
         post_norm: upload_bf16(gpu, &l.post_attention_layernorm)?,
-        gate_up: upload_fused(
-            gpu,
-            &[&l.gate_proj, &l.up_proj],
-            &format!("layer {i} gate_up"),
-        )?,
-        down: upload_fused(gpu, &[&l.down_proj], &format!("layer {i} down_proj"))?,
+        gate_up: fused(&[&l.gate_proj, &l.up_proj], "gate_up")?,
+        down: fused(&[&l.down_proj], "down_proj")?,
     })
 }
 
@@ -156,7 +166,9 @@ fn inv_freq(gpu: &Gpu, config: &LlamaConfig) -> Result<DeviceBuffer> {
 }
 
 impl GpuWeights {
-    pub fn upload(gpu: &Gpu, config: &LlamaConfig, w: &LlamaWeights) -> Result<Self> {
+    /// Norm and embedding weights stay BF16 (exact for BF16 checkpoints); dense linears take the
+    /// activation precision.
+    pub fn upload(gpu: &Gpu, config: &LlamaConfig, w: &LlamaWeights, precision: Precision) -> Result<Self> {
         if w.layers.len() != config.num_hidden_layers {
             bail!(
                 "weights have {} layers, config.json says {}",
@@ -168,13 +180,13 @@ impl GpuWeights {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, l)| upload_layer(gpu, l, i).with_context(|| format!("uploading layer {i}")))
+            .map(|(i, l)| upload_layer(gpu, l, i, precision).with_context(|| format!("uploading layer {i}")))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed: upload_bf16(gpu, &w.embed_tokens)?,
             layers,
             norm: upload_bf16(gpu, &w.norm)?,
-            lm_head: upload_bf16(gpu, &dequantized(&w.lm_head)?)?,
+            lm_head: upload_dense(gpu, &dequantized(&w.lm_head)?, precision)?,
             inv_freq: inv_freq(gpu, config)?,
         })
     }
@@ -197,7 +209,7 @@ impl GpuWeights {
         let embed = bf16_buf(config.vocab_size * h, -1.0, 1.0)?;
         let norm = bf16_buf(h, 0.8, 1.2)?;
         let a = (3.0 / h as f32).sqrt();
-        let lm_head = bf16_buf(config.vocab_size * h, -a, a)?;
+        let lm_head = GpuLinear::Bf16 { w: bf16_buf(config.vocab_size * h, -a, a)?, n: config.vocab_size, k: h };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         let qkv_n = config.q_size() + 2 * config.kv_size();
         let inter = config.intermediate_size;
@@ -251,12 +263,12 @@ impl GpuWeights {
 
     pub fn bytes(&self) -> usize {
         let lin = |l: &GpuLinear| match l {
-            GpuLinear::Bf16 { w, .. } => w.bytes,
+            GpuLinear::Bf16 { w, .. } | GpuLinear::F32 { w, .. } => w.bytes,
             GpuLinear::Fp8 { w, scale, .. } => w.bytes + scale.bytes,
         };
         self.embed.bytes
             + self.norm.bytes
-            + self.lm_head.bytes
+            + lin(&self.lm_head)
             + self
                 .layers
                 .iter()
