@@ -146,6 +146,19 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
 ELEMENTWISE_KERNELS(bf16, bf16)
 ELEMENTWISE_KERNELS(float, f32)
 
+// In place, F32 rows: x = e4m3(x / scale) * scale with the per-row scale of quantize_fp8. The
+// reference-precision mode computes an FP8 linear as an F32 product of exactly these values and
+// the dequantized weight, equal to (x_q . W_q) * scale_x * scale_w up to f32 rounding.
+extern "C" __global__ void fake_quant_fp8_f32(float* x, int cols) {
+    __shared__ float scratch[32];
+    u64 row = (u64)blockIdx.x * cols;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(x[row + i]));
+    amax = block_max(amax, scratch);
+    float scale = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) x[row + i] = e4m32f(f2e4m3(x[row + i] / scale)) * scale;
+}
+
 // ---- Random fill for dummy weights, generated on the device (counter-based, seeded). ----
 
 __device__ __forceinline__ u64 splitmix64(u64 x) {

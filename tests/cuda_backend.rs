@@ -32,13 +32,24 @@ fn backend(fp8: bool) -> Option<CudaBackend> {
         eprintln!("skipping: no CUDA GPU on this machine");
         return None;
     }
-    let opts = CudaOptions { block_size: BS, num_blocks: Some(64), max_num_batched_tokens: 512, max_num_seqs: 16, ..Default::default() };
+    let opts = CudaOptions {
+        block_size: BS,
+        num_blocks: Some(64),
+        max_num_batched_tokens: 512,
+        max_num_seqs: 16,
+        ..Default::default()
+    };
     Some(CudaBackend::new(&config(fp8), WeightSource::Dummy { seed: 3 }, opts).unwrap())
 }
 
 fn chunk(tokens: &[u32], start_pos: usize, blocks: &[u32], emit: Emit) -> SeqChunk {
     let needed = (start_pos + tokens.len()).div_ceil(BS);
-    SeqChunk { tokens: tokens.to_vec(), start_pos, block_table: blocks[..needed].to_vec(), emit }
+    SeqChunk {
+        tokens: tokens.to_vec(),
+        start_pos,
+        block_table: blocks[..needed].to_vec(),
+        emit,
+    }
 }
 
 fn logits(out: &SeqOutput) -> Vec<f32> {
@@ -55,17 +66,28 @@ fn argmax(v: &[f32]) -> u32 {
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert!(a.iter().all(|x| x.is_finite()), "non-finite logits");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
 
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 37 + salt * 101 + 11) % 1000).collect()
+    (0..n as u32)
+        .map(|i| (i * 37 + salt * 101 + 11) % 1000)
+        .collect()
 }
 
 fn greedy() -> Emit {
-    Emit::Sample(DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, uniform: 0.5 })
+    Emit::Sample(DeviceSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.5,
+    })
 }
 
 fn consistency(fp8: bool) {
@@ -76,12 +98,21 @@ fn consistency(fp8: bool) {
     let blocks_b: Vec<u32> = (10..14).collect();
 
     // 1. One prefill.
-    let full = logits(&b.step(&Batch { seqs: vec![chunk(&p, 0, &blocks_a, Emit::Logits)] }).unwrap()[0]);
+    let full = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&p, 0, &blocks_a, Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
     // 2. Chunked prefill (17 + 20 + 8) into other blocks.
     let mut chunked = vec![];
     for (s, e) in [(0, 17), (17, 37), (37, 45)] {
         let emit = if e == 45 { Emit::Logits } else { Emit::Nothing };
-        let out = b.step(&Batch { seqs: vec![chunk(&p[s..e], s, &blocks_b, emit)] }).unwrap();
+        let out = b
+            .step(&Batch {
+                seqs: vec![chunk(&p[s..e], s, &blocks_b, emit)],
+            })
+            .unwrap();
         if e == 45 {
             chunked = logits(&out[0]);
         } else {
@@ -99,15 +130,28 @@ fn consistency(fp8: bool) {
     for step in 0..6 {
         text.push(tok);
         let pos = text.len() - 1;
-        let out = b.step(&Batch { seqs: vec![chunk(&[tok], pos, &blocks_a, Emit::Logits)] }).unwrap();
+        let out = b
+            .step(&Batch {
+                seqs: vec![chunk(&[tok], pos, &blocks_a, Emit::Logits)],
+            })
+            .unwrap();
         let dec = logits(&out[0]);
-        let fresh = logits(&b.step(&Batch { seqs: vec![chunk(&text, 0, &blocks_b, Emit::Logits)] }).unwrap()[0]);
+        let fresh = logits(
+            &b.step(&Batch {
+                seqs: vec![chunk(&text, 0, &blocks_b, Emit::Logits)],
+            })
+            .unwrap()[0],
+        );
         let e = rel(&dec, &fresh);
         println!("fp8={fp8} decode step {step} vs fresh prefill: rel {e:.2e}");
         assert!(e < tol);
         assert_eq!(argmax(&dec), argmax(&fresh));
         // The device sampler's greedy choice is the argmax.
-        let sampled = b.step(&Batch { seqs: vec![chunk(&[tok], pos, &blocks_a, greedy())] }).unwrap();
+        let sampled = b
+            .step(&Batch {
+                seqs: vec![chunk(&[tok], pos, &blocks_a, greedy())],
+            })
+            .unwrap();
         assert_eq!(sampled[0], SeqOutput::Token(argmax(&dec)));
         tok = argmax(&dec);
     }
@@ -116,8 +160,18 @@ fn consistency(fp8: bool) {
     let mut c_text = p[..2 * BS].to_vec();
     c_text.extend(prompt(9, 5));
     let c_blocks = vec![0, 1, 20];
-    let shared = logits(&b.step(&Batch { seqs: vec![chunk(&c_text[2 * BS..], 2 * BS, &c_blocks, Emit::Logits)] }).unwrap()[0]);
-    let fresh = logits(&b.step(&Batch { seqs: vec![chunk(&c_text, 0, &[30, 31, 32], Emit::Logits)] }).unwrap()[0]);
+    let shared = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&c_text[2 * BS..], 2 * BS, &c_blocks, Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
+    let fresh = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&c_text, 0, &[30, 31, 32], Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
     let e = rel(&shared, &fresh);
     println!("fp8={fp8} shared prefix vs fresh: rel {e:.2e}");
     assert!(e < tol);
@@ -132,7 +186,12 @@ fn consistency(fp8: bool) {
         ],
     };
     let outs = b.step(&batch).unwrap();
-    let alone = logits(&b.step(&Batch { seqs: vec![chunk(&d, 0, &[50, 51], Emit::Logits)] }).unwrap()[0]);
+    let alone = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&d, 0, &[50, 51], Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
     assert!(rel(&logits(&outs[0]), &alone) < tol);
     assert!(rel(&logits(&outs[1]), &fresh) < tol);
     assert!(rel(&logits(&outs[2]), &full) < tol);
@@ -143,14 +202,38 @@ fn consistency(fp8: bool) {
     let moved: Vec<u32> = (55..59).collect();
     b.import_blocks(&moved, &data).unwrap();
     let pos = text.len();
-    let on_a = logits(&b.step(&Batch { seqs: vec![chunk(&[tok], pos, &blocks_a, Emit::Logits)] }).unwrap()[0]);
-    let on_moved = logits(&b.step(&Batch { seqs: vec![chunk(&[tok], pos, &moved, Emit::Logits)] }).unwrap()[0]);
+    let on_a = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&[tok], pos, &blocks_a, Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
+    let on_moved = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&[tok], pos, &moved, Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
     assert!(rel(&on_moved, &on_a) < 1e-6, "imported KV differs");
     assert!(b.import_blocks(&moved, &data[1..]).is_err());
 
     // 7. Bad input is refused without running: short block table, token outside the vocabulary.
-    assert!(b.step(&Batch { seqs: vec![chunk(&p, 0, &blocks_a, Emit::Logits)].into_iter().map(|mut c| { c.block_table.truncate(1); c }).collect() }).is_err());
-    assert!(b.step(&Batch { seqs: vec![chunk(&[5000], 0, &blocks_a, Emit::Logits)] }).is_err());
+    assert!(b
+        .step(&Batch {
+            seqs: vec![chunk(&p, 0, &blocks_a, Emit::Logits)]
+                .into_iter()
+                .map(|mut c| {
+                    c.block_table.truncate(1);
+                    c
+                })
+                .collect()
+        })
+        .is_err());
+    assert!(b
+        .step(&Batch {
+            seqs: vec![chunk(&[5000], 0, &blocks_a, Emit::Logits)]
+        })
+        .is_err());
 }
 
 #[test]
@@ -169,11 +252,24 @@ fn kv_blocks_follow_memory_utilization() {
         eprintln!("skipping: no CUDA GPU on this machine");
         return;
     }
-    let opts = CudaOptions { block_size: BS, gpu_memory_utilization: 0.3, max_num_batched_tokens: 256, max_num_seqs: 8, ..Default::default() };
+    let opts = CudaOptions {
+        block_size: BS,
+        gpu_memory_utilization: 0.3,
+        max_num_batched_tokens: 256,
+        max_num_seqs: 8,
+        ..Default::default()
+    };
     let b = CudaBackend::new(&config(true), WeightSource::Dummy { seed: 1 }, opts).unwrap();
     let block = b.kv_layout().block_bytes();
     let pool = b.num_kv_blocks() * block;
-    println!("0.3 utilization: {} blocks ({:.1} GiB)", b.num_kv_blocks(), pool as f64 / (1u64 << 30) as f64);
+    println!(
+        "0.3 utilization: {} blocks ({:.1} GiB)",
+        b.num_kv_blocks(),
+        pool as f64 / (1u64 << 30) as f64
+    );
     // About 30% of an H200 (~140 GB) minus what the context and workspaces took.
-    assert!(pool as f64 > 0.2 * 140e9 && (pool as f64) < 0.31 * 150e9, "pool {pool}");
+    assert!(
+        pool as f64 > 0.2 * 140e9 && (pool as f64) < 0.31 * 150e9,
+        "pool {pool}"
+    );
 }

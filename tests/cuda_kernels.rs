@@ -16,7 +16,11 @@ struct Env {
 
 impl Env {
     fn ops(&self) -> Ops<'_> {
-        Ops { k: &self.kernels, stream: self.gpu.cu_stream(), act: Precision::Bf16 }
+        Ops {
+            k: &self.kernels,
+            stream: self.gpu.cu_stream(),
+            act: Precision::Bf16,
+        }
     }
     fn poisoned(&self, bytes: usize) -> DeviceBuffer {
         let b = self.gpu.alloc(bytes).unwrap();
@@ -45,7 +49,9 @@ fn env() -> Option<(Env, ChaCha8Rng)> {
 }
 
 fn rand_bf16(rng: &mut ChaCha8Rng, n: usize, a: f32) -> Vec<bf16> {
-    (0..n).map(|_| bf16::from_f32(rng.random_range(-a..a))).collect()
+    (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-a..a)))
+        .collect()
 }
 
 fn to_f32(v: &[bf16]) -> Vec<f32> {
@@ -58,7 +64,11 @@ fn rel_err(out: &[f32], reference: &[f64]) -> f64 {
     if out.iter().any(|x| !x.is_finite()) {
         return f64::INFINITY;
     }
-    let num: f64 = out.iter().zip(reference).map(|(&o, &r)| (o as f64 - r).powi(2)).sum();
+    let num: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(&o, &r)| (o as f64 - r).powi(2))
+        .sum();
     let den: f64 = reference.iter().map(|r| r * r).sum();
     (num / den.max(1e-300)).sqrt()
 }
@@ -75,11 +85,17 @@ fn embed_gathers_rows() {
     let (vocab, h, n) = (1000, 96, 37);
     let table = rand_bf16(&mut rng, vocab * h, 1.0);
     let tokens: Vec<i32> = (0..n).map(|_| rng.random_range(0..vocab as i32)).collect();
-    let (dt, dk) = (e.gpu.upload(&table).unwrap(), e.gpu.upload(&tokens).unwrap());
+    let (dt, dk) = (
+        e.gpu.upload(&table).unwrap(),
+        e.gpu.upload(&tokens).unwrap(),
+    );
     let out = e.poisoned(n * h * 4);
     e.ops().embed(out.ptr, dt.ptr, dk.ptr, n, h).unwrap();
     let got = e.f32s(&out, n * h);
-    let want: Vec<f64> = tokens.iter().flat_map(|&t| table[t as usize * h..][..h].iter().map(|x| x.to_f64())).collect();
+    let want: Vec<f64> = tokens
+        .iter()
+        .flat_map(|&t| table[t as usize * h..][..h].iter().map(|x| x.to_f64()))
+        .collect();
     check("embed", &got, &want, 1e-12);
 }
 
@@ -90,14 +106,27 @@ fn add_rmsnorm_and_final_rows() {
     let res: Vec<f32> = (0..n * h).map(|_| rng.random_range(-2.0..2.0)).collect();
     let delta = rand_bf16(&mut rng, n * h, 1.0);
     let w = rand_bf16(&mut rng, h, 1.5);
-    let (dr, dd, dw) = (e.gpu.upload(&res).unwrap(), e.gpu.upload(&delta).unwrap(), e.gpu.upload(&w).unwrap());
+    let (dr, dd, dw) = (
+        e.gpu.upload(&res).unwrap(),
+        e.gpu.upload(&delta).unwrap(),
+        e.gpu.upload(&w).unwrap(),
+    );
     let out = e.poisoned(n * h * 2);
-    e.ops().add_rmsnorm(dr.ptr, dd.ptr, dw.ptr, out.ptr, n, h, eps).unwrap();
-    let summed: Vec<f64> = res.iter().zip(&delta).map(|(&r, d)| r as f64 + d.to_f64()).collect();
+    e.ops()
+        .add_rmsnorm(dr.ptr, dd.ptr, dw.ptr, out.ptr, n, h, eps)
+        .unwrap();
+    let summed: Vec<f64> = res
+        .iter()
+        .zip(&delta)
+        .map(|(&r, d)| r as f64 + d.to_f64())
+        .collect();
     let norm = |row: &[f64]| -> Vec<f64> {
         let ms = row.iter().map(|x| x * x).sum::<f64>() / h as f64;
         let inv = 1.0 / (ms + eps as f64).sqrt();
-        row.iter().zip(&w).map(|(x, w)| x * inv * w.to_f64()).collect()
+        row.iter()
+            .zip(&w)
+            .map(|(x, w)| x * inv * w.to_f64())
+            .collect()
     };
     let want: Vec<f64> = summed.chunks(h).flat_map(norm).collect();
     check("add_rmsnorm residual", &e.f32s(&dr, n * h), &summed, 1e-6);
@@ -105,23 +134,48 @@ fn add_rmsnorm_and_final_rows() {
 
     // Without delta: plain norm of the (now summed) residual.
     let out2 = e.poisoned(n * h * 2);
-    e.ops().add_rmsnorm(dr.ptr, 0, dw.ptr, out2.ptr, n, h, eps).unwrap();
+    e.ops()
+        .add_rmsnorm(dr.ptr, 0, dw.ptr, out2.ptr, n, h, eps)
+        .unwrap();
     check("rmsnorm (no delta)", &e.bf16s(&out2, n * h), &want, 1e-2);
 
     // final_norm_rows on a few rows of (residual + delta), residual left alone.
     let rows: Vec<i32> = vec![3, 0, 18];
     let drows = e.gpu.upload(&rows).unwrap();
     let out3 = e.poisoned(rows.len() * h * 2);
-    e.ops().final_norm_rows(out3.ptr, dr.ptr, dd.ptr, drows.ptr, dw.ptr, rows.len(), h, eps).unwrap();
+    e.ops()
+        .final_norm_rows(
+            out3.ptr,
+            dr.ptr,
+            dd.ptr,
+            drows.ptr,
+            dw.ptr,
+            rows.len(),
+            h,
+            eps,
+        )
+        .unwrap();
     let want3: Vec<f64> = rows
         .iter()
         .flat_map(|&r| {
-            let row: Vec<f64> = (0..h).map(|i| summed[r as usize * h + i] + delta[r as usize * h + i].to_f64()).collect();
+            let row: Vec<f64> = (0..h)
+                .map(|i| summed[r as usize * h + i] + delta[r as usize * h + i].to_f64())
+                .collect();
             norm(&row)
         })
         .collect();
-    check("final_norm_rows", &e.bf16s(&out3, rows.len() * h), &want3, 1e-2);
-    check("final_norm_rows keeps residual", &e.f32s(&dr, n * h), &summed, 1e-6);
+    check(
+        "final_norm_rows",
+        &e.bf16s(&out3, rows.len() * h),
+        &want3,
+        1e-2,
+    );
+    check(
+        "final_norm_rows keeps residual",
+        &e.f32s(&dr, n * h),
+        &summed,
+        1e-6,
+    );
 }
 
 #[test]
@@ -131,9 +185,17 @@ fn rope_rotates_q_and_k_heads() {
     let stride = (nh + 2 * nkv) * hd;
     let qkv = rand_bf16(&mut rng, n * stride, 1.0);
     let pos: Vec<i32> = (0..n).map(|_| rng.random_range(0..5000)).collect();
-    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32)).collect();
-    let (dq, dp, di) = (e.gpu.upload(&qkv).unwrap(), e.gpu.upload(&pos).unwrap(), e.gpu.upload(&inv).unwrap());
-    e.ops().rope(dq.ptr, dp.ptr, di.ptr, n, stride, nh, nkv, hd).unwrap();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let (dq, dp, di) = (
+        e.gpu.upload(&qkv).unwrap(),
+        e.gpu.upload(&pos).unwrap(),
+        e.gpu.upload(&inv).unwrap(),
+    );
+    e.ops()
+        .rope(dq.ptr, dp.ptr, di.ptr, n, stride, nh, nkv, hd)
+        .unwrap();
     let mut want: Vec<f64> = qkv.iter().map(|x| x.to_f64()).collect();
     for t in 0..n {
         for head in 0..nh + nkv {
@@ -179,10 +241,25 @@ fn quantize_fp8_per_token() {
     e.ops().quantize_fp8(q.ptr, s.ptr, dx.ptr, n, k).unwrap();
     let qs: Vec<u8> = e.gpu.download(&q, n * k).unwrap();
     let scales = e.f32s(&s, n);
-    let want_scales: Vec<f64> = x.chunks(k).map(|r| (r.iter().map(|v| v.to_f64().abs()).fold(0.0, f64::max) / 448.0).max(1.0 / (448.0 * 512.0))).collect();
+    let want_scales: Vec<f64> = x
+        .chunks(k)
+        .map(|r| {
+            (r.iter().map(|v| v.to_f64().abs()).fold(0.0, f64::max) / 448.0)
+                .max(1.0 / (448.0 * 512.0))
+        })
+        .collect();
     check("fp8 scales", &scales, &want_scales, 1e-6);
-    let deq: Vec<f32> = qs.iter().enumerate().map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f32() * scales[i / k]).collect();
-    check("fp8 dequantized vs input", &deq, &x.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), 4e-2);
+    let deq: Vec<f32> = qs
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f32() * scales[i / k])
+        .collect();
+    check(
+        "fp8 dequantized vs input",
+        &deq,
+        &x.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
+        4e-2,
+    );
     let exact = qs
         .iter()
         .enumerate()
@@ -190,6 +267,15 @@ fn quantize_fp8_per_token() {
         .count();
     println!("fp8 codes equal to host rounding: {exact}/{}", n * k);
     assert!(exact as f64 >= 0.999 * (n * k) as f64);
+
+    // The F32 mode's in-place version gives exactly the dequantized codes.
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let dxf = e.gpu.upload(&xf).unwrap();
+    e.ops().fake_quant_fp8_f32(dxf.ptr, n, k).unwrap();
+    let fq = e.f32s(&dxf, n * k);
+    let same = fq.iter().zip(&deq).filter(|(a, b)| a == b).count();
+    println!("fake_quant_fp8_f32 equal to scale * code: {same}/{}", n * k);
+    assert!(same as f64 >= 0.999 * (n * k) as f64);
 }
 
 #[test]
@@ -208,8 +294,25 @@ fn kv_write_fills_only_its_slots() {
     let (dq, ds) = (e.gpu.upload(&qkv).unwrap(), e.gpu.upload(&slots).unwrap());
     let cache_elems = blocks * nkv * bs * hd;
     let (kc, vc) = (e.poisoned(cache_elems * 2), e.poisoned(cache_elems * 2));
-    e.ops().kv_write(kc.ptr, vc.ptr, dq.ptr, ds.ptr, n, stride, nh * hd, (nh + nkv) * hd, nkv, hd, bs).unwrap();
-    let (k, v): (Vec<u16>, Vec<u16>) = (e.gpu.download(&kc, cache_elems).unwrap(), e.gpu.download(&vc, cache_elems).unwrap());
+    e.ops()
+        .kv_write(
+            kc.ptr,
+            vc.ptr,
+            dq.ptr,
+            ds.ptr,
+            n,
+            stride,
+            nh * hd,
+            (nh + nkv) * hd,
+            nkv,
+            hd,
+            bs,
+        )
+        .unwrap();
+    let (k, v): (Vec<u16>, Vec<u16>) = (
+        e.gpu.download(&kc, cache_elems).unwrap(),
+        e.gpu.download(&vc, cache_elems).unwrap(),
+    );
     let mut written = 0;
     for (t, &slot) in slots.iter().enumerate() {
         if slot < 0 {
@@ -220,24 +323,45 @@ fn kv_write_fills_only_its_slots() {
             for d in 0..hd {
                 let at = ((b * nkv + h) * bs + off) * hd + d;
                 assert_eq!(k[at], qkv[t * stride + nh * hd + h * hd + d].to_bits());
-                assert_eq!(v[at], qkv[t * stride + (nh + nkv) * hd + h * hd + d].to_bits());
+                assert_eq!(
+                    v[at],
+                    qkv[t * stride + (nh + nkv) * hd + h * hd + d].to_bits()
+                );
                 written += 1;
             }
         }
     }
     let untouched = k.iter().filter(|&&x| x == 0xFFFF).count();
-    assert_eq!(untouched, cache_elems - written, "kv_write wrote outside its slots");
+    assert_eq!(
+        untouched,
+        cache_elems - written,
+        "kv_write wrote outside its slots"
+    );
 }
 
 /// Host attention for one query: softmax(q·K/√d)·V over keys 0..=pos of a paged sequence.
 #[allow(clippy::too_many_arguments)]
-fn ref_attention(q: &[f64], kc: &[bf16], vc: &[bf16], table: &[u32], pos: usize, kvh: usize, nkv: usize, bs: usize, hd: usize) -> Vec<f64> {
+fn ref_attention(
+    q: &[f64],
+    kc: &[bf16],
+    vc: &[bf16],
+    table: &[u32],
+    pos: usize,
+    kvh: usize,
+    nkv: usize,
+    bs: usize,
+    hd: usize,
+) -> Vec<f64> {
     let at = |p: usize, d: usize| ((table[p / bs] as usize * nkv + kvh) * bs + p % bs) * hd + d;
-    let scores: Vec<f64> = (0..=pos).map(|p| (0..hd).map(|d| q[d] * kc[at(p, d)].to_f64()).sum::<f64>() / (hd as f64).sqrt()).collect();
+    let scores: Vec<f64> = (0..=pos)
+        .map(|p| (0..hd).map(|d| q[d] * kc[at(p, d)].to_f64()).sum::<f64>() / (hd as f64).sqrt())
+        .collect();
     let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
     let z: f64 = w.iter().sum();
-    (0..hd).map(|d| (0..=pos).map(|p| w[p] * vc[at(p, d)].to_f64()).sum::<f64>() / z).collect()
+    (0..hd)
+        .map(|d| (0..=pos).map(|p| w[p] * vc[at(p, d)].to_f64()).sum::<f64>() / z)
+        .collect()
 }
 
 #[test]
@@ -260,7 +384,8 @@ fn paged_attention_prefill_chunks_decode_and_shared_prefix() {
         let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
         let n: usize = seqs.iter().map(|s| s.1).sum();
         let qkv = rand_bf16(&mut rng, n * stride, 1.0);
-        let (mut positions, mut tile_seq, mut tile_start, mut tile_len, mut tables, mut bt_start) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut positions, mut tile_seq, mut tile_start, mut tile_len, mut tables, mut bt_start) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
         for (s, (start, len, table)) in seqs.iter().enumerate() {
             let first = positions.len();
             positions.extend((*start..start + len).map(|p| p as i32));
@@ -276,8 +401,19 @@ fn paged_attention_prefill_chunks_decode_and_shared_prefix() {
             tables.extend(table.iter().map(|&b| b as i32));
         }
         let up = |v: &[i32]| e.gpu.upload(v).unwrap();
-        let (dpos, dts, dtq, dtl, dtab, dbs) = (up(&positions), up(&tile_seq), up(&tile_start), up(&tile_len), up(&tables), up(&bt_start));
-        let (dk, dv, dq) = (e.gpu.upload(&kc).unwrap(), e.gpu.upload(&vc).unwrap(), e.gpu.upload(&qkv).unwrap());
+        let (dpos, dts, dtq, dtl, dtab, dbs) = (
+            up(&positions),
+            up(&tile_seq),
+            up(&tile_start),
+            up(&tile_len),
+            up(&tables),
+            up(&bt_start),
+        );
+        let (dk, dv, dq) = (
+            e.gpu.upload(&kc).unwrap(),
+            e.gpu.upload(&vc).unwrap(),
+            e.gpu.upload(&qkv).unwrap(),
+        );
         let out = e.poisoned(n * nh * hd * 2);
         e.ops()
             .paged_attention(&AttentionArgs {
@@ -306,13 +442,30 @@ fn paged_attention_prefill_chunks_decode_and_shared_prefix() {
         for (start, len, table) in &seqs {
             for i in 0..*len {
                 for h in 0..nh {
-                    let q: Vec<f64> = (0..hd).map(|d| qkv[t * stride + h * hd + d].to_f64()).collect();
-                    want.extend(ref_attention(&q, &kc, &vc, table, start + i, h / (nh / nkv), nkv, bs, hd));
+                    let q: Vec<f64> = (0..hd)
+                        .map(|d| qkv[t * stride + h * hd + d].to_f64())
+                        .collect();
+                    want.extend(ref_attention(
+                        &q,
+                        &kc,
+                        &vc,
+                        table,
+                        start + i,
+                        h / (nh / nkv),
+                        nkv,
+                        bs,
+                        hd,
+                    ));
                 }
                 t += 1;
             }
         }
-        check(&format!("paged_attention nh={nh} nkv={nkv} hd={hd}"), &e.bf16s(&out, n * nh * hd), &want, 1e-2);
+        check(
+            &format!("paged_attention nh={nh} nkv={nkv} hd={hd}"),
+            &e.bf16s(&out, n * nh * hd),
+            &want,
+            1e-2,
+        );
     }
 }
 
@@ -330,28 +483,87 @@ fn host_gemm(x: &[f64], w: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
 fn cublaslt_fp8_outer_vector_scales() {
     let Some((e, mut rng)) = env() else { return };
     let mut gemm = Gemm::new().unwrap();
-    for (m, n, k) in [(1, 256, 512), (7, 384, 256), (64, 512, 1024), (300, 256, 512)] {
+    for (m, n, k) in [
+        (1, 256, 512),
+        (7, 384, 256),
+        (64, 512, 1024),
+        (300, 256, 512),
+    ] {
         let x = rand_bf16(&mut rng, m * k, 2.0);
-        let wq: Vec<u8> = (0..n * k).map(|_| float8::F8E4M3::from_f32(rng.random_range(-448.0..448.0)).to_bits()).collect();
+        let wq: Vec<u8> = (0..n * k)
+            .map(|_| float8::F8E4M3::from_f32(rng.random_range(-448.0..448.0)).to_bits())
+            .collect();
         let ws: Vec<f32> = (0..n).map(|_| rng.random_range(1e-4..1e-3)).collect();
-        let (dx, dw, dws) = (e.gpu.upload(&x).unwrap(), e.gpu.upload(&wq).unwrap(), e.gpu.upload(&ws).unwrap());
+        let (dx, dw, dws) = (
+            e.gpu.upload(&x).unwrap(),
+            e.gpu.upload(&wq).unwrap(),
+            e.gpu.upload(&ws).unwrap(),
+        );
         let (xq, xs) = (e.poisoned(m * k), e.poisoned(m * 4));
         let out = e.poisoned(m * n * 2);
         e.ops().quantize_fp8(xq.ptr, xs.ptr, dx.ptr, m, k).unwrap();
-        gemm.fp8(m, n, k, xq.ptr, xs.ptr, dw.ptr, dws.ptr, out.ptr, false, e.gpu.cu_stream()).unwrap();
+        gemm.fp8(
+            m,
+            n,
+            k,
+            xq.ptr,
+            xs.ptr,
+            dw.ptr,
+            dws.ptr,
+            out.ptr,
+            false,
+            e.gpu.cu_stream(),
+        )
+        .unwrap();
         // Reference from the same quantized operands, so only the product is tested.
         let xqh: Vec<u8> = e.gpu.download(&xq, m * k).unwrap();
         let xsh = e.f32s(&xs, m);
-        let xd: Vec<f64> = xqh.iter().enumerate().map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f64() * xsh[i / k] as f64).collect();
-        let wd: Vec<f64> = wq.iter().enumerate().map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f64() * ws[i / k] as f64).collect();
-        check(&format!("fp8 gemm {m}x{n}x{k}"), &e.bf16s(&out, m * n), &host_gemm(&xd, &wd, m, n, k), 1e-2);
+        let xd: Vec<f64> = xqh
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f64() * xsh[i / k] as f64)
+            .collect();
+        let wd: Vec<f64> = wq
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f64() * ws[i / k] as f64)
+            .collect();
+        check(
+            &format!("fp8 gemm {m}x{n}x{k}"),
+            &e.bf16s(&out, m * n),
+            &host_gemm(&xd, &wd, m, n, k),
+            1e-2,
+        );
         // And against the unquantized input: the FP8 path's total error.
         let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
-        check(&format!("fp8 linear vs bf16 input {m}x{n}x{k}"), &e.bf16s(&out, m * n), &host_gemm(&xf, &wd, m, n, k), 6e-2);
+        check(
+            &format!("fp8 linear vs bf16 input {m}x{n}x{k}"),
+            &e.bf16s(&out, m * n),
+            &host_gemm(&xf, &wd, m, n, k),
+            6e-2,
+        );
         // F32 output with full accumulation (the reference-precision mode).
         let out32 = e.poisoned(m * n * 4);
-        gemm.fp8(m, n, k, xq.ptr, xs.ptr, dw.ptr, dws.ptr, out32.ptr, true, e.gpu.cu_stream()).unwrap();
-        check(&format!("fp8 gemm f32 out {m}x{n}x{k}"), &e.f32s(&out32, m * n), &host_gemm(&xd, &wd, m, n, k), 1e-5);
+        gemm.fp8(
+            m,
+            n,
+            k,
+            xq.ptr,
+            xs.ptr,
+            dw.ptr,
+            dws.ptr,
+            out32.ptr,
+            true,
+            e.gpu.cu_stream(),
+        )
+        .unwrap();
+        // Hopper's FP8 tensor cores accumulate with reduced precision (~1e-4 relative).
+        check(
+            &format!("fp8 gemm f32 out {m}x{n}x{k}"),
+            &e.f32s(&out32, m * n),
+            &host_gemm(&xd, &wd, m, n, k),
+            1e-3,
+        );
     }
 }
 
@@ -363,19 +575,43 @@ fn cublaslt_bf16_gemm_bf16_and_f32_out() {
         let x = rand_bf16(&mut rng, m * k, 1.0);
         let w = rand_bf16(&mut rng, n * k, 1.0);
         let (dx, dw) = (e.gpu.upload(&x).unwrap(), e.gpu.upload(&w).unwrap());
-        let want = host_gemm(&to_f32(&x).iter().map(|&v| v as f64).collect::<Vec<_>>(), &to_f32(&w).iter().map(|&v| v as f64).collect::<Vec<_>>(), m, n, k);
+        let want = host_gemm(
+            &to_f32(&x).iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            &to_f32(&w).iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            m,
+            n,
+            k,
+        );
         let out = e.poisoned(m * n * 2);
-        gemm.bf16(m, n, k, dx.ptr, dw.ptr, out.ptr, false, e.gpu.cu_stream()).unwrap();
-        check(&format!("bf16 gemm {m}x{n}x{k}"), &e.bf16s(&out, m * n), &want, 1e-2);
+        gemm.bf16(m, n, k, dx.ptr, dw.ptr, out.ptr, false, e.gpu.cu_stream())
+            .unwrap();
+        check(
+            &format!("bf16 gemm {m}x{n}x{k}"),
+            &e.bf16s(&out, m * n),
+            &want,
+            1e-2,
+        );
         let out32 = e.poisoned(m * n * 4);
-        gemm.bf16(m, n, k, dx.ptr, dw.ptr, out32.ptr, true, e.gpu.cu_stream()).unwrap();
-        check(&format!("bf16 gemm f32 out {m}x{n}x{k}"), &e.f32s(&out32, m * n), &want, 1e-4);
+        gemm.bf16(m, n, k, dx.ptr, dw.ptr, out32.ptr, true, e.gpu.cu_stream())
+            .unwrap();
+        check(
+            &format!("bf16 gemm f32 out {m}x{n}x{k}"),
+            &e.f32s(&out32, m * n),
+            &want,
+            1e-4,
+        );
         // F32 x F32 (no TF32): exact inputs, so only summation order differs.
         let (x32, w32): (Vec<f32>, Vec<f32>) = (to_f32(&x), to_f32(&w));
         let (dx32, dw32) = (e.gpu.upload(&x32).unwrap(), e.gpu.upload(&w32).unwrap());
         let o = e.poisoned(m * n * 4);
-        gemm.f32(m, n, k, dx32.ptr, dw32.ptr, o.ptr, e.gpu.cu_stream()).unwrap();
-        check(&format!("f32 gemm {m}x{n}x{k}"), &e.f32s(&o, m * n), &want, 1e-6);
+        gemm.f32(m, n, k, dx32.ptr, dw32.ptr, o.ptr, e.gpu.cu_stream())
+            .unwrap();
+        check(
+            &format!("f32 gemm {m}x{n}x{k}"),
+            &e.f32s(&o, m * n),
+            &want,
+            1e-6,
+        );
     }
 }
 
@@ -385,7 +621,10 @@ fn ref_sample(x: &[f32], temp: f32, top_k: usize, top_p: f32, u: f32) -> usize {
     if temp <= 0.0 {
         return x.iter().position(|&v| v == mx).unwrap();
     }
-    let w: Vec<f64> = x.iter().map(|&v| ((v - mx) as f64 / temp as f64).exp()).collect();
+    let w: Vec<f64> = x
+        .iter()
+        .map(|&v| ((v - mx) as f64 / temp as f64).exp())
+        .collect();
     let mut order: Vec<usize> = (0..x.len()).collect();
     order.sort_by(|&a, &b| w[b].partial_cmp(&w[a]).unwrap().then(a.cmp(&b)));
     let mut keep = x.len();
@@ -400,7 +639,12 @@ fn ref_sample(x: &[f32], temp: f32, top_k: usize, top_p: f32, u: f32) -> usize {
             cum += w[i];
             if cum >= top_p as f64 * total {
                 let last = w[i];
-                keep = j + 1 + order[j + 1..keep].iter().take_while(|&&i2| w[i2] == last).count();
+                keep = j
+                    + 1
+                    + order[j + 1..keep]
+                        .iter()
+                        .take_while(|&&i2| w[i2] == last)
+                        .count();
                 break;
             }
         }
@@ -421,9 +665,20 @@ fn ref_sample(x: &[f32], temp: f32, top_k: usize, top_p: f32, u: f32) -> usize {
 fn sampling_greedy_top_k_top_p() {
     let Some((e, mut rng)) = env() else { return };
     let vocab = 5000;
-    let cases: Vec<(f32, usize, f32)> = vec![(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (0.8, 20, 0.5), (1.3, 1, 1.0), (0.0, 10, 0.5), (2.0, 4000, 0.99)];
+    let cases: Vec<(f32, usize, f32)> = vec![
+        (0.0, 0, 1.0),
+        (1.0, 0, 1.0),
+        (0.7, 50, 1.0),
+        (1.0, 0, 0.9),
+        (0.8, 20, 0.5),
+        (1.3, 1, 1.0),
+        (0.0, 10, 0.5),
+        (2.0, 4000, 0.99),
+    ];
     let rows = cases.len() * 8;
-    let logits: Vec<f32> = (0..rows * vocab).map(|_| rng.random_range(-6.0f32..6.0)).collect();
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| rng.random_range(-6.0f32..6.0))
+        .collect();
     let mut params = vec![];
     let mut want = vec![];
     for r in 0..rows {
@@ -432,12 +687,23 @@ fn sampling_greedy_top_k_top_p() {
         params.extend([t, k as f32, p, u]);
         want.push(ref_sample(&logits[r * vocab..][..vocab], t, k, p, u) as i32);
     }
-    let (dl, dp) = (e.gpu.upload(&logits).unwrap(), e.gpu.upload(&params).unwrap());
+    let (dl, dp) = (
+        e.gpu.upload(&logits).unwrap(),
+        e.gpu.upload(&params).unwrap(),
+    );
     let out = e.poisoned(rows * 4);
-    e.ops().sample_tokens(out.ptr, dl.ptr, dp.ptr, rows, vocab).unwrap();
+    e.ops()
+        .sample_tokens(out.ptr, dl.ptr, dp.ptr, rows, vocab)
+        .unwrap();
     let got: Vec<i32> = e.gpu.download(&out, rows).unwrap();
     for r in 0..rows {
-        assert_eq!(got[r], want[r], "row {r}, case {:?}, u {}", cases[r % cases.len()], params[4 * r + 3]);
+        assert_eq!(
+            got[r],
+            want[r],
+            "row {r}, case {:?}, u {}",
+            cases[r % cases.len()],
+            params[4 * r + 3]
+        );
     }
     println!("sampling: {rows} rows equal to the host rule");
 }
@@ -451,10 +717,16 @@ fn random_fill_makes_valid_weights() {
     e.ops().fill_f32(s.ptr, n, 8, 0.5, 1.5).unwrap();
     e.ops().fill_bf16(b.ptr, n, 9, -0.1, 0.1).unwrap();
     let wq: Vec<u8> = e.gpu.download(&w, n).unwrap();
-    let vals: Vec<f32> = wq.iter().map(|&x| float8::F8E4M3::from_bits(x).to_f32()).collect();
+    let vals: Vec<f32> = wq
+        .iter()
+        .map(|&x| float8::F8E4M3::from_bits(x).to_f32())
+        .collect();
     assert!(vals.iter().all(|v| v.is_finite() && v.abs() <= 448.0));
     let mean_abs = vals.iter().map(|v| v.abs() as f64).sum::<f64>() / n as f64;
-    assert!((mean_abs - 224.0).abs() < 10.0, "e4m3 fill mean |w| {mean_abs}");
+    assert!(
+        (mean_abs - 224.0).abs() < 10.0,
+        "e4m3 fill mean |w| {mean_abs}"
+    );
     assert!(e.f32s(&s, n).iter().all(|&v| (0.5..1.5).contains(&v)));
     let bv = e.bf16s(&b, n);
     assert!(bv.iter().all(|v| v.abs() <= 0.1001));

@@ -47,7 +47,9 @@ fn config_path(model: &str) -> PathBuf {
     if direct.join("config.json").exists() {
         return direct.join("config.json");
     }
-    let dir = std::env::var_os("TANDEM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"));
+    let dir = std::env::var_os("TANDEM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models"));
     dir.join(model).join("config.json")
 }
 
@@ -78,14 +80,22 @@ fn profile_step(b: &mut CudaBackend, batch: &Batch, what: &str) -> Result<serde_
     let mut line = format!("profile {what}:");
     for (label, ms, n) in b.take_profile() {
         line += &format!(" {label} {ms:.3}ms/{n}");
-        map.insert(label.to_string(), serde_json::json!({ "ms": ms, "launches": n }));
+        map.insert(
+            label.to_string(),
+            serde_json::json!({ "ms": ms, "launches": n }),
+        );
     }
     eprintln!("{line}");
     Ok(serde_json::Value::Object(map))
 }
 
 fn greedy() -> Emit {
-    Emit::Sample(DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, uniform: 0.0 })
+    Emit::Sample(DeviceSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.0,
+    })
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -111,15 +121,25 @@ pub fn run(args: Args) -> Result<()> {
     let mut results = serde_json::Map::new();
     results.insert("model".into(), args.model.clone().into());
     results.insert("load_seconds".into(), load_s.into());
-    results.insert("weight_gib".into(), (b.weight_bytes() as f64 / (1u64 << 30) as f64).into());
+    results.insert(
+        "weight_gib".into(),
+        (b.weight_bytes() as f64 / (1u64 << 30) as f64).into(),
+    );
     results.insert("kv_blocks".into(), num_blocks.into());
     results.insert("kv_capacity_tokens".into(), (num_blocks * bs).into());
-    results.insert("gpu_memory_utilization".into(), args.gpu_memory_utilization.into());
+    results.insert(
+        "gpu_memory_utilization".into(),
+        args.gpu_memory_utilization.into(),
+    );
 
     let per_seq = (args.context + 1).div_ceil(bs);
     for &batch_size in &args.batch {
         if batch_size * per_seq > num_blocks {
-            bail!("batch {batch_size} at context {} needs {} KV blocks; the pool has {num_blocks}", args.context, batch_size * per_seq);
+            bail!(
+                "batch {batch_size} at context {} needs {} KV blocks; the pool has {num_blocks}",
+                args.context,
+                batch_size * per_seq
+            );
         }
         let seqs = (0..batch_size)
             .map(|s| SeqChunk {
@@ -131,21 +151,31 @@ pub fn run(args: Args) -> Result<()> {
             .collect();
         let batch = Batch { seqs };
         let ms = time_steps(&mut b, &batch, args.iters)?;
-        eprintln!("decode batch {batch_size} context {}: {ms:.3} ms/step", args.context);
+        eprintln!(
+            "decode batch {batch_size} context {}: {ms:.3} ms/step",
+            args.context
+        );
         let key = format!("decode_step_ms_batch{batch_size}_ctx{}", args.context);
-        results.insert(format!("profile_{key}"), profile_step(&mut b, &batch, &key)?);
+        results.insert(
+            format!("profile_{key}"),
+            profile_step(&mut b, &batch, &key)?,
+        );
         results.insert(key, ms.into());
     }
 
     let per_prompt = args.prompt_len.div_ceil(bs);
     for &prompts in &args.prefill_batch {
-        if prompts * args.prompt_len > args.max_num_batched_tokens || prompts * per_prompt > num_blocks {
+        if prompts * args.prompt_len > args.max_num_batched_tokens
+            || prompts * per_prompt > num_blocks
+        {
             eprintln!("skipping prefill of {prompts} prompts: over the token or block budget");
             continue;
         }
         let seqs = (0..prompts)
             .map(|s| SeqChunk {
-                tokens: (0..args.prompt_len as u32).map(|i| (i * 31 + s as u32 * 17 + 5) % config.vocab_size as u32).collect(),
+                tokens: (0..args.prompt_len as u32)
+                    .map(|i| (i * 31 + s as u32 * 17 + 5) % config.vocab_size as u32)
+                    .collect(),
                 start_pos: 0,
                 block_table: ((s * per_prompt) as u32..((s + 1) * per_prompt) as u32).collect(),
                 emit: greedy(),
@@ -155,11 +185,26 @@ pub fn run(args: Args) -> Result<()> {
         let ms = time_steps(&mut b, &batch, args.iters.min(10))?;
         let tps = (prompts * args.prompt_len) as f64 / (ms / 1e3);
         let key = format!("prefill_{prompts}x{}", args.prompt_len);
-        results.insert(format!("profile_{key}"), profile_step(&mut b, &batch, &key)?);
-        eprintln!("prefill {prompts} x {} tokens: {ms:.1} ms/step, {tps:.0} tokens/s", args.prompt_len);
-        results.insert(format!("prefill_ms_{prompts}x{}", args.prompt_len), ms.into());
-        results.insert(format!("prefill_tokens_per_s_{prompts}x{}", args.prompt_len), tps.into());
+        results.insert(
+            format!("profile_{key}"),
+            profile_step(&mut b, &batch, &key)?,
+        );
+        eprintln!(
+            "prefill {prompts} x {} tokens: {ms:.1} ms/step, {tps:.0} tokens/s",
+            args.prompt_len
+        );
+        results.insert(
+            format!("prefill_ms_{prompts}x{}", args.prompt_len),
+            ms.into(),
+        );
+        results.insert(
+            format!("prefill_tokens_per_s_{prompts}x{}", args.prompt_len),
+            tps.into(),
+        );
     }
-    println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(results))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::Value::Object(results))?
+    );
     Ok(())
 }

@@ -50,7 +50,9 @@ impl Default for CudaOptions {
 pub enum WeightSource<'a> {
     Host(&'a LlamaWeights),
     /// Seeded random weights generated on the GPU.
-    Dummy { seed: u64 },
+    Dummy {
+        seed: u64,
+    },
 }
 
 /// Step workspaces, sized once for the largest step.
@@ -135,12 +137,25 @@ impl CudaBackend {
         let weights = match source {
             WeightSource::Host(w) => GpuWeights::upload(&gpu, config, w, p)?,
             WeightSource::Dummy { seed } => {
-                ensure!(p == Precision::Bf16, "dummy weights are generated in BF16 precision only");
-                let ops = Ops { k: &kernels, stream: gpu.cu_stream(), act: p };
+                ensure!(
+                    p == Precision::Bf16,
+                    "dummy weights are generated in BF16 precision only"
+                );
+                let ops = Ops {
+                    k: &kernels,
+                    stream: gpu.cu_stream(),
+                    act: p,
+                };
                 GpuWeights::dummy(&gpu, &ops, config, seed)?
             }
         };
-        let ws = Workspace::new(&gpu, config, opts.max_num_batched_tokens, opts.max_num_seqs, p)?;
+        let ws = Workspace::new(
+            &gpu,
+            config,
+            opts.max_num_batched_tokens,
+            opts.max_num_seqs,
+            p,
+        )?;
         let block_bytes = Self::layout_for(config, opts.block_size, p).block_bytes();
         let num_blocks = match opts.num_blocks {
             Some(n) => n,
@@ -156,7 +171,9 @@ impl CudaBackend {
                 opts.gpu_memory_utilization
             );
         }
-        let kv = gpu.alloc(num_blocks * block_bytes).context("allocating the KV pool")?;
+        let kv = gpu
+            .alloc(num_blocks * block_bytes)
+            .context("allocating the KV pool")?;
         gpu.sync()?;
         tracing::info!(
             weights_gib = weights.bytes() as f64 / (1u64 << 30) as f64,
@@ -165,7 +182,18 @@ impl CudaBackend {
             "CUDA backend ready"
         );
         let profiler = Profiler::default();
-        Ok(Self { config: config.clone(), opts, profiler, ws, kv, weights, gemm, kernels, gpu, num_blocks })
+        Ok(Self {
+            config: config.clone(),
+            opts,
+            profiler,
+            ws,
+            kv,
+            weights,
+            gemm,
+            kernels,
+            gpu,
+            num_blocks,
+        })
     }
 
     fn layout_for(c: &LlamaConfig, block_size: usize, p: Precision) -> KvLayout {
@@ -183,7 +211,10 @@ impl CudaBackend {
 
     /// Bytes of one block of one layer's K (or V).
     fn block_part_bytes(&self) -> usize {
-        self.config.num_key_value_heads * self.opts.block_size * self.config.head_dim * self.opts.precision.bytes()
+        self.config.num_key_value_heads
+            * self.opts.block_size
+            * self.config.head_dim
+            * self.opts.precision.bytes()
     }
 
     /// Bytes of one layer's K (or V) pool.
@@ -208,14 +239,22 @@ impl CudaBackend {
     }
 
     fn ops(&self) -> Ops<'_> {
-        Ops { k: &self.kernels, stream: self.gpu.cu_stream(), act: self.opts.precision }
+        Ops {
+            k: &self.kernels,
+            stream: self.gpu.cu_stream(),
+            act: self.opts.precision,
+        }
     }
 
     /// Fills the whole KV pool with random values (benchmarks that skip the prefill).
     pub fn fill_kv_random(&mut self, seed: u64) -> Result<()> {
         self.gpu.bind()?;
-        ensure!(self.opts.precision == Precision::Bf16, "random KV fill is for BF16 pools");
-        self.ops().fill_bf16(self.kv.ptr, self.kv.bytes / 2, seed, -1.0, 1.0)?;
+        ensure!(
+            self.opts.precision == Precision::Bf16,
+            "random KV fill is for BF16 pools"
+        );
+        self.ops()
+            .fill_bf16(self.kv.ptr, self.kv.bytes / 2, seed, -1.0, 1.0)?;
         self.gpu.sync()
     }
 
@@ -247,13 +286,32 @@ impl CudaBackend {
             Lin::Down(_) => (&layer.down, "gemm down"),
         };
         match l {
-            GpuLinear::Bf16 { w, n, k } => self.gemm.bf16(m, *n, *k, x, w.ptr, out, false, stream)?,
-            GpuLinear::F32 { w, n, k } => self.gemm.f32(m, *n, *k, x, w.ptr, out, stream)?,
+            GpuLinear::Bf16 { w, n, k } => {
+                self.gemm.bf16(m, *n, *k, x, w.ptr, out, false, stream)?
+            }
+            GpuLinear::F32 { w, n, k, fp8_input } => {
+                if *fp8_input {
+                    // Inputs are this linear's alone (xn, attn, act), so rounding in place is safe.
+                    Ops {
+                        k: &self.kernels,
+                        stream,
+                        act: self.opts.precision,
+                    }
+                    .fake_quant_fp8_f32(x, m, *k)?;
+                    self.profiler.mark("quantize fp8", stream)?;
+                }
+                self.gemm.f32(m, *n, *k, x, w.ptr, out, stream)?
+            }
             GpuLinear::Fp8 { w, scale, n, k } => {
-                let ops = Ops { k: &self.kernels, stream, act: self.opts.precision };
+                let ops = Ops {
+                    k: &self.kernels,
+                    stream,
+                    act: self.opts.precision,
+                };
                 ops.quantize_fp8(xq, xs, x, m, *k)?;
                 self.profiler.mark("quantize fp8", stream)?;
-                self.gemm.fp8(m, *n, *k, xq, xs, w.ptr, scale.ptr, out, f32_out, stream)?;
+                self.gemm
+                    .fp8(m, *n, *k, xq, xs, w.ptr, scale.ptr, out, f32_out, stream)?;
             }
         }
         self.mark(label)
@@ -268,7 +326,11 @@ impl CudaBackend {
             "step of {n} tokens exceeds --max-num-batched-tokens {}",
             self.opts.max_num_batched_tokens
         );
-        ensure!(ne <= self.opts.max_num_seqs, "step of {ne} sequences exceeds --max-num-seqs {}", self.opts.max_num_seqs);
+        ensure!(
+            ne <= self.opts.max_num_seqs,
+            "step of {ne} sequences exceeds --max-num-seqs {}",
+            self.opts.max_num_seqs
+        );
         if plan.packed.len() * 4 > self.ws.meta.bytes {
             self.ws.meta = self.gpu.alloc(plan.packed.len() * 8)?;
         }
@@ -281,21 +343,58 @@ impl CudaBackend {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qkv_n = c.q_size() + 2 * c.kv_size();
         let ws = &self.ws;
-        let (residual, xn, qkv, attn, delta, gate_up, act) =
-            (ws.residual.ptr, ws.xn.ptr, ws.qkv.ptr, ws.attn.ptr, ws.delta.ptr, ws.gate_up.ptr, ws.act.ptr);
+        let (residual, xn, qkv, attn, delta, gate_up, act) = (
+            ws.residual.ptr,
+            ws.xn.ptr,
+            ws.qkv.ptr,
+            ws.attn.ptr,
+            ws.delta.ptr,
+            ws.gate_up.ptr,
+            ws.act.ptr,
+        );
         let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
-        self.ops().embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
+        self.ops()
+            .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
         self.mark("embed")?;
         for i in 0..c.num_hidden_layers {
             let prev = if i == 0 { 0 } else { delta };
-            self.ops().add_rmsnorm(residual, prev, self.weights.layers[i].input_norm.ptr, xn, n, h, eps)?;
+            self.ops().add_rmsnorm(
+                residual,
+                prev,
+                self.weights.layers[i].input_norm.ptr,
+                xn,
+                n,
+                h,
+                eps,
+            )?;
             self.mark("add_rmsnorm")?;
             self.linear(Lin::Qkv(i), xn, n, qkv)?;
-            self.ops().rope(qkv, m(at.positions), self.weights.inv_freq.ptr, n, qkv_n, nh, nkv, hd)?;
+            self.ops().rope(
+                qkv,
+                m(at.positions),
+                self.weights.inv_freq.ptr,
+                n,
+                qkv_n,
+                nh,
+                nkv,
+                hd,
+            )?;
             self.mark("rope")?;
             let (kc, vc) = (self.k_cache(i), self.v_cache(i));
             let (kcol, vcol) = (c.q_size(), c.q_size() + c.kv_size());
-            self.ops().kv_write(kc, vc, qkv, m(at.slots), n, qkv_n, kcol, vcol, nkv, hd, self.opts.block_size)?;
+            self.ops().kv_write(
+                kc,
+                vc,
+                qkv,
+                m(at.slots),
+                n,
+                qkv_n,
+                kcol,
+                vcol,
+                nkv,
+                hd,
+                self.opts.block_size,
+            )?;
             self.mark("kv_write")?;
             self.ops().paged_attention(&AttentionArgs {
                 out: attn,
@@ -319,7 +418,15 @@ impl CudaBackend {
             })?;
             self.mark("attention")?;
             self.linear(Lin::O(i), attn, n, delta)?;
-            self.ops().add_rmsnorm(residual, delta, self.weights.layers[i].post_norm.ptr, xn, n, h, eps)?;
+            self.ops().add_rmsnorm(
+                residual,
+                delta,
+                self.weights.layers[i].post_norm.ptr,
+                xn,
+                n,
+                h,
+                eps,
+            )?;
             self.mark("add_rmsnorm")?;
             self.linear(Lin::GateUp(i), xn, n, gate_up)?;
             self.ops().silu_mul(act, gate_up, n, c.intermediate_size)?;
@@ -331,17 +438,35 @@ impl CudaBackend {
             self.profiler.collect()?;
             return Ok(vec![SeqOutput::Nothing; plan.num_seqs]);
         }
-        let (last_norm, logits, tokens_out) = (self.ws.last_norm.ptr, self.ws.logits.ptr, self.ws.tokens_out.ptr);
-        self.ops().final_norm_rows(last_norm, residual, delta, m(at.emit_rows), self.weights.norm.ptr, ne, h, eps)?;
+        let (last_norm, logits, tokens_out) = (
+            self.ws.last_norm.ptr,
+            self.ws.logits.ptr,
+            self.ws.tokens_out.ptr,
+        );
+        self.ops().final_norm_rows(
+            last_norm,
+            residual,
+            delta,
+            m(at.emit_rows),
+            self.weights.norm.ptr,
+            ne,
+            h,
+            eps,
+        )?;
         self.mark("final_norm")?;
         let stream = self.gpu.cu_stream();
         match &self.weights.lm_head {
-            GpuLinear::Bf16 { w, n: v, k } => self.gemm.bf16(ne, *v, *k, last_norm, w.ptr, logits, true, stream)?,
-            GpuLinear::F32 { w, n: v, k } => self.gemm.f32(ne, *v, *k, last_norm, w.ptr, logits, stream)?,
+            GpuLinear::Bf16 { w, n: v, k } => self
+                .gemm
+                .bf16(ne, *v, *k, last_norm, w.ptr, logits, true, stream)?,
+            GpuLinear::F32 { w, n: v, k, .. } => self
+                .gemm
+                .f32(ne, *v, *k, last_norm, w.ptr, logits, stream)?,
             GpuLinear::Fp8 { .. } => bail!("lm_head is dequantized at upload"),
         }
         self.mark("lm_head")?;
-        self.ops().sample_tokens(tokens_out, logits, m(at.sample_params), ne, c.vocab_size)?;
+        self.ops()
+            .sample_tokens(tokens_out, logits, m(at.sample_params), ne, c.vocab_size)?;
         self.mark("sample")?;
         let mut tokens = vec![0i32; ne];
         self.gpu.copy_from(&self.ws.tokens_out, 0, &mut tokens)?;

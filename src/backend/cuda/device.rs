@@ -215,7 +215,10 @@ impl Profiler {
 
     /// (label, total ms, count), largest first; clears the totals.
     pub fn take(&mut self) -> Vec<(&'static str, f64, usize)> {
-        let mut v: Vec<_> = std::mem::take(&mut self.totals).into_iter().map(|(l, (ms, n))| (l, ms, n)).collect();
+        let mut v: Vec<_> = std::mem::take(&mut self.totals)
+            .into_iter()
+            .map(|(l, (ms, n))| (l, ms, n))
+            .collect();
         v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
         v
     }
@@ -223,7 +226,11 @@ impl Profiler {
 
 impl Drop for Profiler {
     fn drop(&mut self) {
-        for e in self.spare.drain(..).chain(self.marks.drain(..).map(|(_, e)| e)) {
+        for e in self
+            .spare
+            .drain(..)
+            .chain(self.marks.drain(..).map(|(_, e)| e))
+        {
             // SAFETY: created by this profiler, destroyed once.
             unsafe {
                 let _ = result::event::destroy(e);

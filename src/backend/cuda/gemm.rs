@@ -227,7 +227,16 @@ impl Gemm {
 
     /// `out[M,N] = x[M,K] · w[N,K]ᵀ` in F32 (no TF32).
     #[allow(clippy::too_many_arguments)]
-    pub fn f32(&mut self, m: usize, n: usize, k: usize, x: u64, w: u64, out: u64, stream: CUstream) -> Result<()> {
+    pub fn f32(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        w: u64,
+        out: u64,
+        stream: CUstream,
+    ) -> Result<()> {
         self.run(GemmKind::F32, m, n, k, x, w, out, stream)
     }
 }

@@ -16,20 +16,42 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// (module name, source) of every kernel module.
 pub const MODULES: &[(&str, &str)] = &[
-    ("elementwise", include_str!("../../../kernels/elementwise.cu")),
+    (
+        "elementwise",
+        include_str!("../../../kernels/elementwise.cu"),
+    ),
     ("attention", include_str!("../../../kernels/attention.cu")),
     ("sampling", include_str!("../../../kernels/sampling.cu")),
 ];
 
 /// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
 const TYPED: &[(&str, &[&str])] = &[
-    ("elementwise", &["add_rmsnorm", "final_norm_rows", "rope", "silu_mul", "quantize_fp8", "kv_write"]),
+    (
+        "elementwise",
+        &[
+            "add_rmsnorm",
+            "final_norm_rows",
+            "rope",
+            "silu_mul",
+            "quantize_fp8",
+            "kv_write",
+        ],
+    ),
     ("attention", &["paged_attention"]),
 ];
 
 /// Kernels with one version.
 const PLAIN: &[(&str, &[&str])] = &[
-    ("elementwise", &["embed", "fill_uniform_bf16", "fill_uniform_fp8", "fill_uniform_f32"]),
+    (
+        "elementwise",
+        &[
+            "embed",
+            "fake_quant_fp8_f32",
+            "fill_uniform_bf16",
+            "fill_uniform_fp8",
+            "fill_uniform_f32",
+        ],
+    ),
     ("sampling", &["sample_tokens"]),
 ];
 
@@ -167,7 +189,10 @@ pub struct Kernels {
 }
 
 /// Kernels that need more than 48 KiB of dynamic shared memory, and how much they may use.
-const BIG_SHARED: &[(&str, i32)] = &[("paged_attention_bf16", 96 * 1024), ("paged_attention_f32", 96 * 1024)];
+const BIG_SHARED: &[(&str, i32)] = &[
+    ("paged_attention_bf16", 96 * 1024),
+    ("paged_attention_f32", 96 * 1024),
+];
 
 impl Kernels {
     pub fn load() -> Result<Self> {
@@ -181,8 +206,11 @@ impl Kernels {
             modules.push(module);
             for fname in kernel_names(name) {
                 // SAFETY: the module is loaded; a missing name is an error, not UB.
-                let f = unsafe { result::module::get_function(module, CString::new(fname.as_str())?) }
-                    .with_context(|| format!("kernel `{fname}` not found in module `{name}`"))?;
+                let f =
+                    unsafe { result::module::get_function(module, CString::new(fname.as_str())?) }
+                        .with_context(|| {
+                            format!("kernel `{fname}` not found in module `{name}`")
+                        })?;
                 functions.insert(fname, f);
             }
         }

@@ -217,6 +217,17 @@ impl Ops<'_> {
         )
     }
 
+    /// In place on F32 rows: `x = e4m3(x / s) * s` with the row's dynamic FP8 scale `s`.
+    pub fn fake_quant_fp8_f32(&self, x: u64, n: usize, cols: usize) -> Result<()> {
+        self.go(
+            "fake_quant_fp8_f32",
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[Arg::Ptr(x), Arg::I32(cols as i32)],
+        )
+    }
+
     /// Writes each token's k/v heads (columns `k_col..`, `v_col..` of the qkv rows) to `slots[t]`.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_write(
@@ -265,16 +276,18 @@ impl Ops<'_> {
             group <= ATTENTION_ROWS,
             "{group} query heads per kv head (at most {ATTENTION_ROWS})"
         );
+        // 16-byte loads of the cache: head_dim * element size must be a multiple of 16 bytes.
         ensure!(
-            a.head_dim <= MAX_HEAD_DIM,
-            "head_dim {} (at most {MAX_HEAD_DIM})",
-            a.head_dim
+            a.head_dim <= MAX_HEAD_DIM && (a.head_dim * self.act.bytes()) % 16 == 0,
+            "head_dim {} is not supported (a multiple of {} up to {MAX_HEAD_DIM})",
+            a.head_dim,
+            16 / self.act.bytes()
         );
         let r = a.q_per_tile * group;
         ensure!(r <= ATTENTION_ROWS, "attention tile of {r} rows");
         let shared = 4
             * (r * a.head_dim
-                + ATTENTION_KEYS_PER_TILE * (a.head_dim + 1)
+                + ATTENTION_KEYS_PER_TILE * (a.head_dim + 4)
                 + ATTENTION_KEYS_PER_TILE * a.head_dim);
         self.go(
             &self.typed("paged_attention"),

@@ -17,11 +17,13 @@ pub enum GpuLinear {
         n: usize,
         k: usize,
     },
-    /// F32 weight (the reference-precision mode).
+    /// F32 weight (the reference-precision mode). `fp8_input`: a dequantized FP8 linear, whose
+    /// input rows are rounded to their dynamic e4m3 values first.
     F32 {
         w: DeviceBuffer,
         n: usize,
         k: usize,
+        fp8_input: bool,
     },
     /// e4m3 weight with one F32 scale per output channel.
     Fp8 {
@@ -82,16 +84,30 @@ fn upload_bf16(gpu: &Gpu, t: &Tensor) -> Result<DeviceBuffer> {
 fn upload_dense(gpu: &Gpu, t: &Tensor, precision: Precision) -> Result<GpuLinear> {
     let (n, k) = t.dims2()?;
     Ok(match precision {
-        Precision::Bf16 => GpuLinear::Bf16 { w: upload_bf16(gpu, t)?, n, k },
+        Precision::Bf16 => GpuLinear::Bf16 {
+            w: upload_bf16(gpu, t)?,
+            n,
+            k,
+        },
         Precision::F32 => {
             let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            GpuLinear::F32 { w: gpu.upload(&v)?, n, k }
+            GpuLinear::F32 {
+                w: gpu.upload(&v)?,
+                n,
+                k,
+                fp8_input: false,
+            }
         }
     })
 }
 
 /// Concatenates linears along the output dimension and uploads them.
-fn upload_fused(gpu: &Gpu, parts: &[&Linear], what: &str, precision: Precision) -> Result<GpuLinear> {
+fn upload_fused(
+    gpu: &Gpu,
+    parts: &[&Linear],
+    what: &str,
+    precision: Precision,
+) -> Result<GpuLinear> {
     let k = parts[0].dims().1;
     let n: usize = parts.iter().map(|p| p.dims().0).sum();
     if parts.iter().any(|p| p.dims().1 != k) {
@@ -111,6 +127,22 @@ fn upload_fused(gpu: &Gpu, parts: &[&Linear], what: &str, precision: Precision) 
     }
     if !all_fp8 {
         bail!("{what}: mixing FP8 and unquantized linears in one fused matrix is not supported");
+    }
+    if precision == Precision::F32 {
+        let ws = parts
+            .iter()
+            .map(|p| dequantized(p))
+            .collect::<Result<Vec<_>>>()?;
+        let v = Tensor::cat(&ws, 0)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        return Ok(GpuLinear::F32 {
+            w: gpu.upload(&v)?,
+            n,
+            k,
+            fp8_input: true,
+        });
     }
     let (mut bytes, mut scales) = (Vec::with_capacity(n * k), Vec::with_capacity(n));
     for p in parts {
@@ -149,7 +181,8 @@ fn dequantized(l: &Linear) -> Result<Tensor> {
 }
 
 fn upload_layer(gpu: &Gpu, l: &LayerWeights, i: usize, p: Precision) -> Result<GpuLayer> {
-    let fused = |parts: &[&Linear], what: &str| upload_fused(gpu, parts, &format!("layer {i} {what}"), p);
+    let fused =
+        |parts: &[&Linear], what: &str| upload_fused(gpu, parts, &format!("layer {i} {what}"), p);
     Ok(GpuLayer {
         input_norm: upload_bf16(gpu, &l.input_layernorm)?,
         qkv: fused(&[&l.q_proj, &l.k_proj, &l.v_proj], "qkv")?,
@@ -168,7 +201,12 @@ fn inv_freq(gpu: &Gpu, config: &LlamaConfig) -> Result<DeviceBuffer> {
 impl GpuWeights {
     /// Norm and embedding weights stay BF16 (exact for BF16 checkpoints); dense linears take the
     /// activation precision.
-    pub fn upload(gpu: &Gpu, config: &LlamaConfig, w: &LlamaWeights, precision: Precision) -> Result<Self> {
+    pub fn upload(
+        gpu: &Gpu,
+        config: &LlamaConfig,
+        w: &LlamaWeights,
+        precision: Precision,
+    ) -> Result<Self> {
         if w.layers.len() != config.num_hidden_layers {
             bail!(
                 "weights have {} layers, config.json says {}",
@@ -180,7 +218,9 @@ impl GpuWeights {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, l)| upload_layer(gpu, l, i, precision).with_context(|| format!("uploading layer {i}")))
+            .map(|(i, l)| {
+                upload_layer(gpu, l, i, precision).with_context(|| format!("uploading layer {i}"))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed: upload_bf16(gpu, &w.embed_tokens)?,
@@ -209,7 +249,11 @@ impl GpuWeights {
         let embed = bf16_buf(config.vocab_size * h, -1.0, 1.0)?;
         let norm = bf16_buf(h, 0.8, 1.2)?;
         let a = (3.0 / h as f32).sqrt();
-        let lm_head = GpuLinear::Bf16 { w: bf16_buf(config.vocab_size * h, -a, a)?, n: config.vocab_size, k: h };
+        let lm_head = GpuLinear::Bf16 {
+            w: bf16_buf(config.vocab_size * h, -a, a)?,
+            n: config.vocab_size,
+            k: h,
+        };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         let qkv_n = config.q_size() + 2 * config.kv_size();
         let inter = config.intermediate_size;
