@@ -18,12 +18,16 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// The stored weight `[out, in]` (FP8 codes for [`Linear::Fp8`]).
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            Linear::Dense { weight } | Linear::Fp8 { weight, .. } => weight,
+        }
+    }
+
     /// `[out, in]`
     pub fn dims(&self) -> (usize, usize) {
-        let w = match self {
-            Linear::Dense { weight } | Linear::Fp8 { weight, .. } => weight,
-        };
-        let d = w.dims();
+        let d = self.weight().dims();
         (d[0], d[1])
     }
 }
