@@ -18,9 +18,7 @@ fn base() -> serde_json::Value {
 fn parse_err(v: &serde_json::Value) -> String {
     format!(
         "{:#}",
-        LlamaConfig::from_json(v)
-            .err()
-            .expect("config should be rejected")
+        LlamaConfig::from_json(v).expect_err("config should be rejected")
     )
 }
 

@@ -132,7 +132,7 @@ fn load(dir: &Path) -> anyhow::Result<tandem::model::LlamaWeights> {
 }
 
 fn load_err(dir: &Path) -> String {
-    format!("{:#}", load(dir).err().expect("loading should fail"))
+    format!("{:#}", load(dir).expect_err("loading should fail"))
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {

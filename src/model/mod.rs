@@ -3,6 +3,7 @@
 
 pub mod chat_template;
 pub mod config;
+pub mod detokenizer;
 pub mod dummy;
 pub mod loader;
 pub mod source;
@@ -11,6 +12,7 @@ pub mod weights;
 
 pub use chat_template::ChatMessage;
 pub use config::LlamaConfig;
+pub use detokenizer::IncrementalDecoder;
 pub use dummy::{tensor_specs, DummyInit, TensorSpec};
 pub use loader::{load_weights, LoadFormat};
 pub use source::ModelFiles;
