@@ -193,3 +193,11 @@ fn incremental_decoding_concatenates_to_full_decode() {
         format!("w1 w2{}", pieces.concat())
     );
 }
+
+#[test]
+fn model_types_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync + Clone>() {}
+    shared::<tandem::model::Tokenizer>();
+    shared::<ModelFiles>();
+    shared::<tandem::model::LlamaWeights>();
+}
