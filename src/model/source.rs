@@ -160,6 +160,7 @@ fn fetch(id: &str, file: &str) -> Result<PathBuf> {
     if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
         bail!("{file} of `{id}` is not in the local hub cache and HF_HUB_OFFLINE is set");
     }
+    tracing::info!("downloading {file} of `{id}` from the Hugging Face hub");
     let start = Instant::now();
     let progress = Stamp {
         last: Arc::new(AtomicU64::new(0)),
