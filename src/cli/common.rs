@@ -2,13 +2,7 @@
 
 use clap::ValueEnum;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LoadFormat {
-    /// Read `*.safetensors` from the model directory.
-    Safetensors,
-    /// Seeded random weights of the right shapes and dtypes (no files needed but config.json).
-    Dummy,
-}
+pub use crate::model::LoadFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceKind {
