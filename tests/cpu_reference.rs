@@ -103,9 +103,9 @@ fn fixture(name: &str) -> Fixture {
         .collect();
     Fixture {
         tolerance: if config.quantization.is_some() {
-            2e-2
-        } else {
             1e-3
+        } else {
+            1e-4
         },
         config,
         weights,
