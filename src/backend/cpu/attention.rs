@@ -97,6 +97,7 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // index loops read like the math
 mod tests {
     use super::*;
 

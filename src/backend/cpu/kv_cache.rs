@@ -150,6 +150,7 @@ impl PagedKvCache {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // index loops read like the math
 mod tests {
     use super::*;
 
