@@ -424,3 +424,23 @@ fn device_sampling_and_bad_batches() {
     assert_eq!(out, vec![SeqOutput::Token(f.tokens[0])]);
     assert!(CpuBackend::new(&f.config, &f.weights, 0, 8).is_err());
 }
+
+#[test]
+fn factory_builds_cpu_and_refuses_cuda() {
+    use tandem::backend::{factory::create_backend, DeviceKind};
+    let f = fixture("llama-bf16");
+    for device in [DeviceKind::Cpu, DeviceKind::Auto] {
+        let mut backend = create_backend(device, &f.config, &f.weights, 32, 4).unwrap();
+        assert_eq!(backend.num_kv_blocks(), 4);
+        assert_eq!(backend.kv_layout().block_size, 32);
+        let (tokens, _) = generate(backend.as_mut(), &f.prompt, &[], &[3, 2, 1], 3);
+        assert_eq!(tokens, f.tokens[..3]);
+    }
+    let err = create_backend(DeviceKind::Cuda, &f.config, &f.weights, 32, 4)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("CUDA backend not available"),
+        "{err}"
+    );
+}
