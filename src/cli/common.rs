@@ -4,13 +4,8 @@ use clap::ValueEnum;
 
 pub use crate::model::LoadFormat;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DeviceKind {
-    /// CUDA when a GPU is found, else CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
+/// Defined beside the backends (which `backend::factory` builds from it); re-exported for the CLI.
+pub use crate::backend::DeviceKind;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
