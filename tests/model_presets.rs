@@ -176,25 +176,6 @@ fn fp8_dummy_weights_are_valid_and_scaled() {
 }
 
 #[test]
-fn incremental_decoding_concatenates_to_full_decode() {
-    let tok = ModelFiles::resolve("tiny-llama")
-        .unwrap()
-        .tokenizer
-        .unwrap();
-    let prompt = tok.encode("w1 w2", true).unwrap();
-    let generated = [7, 8, 516, 9];
-    let mut dec = tandem::model::IncrementalDecoder::new(tok.clone(), &prompt, true);
-    let pieces: Vec<String> = generated.iter().map(|id| dec.push(*id).unwrap()).collect();
-    assert_eq!(pieces, vec![" w7", " w8", "", " w9"]);
-    let mut all = prompt.clone();
-    all.extend(generated);
-    assert_eq!(
-        tok.decode(&all, true).unwrap(),
-        format!("w1 w2{}", pieces.concat())
-    );
-}
-
-#[test]
 fn model_types_can_be_shared_across_threads() {
     fn shared<T: Send + Sync + Clone>() {}
     shared::<tandem::model::Tokenizer>();

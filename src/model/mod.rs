@@ -3,7 +3,6 @@
 
 pub mod chat_template;
 pub mod config;
-pub mod detokenizer;
 pub mod dummy;
 pub mod loader;
 pub mod source;
@@ -12,7 +11,6 @@ pub mod weights;
 
 pub use chat_template::ChatMessage;
 pub use config::LlamaConfig;
-pub use detokenizer::IncrementalDecoder;
 pub use dummy::{tensor_specs, DummyInit, TensorSpec};
 pub use loader::{load_weights, LoadFormat};
 pub use source::ModelFiles;
