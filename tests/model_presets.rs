@@ -182,3 +182,12 @@ fn model_types_can_be_shared_across_threads() {
     shared::<ModelFiles>();
     shared::<tandem::model::LlamaWeights>();
 }
+
+#[test]
+fn dummy_weights_larger_than_host_memory_are_refused() {
+    let files = ModelFiles::resolve("llama-3.3-70b-fp8-dynamic").unwrap();
+    let mut config = files.config.clone();
+    config.num_hidden_layers = 10_000; // ~9 TB
+    let err = tandem::model::dummy::dummy_weights(&config, 0).unwrap_err();
+    assert!(format!("{err}").contains("host memory"), "{err}");
+}
