@@ -124,6 +124,13 @@ fn bad_quantization_schemes_are_named() {
     let err = parse_err(&with_quant("channel", false));
     assert!(err.contains("input_activations.dynamic"), "{err}");
     let mut v = with_quant("channel", true);
+    v["quantization_config"]["kv_cache_scheme"] = json!({"num_bits": 8, "type": "float"});
+    assert!(parse_err(&v).contains("quantization_config.kv_cache_scheme"));
+    v["quantization_config"]["kv_cache_scheme"] = json!(null);
+    v["quantization_config"]["config_groups"]["group_0"]["targets"] = json!(["re:.*q_proj"]);
+    assert!(parse_err(&v).contains("config_groups.group_0.targets"));
+    v["quantization_config"]["config_groups"]["group_0"]["targets"] = json!(["Linear"]);
+    assert!(LlamaConfig::from_json(&v).is_ok());
     v["quantization_config"]["quant_method"] = json!("gptq");
     assert!(parse_err(&v).contains("quantization_config.quant_method"));
     v["quantization_config"]["quant_method"] = json!("compressed-tensors");
