@@ -76,6 +76,16 @@ impl ModelFiles {
         }
         let config = LlamaConfig::from_file(&config_path)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
+        if let Some(t) = &tokenizer {
+            if t.vocab_size() > config.vocab_size {
+                tracing::warn!(
+                    "{}: the tokenizer has {} ids but the model's vocab_size is {}",
+                    dir.display(),
+                    t.vocab_size(),
+                    config.vocab_size
+                );
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
