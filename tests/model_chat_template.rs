@@ -87,6 +87,19 @@ fn hf_dialect_extras() {
         render("  {% if true %}\nx\n  {% endif %}\ny").unwrap(),
         "x\ny"
     );
+    // Filters and tests real templates use.
+    assert_eq!(
+        render("{{ messages | selectattr('role', 'equalto', 'user') | list | length }}").unwrap(),
+        "1"
+    );
+    assert_eq!(
+        render("{{ messages[0].content is string }}{{ messages[0].get('name', 'anon') }}").unwrap(),
+        "Trueanon" // as Python prints it
+    );
+    assert_eq!(
+        render("{% for k, v in {'a': 1} | items %}{{ k }}={{ v }}{% endfor %}").unwrap(),
+        "a=1"
+    );
     // tojson with Python's json.dumps spacing, and with indent.
     assert_eq!(
         render(r#"{{ {"a": 1, "b": [true, none, "q\"é"]} | tojson }}"#).unwrap(),
