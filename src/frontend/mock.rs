@@ -172,6 +172,50 @@ impl WorkerClient for MockWorker {
     }
 }
 
+/// A frontend on a free local port over the given workers, for HTTP tests.
+pub struct TestServer {
+    pub url: String,
+    pub state: Arc<super::AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    pub async fn start(
+        workers: Vec<Arc<dyn WorkerClient>>,
+        config: super::FrontendConfig,
+        mode: super::router::RouterMode,
+        tokenizer: Option<Arc<dyn super::tokenizer::PromptTokenizer>>,
+    ) -> Self {
+        let router = Arc::new(super::router::Router::new(
+            workers,
+            super::router::RouterConfig::new(mode, 16),
+        ));
+        let state = super::AppState::new(config, router, tokenizer);
+        let (listener, addr) = super::bind("127.0.0.1:0").await.expect("bind a local port");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let serve_state = state.clone();
+        tokio::spawn(async move {
+            let _ = super::serve(listener, serve_state, async move {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Self {
+            url: format!("http://{addr}"),
+            state,
+            shutdown: Some(tx),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
