@@ -3,24 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-/// Hash chain over full blocks: block i's hash covers every token of blocks 0..=i, so equal
-/// hashes mean equal prefixes. (xxh3 over the parent hash and the block's tokens.)
-pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    let mut parent = 0u64;
-    let mut bytes = Vec::with_capacity(8 + 4 * block_size);
-    tokens
-        .chunks_exact(block_size)
-        .map(|block| {
-            bytes.clear();
-            bytes.extend_from_slice(&parent.to_le_bytes());
-            block
-                .iter()
-                .for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
-            parent = xxhash_rust::xxh3::xxh3_64(&bytes);
-            parent
-        })
-        .collect()
-}
+pub use crate::kv::block_hashes;
 
 pub struct KvIndex {
     capacity: usize,
@@ -70,17 +53,6 @@ impl KvIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hashes_chain_over_prefixes() {
-        let a = block_hashes(&[1, 2, 3, 4, 5], 2);
-        let b = block_hashes(&[1, 2, 9, 4], 2);
-        assert_eq!(a.len(), 2, "partial blocks are not hashed");
-        assert_eq!(a[0], b[0]);
-        assert_ne!(a[1], b[1]);
-        // Same block content after a different prefix hashes differently.
-        assert_ne!(block_hashes(&[3, 4], 2)[0], a[1]);
-    }
 
     #[test]
     fn overlap_counts_leading_blocks_and_evicts_oldest() {

@@ -17,6 +17,25 @@ pub trait PromptTokenizer: Send + Sync {
     fn apply_chat_template(&self, turns: &[ChatTurn]) -> Result<String>;
 }
 
+/// The model's Hugging Face tokenizer and chat template.
+impl PromptTokenizer for crate::model::Tokenizer {
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        crate::model::Tokenizer::encode(self, text, add_special)
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        crate::model::Tokenizer::decode(self, ids, false)
+    }
+
+    fn apply_chat_template(&self, turns: &[ChatTurn]) -> Result<String> {
+        let messages: Vec<crate::model::ChatMessage> = turns
+            .iter()
+            .map(|t| crate::model::ChatMessage::new(&t.role, &t.content))
+            .collect();
+        crate::model::Tokenizer::apply_chat_template(self, &messages, true)
+    }
+}
+
 /// One token per byte (id = byte value + 3; ids 0..3 special), with a trivial chat template.
 /// Used by tests that need text without a real model.
 #[derive(Debug, Clone, Default)]

@@ -77,8 +77,12 @@ impl Served {
         let url = match rx.recv_timeout(timeout) {
             Ok(url) => url,
             Err(_) => {
+                let exited = child.try_wait().ok().flatten();
                 let _ = child.kill();
-                panic!("tandem serve printed no address within {timeout:?}");
+                match exited {
+                    Some(status) => panic!("tandem serve exited ({status}) before listening"),
+                    None => panic!("tandem serve printed no address within {timeout:?}"),
+                }
             }
         };
         let served = Served { child, url };
