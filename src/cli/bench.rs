@@ -142,6 +142,8 @@ pub async fn run_async(args: Args) -> Result<Vec<LevelResult>> {
              word-level tokenizers; output tokens come from the server's usage or the chunk count"
         );
     }
+    // Registered first, so Ctrl-C (or SIGTERM) anywhere below stops the instances cleanly.
+    let mut interrupt = Interrupt::new()?;
     let mut deployment = deployment_config(&args);
     let (mut fleet, mut lb) = (None, None);
     let url = match &args.launch_vllm {
@@ -169,7 +171,7 @@ pub async fn run_async(args: Args) -> Result<Vec<LevelResult>> {
             let started = fleet.insert(VllmFleet::spawn(&launch)?);
             tokio::select! {
                 r = started.wait_healthy(launch.startup_timeout) => r?,
-                _ = tokio::signal::ctrl_c() => bail!("interrupted while waiting for vLLM; stopped it"),
+                _ = interrupt.recv() => bail!("interrupted while waiting for vLLM; stopped it"),
             }
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.balancer_port));
             let b = lb.insert(balancer::start(addr, started.urls.clone()).await?);
@@ -213,13 +215,35 @@ pub async fn run_async(args: Args) -> Result<Vec<LevelResult>> {
     };
     let results = tokio::select! {
         r = run_sweep(target, tokenizer, &cfg) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; finished levels are kept")),
+        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted; finished levels are kept")),
     };
     drop(lb);
     if let Some(mut f) = fleet.take() {
         f.stop();
     }
     results
+}
+
+/// SIGINT or SIGTERM.
+struct Interrupt {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
 }
 
 fn deployment_config(args: &Args) -> DeploymentConfig {
