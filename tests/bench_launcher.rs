@@ -66,6 +66,16 @@ fn launches_instances_behind_balancer_sweeps_and_stops_them() {
     let dir = tempfile::tempdir().unwrap();
     let port = bench_common::free_port_pair();
     let exe = format!("{BIN} mock-server");
+    // A server that is already running (e.g. on a second node) joins through --upstream.
+    let other = bench_common::free_port_pair();
+    let mut second_node = Command::new(BIN)
+        .args(["mock-server", "--port", &other.to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while port_free(other) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = bench(
         dir.path(),
         &[
@@ -81,9 +91,21 @@ fn launches_instances_behind_balancer_sweeps_and_stops_them() {
         "--vllm-base-port",
         &port.to_string(),
     ])
+    .args(["--upstream", &format!("127.0.0.1:{other}")])
     .output()
     .unwrap();
+    let stats = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let url = format!("http://127.0.0.1:{other}/mock/stats");
+        reqwest::get(url).await?.json::<serde_json::Value>().await
+    });
+    second_node.kill().unwrap();
+    second_node.wait().unwrap();
     let log = text(&out);
+    let stats = stats.unwrap();
+    assert!(
+        stats["requests"].as_u64().unwrap() > 0,
+        "the --upstream server got requests: {stats}"
+    );
     assert!(out.status.success(), "{log}");
     assert!(log.contains("2 instance(s) healthy"), "{log}");
     let pids = started_pids(&log);
@@ -100,7 +122,7 @@ fn launches_instances_behind_balancer_sweeps_and_stops_them() {
             .unwrap();
     assert_eq!(
         (cfg["kind"].as_str(), cfg["tp"].as_u64(), cfg["dp"].as_u64()),
-        (Some("vllm"), Some(2), Some(2))
+        (Some("vllm"), Some(2), Some(3))
     );
     let run = art.join("org_mock-openai-chat-concurrency2");
     let json: serde_json::Value = serde_json::from_str(

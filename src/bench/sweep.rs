@@ -228,8 +228,9 @@ async fn run_phase(
 }
 
 /// Times one request. OSL: exact token counts when the target gives them, else the tokenizer's
-/// count of the streamed text (as genai-perf counts), else the server's usage, else the number
-/// of content chunks.
+/// count of each streamed chunk's text, summed (servers stream about one token per chunk, and
+/// counting chunk by chunk stays right when a server streams words without separating spaces),
+/// else the server's usage, else the number of content chunks.
 pub async fn one_request(
     target: &dyn LoadTarget,
     tokenizer: Option<&BenchTokenizer>,
@@ -240,14 +241,16 @@ pub async fn one_request(
     let start_s = origin.elapsed().as_secs_f64();
     let mut stream = target.stream(prompt, osl).await?;
     let mut first_token_s = None;
-    let (mut text, mut exact, mut usage, mut chunks) = (String::new(), None::<usize>, None, 0usize);
+    let (mut counted, mut exact, mut usage, mut chunks) = (0usize, None::<usize>, None, 0usize);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         if chunk.has_output() {
             first_token_s.get_or_insert_with(|| origin.elapsed().as_secs_f64());
             chunks += 1;
         }
-        text.push_str(&chunk.text);
+        if let (Some(t), false) = (tokenizer, chunk.text.is_empty()) {
+            counted += t.count(&chunk.text)?;
+        }
         if let Some(n) = chunk.tokens {
             *exact.get_or_insert(0) += n;
         }
@@ -259,7 +262,7 @@ pub async fn one_request(
     };
     let output_tokens = match (exact, tokenizer) {
         (Some(n), _) => n,
-        (None, Some(t)) => t.count(&text)?,
+        (None, Some(_)) => counted,
         (None, None) => usage.unwrap_or(chunks),
     };
     Ok(RequestRecord {

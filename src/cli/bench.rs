@@ -1,7 +1,7 @@
 //! `tandem bench`: the guide's concurrency sweep against an OpenAI endpoint (genai-perf's flag
 //! names), optionally starting the vLLM baseline behind Tandem's least-connections balancer.
 
-use crate::bench::client::{EndpointType, HttpTarget};
+use crate::bench::client::{base_url, EndpointType, HttpTarget};
 use crate::bench::launcher::{self, VllmFleet, VllmLaunch};
 use crate::bench::prompts::{resolve_tokenizer, PromptShape};
 use crate::bench::{balancer, report, run_sweep, DeploymentConfig, LevelResult, SweepConfig};
@@ -119,6 +119,10 @@ pub struct Args {
     pub balancer_port: u16,
     #[arg(long, default_value_t = 1800)]
     pub vllm_startup_timeout_s: u64,
+    /// Already-running OpenAI servers to balance over, e.g. a second node's `vllm serve`
+    /// (with --launch-vllm: besides the launched instances). Repeatable.
+    #[arg(long = "upstream")]
+    pub upstreams: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -146,8 +150,18 @@ pub async fn run_async(args: Args) -> Result<Vec<LevelResult>> {
     let mut interrupt = Interrupt::new()?;
     let mut deployment = deployment_config(&args);
     let (mut fleet, mut lb) = (None, None);
+    let external: Vec<String> = args.upstreams.iter().map(|u| base_url(u)).collect();
     let url = match &args.launch_vllm {
-        None => args.url.clone(),
+        None if external.is_empty() => args.url.clone(),
+        None => {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.balancer_port));
+            let b = lb.insert(balancer::start(addr, external).await?);
+            eprintln!(
+                "least-connections balancer on {} over --upstream servers",
+                b.url()
+            );
+            b.url()
+        }
         Some(serve_args) => {
             let launch = VllmLaunch {
                 executable: args
@@ -167,14 +181,15 @@ pub async fn run_async(args: Args) -> Result<Vec<LevelResult>> {
                 log_dir: args.artifact_dir.clone(),
             };
             deployment.tp = launcher::tensor_parallel_size(&launch.serve_args)?;
-            deployment.dp = launch.gpu_groups.len();
+            deployment.dp = launch.gpu_groups.len() + external.len();
             let started = fleet.insert(VllmFleet::spawn(&launch)?);
             tokio::select! {
                 r = started.wait_healthy(launch.startup_timeout) => r?,
                 _ = interrupt.recv() => bail!("interrupted while waiting for vLLM; stopped it"),
             }
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.balancer_port));
-            let b = lb.insert(balancer::start(addr, started.urls.clone()).await?);
+            let all: Vec<String> = started.urls.iter().cloned().chain(external).collect();
+            let b = lb.insert(balancer::start(addr, all).await?);
             eprintln!(
                 "{} instance(s) healthy; least-connections balancer on {}",
                 started.urls.len(),
