@@ -287,3 +287,76 @@ async fn balancer_sends_to_least_connections() {
     let health = reqwest::get(format!("{}/health", lb.url())).await.unwrap();
     assert!(health.status().is_success());
 }
+
+/// A worker that streams one token after `ttft`, then one every `itl`, with empty text.
+struct FakeWorker {
+    ttft: Duration,
+    itl: Duration,
+    seen_params: std::sync::Mutex<Vec<tandem::engine::types::SamplingParams>>,
+}
+
+impl tandem::worker::WorkerClient for FakeWorker {
+    fn id(&self) -> &str {
+        "fake"
+    }
+    fn generate(
+        &self,
+        req: tandem::engine::types::GenerateRequest,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<tandem::worker::OutputStream, tandem::engine::types::EngineError>,
+    > {
+        use tandem::engine::types::{FinishReason, GenerateOutput, Usage};
+        self.seen_params.lock().unwrap().push(req.params.clone());
+        let (ttft, itl, n) = (self.ttft, self.itl, req.params.max_tokens);
+        Box::pin(async move {
+            let start = tokio::time::Instant::now();
+            let s = async_stream::stream! {
+                for i in 0..n {
+                    tokio::time::sleep_until(start + ttft + itl * i as u32).await;
+                    yield Ok(GenerateOutput {
+                        token_ids: vec![7],
+                        text: String::new(),
+                        logprobs: vec![],
+                        finish_reason: (i + 1 == n).then_some(FinishReason::Length),
+                        usage: Usage::default(),
+                    });
+                }
+            };
+            Ok(Box::pin(s) as tandem::worker::OutputStream)
+        })
+    }
+    fn metrics(&self) -> tandem::engine::types::EngineMetrics {
+        Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_target_is_measured_like_http() {
+    let worker = Arc::new(FakeWorker {
+        ttft: Duration::from_millis(60),
+        itl: Duration::from_millis(15),
+        seen_params: Default::default(),
+    });
+    let target =
+        Arc::new(tandem::bench::inprocess::WorkerTarget::new(vec![worker.clone()]).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    bench_common::write_word_tokenizer(&dir.path().join("tok"));
+    let tok = Arc::new(BenchTokenizer::load(&dir.path().join("tok")).unwrap());
+    let results = run_sweep(target, Some(tok), &sweep_config(dir.path(), vec![2]))
+        .await
+        .unwrap();
+    let m = &results[0].metrics;
+    within(m.avg("time_to_first_token"), 60.0, 0.05, "TTFT");
+    within(m.avg("inter_token_latency"), 15.0, 0.05, "ITL");
+    assert_eq!(
+        m.avg("output_sequence_length"),
+        10.0,
+        "exact token counts from the worker"
+    );
+    let params = worker.seen_params.lock().unwrap();
+    assert_eq!(params.len(), 24);
+    assert!(params
+        .iter()
+        .all(|p| p.max_tokens == 10 && p.min_tokens == 10 && p.ignore_eos));
+}
