@@ -7,10 +7,20 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod factory;
 pub mod sampling;
 
 use crate::model::config::LlamaConfig;
 use anyhow::Result;
+
+/// Which device runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// CUDA when a GPU is found, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
 
 /// The slice of one sequence that a step processes.
 #[derive(Debug, Clone)]
@@ -96,7 +106,11 @@ pub struct KvLayout {
 impl KvLayout {
     /// Bytes of one block across all layers, K and V.
     pub fn block_bytes(&self) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * self.dtype.size_bytes()
+        2 * self.num_layers
+            * self.num_kv_heads
+            * self.block_size
+            * self.head_dim
+            * self.dtype.size_bytes()
     }
 }
 
