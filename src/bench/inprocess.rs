@@ -4,7 +4,12 @@
 
 use super::prompts::Prompt;
 use super::target::{Chunk, ChunkStream, LoadTarget};
+use crate::backend::factory::create_backend;
+use crate::backend::DeviceKind;
 use crate::engine::types::{GenerateRequest, SamplingParams};
+use crate::engine::{Engine, EngineConfig};
+use crate::model::{load_weights, LoadFormat, ModelFiles};
+use crate::worker::local::LocalWorker;
 use crate::worker::WorkerClient;
 use anyhow::{anyhow, bail, Result};
 use futures::future::BoxFuture;
@@ -88,4 +93,42 @@ impl LoadTarget for WorkerTarget {
             Ok(chunks.boxed())
         })
     }
+}
+
+/// An embedded aggregated deployment: `replicas` engines of one model in this process.
+#[derive(Debug, Clone)]
+pub struct LocalDeployment {
+    /// A model directory or preset name (see `ModelFiles::resolve`).
+    pub model: String,
+    pub load_format: LoadFormat,
+    pub device: DeviceKind,
+    pub block_size: usize,
+    /// Seed of dummy weights.
+    pub seed: u64,
+    pub engine: EngineConfig,
+    pub num_kv_blocks: usize,
+    pub replicas: usize,
+}
+
+/// Loads the model once and starts one engine per replica; also returns the model's files
+/// (its tokenizer builds the prompts).
+pub fn start_aggregated(d: &LocalDeployment) -> Result<(Vec<Arc<dyn WorkerClient>>, ModelFiles)> {
+    if d.replicas == 0 {
+        bail!("an embedded deployment needs at least one worker");
+    }
+    let files = ModelFiles::resolve(&d.model)?;
+    let weights = load_weights(&files, d.load_format, d.seed)?;
+    let mut workers: Vec<Arc<dyn WorkerClient>> = Vec::new();
+    for i in 0..d.replicas {
+        let backend = create_backend(
+            d.device,
+            &files.config,
+            &weights,
+            d.block_size,
+            d.num_kv_blocks,
+        )?;
+        let engine = Engine::start(backend, None, d.engine.clone());
+        workers.push(Arc::new(LocalWorker::new(format!("agg-{i}"), engine)));
+    }
+    Ok((workers, files))
 }

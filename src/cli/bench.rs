@@ -2,9 +2,12 @@
 //! names), optionally starting the vLLM baseline behind Tandem's least-connections balancer.
 
 use crate::bench::client::{base_url, EndpointType, HttpTarget};
+use crate::bench::inprocess::{start_aggregated, LocalDeployment, WorkerTarget};
 use crate::bench::launcher::{self, VllmFleet, VllmLaunch};
-use crate::bench::prompts::{resolve_tokenizer, PromptShape};
+use crate::bench::prompts::{resolve_tokenizer, BenchTokenizer, PromptShape};
+use crate::bench::LoadTarget;
 use crate::bench::{balancer, report, run_sweep, DeploymentConfig, LevelResult, SweepConfig};
+use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -119,6 +122,24 @@ pub struct Args {
     pub balancer_port: u16,
     #[arg(long, default_value_t = 1800)]
     pub vllm_startup_timeout_s: u64,
+    /// Drive engines in this process through `WorkerClient`, without HTTP (--model is a model
+    /// directory or preset; --dp engines; the engine flags below apply).
+    #[arg(long)]
+    pub in_process: bool,
+    /// With --in-process: where the weights come from.
+    #[arg(long, value_enum, default_value_t = LoadFormat::Safetensors)]
+    pub load_format: LoadFormat,
+    /// With --in-process.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+    /// With --in-process: tokens per KV block.
+    #[arg(long, default_value_t = 128)]
+    pub block_size: usize,
+    /// With --in-process: seed of dummy weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Already-running OpenAI servers to balance over, e.g. a second node's `vllm serve`
     /// (with --launch-vllm: besides the launched instances). Repeatable.
     #[arg(long = "upstream")]
@@ -139,72 +160,71 @@ pub async fn run_async(args: Args) -> Result<Vec<LevelResult>> {
     if args.isl == 0 || args.osl == 0 {
         bail!("--isl and --osl must be at least 1");
     }
-    let tokenizer = resolve_tokenizer(args.tokenizer.as_deref(), &args.model)?.map(Arc::new);
-    if tokenizer.is_none() {
-        eprintln!(
-            "warning: no tokenizer (pass --tokenizer DIR): prompts use `w<N>` words, exact only for \
-             word-level tokenizers; output tokens come from the server's usage or the chunk count"
-        );
-    }
     // Registered first, so Ctrl-C (or SIGTERM) anywhere below stops the instances cleanly.
     let mut interrupt = Interrupt::new()?;
     let mut deployment = deployment_config(&args);
     let (mut fleet, mut lb) = (None, None);
     let external: Vec<String> = args.upstreams.iter().map(|u| base_url(u)).collect();
-    let url = match &args.launch_vllm {
-        None if external.is_empty() => args.url.clone(),
-        None => {
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.balancer_port));
-            let b = lb.insert(balancer::start(addr, external).await?);
-            eprintln!(
-                "least-connections balancer on {} over --upstream servers",
+    let (target, tokenizer, url): (Arc<dyn LoadTarget>, _, _) = if args.in_process {
+        let (target, tokenizer) = in_process_target(&args, &mut deployment).await?;
+        (target, tokenizer, "in-process".to_string())
+    } else {
+        let url = match &args.launch_vllm {
+            None if external.is_empty() => args.url.clone(),
+            None => {
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.balancer_port));
+                let b = lb.insert(balancer::start(addr, external).await?);
+                eprintln!(
+                    "least-connections balancer on {} over --upstream servers",
+                    b.url()
+                );
                 b.url()
-            );
-            b.url()
-        }
-        Some(serve_args) => {
-            let launch = VllmLaunch {
-                executable: args
-                    .vllm_executable
-                    .split_whitespace()
-                    .map(String::from)
-                    .collect(),
-                serve_args: serve_args.split_whitespace().map(String::from).collect(),
-                model: args.model.clone(),
-                gpu_groups: match &args.vllm_gpus {
-                    Some(spec) => launcher::parse_gpu_groups(spec)?,
-                    None => vec![vec![]],
-                },
-                host: "127.0.0.1".into(),
-                base_port: args.vllm_base_port,
-                startup_timeout: Duration::from_secs(args.vllm_startup_timeout_s),
-                log_dir: args.artifact_dir.clone(),
-            };
-            deployment.tp = launcher::tensor_parallel_size(&launch.serve_args)?;
-            deployment.dp = launch.gpu_groups.len() + external.len();
-            let started = fleet.insert(VllmFleet::spawn(&launch)?);
-            tokio::select! {
-                r = started.wait_healthy(launch.startup_timeout) => r?,
-                _ = interrupt.recv() => bail!("interrupted while waiting for vLLM; stopped it"),
             }
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.balancer_port));
-            let all: Vec<String> = started.urls.iter().cloned().chain(external).collect();
-            let b = lb.insert(balancer::start(addr, all).await?);
-            eprintln!(
-                "{} instance(s) healthy; least-connections balancer on {}",
-                started.urls.len(),
+            Some(serve_args) => {
+                let launch = VllmLaunch {
+                    executable: args
+                        .vllm_executable
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect(),
+                    serve_args: serve_args.split_whitespace().map(String::from).collect(),
+                    model: args.model.clone(),
+                    gpu_groups: match &args.vllm_gpus {
+                        Some(spec) => launcher::parse_gpu_groups(spec)?,
+                        None => vec![vec![]],
+                    },
+                    host: "127.0.0.1".into(),
+                    base_port: args.vllm_base_port,
+                    startup_timeout: Duration::from_secs(args.vllm_startup_timeout_s),
+                    log_dir: args.artifact_dir.clone(),
+                };
+                deployment.tp = launcher::tensor_parallel_size(&launch.serve_args)?;
+                deployment.dp = launch.gpu_groups.len() + external.len();
+                let started = fleet.insert(VllmFleet::spawn(&launch)?);
+                tokio::select! {
+                    r = started.wait_healthy(launch.startup_timeout) => r?,
+                    _ = interrupt.recv() => bail!("interrupted while waiting for vLLM; stopped it"),
+                }
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.balancer_port));
+                let all: Vec<String> = started.urls.iter().cloned().chain(external).collect();
+                let b = lb.insert(balancer::start(addr, all).await?);
+                eprintln!(
+                    "{} instance(s) healthy; least-connections balancer on {}",
+                    started.urls.len(),
+                    b.url()
+                );
                 b.url()
-            );
-            b.url()
-        }
+            }
+        };
+        let target = Arc::new(HttpTarget::new(
+            &url,
+            &args.model,
+            args.endpoint_type,
+            Duration::from_secs(args.request_timeout_s),
+        )?);
+        (target, http_tokenizer(&args)?, url)
     };
     deployment.write(&args.artifact_dir)?;
-    let target = Arc::new(HttpTarget::new(
-        &url,
-        &args.model,
-        args.endpoint_type,
-        Duration::from_secs(args.request_timeout_s),
-    )?);
     let cfg = SweepConfig {
         model: args.model.clone(),
         endpoint_name: args.endpoint_type.artifact_name().into(),
@@ -237,6 +257,52 @@ pub async fn run_async(args: Args) -> Result<Vec<LevelResult>> {
         f.stop();
     }
     results
+}
+
+/// The tokenizer for HTTP targets, with a warning when there is none.
+fn http_tokenizer(args: &Args) -> Result<Option<Arc<BenchTokenizer>>> {
+    let tokenizer = resolve_tokenizer(args.tokenizer.as_deref(), &args.model)?.map(Arc::new);
+    if tokenizer.is_none() {
+        eprintln!(
+            "warning: no tokenizer (pass --tokenizer DIR): prompts use `w<N>` words, exact only for \
+             word-level tokenizers; output tokens come from the server's usage or the chunk count"
+        );
+    }
+    Ok(tokenizer)
+}
+
+/// Starts `--dp` engines of `--model` in this process; prompts need the model's tokenizer.
+async fn in_process_target(
+    args: &Args,
+    deployment: &mut DeploymentConfig,
+) -> Result<(Arc<dyn LoadTarget>, Option<Arc<BenchTokenizer>>)> {
+    if args.launch_vllm.is_some() || !args.upstreams.is_empty() {
+        bail!("--in-process drives engines in this process; it does not combine with --launch-vllm or --upstream");
+    }
+    let local = LocalDeployment {
+        model: args.model.clone(),
+        load_format: args.load_format,
+        device: args.device,
+        block_size: args.block_size,
+        seed: args.seed,
+        engine: args.engine.engine_config(),
+        num_kv_blocks: args.engine.num_kv_blocks(0, None),
+        replicas: args.dp,
+    };
+    eprintln!(
+        "starting {} engine(s) of {} in this process",
+        local.replicas, local.model
+    );
+    let (workers, files) = tokio::task::spawn_blocking(move || start_aggregated(&local)).await??;
+    let tok_path = args.tokenizer.clone().unwrap_or_else(|| files.dir.clone());
+    let tokenizer = BenchTokenizer::load(&tok_path).map_err(|e| {
+        anyhow::anyhow!("--in-process needs the model's tokenizer (or --tokenizer DIR): {e:#}")
+    })?;
+    deployment.tp = 1;
+    Ok((
+        Arc::new(WorkerTarget::new(workers)?),
+        Some(Arc::new(tokenizer)),
+    ))
 }
 
 /// SIGINT or SIGTERM.
