@@ -96,7 +96,11 @@ pub struct KvLayout {
 impl KvLayout {
     /// Bytes of one block across all layers, K and V.
     pub fn block_bytes(&self) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * self.dtype.size_bytes()
+        2 * self.num_layers
+            * self.num_kv_heads
+            * self.block_size
+            * self.head_dim
+            * self.dtype.size_bytes()
     }
 }
 

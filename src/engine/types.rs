@@ -99,7 +99,11 @@ pub enum EngineError {
     #[error("{0}")]
     InvalidRequest(String),
     #[error("this model's maximum context length is {max_model_len} tokens, but {prompt_tokens} prompt tokens plus max_tokens {max_tokens} were requested")]
-    PromptTooLong { prompt_tokens: usize, max_tokens: usize, max_model_len: usize },
+    PromptTooLong {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        max_model_len: usize,
+    },
     #[error("request needs {needed} KV blocks but the pool has only {total}")]
     NeverFits { needed: usize, total: usize },
     #[error("the server is at capacity ({0} requests waiting); retry later")]

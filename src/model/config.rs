@@ -49,7 +49,8 @@ pub struct LlamaConfig {
 }
 
 fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value> {
-    v.get(name).with_context(|| format!("config.json: missing field `{name}`"))
+    v.get(name)
+        .with_context(|| format!("config.json: missing field `{name}`"))
 }
 
 fn usize_field(v: &Value, name: &str) -> Result<usize> {
@@ -124,7 +125,9 @@ impl LlamaConfig {
             bail!("config.json: field `num_key_value_heads` ({num_key_value_heads}) must divide `num_attention_heads` ({num_attention_heads})");
         }
         if head_dim % 2 != 0 {
-            bail!("config.json: field `head_dim` must be even for rotary embeddings, got {head_dim}");
+            bail!(
+                "config.json: field `head_dim` must be even for rotary embeddings, got {head_dim}"
+            );
         }
         if let Some(act) = v.get("hidden_act") {
             if act.as_str() != Some("silu") {
@@ -190,7 +193,10 @@ impl LlamaConfig {
     pub fn is_fp8_linear(&self, module: &str) -> bool {
         match &self.quantization {
             None => false,
-            Some(q) => !q.ignore.iter().any(|pattern| ignore_matches(pattern, module)),
+            Some(q) => !q
+                .ignore
+                .iter()
+                .any(|pattern| ignore_matches(pattern, module)),
         }
     }
 
@@ -239,7 +245,8 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
     } else if wavelen > low_freq_wavelen {
         freq / s.factor
     } else {
-        let smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        let smooth =
+            (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
         (1.0 - smooth) * freq / s.factor + smooth * freq
     }
 }
@@ -298,7 +305,9 @@ fn parse_quantization(q: &Value) -> Result<Fp8Quantization> {
         .context("config.json: field `quantization_config.config_groups` is missing")?;
     for (name, group) in groups {
         let w = group.get("weights").with_context(|| {
-            format!("config.json: field `quantization_config.config_groups.{name}.weights` is missing")
+            format!(
+                "config.json: field `quantization_config.config_groups.{name}.weights` is missing"
+            )
         })?;
         expect(w, name, "weights", "num_bits", &Value::from(8))?;
         expect(w, name, "weights", "type", &Value::from("float"))?;
@@ -309,7 +318,13 @@ fn parse_quantization(q: &Value) -> Result<Fp8Quantization> {
         })?;
         expect(a, name, "input_activations", "num_bits", &Value::from(8))?;
         expect(a, name, "input_activations", "type", &Value::from("float"))?;
-        expect(a, name, "input_activations", "strategy", &Value::from("token"))?;
+        expect(
+            a,
+            name,
+            "input_activations",
+            "strategy",
+            &Value::from("token"),
+        )?;
         expect(a, name, "input_activations", "dynamic", &Value::from(true))?;
     }
     let ignore = match q.get("ignore") {
@@ -322,7 +337,9 @@ fn parse_quantization(q: &Value) -> Result<Fp8Quantization> {
                 )
             })
             .collect::<Result<_>>()?,
-        Some(_) => bail!("config.json: field `quantization_config.ignore` must be a list of strings"),
+        Some(_) => {
+            bail!("config.json: field `quantization_config.ignore` must be a list of strings")
+        }
     };
     Ok(Fp8Quantization { ignore })
 }

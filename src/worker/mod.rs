@@ -10,7 +10,13 @@ pub type OutputStream = BoxStream<'static, Result<GenerateOutput, EngineError>>;
 pub trait WorkerClient: Send + Sync {
     fn id(&self) -> &str;
     /// Starts a request. Dropping the returned stream cancels it and frees its KV blocks.
-    fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<OutputStream, EngineError>>;
+    fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<OutputStream, EngineError>>;
     /// Latest load snapshot, for routing and `/metrics`.
     fn metrics(&self) -> EngineMetrics;
 }
+
+pub mod local;
+pub use local::LocalWorker;
