@@ -1,22 +1,9 @@
 //! Flags shared by the commands that load a model (vLLM's names where the meaning is the same).
 
-use clap::ValueEnum;
+pub use crate::model::LoadFormat;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LoadFormat {
-    /// Read `*.safetensors` from the model directory.
-    Safetensors,
-    /// Seeded random weights of the right shapes and dtypes (no files needed but config.json).
-    Dummy,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DeviceKind {
-    /// CUDA when a GPU is found, else CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
+/// Defined beside the backends (which `backend::factory` builds from it); re-exported for the CLI.
+pub use crate::backend::DeviceKind;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {

@@ -351,3 +351,13 @@ fn expect(obj: &Value, group: &str, part: &str, key: &str, want: &Value) -> Resu
     }
     Ok(())
 }
+
+impl WeightDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            WeightDtype::F32 => candle_core::DType::F32,
+            WeightDtype::F16 => candle_core::DType::F16,
+            WeightDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
