@@ -291,7 +291,7 @@ async fn text_deltas_and_stop_strings() {
     // A 128-token vocabulary: every token is an ASCII byte of the byte tokenizer (multi-byte
     // characters are covered by `multibyte_characters_come_out_whole`).
     let backend = MockBackend::new(128, 4, 64);
-    let e = Engine::start(
+    let e = Engine::start_with_decoder(
         Box::new(backend),
         byte_tokenizer(&[]),
         EngineConfig::default(),
