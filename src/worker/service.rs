@@ -3,7 +3,7 @@
 
 use super::protocol::{generate_subject, metrics_subject, WorkerInfo};
 use super::WorkerClient;
-use crate::engine::types::{EngineError, GenerateOutput, GenerateRequest};
+use crate::engine::types::{EngineError, EngineMetrics, GenerateOutput, GenerateRequest};
 use crate::runtime::{IncomingRequest, Registration, Runtime};
 use anyhow::Result;
 use futures::StreamExt;
@@ -41,20 +41,29 @@ pub async fn serve_worker(
             tokio::spawn(answer(w.clone(), request));
         }
     });
-    let (rt, w) = (runtime.clone(), worker.clone());
-    let publishing = tokio::spawn(async move {
-        let subject = metrics_subject(w.id());
-        loop {
-            let metrics = serde_json::to_vec(&w.metrics()).expect("serializable");
-            let _ = rt.publish(&subject, metrics).await;
-            tokio::time::sleep(METRICS_INTERVAL).await;
-        }
-    });
+    let w = worker.clone();
+    let publishing = publish_metrics(runtime.clone(), &id, move || w.metrics());
     // Register last: once listed, the worker answers.
     let registration = runtime.register(&id, serde_json::to_vec(info)?).await?;
     Ok(WorkerService {
         _registration: registration,
         tasks: vec![serving, publishing],
+    })
+}
+
+/// Publishes `metrics()` on the worker's metrics subject every [`METRICS_INTERVAL`].
+pub fn publish_metrics(
+    runtime: Arc<dyn Runtime>,
+    id: &str,
+    metrics: impl Fn() -> EngineMetrics + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let subject = metrics_subject(id);
+    tokio::spawn(async move {
+        loop {
+            let snapshot = serde_json::to_vec(&metrics()).expect("serializable");
+            let _ = runtime.publish(&subject, snapshot).await;
+            tokio::time::sleep(METRICS_INTERVAL).await;
+        }
     })
 }
 

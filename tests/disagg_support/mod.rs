@@ -150,3 +150,107 @@ pub fn start_servers() -> Option<Servers> {
         etcd_url: client_url,
     })
 }
+
+/// A `tandem` child process, killed on drop; its output goes to a log file in a temp dir.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[String]) -> Proc {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            name: name.into(),
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- log of {} -----\n{}", self.name, self.log());
+        }
+        self.kill();
+    }
+}
+
+pub const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llama");
+
+/// Model and engine flags every test worker (and the in-process reference) uses.
+pub fn model_flags() -> Vec<String> {
+    [
+        "--model",
+        MODEL,
+        "--load-format",
+        "dummy",
+        "--device",
+        "cpu",
+        "--block-size",
+        "16",
+        "--num-kv-blocks",
+        "512",
+        "--max-model-len",
+        "2048",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Starts `tandem worker --role ROLE` on the test servers under `namespace`.
+pub fn spawn_worker(
+    servers: &Servers,
+    namespace: &str,
+    role: &str,
+    id: &str,
+    extra: &[&str],
+) -> Proc {
+    let mut args: Vec<String> = [
+        "worker",
+        "--role",
+        role,
+        "--worker-id",
+        id,
+        "--namespace",
+        namespace,
+        "--lease-ttl",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "--etcd".into(),
+        servers.etcd_url.clone(),
+        "--nats".into(),
+        servers.nats_url.clone(),
+    ]);
+    args.extend(model_flags());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::spawn(id, &args)
+}
