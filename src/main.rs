@@ -31,6 +31,9 @@ enum Command {
     /// Compile the CUDA kernels with NVRTC (a CI check; needs no GPU).
     #[command(hide = true)]
     Kernels(cli::kernels::Args),
+    /// A mock OpenAI server with fixed TTFT/ITL (tests, load-generator checks, vLLM stand-in).
+    #[command(hide = true)]
+    MockServer(cli::mock_server::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(a) => cli::demo::run(a),
         Command::Kernels(a) => cli::kernels::run(a),
         Command::BenchStep(a) => cli::bench_step::run(a),
+        Command::MockServer(a) => cli::mock_server::run(a),
     }
 }

@@ -7,10 +7,20 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod factory;
 pub mod sampling;
 
 use crate::model::config::LlamaConfig;
 use anyhow::Result;
+
+/// Which device runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// CUDA when a GPU is found, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
 
 /// The slice of one sequence that a step processes.
 #[derive(Debug, Clone)]

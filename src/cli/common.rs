@@ -1,22 +1,9 @@
 //! Flags shared by the commands that load a model (vLLM's names where the meaning is the same).
 
-use clap::ValueEnum;
+pub use crate::model::LoadFormat;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LoadFormat {
-    /// Read `*.safetensors` from the model directory.
-    Safetensors,
-    /// Seeded random weights of the right shapes and dtypes (no files needed but config.json).
-    Dummy,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DeviceKind {
-    /// CUDA when a GPU is found, else CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
+/// Defined beside the backends (which `backend::factory` builds from it); re-exported for the CLI.
+pub use crate::backend::DeviceKind;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -33,4 +20,73 @@ pub struct ModelArgs {
     /// Seed for dummy weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// Engine limits and switches, with vLLM's flag names.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Longest prompt + generation (default: the model's `max_position_embeddings`).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Token budget of one engine step (decodes + prefill chunks).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Reuse the KV of shared prompt prefixes (`--enable-prefix-caching false` turns it off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: bool,
+    /// Split long prompts into chunks under the step budget (`false`: prefill whole prompts).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_chunked_prefill: bool,
+    /// KV pool size in blocks; overrides the size derived from `--gpu-memory-utilization`.
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
+    /// Fraction of GPU memory for weights, activations and the KV pool.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Requests waiting to start beyond which new ones are refused (HTTP 503).
+    #[arg(long, default_value_t = 4096)]
+    pub max_queue_len: usize,
+    /// Seconds a decode worker waits for a remote prefill before prefilling locally.
+    #[arg(long, default_value_t = 30.0)]
+    pub remote_prefill_timeout: f64,
+}
+
+/// KV blocks used on the CPU when `--num-kv-blocks` is not given.
+pub const DEFAULT_CPU_KV_BLOCKS: usize = 512;
+
+impl EngineArgs {
+    /// The engine configuration; `num_kv_blocks` is left as given (see `num_kv_blocks`).
+    pub fn engine_config(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            max_model_len: self.max_model_len,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            enable_chunked_prefill: self.enable_chunked_prefill,
+            enable_prefix_caching: self.enable_prefix_caching,
+            num_kv_blocks: self.num_kv_blocks,
+            max_queue_len: self.max_queue_len,
+            remote_prefill_timeout: std::time::Duration::from_secs_f64(
+                self.remote_prefill_timeout.max(0.0),
+            ),
+        }
+    }
+
+    /// How many KV blocks to build the backend with: `--num-kv-blocks` if given; on a GPU, what
+    /// fits in `gpu_memory_utilization × total_bytes` after `used_bytes` (weights and activation
+    /// workspace, measured by the backend); on the CPU, `DEFAULT_CPU_KV_BLOCKS`.
+    pub fn num_kv_blocks(&self, block_bytes: usize, gpu_memory: Option<(usize, usize)>) -> usize {
+        if let Some(n) = self.num_kv_blocks {
+            return n;
+        }
+        match gpu_memory {
+            Some((total_bytes, used_bytes)) => {
+                let budget = (total_bytes as f64 * self.gpu_memory_utilization) as usize;
+                budget.saturating_sub(used_bytes) / block_bytes.max(1)
+            }
+            None => DEFAULT_CPU_KV_BLOCKS,
+        }
+    }
 }

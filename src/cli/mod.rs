@@ -7,6 +7,7 @@ pub mod demo;
 pub mod frontend;
 pub mod generate;
 pub mod kernels;
+pub mod mock_server;
 pub mod pareto;
 pub mod serve;
 pub mod worker;

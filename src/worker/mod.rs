@@ -17,3 +17,13 @@ pub trait WorkerClient: Send + Sync {
     /// Latest load snapshot, for routing and `/metrics`.
     fn metrics(&self) -> EngineMetrics;
 }
+
+pub mod local;
+pub use local::LocalWorker;
+
+pub mod decode;
+pub mod prefill;
+pub mod protocol;
+pub mod remote;
+pub mod service;
+pub mod deployment;

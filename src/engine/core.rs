@@ -1,0 +1,442 @@
+//! The step loop, on its own OS thread: take commands, schedule, run the backend, sample, stream.
+
+use crate::backend::{Backend, Batch, Emit, KvLayout, SeqChunk, SeqOutput};
+use crate::engine::detokenize::TokenDecoder;
+use crate::engine::remote::{PrefillExport, RemotePrefillTicket};
+use crate::engine::scheduler::{blocks_for, Scheduler};
+use crate::engine::sequence::{SeqId, SeqState, Sequence, Sink};
+use crate::engine::types::{EngineError, EngineMetrics, TokenLogprob};
+use crate::kv::block_hashes;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+pub enum Command {
+    Add(Box<Sequence>),
+    Cancel(SeqId),
+    RemotePrefill(Box<Sequence>, Reply<RemotePrefillTicket>),
+    ImportKv {
+        request_id: String,
+        block_ids: Vec<u32>,
+        data: Vec<u8>,
+        reply: Reply<()>,
+    },
+    CompleteRemote {
+        request_id: String,
+        first_token: u32,
+        reply: Reply<()>,
+    },
+    FailRemote {
+        request_id: String,
+        reply: Reply<()>,
+    },
+    Shutdown,
+}
+
+/// State the handle reads without asking the step thread.
+#[derive(Default)]
+pub struct Shared {
+    pub metrics: Mutex<EngineMetrics>,
+    pub queued: Arc<AtomicUsize>,
+    /// Set when the step thread has stopped; new requests are refused with this reason.
+    pub stopped: Mutex<Option<String>>,
+}
+
+pub struct Core {
+    pub backend: Box<dyn Backend>,
+    pub sched: Scheduler,
+    pub decoder: Option<Arc<dyn TokenDecoder>>,
+    pub shared: Arc<Shared>,
+    pub rx: Receiver<Command>,
+    pub remote_prefill_timeout: Duration,
+    pub parked: HashMap<String, SeqId>,
+    pub layout: KvLayout,
+    pub vocab_size: usize,
+    pub steps: u64,
+    pub last_step_ms: f64,
+    /// (when, tokens generated) of recent steps, for tokens/s.
+    pub recent: VecDeque<(Instant, usize)>,
+    /// The last schedule found nothing runnable.
+    pub stalled: bool,
+}
+
+impl Core {
+    /// Runs until shutdown, until every handle and stream is gone, or until the backend fails.
+    pub fn run(mut self) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        let reason = match result {
+            Ok(Ok(())) => "engine shut down".to_string(),
+            Ok(Err(reason)) => reason,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                format!("engine step thread panicked: {msg}")
+            }
+        };
+        self.stop(reason);
+    }
+
+    fn stop(&mut self, reason: String) {
+        tracing::warn!("engine stopping: {reason}");
+        // Free every block and publish that before anyone hears of the failure.
+        let ids: Vec<SeqId> = self.sched.seqs.keys().copied().collect();
+        let removed: Vec<Sequence> = ids
+            .into_iter()
+            .filter_map(|id| self.sched.remove(id))
+            .collect();
+        self.parked.clear();
+        self.publish_metrics(0);
+        *self.shared.stopped.lock() = Some(reason.clone());
+        for mut seq in removed {
+            seq.sink.fail(EngineError::Internal(reason.clone()));
+        }
+    }
+
+    fn run_loop(&mut self) -> Result<(), String> {
+        loop {
+            if !self.take_commands()? {
+                return Ok(());
+            }
+            self.expire_parked();
+            self.reap_cancelled();
+            let scheduled = self.sched.schedule();
+            // Work that cannot run now (its blocks are held by parked sequences) waits for a
+            // command or a timeout instead of spinning.
+            self.stalled = scheduled.is_empty();
+            if scheduled.is_empty() {
+                self.publish_metrics(0);
+                continue;
+            }
+            let generated = self.step(&scheduled)?;
+            self.publish_metrics(generated);
+            if cfg!(debug_assertions) {
+                self.sched.check_invariants();
+            }
+        }
+    }
+
+    /// Applies queued commands; blocks while there is nothing to run. `Ok(false)` = stop.
+    fn take_commands(&mut self) -> Result<bool, String> {
+        if !self.sched.has_work() || self.stalled {
+            let idle_wait = if self.stalled {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_secs(1)
+            };
+            let wait = self.next_deadline().map_or(idle_wait, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(1), idle_wait)
+            });
+            match self.rx.recv_timeout(wait) {
+                Ok(cmd) => {
+                    if !self.apply(cmd)? {
+                        return Ok(false);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(false),
+            }
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(cmd) => {
+                    if !self.apply(cmd)? {
+                        return Ok(false);
+                    }
+                }
+                Err(TryRecvError::Empty) => return Ok(true),
+                Err(TryRecvError::Disconnected) => {
+                    return Ok(self.sched.has_work() || !self.parked.is_empty())
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.parked
+            .values()
+            .filter_map(|id| match self.sched.seqs.get(id)?.state {
+                SeqState::Parked { deadline } => Some(deadline),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn apply(&mut self, cmd: Command) -> Result<bool, String> {
+        match cmd {
+            Command::Add(mut seq) => {
+                seq.counted_in_queue = true;
+                self.sched.insert(*seq);
+            }
+            Command::Cancel(id) => {
+                if let Some(seq) = self.sched.remove(id) {
+                    self.parked.remove(&seq.request_id);
+                }
+            }
+            Command::RemotePrefill(seq, reply) => self.park(*seq, reply),
+            Command::ImportKv {
+                request_id,
+                block_ids,
+                data,
+                reply,
+            } => {
+                let _ = reply.send(self.import_kv(&request_id, &block_ids, &data));
+            }
+            Command::CompleteRemote {
+                request_id,
+                first_token,
+                reply,
+            } => {
+                let Some(id) = self.parked.remove(&request_id) else {
+                    let _ = reply.send(Err(not_parked(&request_id)));
+                    return Ok(true);
+                };
+                if first_token as usize >= self.vocab_size {
+                    self.unpark_to_local(id);
+                    let _ = reply.send(Err(EngineError::InvalidRequest(format!(
+                        "first token {first_token} is outside the vocabulary; prefilling locally"
+                    ))));
+                    return Ok(true);
+                }
+                let seq = self.sched.seqs.get_mut(&id).expect("parked sequence");
+                seq.num_computed = seq.prompt_len;
+                seq.commit_full_blocks(&mut self.sched.pool);
+                seq.sampler.skip_draw();
+                self.sched.set_state(id, SeqState::Running);
+                let _ = reply.send(Ok(()));
+                self.on_token(id, first_token, None);
+            }
+            Command::FailRemote { request_id, reply } => {
+                let r = match self.parked.remove(&request_id) {
+                    Some(id) => {
+                        self.unpark_to_local(id);
+                        Ok(())
+                    }
+                    None => Err(not_parked(&request_id)),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Shutdown => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Decode side: allocates the prompt's blocks and parks the sequence until its KV arrives.
+    fn park(&mut self, mut seq: Sequence, reply: Reply<RemotePrefillTicket>) {
+        if self.parked.contains_key(&seq.request_id) {
+            let msg = format!(
+                "request id {} is already waiting for a remote prefill",
+                seq.request_id
+            );
+            let _ = reply.send(Err(EngineError::InvalidRequest(msg)));
+            return;
+        }
+        let pool = &mut self.sched.pool;
+        let bs = pool.block_size();
+        let hashes = if pool.prefix_caching() {
+            block_hashes(&seq.tokens[..(seq.prompt_len - 1) / bs * bs], bs)
+        } else {
+            vec![]
+        };
+        let hits = pool.lookup(&hashes);
+        let need = blocks_for(seq.prompt_len, bs) - hits.len();
+        if !pool.can_allocate(need, &hits) {
+            let msg = "no free KV blocks for a remote prefill; prefill locally".to_string();
+            let _ = reply.send(Err(EngineError::Unavailable(msg)));
+            return;
+        }
+        pool.acquire(&hits);
+        let new = pool.allocate(need).expect("checked");
+        pool.record_lookup(seq.prompt_len, hits.len() * bs);
+        seq.admitted_once = true;
+        seq.cached_tokens = hits.len() * bs;
+        seq.num_computed = hits.len() * bs;
+        seq.hashes = hashes[..hits.len()].to_vec();
+        let num_cached_blocks = hits.len();
+        seq.blocks = hits;
+        seq.blocks.extend(new);
+        seq.state = SeqState::Parked {
+            deadline: Instant::now() + self.remote_prefill_timeout,
+        };
+        let ticket = RemotePrefillTicket {
+            request_id: seq.request_id.clone(),
+            block_ids: seq.blocks.clone(),
+            num_cached_blocks,
+            layout: self.layout,
+        };
+        let (id, request_id) = (seq.id, seq.request_id.clone());
+        self.sched.insert(seq);
+        if reply.send(Ok(ticket)).is_err() {
+            self.sched.remove(id); // the caller gave up
+        } else {
+            self.parked.insert(request_id, id);
+        }
+    }
+
+    fn import_kv(
+        &mut self,
+        request_id: &str,
+        block_ids: &[u32],
+        data: &[u8],
+    ) -> Result<(), EngineError> {
+        let id = *self
+            .parked
+            .get(request_id)
+            .ok_or_else(|| not_parked(request_id))?;
+        let seq = &self.sched.seqs[&id];
+        let writable = &seq.blocks[seq.num_computed / self.layout.block_size..];
+        if let Some(b) = block_ids.iter().find(|b| !writable.contains(b)) {
+            return Err(EngineError::InvalidRequest(format!(
+                "block {b} is not a block of request {request_id} awaiting KV"
+            )));
+        }
+        let expected = block_ids.len() * self.layout.block_bytes();
+        if data.len() != expected {
+            return Err(EngineError::InvalidRequest(format!(
+                "KV data for {} blocks must be {expected} bytes, got {}",
+                block_ids.len(),
+                data.len()
+            )));
+        }
+        self.backend
+            .import_blocks(block_ids, data)
+            .map_err(|e| EngineError::Internal(format!("KV import failed: {e:#}")))
+    }
+
+    /// A remote prefill failed or timed out: free the blocks and prefill locally.
+    fn unpark_to_local(&mut self, id: SeqId) {
+        let seq = self.sched.seqs.get_mut(&id).expect("parked sequence");
+        seq.release_blocks(&mut self.sched.pool);
+        self.sched.set_state(id, SeqState::Waiting);
+    }
+
+    fn expire_parked(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<(String, SeqId)> = self
+            .parked
+            .iter()
+            .filter(|(_, id)| matches!(self.sched.seqs[id].state, SeqState::Parked { deadline } if deadline <= now))
+            .map(|(r, id)| (r.clone(), *id))
+            .collect();
+        for (request_id, id) in expired {
+            tracing::warn!(request_id, "remote prefill timed out; prefilling locally");
+            self.parked.remove(&request_id);
+            self.unpark_to_local(id);
+        }
+    }
+
+    /// Drops sequences whose client went away (a Cancel command may still be on its way).
+    fn reap_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .sched
+            .seqs
+            .values()
+            .filter(|s| s.sink.is_closed())
+            .map(|s| s.id)
+            .collect();
+        for id in gone {
+            if let Some(seq) = self.sched.remove(id) {
+                self.parked.remove(&seq.request_id);
+            }
+        }
+    }
+
+    /// Runs one backend step; returns the number of tokens generated.
+    fn step(&mut self, scheduled: &[crate::engine::scheduler::Scheduled]) -> Result<usize, String> {
+        let mut batch = Batch::default();
+        for s in scheduled {
+            let seq = self.sched.seqs.get_mut(&s.id).expect("scheduled sequence");
+            let start = seq.num_computed;
+            let emit = if start + s.num_tokens == seq.tokens.len() {
+                seq.sampler.next_emit(seq.generated().len())
+            } else {
+                Emit::Nothing
+            };
+            batch.seqs.push(SeqChunk {
+                tokens: seq.tokens[start..start + s.num_tokens].to_vec(),
+                start_pos: start,
+                block_table: seq.blocks.clone(),
+                emit,
+            });
+        }
+        let t0 = Instant::now();
+        let outputs = self
+            .backend
+            .step(&batch)
+            .map_err(|e| format!("backend step failed: {e:#}"))?;
+        self.last_step_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.steps += 1;
+        if outputs.len() != batch.seqs.len() {
+            return Err(format!(
+                "backend returned {} outputs for {} sequences",
+                outputs.len(),
+                batch.seqs.len()
+            ));
+        }
+        let mut generated = 0;
+        for ((s, chunk), out) in scheduled.iter().zip(&batch.seqs).zip(outputs) {
+            let seq = self.sched.seqs.get_mut(&s.id).expect("scheduled sequence");
+            seq.num_computed += s.num_tokens;
+            if self.sched.pool.prefix_caching() {
+                seq.commit_full_blocks(&mut self.sched.pool);
+            }
+            let (token, logprob) = match (&chunk.emit, out) {
+                (Emit::Nothing, _) => continue,
+                (_, SeqOutput::Token(t)) => (t, None),
+                (_, SeqOutput::Logits(l)) => {
+                    seq.sampler
+                        .sample_logits(l, &seq.tokens[..seq.prompt_len], seq.generated())
+                }
+                (_, SeqOutput::Nothing) => {
+                    return Err("backend returned no output for a sequence that needed one".into())
+                }
+            };
+            if token as usize >= self.vocab_size {
+                return Err(format!(
+                    "backend produced token {token} outside the vocabulary"
+                ));
+            }
+            generated += 1;
+            self.on_token(s.id, token, logprob);
+        }
+        Ok(generated)
+    }
+
+    /// A new token: the answer of a prefill-only request, or the next token of a stream.
+    fn on_token(&mut self, id: SeqId, token: u32, logprob: Option<TokenLogprob>) {
+        let seq = self.sched.seqs.get_mut(&id).expect("live sequence");
+        if let Sink::Export(_) = seq.sink {
+            let result = self
+                .backend
+                .export_blocks(&seq.blocks)
+                .map(|kv| PrefillExport {
+                    first_token: token,
+                    kv,
+                    num_blocks: seq.blocks.len(),
+                    layout: self.layout,
+                    prompt_tokens: seq.prompt_len,
+                    cached_tokens: seq.cached_tokens,
+                })
+                .map_err(|e| EngineError::Internal(format!("KV export failed: {e:#}")));
+            let mut seq = self.sched.remove(id).expect("live sequence");
+            seq.sink.send_export(result);
+            return;
+        }
+        self.emit_token(id, token, logprob)
+    }
+}
+
+fn not_parked(request_id: &str) -> EngineError {
+    EngineError::InvalidRequest(format!(
+        "request {request_id} is not waiting for a remote prefill"
+    ))
+}

@@ -1,0 +1,44 @@
+//! What disaggregated prefill/decode exchanges with an engine (see the module doc of `engine`).
+
+use crate::backend::KvLayout;
+use serde::{Deserialize, Serialize};
+
+/// Given by the decode side's `generate_remote_prefill`: where the prompt's KV must be written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemotePrefillTicket {
+    pub request_id: String,
+    /// KV blocks of the whole prompt, in order (block `i` holds positions `i*block_size..`).
+    pub block_ids: Vec<u32>,
+    /// Leading blocks already holding this prompt's KV (local prefix-cache hits): the transfer
+    /// may skip them, and `import_kv` refuses to overwrite them.
+    pub num_cached_blocks: usize,
+    pub layout: KvLayout,
+}
+
+impl RemotePrefillTicket {
+    /// The blocks a transfer must fill.
+    pub fn blocks_to_write(&self) -> &[u32] {
+        &self.block_ids[self.num_cached_blocks..]
+    }
+}
+
+/// The prefill side's result from `prefill_and_export`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefillExport {
+    pub first_token: u32,
+    /// The prompt's KV blocks in `Backend::export_blocks` wire format, `num_blocks` of them.
+    pub kv: Vec<u8>,
+    pub num_blocks: usize,
+    pub layout: KvLayout,
+    pub prompt_tokens: usize,
+    /// Prompt tokens the prefill worker found in its own prefix cache.
+    pub cached_tokens: usize,
+}
+
+impl PrefillExport {
+    /// The bytes of blocks `from..` (to skip the decode side's cached blocks).
+    pub fn blocks_from(&self, from: usize) -> &[u8] {
+        let bb = self.layout.block_bytes();
+        &self.kv[(from * bb).min(self.kv.len())..]
+    }
+}
