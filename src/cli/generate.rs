@@ -1,6 +1,119 @@
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+//! `tandem generate`: one prompt through an in-process engine on the chosen device; prints the
+//! text (or token ids when the model has no tokenizer) and, on stderr, TTFT and decode speed.
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`tandem generate` is not implemented yet")
+use super::common::{EngineArgs, ModelArgs, DEFAULT_CPU_KV_BLOCKS};
+use crate::backend::factory::{build_backend, resolve_device, BackendOptions};
+use crate::engine::types::{GenerateRequest, SamplingParams};
+use crate::engine::Engine;
+use crate::model::{ChatMessage, ModelFiles};
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use std::io::Write;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompt text (tokenized with the model's tokenizer).
+    #[arg(long, conflicts_with = "prompt_tokens")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids (models without a tokenizer, dummy benchmarks).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_tokens: Option<Vec<u32>>,
+    /// Wrap the prompt as one user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the request's sampler.
+    #[arg(long)]
+    pub sampling_seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens (fixed-length benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let files = ModelFiles::resolve(&args.model.model)?;
+    let prompt_tokens = match (&args.prompt, &args.prompt_tokens) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => {
+            let tok = files.tokenizer.as_ref().context("the model has no tokenizer: pass --prompt-tokens")?;
+            if args.chat {
+                let text = tok.apply_chat_template(&[ChatMessage::new("user", text)], true)?;
+                tok.encode(&text, false)?
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (None, None) => bail!("pass --prompt or --prompt-tokens"),
+    };
+    let device = resolve_device(args.model.device);
+    let opts = BackendOptions {
+        block_size: args.model.block_size,
+        num_kv_blocks: args.engine.num_kv_blocks,
+        gpu_memory_utilization: args.engine.gpu_memory_utilization,
+        max_num_batched_tokens: args.engine.max_num_batched_tokens.max(if args.engine.enable_chunked_prefill {
+            0
+        } else {
+            args.engine.max_model_len.unwrap_or(files.config.max_position_embeddings)
+        }),
+        max_num_seqs: args.engine.max_num_seqs,
+        cpu_default_blocks: DEFAULT_CPU_KV_BLOCKS,
+    };
+    let t0 = Instant::now();
+    let backend = build_backend(device, &files, args.model.load_format, args.model.seed, &opts)?;
+    eprintln!("loaded {} on {device:?} in {:.1}s", args.model.model, t0.elapsed().as_secs_f64());
+    let engine = Engine::start(backend, files.tokenizer.clone(), args.engine.engine_config());
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.sampling_seed,
+        max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+        ..Default::default()
+    };
+    let req = GenerateRequest { id: "generate".into(), prompt_tokens: prompt_tokens.clone(), params };
+    let start = Instant::now();
+    let mut stream = engine.generate(req).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut first, mut count, mut ids) = (None, 0usize, Vec::<u32>::new());
+    let mut out = std::io::stdout();
+    let result = futures::executor::block_on(async {
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| anyhow::anyhow!("{e}"))?;
+            first.get_or_insert_with(|| start.elapsed());
+            count += piece.token_ids.len();
+            ids.extend(&piece.token_ids);
+            if files.tokenizer.is_some() {
+                write!(out, "{}", piece.text)?;
+                out.flush()?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    engine.shutdown();
+    result?;
+    if files.tokenizer.is_none() {
+        print!("{}", ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+    }
+    println!();
+    let total = start.elapsed().as_secs_f64();
+    let ttft = first.map(|d| d.as_secs_f64()).unwrap_or(total);
+    let decode_rate = if count > 1 { (count - 1) as f64 / (total - ttft).max(1e-9) } else { 0.0 };
+    eprintln!(
+        "prompt {} tokens, generated {count}; time to first token {:.1} ms; {decode_rate:.1} tokens/s after it",
+        prompt_tokens.len(),
+        ttft * 1e3
+    );
+    Ok(())
 }
