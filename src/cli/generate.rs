@@ -47,7 +47,10 @@ pub fn run(args: Args) -> Result<()> {
     let prompt_tokens = match (&args.prompt, &args.prompt_tokens) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {
-            let tok = files.tokenizer.as_ref().context("the model has no tokenizer: pass --prompt-tokens")?;
+            let tok = files
+                .tokenizer
+                .as_ref()
+                .context("the model has no tokenizer: pass --prompt-tokens")?;
             if args.chat {
                 let text = tok.apply_chat_template(&[ChatMessage::new("user", text)], true)?;
                 tok.encode(&text, false)?
@@ -62,18 +65,36 @@ pub fn run(args: Args) -> Result<()> {
         block_size: args.model.block_size,
         num_kv_blocks: args.engine.num_kv_blocks,
         gpu_memory_utilization: args.engine.gpu_memory_utilization,
-        max_num_batched_tokens: args.engine.max_num_batched_tokens.max(if args.engine.enable_chunked_prefill {
-            0
-        } else {
-            args.engine.max_model_len.unwrap_or(files.config.max_position_embeddings)
-        }),
+        max_num_batched_tokens: args.engine.max_num_batched_tokens.max(
+            if args.engine.enable_chunked_prefill {
+                0
+            } else {
+                args.engine
+                    .max_model_len
+                    .unwrap_or(files.config.max_position_embeddings)
+            },
+        ),
         max_num_seqs: args.engine.max_num_seqs,
         cpu_default_blocks: DEFAULT_CPU_KV_BLOCKS,
     };
     let t0 = Instant::now();
-    let backend = build_backend(device, &files, args.model.load_format, args.model.seed, &opts)?;
-    eprintln!("loaded {} on {device:?} in {:.1}s", args.model.model, t0.elapsed().as_secs_f64());
-    let engine = Engine::start(backend, files.tokenizer.clone(), args.engine.engine_config());
+    let backend = build_backend(
+        device,
+        &files,
+        args.model.load_format,
+        args.model.seed,
+        &opts,
+    )?;
+    eprintln!(
+        "loaded {} on {device:?} in {:.1}s",
+        args.model.model,
+        t0.elapsed().as_secs_f64()
+    );
+    let engine = Engine::start(
+        backend,
+        files.tokenizer.clone(),
+        args.engine.engine_config(),
+    );
     let params = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -83,7 +104,11 @@ pub fn run(args: Args) -> Result<()> {
         ignore_eos: args.ignore_eos,
         ..Default::default()
     };
-    let req = GenerateRequest { id: "generate".into(), prompt_tokens: prompt_tokens.clone(), params };
+    let req = GenerateRequest {
+        id: "generate".into(),
+        prompt_tokens: prompt_tokens.clone(),
+        params,
+    };
     let start = Instant::now();
     let mut stream = engine.generate(req).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (mut first, mut count, mut ids) = (None, 0usize, Vec::<u32>::new());
@@ -104,12 +129,22 @@ pub fn run(args: Args) -> Result<()> {
     engine.shutdown();
     result?;
     if files.tokenizer.is_none() {
-        print!("{}", ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+        print!(
+            "{}",
+            ids.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
     }
     println!();
     let total = start.elapsed().as_secs_f64();
     let ttft = first.map(|d| d.as_secs_f64()).unwrap_or(total);
-    let decode_rate = if count > 1 { (count - 1) as f64 / (total - ttft).max(1e-9) } else { 0.0 };
+    let decode_rate = if count > 1 {
+        (count - 1) as f64 / (total - ttft).max(1e-9)
+    } else {
+        0.0
+    };
     eprintln!(
         "prompt {} tokens, generated {count}; time to first token {:.1} ms; {decode_rate:.1} tokens/s after it",
         prompt_tokens.len(),
