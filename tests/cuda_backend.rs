@@ -37,6 +37,8 @@ fn backend(fp8: bool) -> Option<CudaBackend> {
         num_blocks: Some(64),
         max_num_batched_tokens: 512,
         max_num_seqs: 16,
+        // Small parts, so decode steps here also run split-K attention.
+        split_min_keys: 16,
         ..Default::default()
     };
     Some(CudaBackend::new(&config(fp8), WeightSource::Dummy { seed: 3 }, opts).unwrap())
@@ -264,6 +266,8 @@ fn kv_blocks_follow_memory_utilization() {
         gpu_memory_utilization: 0.3,
         max_num_batched_tokens: 256,
         max_num_seqs: 8,
+        // Small parts, so decode steps here also run split-K attention.
+        split_min_keys: 16,
         ..Default::default()
     };
     let b = CudaBackend::new(&config(true), WeightSource::Dummy { seed: 1 }, opts).unwrap();

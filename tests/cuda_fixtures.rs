@@ -160,6 +160,8 @@ fn backend(f: &Fixture, precision: Precision) -> CudaBackend {
         max_num_batched_tokens: 256,
         max_num_seqs: 8,
         precision,
+        // Small parts, so decode steps here also run split-K attention.
+        split_min_keys: 16,
         ..Default::default()
     };
     CudaBackend::new(&f.config, WeightSource::Host(&f.weights), opts).unwrap()

@@ -31,6 +31,8 @@ pub struct CudaOptions {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub precision: Precision,
+    /// Fewest keys per part when a decode tile's keys are split across blocks (flash-decoding).
+    pub split_min_keys: usize,
 }
 
 impl Default for CudaOptions {
@@ -43,6 +45,7 @@ impl Default for CudaOptions {
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
             precision: Precision::Bf16,
+            split_min_keys: 128,
         }
     }
 }
@@ -563,7 +566,7 @@ impl Backend for CudaBackend {
                 target_blocks: self.attention_target_blocks,
                 kv_heads: self.config.num_key_value_heads,
                 max_parts: MAX_ATTENTION_PARTS,
-                min_keys: 128,
+                min_keys: self.opts.split_min_keys,
             }),
         )?;
         self.forward(&plan)
