@@ -163,6 +163,19 @@ pub fn run(args: Args) -> Result<()> {
             format!("profile_{key}"),
             profile_step(&mut b, &batch, &key)?,
         );
+        if args.compare_no_split {
+            let default_keys = b.options().split_min_keys;
+            b.set_split_min_keys(usize::MAX / 2);
+            let plain = time_steps(&mut b, &batch, args.iters)?;
+            eprintln!("  without split-K attention: {plain:.3} ms/step");
+            let plain_key = format!("{key}_nosplit");
+            results.insert(
+                format!("profile_{plain_key}"),
+                profile_step(&mut b, &batch, &plain_key)?,
+            );
+            results.insert(plain_key, plain.into());
+            b.set_split_min_keys(default_keys);
+        }
         results.insert(key, ms.into());
     }
 
