@@ -275,10 +275,11 @@ impl Core {
         };
         let (id, request_id) = (seq.id, seq.request_id.clone());
         self.sched.insert(seq);
+        self.parked.insert(request_id.clone(), id);
+        self.publish_metrics(0);
         if reply.send(Ok(ticket)).is_err() {
+            self.parked.remove(&request_id);
             self.sched.remove(id); // the caller gave up
-        } else {
-            self.parked.insert(request_id, id);
         }
     }
 
