@@ -12,7 +12,10 @@ fn params() -> SamplingParams {
 #[test]
 fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
     let mut logits = vec![2.0, -1.0, 3.0, 0.5];
-    let p = SamplingParams { repetition_penalty: 2.0, ..params() };
+    let p = SamplingParams {
+        repetition_penalty: 2.0,
+        ..params()
+    };
     // Token 0 in the prompt, 1 generated twice (penalized once), 3 untouched.
     apply_penalties(&mut logits, &[0], &[1, 1], &p);
     assert_eq!(logits, vec![1.0, -2.0, 3.0, 0.5]);
@@ -21,7 +24,11 @@ fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
 #[test]
 fn frequency_and_presence_penalties_count_generated_tokens_only() {
     let mut logits = vec![1.0, 1.0, 1.0];
-    let p = SamplingParams { frequency_penalty: 0.5, presence_penalty: 0.25, ..params() };
+    let p = SamplingParams {
+        frequency_penalty: 0.5,
+        presence_penalty: 0.25,
+        ..params()
+    };
     apply_penalties(&mut logits, &[2, 2, 2], &[0, 0, 0, 1], &p);
     // 0: 1 - 3*0.5 - 0.25 = -0.75; 1: 1 - 0.5 - 0.25 = 0.25; 2 (prompt only): 1.
     assert_eq!(logits, vec![-0.75, 0.25, 1.0]);
@@ -60,38 +67,84 @@ fn logprobs_and_top_n() {
     let lp = log_softmax(&[0.0, (3.0f32).ln()]);
     assert!((lp[0] - 0.25f32.ln()).abs() < 1e-6);
     assert!((lp[1] - 0.75f32.ln()).abs() < 1e-6);
-    assert_eq!(top_n(&[-1.0, -0.5, -0.5, -3.0], 3), vec![(1, -0.5), (2, -0.5), (0, -1.0)]);
+    assert_eq!(
+        top_n(&[-1.0, -0.5, -0.5, -3.0], 3),
+        vec![(1, -0.5), (2, -0.5), (0, -1.0)]
+    );
 }
 
 #[test]
 fn device_path_only_for_plain_temperature_top_k_top_p() {
-    let plain = SamplingParams { temperature: 0.7, top_k: 5, top_p: 0.9, seed: Some(1), ..params() };
+    let plain = SamplingParams {
+        temperature: 0.7,
+        top_k: 5,
+        top_p: 0.9,
+        seed: Some(1),
+        ..params()
+    };
     let mut s = SeqSampler::new(&plain, &[9]);
     match s.next_emit(0) {
-        Emit::Sample(DeviceSampling { temperature, top_k, top_p, uniform }) => {
+        Emit::Sample(DeviceSampling {
+            temperature,
+            top_k,
+            top_p,
+            uniform,
+        }) => {
             assert_eq!((temperature, top_k, top_p), (0.7, 5, 0.9));
             assert!((0.0..1.0).contains(&uniform));
         }
         other => panic!("{other:?}"),
     }
     for p in [
-        SamplingParams { min_p: 0.1, ..plain.clone() },
-        SamplingParams { presence_penalty: 0.1, ..plain.clone() },
-        SamplingParams { frequency_penalty: 0.1, ..plain.clone() },
-        SamplingParams { repetition_penalty: 1.1, ..plain.clone() },
-        SamplingParams { logprobs: Some(0), ..plain.clone() },
-        SamplingParams { min_tokens: 3, ..plain.clone() },
+        SamplingParams {
+            min_p: 0.1,
+            ..plain.clone()
+        },
+        SamplingParams {
+            presence_penalty: 0.1,
+            ..plain.clone()
+        },
+        SamplingParams {
+            frequency_penalty: 0.1,
+            ..plain.clone()
+        },
+        SamplingParams {
+            repetition_penalty: 1.1,
+            ..plain.clone()
+        },
+        SamplingParams {
+            logprobs: Some(0),
+            ..plain.clone()
+        },
+        SamplingParams {
+            min_tokens: 3,
+            ..plain.clone()
+        },
     ] {
-        assert_eq!(SeqSampler::new(&p, &[9]).next_emit(0), Emit::Logits, "{p:?}");
+        assert_eq!(
+            SeqSampler::new(&p, &[9]).next_emit(0),
+            Emit::Logits,
+            "{p:?}"
+        );
     }
     // min_tokens reached: back to the device path.
-    let p = SamplingParams { min_tokens: 3, ..plain };
-    assert!(matches!(SeqSampler::new(&p, &[9]).next_emit(3), Emit::Sample(_)));
+    let p = SamplingParams {
+        min_tokens: 3,
+        ..plain
+    };
+    assert!(matches!(
+        SeqSampler::new(&p, &[9]).next_emit(3),
+        Emit::Sample(_)
+    ));
 }
 
 #[test]
 fn seeded_draws_repeat_and_min_tokens_suppresses_stops() {
-    let p = SamplingParams { temperature: 1.0, seed: Some(5), ..params() };
+    let p = SamplingParams {
+        temperature: 1.0,
+        seed: Some(5),
+        ..params()
+    };
     let draws = |p: &SamplingParams| {
         let mut s = SeqSampler::new(p, &[]);
         (0..5)
@@ -102,10 +155,20 @@ fn seeded_draws_repeat_and_min_tokens_suppresses_stops() {
             .collect::<Vec<f32>>()
     };
     assert_eq!(draws(&p), draws(&p));
-    assert_ne!(draws(&p), draws(&SamplingParams { seed: Some(6), ..p.clone() }));
+    assert_ne!(
+        draws(&p),
+        draws(&SamplingParams {
+            seed: Some(6),
+            ..p.clone()
+        })
+    );
 
     // EOS 1 and stop id 2 would win; below min_tokens they cannot be sampled.
-    let p = SamplingParams { min_tokens: 2, stop_token_ids: vec![2], ..params() };
+    let p = SamplingParams {
+        min_tokens: 2,
+        stop_token_ids: vec![2],
+        ..params()
+    };
     let mut s = SeqSampler::new(&p, &[1]);
     assert_eq!(s.next_emit(0), Emit::Logits);
     let (t, _) = s.sample_logits(vec![0.0, 5.0, 4.0, 1.0], &[0], &[]);
@@ -114,7 +177,13 @@ fn seeded_draws_repeat_and_min_tokens_suppresses_stops() {
     let (t, _) = s.sample_logits(vec![0.0, 5.0, 4.0, 1.0], &[0], &[3, 3]);
     assert_eq!(t, 1);
     // ignore_eos: EOS is an ordinary token.
-    let s = SeqSampler::new(&SamplingParams { ignore_eos: true, ..params() }, &[1]);
+    let s = SeqSampler::new(
+        &SamplingParams {
+            ignore_eos: true,
+            ..params()
+        },
+        &[1],
+    );
     assert!(!s.is_stop_token(1));
 }
 

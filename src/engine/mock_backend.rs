@@ -6,8 +6,8 @@
 //! block-table, prefix-cache or preemption bug therefore changes its outputs, and
 //! `MockBackend::reference_greedy` gives the exact expected tokens.
 
-use crate::backend::{Backend, Batch, Emit, KvDtype, KvLayout, SeqOutput};
 use crate::backend::sampling;
+use crate::backend::{Backend, Batch, Emit, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
 use anyhow::{bail, ensure, Result};
 use parking_lot::Mutex;

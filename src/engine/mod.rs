@@ -64,7 +64,11 @@ pub struct Engine;
 impl Engine {
     /// Starts the step thread and returns the handle that feeds it. Without a tokenizer the
     /// outputs carry token ids only (no text, no stop strings).
-    pub fn start(backend: Box<dyn Backend>, tokenizer: Option<Tokenizer>, config: EngineConfig) -> EngineHandle {
+    pub fn start(
+        backend: Box<dyn Backend>,
+        tokenizer: Option<Tokenizer>,
+        config: EngineConfig,
+    ) -> EngineHandle {
         let decoder = tokenizer.map(|t| Arc::new(t) as Arc<dyn TokenDecoder>);
         Self::start_with_decoder(backend, decoder, config)
     }

@@ -98,6 +98,7 @@ impl Core {
             last_step_ms: self.last_step_ms,
             generated_tokens_per_s: rate,
             steps: self.steps,
+            num_preemptions: self.sched.num_preemptions,
         };
     }
 }
