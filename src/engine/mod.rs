@@ -39,6 +39,7 @@ pub mod detokenize;
 pub mod handle;
 pub mod mock_backend;
 pub mod output;
+mod parking;
 pub mod remote;
 pub mod sampler;
 pub mod scheduler;
