@@ -4,8 +4,8 @@ use crate::backend::{Backend, Batch, Emit, KvLayout, SeqChunk, SeqOutput};
 use crate::engine::detokenize::TokenDecoder;
 use crate::engine::remote::{PrefillExport, RemotePrefillTicket};
 use crate::engine::scheduler::Scheduler;
-use crate::engine::sequence::{SeqId, SeqState, Sequence, Sink};
-use crate::engine::types::{EngineError, EngineMetrics, TokenLogprob};
+use crate::engine::sequence::{OutputSender, SeqId, SeqState, Sequence, Sink};
+use crate::engine::types::{EngineError, EngineMetrics, GenerateOutput, TokenLogprob};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
@@ -63,6 +63,8 @@ pub struct Core {
     pub recent: VecDeque<(Instant, usize)>,
     /// The last schedule found nothing runnable.
     pub stalled: bool,
+    /// Outputs of this step, delivered by `publish_metrics`.
+    pub outbox: Vec<(OutputSender, GenerateOutput)>,
 }
 
 impl Core {

@@ -130,6 +130,7 @@ impl Engine {
             last_step_ms: 0.0,
             recent: VecDeque::new(),
             stalled: false,
+            outbox: vec![],
         };
         core.publish_initial_metrics();
         let thread = std::thread::Builder::new()
