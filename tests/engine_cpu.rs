@@ -113,3 +113,69 @@ async fn sixty_four_concurrent_greedy_requests_match_each_alone() {
         assert_all_blocks_free(&e);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_requests_with_random_cancellations() {
+    use futures::StreamExt;
+    let mut rng = Lcg(99);
+    let reqs: Vec<GenerateRequest> = (0..500)
+        .map(|i| {
+            let len = 1 + rng.below(60) as usize;
+            let prompt = (0..len).map(|_| rng.below(500) as u32).collect();
+            greedy(&i.to_string(), prompt, 1 + rng.below(16) as usize)
+        })
+        .collect();
+    let cancel_after: Vec<Option<usize>> = reqs
+        .iter()
+        .map(|r| (rng.below(4) == 0).then(|| rng.below(r.params.max_tokens as u64) as usize))
+        .collect();
+    let reference = cpu_engine(64, EngineConfig::default());
+    let mut alone = vec![];
+    for r in &reqs {
+        alone.push(run(&reference, r.clone()).await.tokens);
+    }
+    let e = cpu_engine(
+        40,
+        EngineConfig {
+            max_num_batched_tokens: 256,
+            max_num_seqs: 64,
+            ..Default::default()
+        },
+    );
+    let tasks: Vec<_> = reqs
+        .iter()
+        .zip(&cancel_after)
+        .map(|(r, &cancel)| {
+            let mut stream = e.generate(r.clone()).unwrap();
+            tokio::spawn(async move {
+                let mut tokens = vec![];
+                while Some(tokens.len()) != cancel {
+                    let Some(out) = stream.next().await else {
+                        break;
+                    };
+                    let out = out.unwrap();
+                    tokens.extend(out.token_ids);
+                    if out.finish_reason.is_some() {
+                        break;
+                    }
+                }
+                tokens
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = tokio::time::timeout(std::time::Duration::from_secs(30), t)
+            .await
+            .unwrap()
+            .unwrap();
+        match cancel_after[i] {
+            None => assert_eq!(got, alone[i], "request {i}"),
+            Some(_) => assert_eq!(got[..], alone[i][..got.len()], "request {i} (cancelled)"),
+        }
+    }
+    assert_all_blocks_free(&e);
+    assert!(
+        e.metrics().num_preemptions > 0,
+        "40 blocks were meant to run short"
+    );
+}
