@@ -105,6 +105,7 @@ impl Engine {
             max_queue_len: config.max_queue_len,
             has_tokenizer: decoder.is_some(),
             eos_token_ids,
+            kv_layout: layout,
         };
         let shared = Arc::new(Shared::default());
         let pool = BlockPool::new(num_blocks, layout.block_size, config.enable_prefix_caching);
