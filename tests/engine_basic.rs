@@ -336,7 +336,10 @@ async fn multibyte_characters_come_out_whole() {
 
 #[tokio::test]
 async fn backend_failure_fails_every_stream_and_refuses_new_requests() {
-    let backend = MockBackend::new(VOCAB, 4, 64).failing_at_step(3);
+    // Slow steps: all four requests are in before the failure.
+    let backend = MockBackend::new(VOCAB, 4, 64)
+        .with_step_delay(Duration::from_millis(100))
+        .failing_at_step(2);
     let e = Engine::start(Box::new(backend), None, EngineConfig::default());
     let streams: Vec<_> = (0..4)
         .map(|i| e.generate(greedy(&i.to_string(), vec![1, i], 50)).unwrap())
