@@ -358,6 +358,27 @@ async fn backend_failure_fails_every_stream_and_refuses_new_requests() {
 }
 
 #[tokio::test]
+async fn a_panicking_backend_fails_streams_instead_of_hanging() {
+    let backend = MockBackend::new(VOCAB, 4, 64)
+        .with_step_delay(Duration::from_millis(50))
+        .panicking_at_step(1);
+    let e = Engine::start(Box::new(backend), None, EngineConfig::default());
+    let a = e.generate(greedy("a", vec![1, 2], 20)).unwrap();
+    let b = e.generate(greedy("b", vec![3], 20)).unwrap();
+    for s in [a, b] {
+        match collect(s).await {
+            Err(EngineError::Internal(msg)) => assert!(msg.contains("injected panic"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    match e.generate(greedy("c", vec![1], 1)) {
+        Err(EngineError::Internal(msg)) => assert!(msg.contains("panicked"), "{msg}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(e.metrics().kv_blocks_active, 0);
+}
+
+#[tokio::test]
 async fn shutdown_ends_live_streams_with_an_error() {
     let backend = MockBackend::new(VOCAB, 4, 256).with_step_delay(Duration::from_millis(5));
     let e = Engine::start(Box::new(backend), None, EngineConfig::default());

@@ -72,14 +72,21 @@ impl Core {
     pub fn run(mut self) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         let reason = match result {
-            Ok(Ok(())) => "engine shut down".to_string(),
-            Ok(Err(reason)) => reason,
+            Ok(Ok(())) => {
+                tracing::info!("engine shut down");
+                "engine shut down".to_string()
+            }
+            Ok(Err(reason)) => {
+                tracing::error!("engine stopped: {reason}");
+                reason
+            }
             Err(panic) => {
                 let msg = panic
                     .downcast_ref::<String>()
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default();
+                tracing::error!("engine step thread panicked: {msg}");
                 format!("engine step thread panicked: {msg}")
             }
         };
@@ -87,7 +94,6 @@ impl Core {
     }
 
     fn stop(&mut self, reason: String) {
-        tracing::warn!("engine stopping: {reason}");
         // Free every block and publish that before anyone hears of the failure.
         let ids: Vec<SeqId> = self.sched.seqs.keys().copied().collect();
         let removed: Vec<Sequence> = ids
