@@ -1,7 +1,5 @@
 //! Flags shared by the commands that load a model (vLLM's names where the meaning is the same).
 
-use clap::ValueEnum;
-
 pub use crate::model::LoadFormat;
 
 /// Defined beside the backends (which `backend::factory` builds from it); re-exported for the CLI.
