@@ -49,6 +49,7 @@ fn reference(name: &str) -> (String, Vec<u64>) {
 fn generate_json_reproduces_transformers_greedy_tokens() {
     for (name, extra) in [
         ("llama-bf16", vec![]),
+        ("llama-hf-saved", vec!["--block-size", "16"]),
         (
             "llama-fp8",
             vec!["--block-size", "7", "--max-num-batched-tokens", "16"],
