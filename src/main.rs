@@ -25,6 +25,9 @@ enum Command {
     Pareto(cli::pareto::Args),
     /// Compare an aggregated and a disaggregated deployment of a small model, end to end.
     Demo(cli::demo::Args),
+    /// A mock OpenAI server with fixed TTFT/ITL (tests, load-generator checks, vLLM stand-in).
+    #[command(hide = true)]
+    MockServer(cli::mock_server::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(a) => cli::bench::run(a),
         Command::Pareto(a) => cli::pareto::run(a),
         Command::Demo(a) => cli::demo::run(a),
+        Command::MockServer(a) => cli::mock_server::run(a),
     }
 }

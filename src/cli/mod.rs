@@ -5,6 +5,7 @@ pub mod common;
 pub mod demo;
 pub mod frontend;
 pub mod generate;
+pub mod mock_server;
 pub mod pareto;
 pub mod serve;
 pub mod worker;
