@@ -114,8 +114,11 @@ fn plan(args: &Args) -> Result<Plan> {
             w.role = g.role;
             if g.role == Role::Decode {
                 let c = &mut plan.decode;
-                c.max_local_prefill_length = g.max_local_prefill_length.unwrap_or(c.max_local_prefill_length);
-                c.max_prefill_queue_size = g.max_prefill_queue_size.unwrap_or(c.max_prefill_queue_size);
+                c.max_local_prefill_length = g
+                    .max_local_prefill_length
+                    .unwrap_or(c.max_local_prefill_length);
+                c.max_prefill_queue_size =
+                    g.max_prefill_queue_size.unwrap_or(c.max_prefill_queue_size);
                 c.conditional_disagg = g.conditional_disagg.unwrap_or(c.conditional_disagg);
             }
             if let Some(dev) = &g.device {
