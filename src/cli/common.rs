@@ -68,7 +68,9 @@ impl EngineArgs {
             enable_prefix_caching: self.enable_prefix_caching,
             num_kv_blocks: self.num_kv_blocks,
             max_queue_len: self.max_queue_len,
-            remote_prefill_timeout: std::time::Duration::from_secs_f64(self.remote_prefill_timeout.max(0.0)),
+            remote_prefill_timeout: std::time::Duration::from_secs_f64(
+                self.remote_prefill_timeout.max(0.0),
+            ),
         }
     }
 

@@ -87,15 +87,18 @@ impl Core {
 
     fn stop(&mut self, reason: String) {
         tracing::warn!("engine stopping: {reason}");
-        *self.shared.stopped.lock() = Some(reason.clone());
+        // Free every block and publish that before anyone hears of the failure.
         let ids: Vec<SeqId> = self.sched.seqs.keys().copied().collect();
-        for id in ids {
-            if let Some(mut seq) = self.sched.remove(id) {
-                seq.sink.fail(EngineError::Internal(reason.clone()));
-            }
-        }
+        let removed: Vec<Sequence> = ids
+            .into_iter()
+            .filter_map(|id| self.sched.remove(id))
+            .collect();
         self.parked.clear();
         self.publish_metrics(0);
+        *self.shared.stopped.lock() = Some(reason.clone());
+        for mut seq in removed {
+            seq.sink.fail(EngineError::Internal(reason.clone()));
+        }
     }
 
     fn run_loop(&mut self) -> Result<(), String> {

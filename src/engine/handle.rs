@@ -26,6 +26,8 @@ pub struct Limits {
     pub max_queue_len: usize,
     pub has_tokenizer: bool,
     pub eos_token_ids: Vec<u32>,
+    /// The backend's KV layout (what `import_kv` expects and `prefill_and_export` gives).
+    pub kv_layout: crate::backend::KvLayout,
 }
 
 #[derive(Clone)]

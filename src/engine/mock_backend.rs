@@ -7,7 +7,7 @@
 //! `MockBackend::reference_greedy` gives the exact expected tokens.
 
 use crate::backend::{Backend, Batch, Emit, KvDtype, KvLayout, SeqOutput};
-use crate::engine::sampler::{argmax, sample_device};
+use crate::backend::sampling;
 use crate::model::config::LlamaConfig;
 use anyhow::{bail, ensure, Result};
 use parking_lot::Mutex;
@@ -91,7 +91,7 @@ impl MockBackend {
         let mut ctx = prompt.to_vec();
         let mut out = vec![];
         while out.len() < max_tokens {
-            let t = argmax(&Self::logits_for(&ctx, vocab_size));
+            let t = sampling::greedy(&Self::logits_for(&ctx, vocab_size));
             ctx.push(t);
             out.push(t);
             if stop.contains(&t) {
@@ -163,7 +163,7 @@ impl Backend for MockBackend {
                 Emit::Nothing => SeqOutput::Nothing,
                 Emit::Logits => SeqOutput::Logits(Self::logits_for(&context, vocab)),
                 Emit::Sample(s) => {
-                    SeqOutput::Token(sample_device(&Self::logits_for(&context, vocab), s))
+                    SeqOutput::Token(sampling::sample(&Self::logits_for(&context, vocab), s))
                 }
             });
         }
