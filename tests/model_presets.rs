@@ -112,3 +112,82 @@ fn big_preset_specs_have_fp8_shapes() {
         "{params}"
     );
 }
+
+fn f32s(t: &candle_core::Tensor) -> Vec<f32> {
+    let t = t.to_dtype(DType::F32).unwrap();
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn mean_std(v: &[f32]) -> (f32, f32) {
+    let n = v.len() as f32;
+    let mean = v.iter().sum::<f32>() / n;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
+    (mean, var.sqrt())
+}
+
+#[test]
+fn fp8_dummy_weights_are_valid_and_scaled() {
+    let files = ModelFiles::resolve("tiny-llama-fp8").unwrap();
+    let specs = tensor_specs(&files.config);
+    // embed + final norm + lm_head + 2 × (2 norms + 7 FP8 linears × 2 tensors)
+    assert_eq!(specs.len(), 3 + 2 * 16);
+    let w = load_weights(&files, LoadFormat::Dummy, 3).unwrap();
+    let layers = files.config.num_hidden_layers as f32;
+    for layer in &w.layers {
+        let linears = [
+            (&layer.q_proj, 1.0),
+            (&layer.k_proj, 1.0),
+            (&layer.o_proj, (2.0 * layers).sqrt()),
+            (&layer.gate_proj, 1.0),
+            (&layer.down_proj, (2.0 * layers).sqrt()),
+        ];
+        for (linear, damping) in linears {
+            let Linear::Fp8 { weight, scale } = linear else {
+                panic!("FP8 preset has FP8 linears")
+            };
+            let (out, inp) = linear.dims();
+            assert_eq!(weight.dtype(), DType::F8E4M3);
+            assert_eq!((scale.dtype(), scale.dims()), (DType::F32, &[out, 1][..]));
+            let codes = f32s(weight);
+            assert!(codes.iter().all(|c| c.is_finite() && c.abs() <= 448.0));
+            let scales = f32s(scale);
+            assert!(scales.iter().all(|s| *s > 0.0));
+            // Effective weights code · scale have std ≈ 1/sqrt(in) (÷ damping into the residual).
+            let effective: Vec<f32> = codes
+                .iter()
+                .enumerate()
+                .map(|(k, c)| c * scales[k / inp])
+                .collect();
+            let (mean, std) = mean_std(&effective);
+            let want = 1.0 / (inp as f32).sqrt() / damping;
+            assert!(mean.abs() < 0.1 * want, "mean {mean}");
+            assert!((std / want - 1.0).abs() < 0.15, "std {std}, want {want}");
+        }
+        let (mean, std) = mean_std(&f32s(&layer.input_layernorm));
+        assert!(
+            (mean - 1.0).abs() < 0.02 && std < 0.05,
+            "norm {mean} ± {std}"
+        );
+    }
+    let Linear::Dense { weight } = &w.lm_head else {
+        panic!("lm_head is ignored by the FP8 scheme")
+    };
+    assert_eq!(weight.dtype(), DType::BF16);
+}
+
+#[test]
+fn model_types_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync + Clone>() {}
+    shared::<tandem::model::Tokenizer>();
+    shared::<ModelFiles>();
+    shared::<tandem::model::LlamaWeights>();
+}
+
+#[test]
+fn dummy_weights_larger_than_host_memory_are_refused() {
+    let files = ModelFiles::resolve("llama-3.3-70b-fp8-dynamic").unwrap();
+    let mut config = files.config.clone();
+    config.num_hidden_layers = 10_000; // ~9 TB
+    let err = tandem::model::dummy::dummy_weights(&config, 0).unwrap_err();
+    assert!(format!("{err}").contains("host memory"), "{err}");
+}

@@ -132,7 +132,7 @@ fn load(dir: &Path) -> anyhow::Result<tandem::model::LlamaWeights> {
 }
 
 fn load_err(dir: &Path) -> String {
-    format!("{:#}", load(dir).err().expect("loading should fail"))
+    format!("{:#}", load(dir).expect_err("loading should fail"))
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
@@ -349,4 +349,32 @@ fn directory_without_weights_suggests_dummy() {
     let files = ModelFiles::resolve(dir.path().to_str().unwrap()).unwrap();
     let w = load_weights(&files, LoadFormat::Dummy, 1).unwrap();
     assert_eq!(w.layers[0].gate_proj.dims(), (I, H));
+}
+
+/// The transformers-made fixtures of the CPU reference tests (tied embeddings; BF16 and FP8).
+#[test]
+fn loads_transformers_fixtures() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let bf16 = load(Path::new(&format!("{root}/llama-bf16"))).unwrap();
+    assert!(matches!(
+        bf16.layers[1].o_proj,
+        tandem::model::Linear::Dense { .. }
+    ));
+    let files = ModelFiles::resolve(&format!("{root}/llama-fp8")).unwrap();
+    let c = files.config.clone();
+    let w = load_weights(&files, LoadFormat::Safetensors, 0).unwrap();
+    assert_eq!(w.layers.len(), c.num_hidden_layers);
+    for layer in &w.layers {
+        let tandem::model::Linear::Fp8 { weight, scale } = &layer.gate_proj else {
+            panic!("FP8 fixture has FP8 linears")
+        };
+        assert_eq!(weight.dims(), &[c.intermediate_size, c.hidden_size]);
+        assert_eq!(scale.dims(), &[c.intermediate_size, 1]);
+        assert!(f32s(scale).iter().all(|s| *s > 0.0));
+    }
+    assert!(c.tie_word_embeddings);
+    let tandem::model::Linear::Dense { weight } = &w.lm_head else {
+        panic!()
+    };
+    assert_eq!(f32s(weight), f32s(&w.embed_tokens));
 }

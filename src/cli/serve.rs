@@ -1,6 +1,326 @@
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+//! `tandem serve`: the embedded deployment. One process runs the OpenAI frontend, the router and
+//! N aggregated workers (one engine each, on CPU or GPU), described by flags or by a deployment
+//! file (`-f benchmarks/agg.yaml`).
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`tandem serve` is not implemented yet")
+use crate::backend::factory::create_backend;
+use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs};
+use crate::engine::{Engine, EngineHandle};
+use crate::frontend::deployment::{Deployment, Role};
+use crate::frontend::router::{Router, RouterConfig, RouterMode};
+use crate::frontend::tokenizer::PromptTokenizer;
+use crate::frontend::{AppState, FrontendConfig};
+use crate::model::{load_weights, ModelFiles};
+use crate::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+// `--model` may come from the deployment file instead.
+#[command(mut_arg("model", |a| a.required(false).default_value("")))]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The model name clients send (default: --model).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Address to listen on; 127.0.0.1 keeps the server local.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed once ready).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// GPUs per worker (only 1 until tensor parallelism lands).
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+    /// Workers (engines, each with its own KV pool) in this process.
+    #[arg(long, visible_alias = "num-workers", default_value_t = 1)]
+    pub data_parallel_size: usize,
+    /// How the router picks a worker for each request.
+    #[arg(long, value_enum, default_value_t = RouterMode::RoundRobin)]
+    pub router_mode: RouterMode,
+    /// Require `Authorization: Bearer <key>` on /v1 routes.
+    #[arg(long, env = "TANDEM_API_KEY")]
+    pub api_key: Option<String>,
+    /// Seconds a request may take from arrival to its last token.
+    #[arg(long, default_value_t = 600.0)]
+    pub request_timeout: f64,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_request_bytes: usize,
+    /// A deployment file (model and worker groups); its values override the flags.
+    #[arg(short = 'f', long = "deployment-file")]
+    pub deployment_file: Option<PathBuf>,
+}
+
+/// One worker to build.
+#[derive(Debug, Clone)]
+struct WorkerPlan {
+    role: Role,
+    device: DeviceKind,
+    block_size: usize,
+    engine: EngineArgs,
+}
+
+/// What the flags and the deployment file resolve to.
+#[derive(Debug)]
+struct Plan {
+    model: String,
+    load_format: LoadFormat,
+    router_mode: RouterMode,
+    workers: Vec<WorkerPlan>,
+    /// How decode workers decide between local and remote prefill (disaggregated files).
+    decode: crate::worker::decode::DecodeConfig,
+}
+
+fn plan(args: &Args) -> Result<Plan> {
+    let base = WorkerPlan {
+        role: Role::Agg,
+        device: args.model.device,
+        block_size: args.model.block_size,
+        engine: args.engine.clone(),
+    };
+    check_tp(args.tensor_parallel_size)?;
+    let mut plan = Plan {
+        model: args.model.model.clone(),
+        load_format: args.model.load_format,
+        router_mode: args.router_mode,
+        workers: vec![base.clone(); args.data_parallel_size.max(1)],
+        decode: Default::default(),
+    };
+    if let Some(path) = &args.deployment_file {
+        let d = Deployment::load(path)?;
+        if d.has_role(Role::Prefill) != d.has_role(Role::Decode) {
+            bail!(
+                "{}: a disaggregated deployment needs both prefill and decode workers",
+                path.display()
+            );
+        }
+        plan.model = d.model.clone().unwrap_or(plan.model);
+        if let Some(f) = &d.load_format {
+            plan.load_format =
+                LoadFormat::from_str(f, true).map_err(|e| anyhow::anyhow!("load_format: {e}"))?;
+        }
+        plan.router_mode = d.router_mode.unwrap_or(plan.router_mode);
+        plan.workers.clear();
+        for g in &d.workers {
+            check_tp(g.tensor_parallel_size.unwrap_or(1))?;
+            let mut w = base.clone();
+            w.role = g.role;
+            if g.role == Role::Decode {
+                let c = &mut plan.decode;
+                c.max_local_prefill_length = g
+                    .max_local_prefill_length
+                    .unwrap_or(c.max_local_prefill_length);
+                c.max_prefill_queue_size =
+                    g.max_prefill_queue_size.unwrap_or(c.max_prefill_queue_size);
+                c.conditional_disagg = g.conditional_disagg.unwrap_or(c.conditional_disagg);
+            }
+            if let Some(dev) = &g.device {
+                w.device =
+                    DeviceKind::from_str(dev, true).map_err(|e| anyhow::anyhow!("device: {e}"))?;
+            }
+            w.block_size = g.block_size.unwrap_or(w.block_size);
+            let e = &mut w.engine;
+            e.max_model_len = g.max_model_len.or(d.max_model_len).or(e.max_model_len);
+            e.max_num_seqs = g.max_num_seqs.unwrap_or(e.max_num_seqs);
+            e.max_num_batched_tokens = g.max_num_batched_tokens.unwrap_or(e.max_num_batched_tokens);
+            e.gpu_memory_utilization = g
+                .gpu_memory_utilization
+                .map(f64::from)
+                .unwrap_or(e.gpu_memory_utilization);
+            plan.workers.extend(std::iter::repeat_n(w, g.replicas));
+        }
+    }
+    if plan.model.is_empty() {
+        bail!("no model: pass --model, or set `model:` in the deployment file");
+    }
+    Ok(plan)
+}
+
+fn check_tp(tp: usize) -> Result<()> {
+    if tp != 1 {
+        bail!("--tensor-parallel-size {tp} is not supported yet; use 1 (and more workers with --data-parallel-size)");
+    }
+    Ok(())
+}
+
+/// Builds every worker's backend and engine.
+fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<EngineHandle>> {
+    let weights = load_weights(files, plan.load_format, seed)
+        .with_context(|| format!("loading the weights of {}", files.dir.display()))?;
+    let mut engines = Vec::with_capacity(plan.workers.len());
+    for (i, w) in plan.workers.iter().enumerate() {
+        // The CUDA backend will report (total, used) device memory to size the pool from
+        // --gpu-memory-utilization; on the CPU the engine default applies.
+        let num_blocks = w.engine.num_kv_blocks(1, None);
+        let backend =
+            create_backend(w.device, &files.config, &weights, w.block_size, num_blocks)
+                .with_context(|| format!("worker {i}: building the {:?} backend", w.device))?;
+        engines.push(Engine::start(
+            backend,
+            files.tokenizer.clone(),
+            w.engine.engine_config(),
+        ));
+    }
+    Ok(engines)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let plan = plan(&args)?;
+    let files = ModelFiles::resolve(&plan.model)?;
+    let engines = start_engines(&plan, &files, args.model.seed)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(serve(&args, &plan, &files, &engines));
+    for e in &engines {
+        e.shutdown();
+    }
+    result
+}
+
+async fn serve(
+    args: &Args,
+    plan: &Plan,
+    files: &ModelFiles,
+    engines: &[EngineHandle],
+) -> Result<()> {
+    // Prefill and decode workers cooperate through the in-process runtime (no etcd, no NATS);
+    // the router sees the decode (and any aggregated) workers.
+    let mut spec = EmbeddedSpec {
+        agg: vec![],
+        prefill: vec![],
+        decode: vec![],
+        decode_config: plan.decode.clone(),
+        prefill_config: Default::default(),
+        transport: EmbeddedTransport::InProcess,
+    };
+    for (w, e) in plan.workers.iter().zip(engines) {
+        match w.role {
+            Role::Agg => spec.agg.push(e.clone()),
+            Role::Prefill => spec.prefill.push(e.clone()),
+            Role::Decode => spec.decode.push(e.clone()),
+        }
+    }
+    let num_prefill = spec.prefill.len();
+    let deployment = start_embedded(spec).await?;
+    let workers = deployment.workers.clone();
+    let num_routed = workers.len();
+    // Every worker must accept what the frontend lets through.
+    let max_model_len = engines
+        .iter()
+        .map(|e| e.limits().max_model_len)
+        .min()
+        .unwrap_or(1);
+    let block_size = plan.workers[0].block_size;
+    let router = Arc::new(Router::new(
+        workers,
+        RouterConfig::new(plan.router_mode, block_size),
+    ));
+    let served_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| plan.model.clone());
+    let mut config = FrontendConfig::new(&served_name, max_model_len);
+    config.api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    config.request_timeout = Duration::from_secs_f64(args.request_timeout.max(0.001));
+    config.max_body_bytes = args.max_request_bytes;
+    let tokenizer = files
+        .tokenizer
+        .clone()
+        .map(|t| Arc::new(t) as Arc<dyn PromptTokenizer>);
+    if tokenizer.is_none() {
+        tracing::warn!(
+            "{} has no tokenizer: chat is off and completions need token ids",
+            files.dir.display()
+        );
+    }
+    let state = AppState::new(config, router, tokenizer);
+    let (listener, addr) = crate::frontend::bind(&format!("{}:{}", args.host, args.port)).await?;
+    println!(
+        "tandem serve: {num_routed} worker(s){} of `{served_name}` (router {:?}, max_model_len {max_model_len}); listening on http://{addr}",
+        if num_prefill > 0 { format!(" + {num_prefill} prefill worker(s)") } else { String::new() },
+        plan.router_mode,
+    );
+    std::io::stdout().flush()?;
+    crate::frontend::serve(listener, state, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Plan> {
+        let cli = Cli::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))?;
+        plan(&cli.args)
+    }
+
+    #[test]
+    fn flags_make_identical_workers() {
+        let p = parse(&[
+            "--model",
+            "m",
+            "--data-parallel-size",
+            "3",
+            "--block-size",
+            "16",
+            "--max-num-seqs",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(p.workers.len(), 3);
+        assert!(p
+            .workers
+            .iter()
+            .all(|w| w.block_size == 16 && w.engine.max_num_seqs == 8));
+        assert_eq!(
+            parse(&["--model", "m", "--num-workers", "2"])
+                .unwrap()
+                .workers
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn deployment_file_overrides_flags() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/agg.yaml");
+        let p = parse(&["-f", path, "--block-size", "64", "--max-num-seqs", "4"]).unwrap();
+        assert_eq!(p.model, "tiny-llama");
+        assert_eq!(p.load_format, LoadFormat::Dummy);
+        assert_eq!(p.workers.len(), 2);
+        assert_eq!(p.workers[0].block_size, 16, "the file wins");
+        assert_eq!(p.workers[0].engine.max_num_seqs, 64);
+        assert_eq!(p.workers[0].engine.max_model_len, Some(512));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_do() {
+        assert!(parse(&["--block-size", "16"])
+            .unwrap_err()
+            .to_string()
+            .contains("no model"));
+        assert!(parse(&["--model", "m", "--tensor-parallel-size", "2"]).is_err());
+        let disagg = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/disagg.yaml");
+        let p = parse(&["-f", disagg]).unwrap();
+        assert!(p.workers.iter().any(|w| w.role == Role::Prefill));
+        assert!(p.workers.iter().any(|w| w.role == Role::Decode));
+    }
 }

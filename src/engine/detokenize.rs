@@ -14,6 +14,16 @@ pub trait TokenDecoder: Send + Sync {
     fn eos_token_ids(&self) -> Vec<u32>;
 }
 
+impl TokenDecoder for crate::model::Tokenizer {
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        crate::model::Tokenizer::decode(self, ids, true)
+    }
+
+    fn eos_token_ids(&self) -> Vec<u32> {
+        crate::model::Tokenizer::eos_token_ids(self)
+    }
+}
+
 /// How many prompt tokens before the first generated one give the decoder its context.
 const CONTEXT_TOKENS: usize = 5;
 

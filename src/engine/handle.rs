@@ -26,6 +26,8 @@ pub struct Limits {
     pub max_queue_len: usize,
     pub has_tokenizer: bool,
     pub eos_token_ids: Vec<u32>,
+    /// The backend's KV layout (what `import_kv` expects and `prefill_and_export` gives).
+    pub kv_layout: crate::backend::KvLayout,
 }
 
 #[derive(Clone)]
@@ -292,3 +294,9 @@ impl Stream for SeqStream {
         }
     }
 }
+
+// Frontends and routers share one handle across tasks and threads.
+const _: fn() = || {
+    fn assert_shareable<T: Clone + Send + Sync + 'static>() {}
+    assert_shareable::<EngineHandle>();
+};

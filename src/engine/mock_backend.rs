@@ -6,8 +6,8 @@
 //! block-table, prefix-cache or preemption bug therefore changes its outputs, and
 //! `MockBackend::reference_greedy` gives the exact expected tokens.
 
+use crate::backend::sampling;
 use crate::backend::{Backend, Batch, Emit, KvDtype, KvLayout, SeqOutput};
-use crate::engine::sampler::{argmax, sample_device};
 use crate::model::config::LlamaConfig;
 use anyhow::{bail, ensure, Result};
 use parking_lot::Mutex;
@@ -34,6 +34,7 @@ pub struct MockBackend {
     log: StepLog,
     step_delay: Duration,
     fail_at_step: Option<usize>,
+    panic_at_step: Option<usize>,
     steps: usize,
 }
 
@@ -46,6 +47,7 @@ impl MockBackend {
             log: StepLog::default(),
             step_delay: Duration::ZERO,
             fail_at_step: None,
+            panic_at_step: None,
             steps: 0,
         }
     }
@@ -64,6 +66,12 @@ impl MockBackend {
     /// The `n`-th step (0-based) returns an error.
     pub fn failing_at_step(mut self, n: usize) -> Self {
         self.fail_at_step = Some(n);
+        self
+    }
+
+    /// The `n`-th step (0-based) panics.
+    pub fn panicking_at_step(mut self, n: usize) -> Self {
+        self.panic_at_step = Some(n);
         self
     }
 
@@ -91,7 +99,7 @@ impl MockBackend {
         let mut ctx = prompt.to_vec();
         let mut out = vec![];
         while out.len() < max_tokens {
-            let t = argmax(&Self::logits_for(&ctx, vocab_size));
+            let t = sampling::greedy(&Self::logits_for(&ctx, vocab_size));
             ctx.push(t);
             out.push(t);
             if stop.contains(&t) {
@@ -139,6 +147,9 @@ impl Backend for MockBackend {
         if self.fail_at_step == Some(self.steps) {
             bail!("injected failure at step {}", self.steps);
         }
+        if self.panic_at_step == Some(self.steps) {
+            panic!("injected panic at step {}", self.steps);
+        }
         self.steps += 1;
         std::thread::sleep(self.step_delay);
         let mut outputs = vec![];
@@ -163,7 +174,7 @@ impl Backend for MockBackend {
                 Emit::Nothing => SeqOutput::Nothing,
                 Emit::Logits => SeqOutput::Logits(Self::logits_for(&context, vocab)),
                 Emit::Sample(s) => {
-                    SeqOutput::Token(sample_device(&Self::logits_for(&context, vocab), s))
+                    SeqOutput::Token(sampling::sample(&Self::logits_for(&context, vocab), s))
                 }
             });
         }

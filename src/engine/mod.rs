@@ -39,6 +39,7 @@ pub mod detokenize;
 pub mod handle;
 pub mod mock_backend;
 pub mod output;
+mod parking;
 pub mod remote;
 pub mod sampler;
 pub mod scheduler;
@@ -53,6 +54,7 @@ pub use remote::{PrefillExport, RemotePrefillTicket};
 
 use crate::backend::Backend;
 use crate::kv::BlockPool;
+use crate::model::Tokenizer;
 use core::{Core, Shared};
 use scheduler::Scheduler;
 use std::collections::{HashMap, VecDeque};
@@ -61,8 +63,19 @@ use std::sync::Arc;
 pub struct Engine;
 
 impl Engine {
-    /// Starts the step thread and returns the handle that feeds it.
+    /// Starts the step thread and returns the handle that feeds it. Without a tokenizer the
+    /// outputs carry token ids only (no text, no stop strings).
     pub fn start(
+        backend: Box<dyn Backend>,
+        tokenizer: Option<Tokenizer>,
+        config: EngineConfig,
+    ) -> EngineHandle {
+        let decoder = tokenizer.map(|t| Arc::new(t) as Arc<dyn TokenDecoder>);
+        Self::start_with_decoder(backend, decoder, config)
+    }
+
+    /// `start` with any detokenizer (tests use small fakes).
+    pub fn start_with_decoder(
         backend: Box<dyn Backend>,
         decoder: Option<Arc<dyn TokenDecoder>>,
         config: EngineConfig,
@@ -92,6 +105,7 @@ impl Engine {
             max_queue_len: config.max_queue_len,
             has_tokenizer: decoder.is_some(),
             eos_token_ids,
+            kv_layout: layout,
         };
         let shared = Arc::new(Shared::default());
         let pool = BlockPool::new(num_blocks, layout.block_size, config.enable_prefix_caching);
@@ -117,6 +131,7 @@ impl Engine {
             last_step_ms: 0.0,
             recent: VecDeque::new(),
             stalled: false,
+            outbox: vec![],
         };
         core.publish_initial_metrics();
         let thread = std::thread::Builder::new()

@@ -5,9 +5,10 @@
 //!
 //! Order (as vLLM): repetition, frequency and presence penalties; `min_tokens` suppression of EOS
 //! and stop ids; logprobs of the result; then temperature, min-p, top-k, top-p, and an
-//! inverse-CDF draw. Temperature 0 is greedy (argmax, lowest id on ties).
+//! inverse-CDF draw (the last three are `backend::sampling`, the device path's own function).
+//! Temperature 0 is greedy (argmax, lowest id on ties).
 
-use crate::backend::{DeviceSampling, Emit};
+use crate::backend::{sampling, DeviceSampling, Emit};
 use crate::engine::types::{SamplingParams, TokenLogprob};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -163,62 +164,12 @@ pub fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    sampling::greedy(logits)
 }
 
-/// The candidate tokens and their normalized probabilities after temperature, min-p, top-k and
-/// top-p, most probable first (lowest id first on ties).
-pub fn filtered_probs(
-    logits: &[f32],
-    temperature: f32,
-    top_k: usize,
-    top_p: f32,
-    min_p: f32,
-) -> Vec<(u32, f32)> {
-    let scaled: Vec<f32> = logits.iter().map(|&l| l / temperature).collect();
-    let lp = log_softmax(&scaled);
-    let mut cands: Vec<(u32, f32)> = lp
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(i, l)| (i as u32, l.exp()))
-        .collect();
-    cands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if min_p > 0.0 {
-        if let Some(&(_, max)) = cands.first() {
-            cands.retain(|&(_, p)| p >= min_p * max);
-        }
-    }
-    if top_k > 0 {
-        cands.truncate(top_k.max(1));
-    }
-    if top_p < 1.0 {
-        let total: f32 = cands.iter().map(|c| c.1).sum();
-        let mut cum = 0.0;
-        let mut keep = 0;
-        for c in &cands {
-            keep += 1;
-            cum += c.1 / total;
-            if cum >= top_p {
-                break;
-            }
-        }
-        cands.truncate(keep.max(1));
-    }
-    let total: f32 = cands.iter().map(|c| c.1).sum();
-    for c in &mut cands {
-        c.1 /= total;
-    }
-    cands
-}
-
-/// One token from `logits`; `uniform` in [0, 1) picks it by inverse CDF. Temperature 0 = argmax.
+/// One token from `logits`: temperature, then min-p (drop tokens below `min_p` × the top
+/// probability), then the device path's top-k, top-p and inverse-CDF draw with `uniform`, so the
+/// host and device paths pick the same token. Temperature 0 = argmax.
 pub fn sample(
     logits: &[f32],
     temperature: f32,
@@ -227,21 +178,21 @@ pub fn sample(
     min_p: f32,
     uniform: f32,
 ) -> u32 {
-    if temperature <= 0.0 {
-        return argmax(logits);
+    let device = DeviceSampling {
+        temperature,
+        top_k,
+        top_p,
+        uniform,
+    };
+    if temperature <= 0.0 || min_p <= 0.0 {
+        return sampling::sample(logits, &device);
     }
-    let cands = filtered_probs(logits, temperature, top_k, top_p, min_p);
-    let mut cum = 0.0;
-    for &(t, p) in &cands {
-        cum += p;
-        if uniform < cum {
-            return t;
-        }
-    }
-    cands.last().map(|c| c.0).unwrap_or_else(|| argmax(logits))
-}
-
-/// The device fast path's contract, computed on the host (the mock backend uses it).
-pub fn sample_device(logits: &[f32], s: &DeviceSampling) -> u32 {
-    sample(logits, s.temperature, s.top_k, s.top_p, 0.0, s.uniform)
+    // p_i / p_max = exp((l_i - l_max) / T) >= min_p  <=>  l_i >= l_max + T ln(min_p)
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let floor = max + temperature * min_p.ln();
+    let masked: Vec<f32> = logits
+        .iter()
+        .map(|&l| if l >= floor { l } else { f32::NEG_INFINITY })
+        .collect();
+    sampling::sample(&masked, &device)
 }

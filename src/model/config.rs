@@ -284,6 +284,9 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<Option<Llama3RopeScaling>> {
                 high_freq_factor: num("high_freq_factor")?,
                 original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
             };
+            if s.factor <= 0.0 || s.low_freq_factor <= 0.0 || s.original_max_position_embeddings == 0 {
+                bail!("config.json: fields `rope_scaling.factor`, `low_freq_factor` and `original_max_position_embeddings` must be positive");
+            }
             if s.high_freq_factor <= s.low_freq_factor {
                 bail!("config.json: field `rope_scaling.high_freq_factor` must exceed `low_freq_factor`");
             }
@@ -312,7 +315,14 @@ fn parse_quantization(q: &Value) -> Result<Fp8Quantization> {
         .get("config_groups")
         .and_then(Value::as_object)
         .context("config.json: field `quantization_config.config_groups` is missing")?;
+    if groups.is_empty() {
+        bail!("config.json: field `quantization_config.config_groups` is empty");
+    }
     for (name, group) in groups {
+        let targets = group.get("targets").unwrap_or(&Value::Null);
+        if targets != &serde_json::json!(["Linear"]) {
+            bail!("config.json: field `quantization_config.config_groups.{name}.targets` must be [\"Linear\"], got {targets}");
+        }
         let w = group.get("weights").with_context(|| {
             format!(
                 "config.json: field `quantization_config.config_groups.{name}.weights` is missing"
@@ -335,6 +345,9 @@ fn parse_quantization(q: &Value) -> Result<Fp8Quantization> {
             &Value::from("token"),
         )?;
         expect(a, name, "input_activations", "dynamic", &Value::from(true))?;
+    }
+    if let Some(kv) = q.get("kv_cache_scheme").filter(|v| !v.is_null()) {
+        bail!("config.json: field `quantization_config.kv_cache_scheme` is not supported (KV cache quantization), got {kv}");
     }
     let ignore = match q.get("ignore") {
         None | Some(Value::Null) => vec![],

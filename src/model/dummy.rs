@@ -159,6 +159,21 @@ pub fn generate(spec: &TensorSpec, seed: u64) -> Result<Tensor> {
 /// Dummy weights for `config`, deterministic per `seed`.
 pub fn dummy_weights(config: &LlamaConfig, seed: u64) -> Result<LlamaWeights> {
     let specs = tensor_specs(config);
+    let bytes: usize = specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() * s.dtype.size_in_bytes())
+        .sum();
+    if let Some(available) = host_memory_available() {
+        // Generating goes through an F32 copy of the largest tensor, hence the margin.
+        if bytes as u64 > available / 10 * 9 {
+            anyhow::bail!(
+                "dummy weights of this model need {:.1} GiB but only {:.1} GiB of host memory is available; \
+                 a GPU backend generates them on the device",
+                bytes as f64 / (1u64 << 30) as f64,
+                available as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     assemble(config, &mut DummySource { specs, seed })
 }
 
@@ -186,4 +201,12 @@ impl TensorSource for DummySource {
             scale: self.get(&format!("{module}.weight_scale"))?,
         })
     }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (None where there is no such file).
+fn host_memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

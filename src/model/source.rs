@@ -76,6 +76,16 @@ impl ModelFiles {
         }
         let config = LlamaConfig::from_file(&config_path)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
+        if let Some(t) = &tokenizer {
+            if t.vocab_size() > config.vocab_size {
+                tracing::warn!(
+                    "{}: the tokenizer has {} ids but the model's vocab_size is {}",
+                    dir.display(),
+                    t.vocab_size(),
+                    config.vocab_size
+                );
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
@@ -160,6 +170,7 @@ fn fetch(id: &str, file: &str) -> Result<PathBuf> {
     if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
         bail!("{file} of `{id}` is not in the local hub cache and HF_HUB_OFFLINE is set");
     }
+    tracing::info!("downloading {file} of `{id}` from the Hugging Face hub");
     let start = Instant::now();
     let progress = Stamp {
         last: Arc::new(AtomicU64::new(0)),

@@ -20,3 +20,10 @@ pub trait WorkerClient: Send + Sync {
 
 pub mod local;
 pub use local::LocalWorker;
+
+pub mod decode;
+pub mod deployment;
+pub mod prefill;
+pub mod protocol;
+pub mod remote;
+pub mod service;

@@ -4,16 +4,26 @@
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem::engine::types::{EngineError, FinishReason, GenerateRequest, SamplingParams, TokenLogprob, Usage};
+use tandem::engine::types::{
+    EngineError, FinishReason, GenerateRequest, SamplingParams, TokenLogprob, Usage,
+};
 use tandem::engine::{EngineHandle, TokenDecoder};
 use tandem::worker::OutputStream;
 
-pub const VOCAB: usize = 300;
+pub const VOCAB: usize = 1024;
 
 /// Greedy, exactly `max_tokens` tokens.
 pub fn greedy(id: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-    let params = SamplingParams { max_tokens, ignore_eos: true, ..Default::default() };
-    GenerateRequest { id: id.into(), prompt_tokens: prompt, params }
+    let params = SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    GenerateRequest {
+        id: id.into(),
+        prompt_tokens: prompt,
+        params,
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -46,7 +56,9 @@ pub async fn collect(mut stream: OutputStream) -> Result<Collected, EngineError>
 }
 
 pub async fn run(engine: &EngineHandle, req: GenerateRequest) -> Collected {
-    collect(engine.generate(req).expect("accepted")).await.expect("completed")
+    collect(engine.generate(req).expect("accepted"))
+        .await
+        .expect("completed")
 }
 
 /// Waits until the engine is idle and every KV block is free again.
@@ -92,7 +104,10 @@ pub struct Lcg(pub u64);
 
 impl Lcg {
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     pub fn below(&mut self, n: u64) -> u64 {

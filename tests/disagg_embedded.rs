@@ -1,0 +1,281 @@
+//! The embedded disaggregated deployment (no etcd, no NATS) on the engine's mock backend, whose
+//! outputs depend on every KV slot it reads: a missing or misplaced block changes the tokens.
+
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem::engine::mock_backend::MockBackend;
+use tandem::engine::types::{GenerateRequest, SamplingParams};
+use tandem::engine::{Engine, EngineConfig, EngineHandle};
+use tandem::worker::decode::DecodeConfig;
+use tandem::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
+use tandem::worker::prefill::PrefillConfig;
+use tandem::worker::WorkerClient;
+
+const VOCAB: usize = 1024;
+const BLOCK: usize = 4;
+
+fn engine(step_delay: Duration, remote_timeout: Duration) -> EngineHandle {
+    let backend = MockBackend::new(VOCAB, BLOCK, 128).with_step_delay(step_delay);
+    let config = EngineConfig {
+        max_num_batched_tokens: 256,
+        remote_prefill_timeout: remote_timeout,
+        max_model_len: Some(256),
+        ..Default::default()
+    };
+    Engine::start(Box::new(backend), None, config)
+}
+
+fn always_remote() -> DecodeConfig {
+    DecodeConfig {
+        conditional_disagg: false,
+        ..Default::default()
+    }
+}
+
+fn spec(
+    prefill: Vec<EngineHandle>,
+    decode: Vec<EngineHandle>,
+    config: DecodeConfig,
+    transport: EmbeddedTransport,
+) -> EmbeddedSpec {
+    EmbeddedSpec {
+        agg: vec![],
+        prefill,
+        decode,
+        decode_config: config,
+        prefill_config: PrefillConfig::default(),
+        transport,
+    }
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i * 37 + seed * 101 + 7) % VOCAB as u32)
+        .collect()
+}
+
+fn request(id: &str, prompt: Vec<u32>) -> GenerateRequest {
+    let params = SamplingParams {
+        max_tokens: 6,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    GenerateRequest {
+        id: id.into(),
+        prompt_tokens: prompt,
+        params,
+    }
+}
+
+async fn tokens_of(worker: &Arc<dyn WorkerClient>, req: GenerateRequest) -> Vec<u32> {
+    let mut stream = worker.generate(req).await.expect("accepted");
+    let mut tokens = Vec::new();
+    while let Some(piece) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("no output in 30 s")
+    {
+        tokens.extend(piece.expect("no error").token_ids);
+    }
+    tokens
+}
+
+/// Runs `n` requests at once, prompts of 5 to 5+3n tokens, and checks every output.
+async fn run_and_check(worker: &Arc<dyn WorkerClient>, n: u32, first_len: usize) {
+    let runs = (0..n).map(|i| {
+        let p = prompt(i, first_len + 3 * i as usize);
+        let want = MockBackend::reference_greedy(&p, 6, VOCAB, &[]);
+        let worker = worker.clone();
+        async move {
+            (
+                tokens_of(&worker, request(&format!("req-{i}"), p)).await,
+                want,
+            )
+        }
+    });
+    for (i, (got, want)) in futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(got, want, "request {i}");
+    }
+}
+
+fn assert_blocks_free(engines: &[&EngineHandle]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for e in engines {
+        while e.metrics().kv_blocks_active != 0 || e.metrics().running != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "KV blocks leaked: {:?}",
+                e.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_prefill_gives_the_aggregated_tokens_in_process_and_over_tcp() {
+    for transport in [EmbeddedTransport::InProcess, EmbeddedTransport::Tcp] {
+        let (p, d) = (
+            engine(Duration::ZERO, Duration::from_secs(30)),
+            engine(Duration::ZERO, Duration::from_secs(30)),
+        );
+        let deployment = start_embedded(spec(
+            vec![p.clone()],
+            vec![d.clone()],
+            always_remote(),
+            transport,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(deployment.workers.len(), 1);
+        run_and_check(&deployment.workers[0], 8, 5).await;
+        assert!(
+            p.metrics().steps > 0,
+            "{transport:?}: the prefill engine never ran"
+        );
+        assert_blocks_free(&[&p, &d]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_disaggregation_keeps_short_prompts_local() {
+    let (p, d) = (
+        engine(Duration::ZERO, Duration::from_secs(30)),
+        engine(Duration::ZERO, Duration::from_secs(30)),
+    );
+    let config = DecodeConfig {
+        max_local_prefill_length: 16,
+        ..Default::default()
+    };
+    let deployment = start_embedded(spec(
+        vec![p.clone()],
+        vec![d.clone()],
+        config,
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    let worker = &deployment.workers[0];
+    let short = prompt(1, 12);
+    assert_eq!(
+        tokens_of(worker, request("short", short.clone())).await,
+        MockBackend::reference_greedy(&short, 6, VOCAB, &[])
+    );
+    assert_eq!(
+        p.metrics().steps,
+        0,
+        "a short prompt went to the prefill worker"
+    );
+    let long = prompt(2, 40);
+    assert_eq!(
+        tokens_of(worker, request("long", long.clone())).await,
+        MockBackend::reference_greedy(&long, 6, VOCAB, &[])
+    );
+    assert!(
+        p.metrics().steps > 0,
+        "a long prompt was not prefilled remotely"
+    );
+    // The same long prompt again: 10 of its blocks are in the decode worker's prefix cache, so
+    // only a few tokens are left to compute, and it stays local.
+    let steps = p.metrics().steps;
+    assert_eq!(
+        tokens_of(worker, request("again", long.clone())).await,
+        MockBackend::reference_greedy(&long, 6, VOCAB, &[])
+    );
+    assert_eq!(
+        p.metrics().steps,
+        steps,
+        "a prefix-cache hit was prefilled remotely"
+    );
+    assert_blocks_free(&[&p, &d]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_stopped_prefill_worker_are_redelivered() {
+    // A slow prefill worker takes the jobs, then "dies" with them in flight.
+    let slow = engine(Duration::from_millis(400), Duration::from_secs(30));
+    let d = engine(Duration::ZERO, Duration::from_secs(30));
+    let deployment = start_embedded(spec(
+        vec![slow.clone()],
+        vec![d.clone()],
+        always_remote(),
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    let worker = deployment.workers[0].clone();
+    let t0 = Instant::now();
+    let runs = tokio::spawn(async move { run_and_check(&worker, 4, 8).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    deployment.stop_prefill_workers();
+    // A second prefill worker gets the jobs again.
+    let fresh = engine(Duration::ZERO, Duration::from_secs(30));
+    deployment.add_prefill_worker("prefill-second", fresh.clone());
+    runs.await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "completed only by the decode side's timeout"
+    );
+    assert!(
+        fresh.metrics().steps > 0,
+        "the second prefill worker did nothing"
+    );
+    assert_blocks_free(&[&d, &fresh]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_prefill_workers_the_decode_worker_prefills_after_its_timeout() {
+    let (p, d) = (
+        engine(Duration::ZERO, Duration::from_secs(30)),
+        engine(Duration::ZERO, Duration::from_secs(1)),
+    );
+    let deployment = start_embedded(spec(
+        vec![p.clone()],
+        vec![d.clone()],
+        always_remote(),
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    deployment.stop_prefill_workers();
+    let t0 = Instant::now();
+    run_and_check(&deployment.workers[0], 3, 6).await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "finished before the remote-prefill timeout"
+    );
+    assert_eq!(p.metrics().steps, 0);
+    assert_blocks_free(&[&d]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_free_their_parked_blocks() {
+    let (p, d) = (
+        engine(Duration::from_millis(300), Duration::from_secs(30)),
+        engine(Duration::ZERO, Duration::from_secs(30)),
+    );
+    let deployment = start_embedded(spec(
+        vec![p.clone()],
+        vec![d.clone()],
+        always_remote(),
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    let worker = &deployment.workers[0];
+    let streams: Vec<_> = futures::future::join_all(
+        (0..4).map(|i| worker.generate(request(&format!("c{i}"), prompt(i, 30)))),
+    )
+    .await;
+    assert!(d.metrics().kv_blocks_active > 0, "nothing parked");
+    drop(streams); // the clients go away while the prefills run
+                   // The late KV writes are refused and every block on both sides comes back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_blocks_free(&[&p, &d]);
+    // And the worker still serves.
+    run_and_check(worker, 2, 9).await;
+}
