@@ -165,27 +165,13 @@ fn generate_text_on_a_preset_with_dummy_weights() {
 fn generate_rejects_bad_input_clearly() {
     let dir = fixture_dir("llama-bf16");
     let model = dir.to_str().unwrap();
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 4] = [
         (vec!["--model", model], "--prompt"),
         (
             vec!["--model", model, "--prompt", "hi", "--prompt-tokens", "1,2"],
             "cannot be used with",
         ),
-        (
-            vec!["--model", model, "--prompt", "hi"],
-            "no tokenizer.json",
-        ),
-        (
-            vec![
-                "--model",
-                model,
-                "--prompt-tokens",
-                "5,6",
-                "--device",
-                "cuda",
-            ],
-            "CUDA backend not available",
-        ),
+        (vec!["--model", model, "--prompt", "hi"], "no tokenizer"),
         (
             vec![
                 "--model",
@@ -195,7 +181,7 @@ fn generate_rejects_bad_input_clearly() {
                 "--max-tokens",
                 "500",
             ],
-            "exceeds the model's context",
+            "maximum context length",
         ),
     ];
     for (args, message) in cases {

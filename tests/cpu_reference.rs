@@ -2,8 +2,10 @@
 //! (made by make_fixtures.py): greedy tokens must match exactly, logits within a tolerance.
 //!
 //! Tolerance: max |ours - reference| over the vocabulary (logits of std ~5). Both sides compute
-//! in f32; measured differences are ~1e-5 on both checkpoints. BF16: 1e-4. FP8: 1e-3, looser
-//! because a last-bit float difference can move an activation across an e4m3 rounding boundary.
+//! in f32; measured differences are ~1e-5 on every checkpoint. BF16: 1e-4. FP8: 1e-3. Caveat for
+//! FP8 (tests/fixtures/README.md): per-token e4m3 quantization is discontinuous, so a change in
+//! our f32 arithmetic (summation order, exp) that flips one activation's e4m3 rounding moves these
+//! tiny models' logits by ~0.05-1 while the BF16 tests stay at ~1e-5.
 
 use std::path::{Path, PathBuf};
 use tandem::backend::cpu::CpuBackend;
@@ -387,21 +389,20 @@ fn device_sampling_and_bad_batches() {
 }
 
 #[test]
-fn factory_builds_cpu_and_refuses_cuda() {
-    use tandem::backend::{factory::create_backend, DeviceKind};
+fn factory_builds_the_cpu_backend() {
+    use tandem::backend::{cuda::gpu_available, factory::create_backend, DeviceKind};
     let f = fixture("llama-bf16");
-    for device in [DeviceKind::Cpu, DeviceKind::Auto] {
+    let mut devices = vec![DeviceKind::Cpu];
+    if !gpu_available() {
+        devices.push(DeviceKind::Auto); // Auto falls back to the CPU
+        let err = create_backend(DeviceKind::Cuda, &f.config, &f.weights, 32, 4).err();
+        assert!(err.is_some(), "--device cuda without a GPU must fail");
+    }
+    for device in devices {
         let mut backend = create_backend(device, &f.config, &f.weights, 32, 4).unwrap();
         assert_eq!(backend.num_kv_blocks(), 4);
         assert_eq!(backend.kv_layout().block_size, 32);
         let (tokens, _) = generate(backend.as_mut(), &f.prompt, &[], &[3, 2, 1], 3);
         assert_eq!(tokens, f.tokens[..3]);
     }
-    let err = create_backend(DeviceKind::Cuda, &f.config, &f.weights, 32, 4)
-        .err()
-        .unwrap();
-    assert!(
-        err.to_string().contains("CUDA backend not available"),
-        "{err}"
-    );
 }
