@@ -284,8 +284,9 @@ fn batched_sequences_match_each_alone() {
             generate(&mut backend, p, &[], &table, steps)
         })
         .collect();
-    // Together: one backend, disjoint block tables; sequence 2 starts a step later, so steps mix
-    // prefill and decode chunks at different positions.
+    // Together: one backend, disjoint block tables. Sequence 1 prefills in chunks of 20 (the
+    // first ones emit nothing) and sequence 2 starts a step later, so steps mix prefill chunks,
+    // silent chunks and decode tokens at different positions.
     let mut backend = CpuBackend::new(&f.config, &f.weights, bs, 64).unwrap();
     let tables: Vec<Vec<u32>> = (0..3u32)
         .map(|s| {
@@ -294,33 +295,54 @@ fn batched_sequences_match_each_alone() {
                 .collect()
         })
         .collect();
+    let chunk_len = [usize::MAX, 20, usize::MAX];
+    let mut prefilled = [0usize; 3];
     let mut tokens: Vec<Vec<u32>> = vec![vec![]; 3];
     let mut logits: Vec<Vec<Vec<f32>>> = vec![vec![]; 3];
-    for step in 0..=steps {
+    for step in 0..20 {
         let mut seqs = vec![];
-        let mut who = vec![];
         for s in 0..3 {
-            let begin = if s == 2 { 1 } else { 0 };
-            if step < begin || tokens[s].len() == steps {
+            if (s == 2 && step == 0) || tokens[s].len() == steps {
                 continue;
             }
-            let (toks, start) = if tokens[s].is_empty() {
-                (prompts[s].clone(), 0)
+            let len = prompts[s].len();
+            let chunk = if prefilled[s] < len {
+                let (start, end) = (
+                    prefilled[s],
+                    len.min(prefilled[s].saturating_add(chunk_len[s])),
+                );
+                prefilled[s] = end;
+                SeqChunk {
+                    tokens: prompts[s][start..end].to_vec(),
+                    start_pos: start,
+                    block_table: tables[s].clone(),
+                    emit: if end == len {
+                        Emit::Logits
+                    } else {
+                        Emit::Nothing
+                    },
+                }
             } else {
-                (
-                    vec![*tokens[s].last().unwrap()],
-                    prompts[s].len() + tokens[s].len() - 1,
-                )
+                SeqChunk {
+                    tokens: vec![*tokens[s].last().unwrap()],
+                    start_pos: len + tokens[s].len() - 1,
+                    block_table: tables[s].clone(),
+                    emit: Emit::Logits,
+                }
             };
-            seqs.push(SeqChunk {
-                tokens: toks,
-                start_pos: start,
-                block_table: tables[s].clone(),
-                emit: Emit::Logits,
-            });
-            who.push(s);
+            seqs.push((s, chunk));
         }
-        for (s, out) in who.into_iter().zip(backend.step(&Batch { seqs }).unwrap()) {
+        if seqs.is_empty() {
+            break;
+        }
+        let batch = Batch {
+            seqs: seqs.iter().map(|(_, c)| c.clone()).collect(),
+        };
+        for ((s, chunk), out) in seqs.into_iter().zip(backend.step(&batch).unwrap()) {
+            if chunk.emit == Emit::Nothing {
+                assert_eq!(out, SeqOutput::Nothing);
+                continue;
+            }
             let l = logits_of(out);
             tokens[s].push(argmax(&l));
             logits[s].push(l);
