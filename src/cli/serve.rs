@@ -70,6 +70,7 @@ struct WorkerPlan {
 #[derive(Debug)]
 struct Plan {
     model: String,
+    served_model_name: Option<String>,
     load_format: LoadFormat,
     router_mode: RouterMode,
     workers: Vec<WorkerPlan>,
@@ -84,6 +85,7 @@ fn plan(args: &Args) -> Result<Plan> {
     check_tp(args.tensor_parallel_size)?;
     let mut plan = Plan {
         model: args.model.model.clone(),
+        served_model_name: args.served_model_name.clone(),
         load_format: args.model.load_format,
         router_mode: args.router_mode,
         workers: vec![base.clone(); args.data_parallel_size.max(1)],
@@ -98,6 +100,7 @@ fn plan(args: &Args) -> Result<Plan> {
             );
         }
         plan.model = d.model.clone().unwrap_or(plan.model);
+        plan.served_model_name = d.served_model_name.clone().or(plan.served_model_name);
         if let Some(f) = &d.load_format {
             plan.load_format =
                 LoadFormat::from_str(f, true).map_err(|e| anyhow::anyhow!("load_format: {e}"))?;
@@ -106,6 +109,11 @@ fn plan(args: &Args) -> Result<Plan> {
         plan.workers.clear();
         for g in &d.workers {
             check_tp(g.tensor_parallel_size.unwrap_or(1))?;
+            if g.first_gpu.is_some() {
+                tracing::warn!(
+                    "`first_gpu` is ignored by `tandem serve` (the backend picks its device)"
+                );
+            }
             let mut w = base.clone();
             if let Some(dev) = &g.device {
                 w.device =
@@ -195,7 +203,7 @@ async fn serve(
         workers,
         RouterConfig::new(plan.router_mode, block_size),
     ));
-    let served_name = args
+    let served_name = plan
         .served_model_name
         .clone()
         .unwrap_or_else(|| plan.model.clone());
