@@ -254,3 +254,48 @@ async fn hang_up_frees_the_requests_blocks() {
     );
     assert_eq!(health_status(&served.url), Some(200));
 }
+
+/// `cached_tokens` of each of `n` identical requests sent one after another.
+async fn cached_tokens_of_repeats(url: &str, n: usize) -> Vec<u64> {
+    let prompt: Vec<u32> = (1..70).collect();
+    let mut cached = vec![];
+    for _ in 0..n {
+        let v: serde_json::Value = reqwest::Client::new()
+            .post(format!("{url}/v1/completions"))
+            .json(&serde_json::json!({"prompt": prompt, "max_tokens": 2}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        cached.push(
+            v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    cached
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_aware_routing_finds_the_cached_prefix() {
+    // 69 tokens = 4 full blocks of 16 that the prefix cache can share.
+    let kv = serve(&["--num-workers", "2", "--router-mode", "kv-aware"]);
+    assert_eq!(cached_tokens_of_repeats(&kv.url, 4).await, [0, 64, 64, 64]);
+    let m = metrics(&kv.url).await;
+    let rates: Vec<f64> = m
+        .lines()
+        .filter(|l| l.starts_with("tandem_prefix_cache_hit_rate{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(rates.len(), 2, "{m}");
+    assert_eq!(
+        rates.iter().filter(|&&r| r > 0.0).count(),
+        1,
+        "one worker served them all: {m}"
+    );
+    // Round-robin sends the second copy to the other, cold worker.
+    let rr = serve(&["--num-workers", "2", "--router-mode", "round-robin"]);
+    assert_eq!(cached_tokens_of_repeats(&rr.url, 2).await, [0, 0]);
+}
