@@ -1,251 +1,200 @@
-//! `tandem generate`: one prompt, run directly on a backend in this process (prefill in chunks,
-//! then one token per step) — the smallest end-to-end check of a model.
+//! `tandem generate`: one prompt through an in-process engine on the chosen device; prints the
+//! text (or token ids when the model has no tokenizer) and, on stderr, TTFT and decode speed.
 
-use super::common::ModelArgs;
-use crate::backend::factory::create_backend;
-use crate::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk, SeqOutput};
-use crate::model::{load_weights, ModelFiles};
+use super::common::{EngineArgs, ModelArgs, DEFAULT_CPU_KV_BLOCKS};
+use crate::backend::factory::{build_backend, resolve_device, BackendOptions};
+use crate::engine::types::{FinishReason, GenerateRequest, SamplingParams};
+use crate::engine::Engine;
+use crate::model::{ChatMessage, ModelFiles};
 use anyhow::{bail, Context, Result};
-use rand::{Rng, SeedableRng};
+use futures::StreamExt;
+use std::io::Write;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt as token ids, comma separated (e.g. `1,2,3`).
-    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
-    pub prompt_tokens: Option<Vec<u32>>,
-    /// The prompt as text (needs the model's tokenizer; BOS is added as the tokenizer says).
-    #[arg(long)]
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompt text (tokenized with the model's tokenizer).
+    #[arg(long, conflicts_with = "prompt_tokens")]
     pub prompt: Option<String>,
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 16)]
+    /// Prompt as comma-separated token ids (models without a tokenizer, dummy benchmarks).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_tokens: Option<Vec<u32>>,
+    /// Wrap the prompt as one user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
-    /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
-    /// 0 = off.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    /// 1.0 = off.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
-    /// Seed of the sampler's random numbers (only matters when temperature > 0).
-    #[arg(long, default_value_t = 0)]
-    pub sampling_seed: u64,
-    /// Keep generating after an end-of-sequence token.
+    /// Seed of the request's sampler.
+    #[arg(long)]
+    pub sampling_seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens (fixed-length benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Prefill at most this many prompt tokens per step (default: the whole prompt at once).
-    #[arg(long)]
-    pub max_num_batched_tokens: Option<usize>,
-    /// Print one JSON object instead of text.
+    /// Print one JSON object (prompt_tokens, tokens, text, finish_reason, timing) instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
-/// What one `generate` run produced.
+/// What one `generate` run produced (the `--json` output).
 #[derive(Debug, serde::Serialize)]
 pub struct Generation {
     pub prompt_tokens: Vec<u32>,
     pub tokens: Vec<u32>,
+    /// Present when the model has a tokenizer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
-    /// "stop" (end-of-sequence token) or "length" (max tokens)
-    pub finish_reason: &'static str,
+    /// "stop" or "length"
+    pub finish_reason: Option<FinishReason>,
     pub timing: Timing,
 }
 
 #[derive(Debug, serde::Serialize)]
 pub struct Timing {
     pub load_ms: f64,
-    /// Prefill until the first generated token.
+    /// Request start until the first generated token.
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub decode_tokens_per_s: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let g = generate(&args)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&g)?);
-    } else {
-        match &g.text {
-            Some(text) => println!("{text}"),
-            None => println!("{:?}", g.tokens),
-        }
-        eprintln!(
-            "{} prompt tokens, {} generated ({}); prefill {:.1} ms, decode {:.1} tokens/s",
-            g.prompt_tokens.len(),
-            g.tokens.len(),
-            g.finish_reason,
-            g.timing.prefill_ms,
-            g.timing.decode_tokens_per_s
-        );
-    }
-    Ok(())
-}
-
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
-}
-
-pub fn generate(args: &Args) -> Result<Generation> {
-    let load_start = Instant::now();
     let files = ModelFiles::resolve(&args.model.model)?;
-    let prompt = match (&args.prompt_tokens, &args.prompt) {
-        (Some(ids), None) => ids.clone(),
-        (None, Some(text)) => files
-            .tokenizer
-            .as_ref()
-            .with_context(|| {
-                format!(
-                    "--prompt needs a tokenizer, and {} has no tokenizer.json; pass --prompt-tokens",
-                    files.dir.display()
-                )
-            })?
-            .encode(text, true)?,
-        (None, None) => bail!("give a prompt: --prompt TEXT or --prompt-tokens 1,2,3"),
-        (Some(_), Some(_)) => bail!("give either --prompt or --prompt-tokens, not both"),
+    let prompt_tokens = match (&args.prompt, &args.prompt_tokens) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => {
+            let tok = files
+                .tokenizer
+                .as_ref()
+                .context("the model has no tokenizer: pass --prompt-tokens")?;
+            if args.chat {
+                let text = tok.apply_chat_template(&[ChatMessage::new("user", text)], true)?;
+                tok.encode(&text, false)?
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (None, None) => bail!("pass --prompt or --prompt-tokens"),
     };
-    if prompt.is_empty() {
-        bail!("the prompt is empty");
+    let device = resolve_device(args.model.device);
+    let opts = BackendOptions {
+        block_size: args.model.block_size,
+        num_kv_blocks: args.engine.num_kv_blocks,
+        gpu_memory_utilization: args.engine.gpu_memory_utilization,
+        max_num_batched_tokens: args.engine.max_num_batched_tokens.max(
+            if args.engine.enable_chunked_prefill {
+                0
+            } else {
+                args.engine
+                    .max_model_len
+                    .unwrap_or(files.config.max_position_embeddings)
+            },
+        ),
+        max_num_seqs: args.engine.max_num_seqs,
+        cpu_default_blocks: DEFAULT_CPU_KV_BLOCKS,
+    };
+    let t0 = Instant::now();
+    let backend = build_backend(
+        device,
+        &files,
+        args.model.load_format,
+        args.model.seed,
+        &opts,
+    )?;
+    eprintln!(
+        "loaded {} on {device:?} in {:.1}s",
+        args.model.model,
+        t0.elapsed().as_secs_f64()
+    );
+    let engine = Engine::start(
+        backend,
+        files.tokenizer.clone(),
+        args.engine.engine_config(),
+    );
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.sampling_seed,
+        max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+        ..Default::default()
+    };
+    let req = GenerateRequest {
+        id: "generate".into(),
+        prompt_tokens: prompt_tokens.clone(),
+        params,
+    };
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let start = Instant::now();
+    let mut stream = engine.generate(req).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut first, mut tokens, mut text, mut finish) =
+        (None, Vec::<u32>::new(), String::new(), None);
+    let mut out = std::io::stdout();
+    let result = futures::executor::block_on(async {
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| anyhow::anyhow!("{e}"))?;
+            first.get_or_insert_with(|| start.elapsed());
+            tokens.extend(&piece.token_ids);
+            text.push_str(&piece.text);
+            finish = finish.or(piece.finish_reason);
+            if files.tokenizer.is_some() && !args.json {
+                write!(out, "{}", piece.text)?;
+                out.flush()?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    engine.shutdown();
+    result?;
+    let total = start.elapsed().as_secs_f64();
+    let ttft = first.map(|d| d.as_secs_f64()).unwrap_or(total);
+    let decode_rate = if tokens.len() > 1 {
+        (tokens.len() - 1) as f64 / (total - ttft).max(1e-9)
+    } else {
+        0.0
+    };
+    if args.json {
+        let g = Generation {
+            prompt_tokens: prompt_tokens.clone(),
+            text: files.tokenizer.as_ref().map(|_| text),
+            tokens,
+            finish_reason: finish,
+            timing: Timing {
+                load_ms,
+                prefill_ms: ttft * 1e3,
+                decode_ms: (total - ttft) * 1e3,
+                decode_tokens_per_s: decode_rate,
+            },
+        };
+        println!("{}", serde_json::to_string(&g)?);
+        return Ok(());
     }
-    if args.max_tokens == 0 {
-        bail!("--max-tokens must be at least 1");
-    }
-    let config = &files.config;
-    let total = prompt.len() + args.max_tokens;
-    if total > config.max_position_embeddings {
-        bail!(
-            "the prompt ({} tokens) plus --max-tokens {} exceeds the model's context of {} positions",
-            prompt.len(),
-            args.max_tokens,
-            config.max_position_embeddings
+    if files.tokenizer.is_none() {
+        print!(
+            "{}",
+            tokens
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         );
     }
-    if args.temperature < 0.0 || !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        bail!("--temperature must be >= 0 and --top-p in (0, 1]");
-    }
-    let block_size = args.model.block_size;
-    if block_size == 0 {
-        bail!("--block-size must be positive");
-    }
-    let chunk = args.max_num_batched_tokens.unwrap_or(prompt.len());
-    if chunk == 0 {
-        bail!("--max-num-batched-tokens must be positive");
-    }
-    let weights = load_weights(&files, args.model.load_format, args.model.seed)?;
-    let num_blocks = total.div_ceil(block_size);
-    let mut backend = create_backend(args.model.device, config, &weights, block_size, num_blocks)?;
-    drop(weights);
-    let load_ms = ms(load_start);
-
-    let mut eos = config.eos_token_ids.clone();
-    if let Some(t) = &files.tokenizer {
-        eos.extend(t.eos_token_ids());
-    }
-    let mut sampler = Sampler {
-        rng: rand_chacha::ChaCha8Rng::seed_from_u64(args.sampling_seed),
-        args,
-    };
-    let block_table: Vec<u32> = (0..num_blocks as u32).collect();
-
-    let prefill_start = Instant::now();
-    let mut first = None;
-    for start in (0..prompt.len()).step_by(chunk) {
-        let end = (start + chunk).min(prompt.len());
-        let emit = if end == prompt.len() {
-            sampler.emit()
-        } else {
-            Emit::Nothing
-        };
-        let tokens = prompt[start..end].to_vec();
-        first = step(backend.as_mut(), tokens, start, &block_table, emit)?;
-    }
-    let prefill_ms = ms(prefill_start);
-
-    let decode_start = Instant::now();
-    let mut tokens = vec![first.context("the backend returned no token for the prompt")?];
-    let mut finish_reason = "length";
-    loop {
-        let last = *tokens.last().unwrap_or(&0);
-        if !args.ignore_eos && eos.contains(&last) {
-            finish_reason = "stop";
-            break;
-        }
-        if tokens.len() == args.max_tokens {
-            break;
-        }
-        let pos = prompt.len() + tokens.len() - 1;
-        let next = step(
-            backend.as_mut(),
-            vec![last],
-            pos,
-            &block_table,
-            sampler.emit(),
-        )?;
-        tokens.push(next.context("the backend returned no token")?);
-    }
-    let decode_ms = ms(decode_start);
-    let decoded = tokens.len() - 1;
-
-    let text = match &files.tokenizer {
-        Some(t) => Some(t.decode(&tokens, true)?),
-        None => None,
-    };
-    Ok(Generation {
-        prompt_tokens: prompt,
-        tokens,
-        text,
-        finish_reason,
-        timing: Timing {
-            load_ms,
-            prefill_ms,
-            decode_ms,
-            decode_tokens_per_s: if decoded > 0 {
-                decoded as f64 / (decode_ms / 1e3)
-            } else {
-                0.0
-            },
-        },
-    })
-}
-
-/// Runs one chunk of the single sequence; returns the sampled token when one was asked for.
-fn step(
-    backend: &mut dyn Backend,
-    tokens: Vec<u32>,
-    start_pos: usize,
-    block_table: &[u32],
-    emit: Emit,
-) -> Result<Option<u32>> {
-    let chunk = SeqChunk {
-        tokens,
-        start_pos,
-        block_table: block_table.to_vec(),
-        emit,
-    };
-    let out = backend.step(&Batch { seqs: vec![chunk] })?;
-    Ok(match out.into_iter().next() {
-        Some(SeqOutput::Token(t)) => Some(t),
-        _ => None,
-    })
-}
-
-struct Sampler<'a> {
-    rng: rand_chacha::ChaCha8Rng,
-    args: &'a Args,
-}
-
-impl Sampler<'_> {
-    fn emit(&mut self) -> Emit {
-        Emit::Sample(DeviceSampling {
-            temperature: self.args.temperature,
-            top_k: self.args.top_k,
-            top_p: self.args.top_p,
-            uniform: self.rng.random::<f32>(),
-        })
-    }
+    println!();
+    eprintln!(
+        "prompt {} tokens, generated {}; time to first token {:.1} ms; {decode_rate:.1} tokens/s after it",
+        prompt_tokens.len(),
+        tokens.len(),
+        ttft * 1e3
+    );
+    Ok(())
 }
