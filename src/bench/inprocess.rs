@@ -9,7 +9,12 @@ use crate::backend::DeviceKind;
 use crate::engine::types::{GenerateRequest, SamplingParams};
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::model::{load_weights, LoadFormat, ModelFiles};
+use crate::worker::decode::DecodeConfig;
+use crate::worker::deployment::{
+    start_embedded, EmbeddedDeployment, EmbeddedSpec, EmbeddedTransport,
+};
 use crate::worker::local::LocalWorker;
+use crate::worker::prefill::PrefillConfig;
 use crate::worker::WorkerClient;
 use anyhow::{anyhow, bail, Result};
 use futures::future::BoxFuture;
@@ -19,6 +24,8 @@ use std::sync::Arc;
 
 pub struct WorkerTarget {
     workers: Vec<Arc<dyn WorkerClient>>,
+    /// Keeps a disaggregated deployment's prefill workers running while the target lives.
+    _embedded: Option<EmbeddedDeployment>,
     in_flight: Arc<Vec<AtomicUsize>>,
     next_id: AtomicUsize,
 }
@@ -31,9 +38,17 @@ impl WorkerTarget {
         let in_flight = Arc::new(workers.iter().map(|_| AtomicUsize::new(0)).collect());
         Ok(Self {
             workers,
+            _embedded: None,
             in_flight,
             next_id: AtomicUsize::new(0),
         })
+    }
+
+    /// Drives the request-taking workers of an embedded (e.g. disaggregated) deployment.
+    pub fn embedded(deployment: EmbeddedDeployment) -> Result<Self> {
+        let mut target = Self::new(deployment.workers.clone())?;
+        target._embedded = Some(deployment);
+        Ok(target)
     }
 
     fn pick(&self) -> usize {
@@ -141,4 +156,32 @@ pub fn start_engines(d: &LocalDeployment, n: usize) -> Result<(Vec<EngineHandle>
         engines.push(Engine::start(backend, None, d.engine.clone()));
     }
     Ok((engines, files))
+}
+
+/// An embedded disaggregated deployment: `prefill` prefill engines and `decode` decode engines
+/// of one model, KV moved in process, every prefill remote (as in the guide).
+pub async fn start_disaggregated(
+    d: &LocalDeployment,
+    prefill: usize,
+    decode: usize,
+) -> Result<(EmbeddedDeployment, ModelFiles)> {
+    if prefill == 0 || decode == 0 {
+        bail!("a disaggregated deployment needs at least one prefill and one decode worker");
+    }
+    let local = d.clone();
+    let (mut engines, files) =
+        tokio::task::spawn_blocking(move || start_engines(&local, prefill + decode)).await??;
+    let decode_engines = engines.split_off(prefill);
+    let spec = EmbeddedSpec {
+        agg: vec![],
+        prefill: engines,
+        decode: decode_engines,
+        decode_config: DecodeConfig {
+            conditional_disagg: false,
+            ..Default::default()
+        },
+        prefill_config: PrefillConfig::default(),
+        transport: EmbeddedTransport::InProcess,
+    };
+    Ok((start_embedded(spec).await?, files))
 }

@@ -62,12 +62,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "aggregated (2 engines):\n{}",
         report::summary(&outcome.aggregated)
     );
-    match &outcome.disaggregated {
-        Some(levels) => println!("disaggregated (1 prefill + 1 decode):\n{}", report::summary(levels)),
-        None => println!(
-            "disaggregated: NOT RUN (the embedded disaggregated deployment is not in this build yet)\n"
-        ),
-    }
+    println!(
+        "disaggregated (1 prefill + 1 decode):\n{}",
+        report::summary(&outcome.disaggregated)
+    );
     print!("{}", outcome.report);
     println!(
         "artifacts in {}; plot {}",
