@@ -10,7 +10,7 @@ use crate::frontend::router::{Router, RouterConfig, RouterMode};
 use crate::frontend::tokenizer::PromptTokenizer;
 use crate::frontend::{AppState, FrontendConfig};
 use crate::model::{load_weights, ModelFiles};
-use crate::worker::{LocalWorker, WorkerClient};
+use crate::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use std::io::Write;
@@ -61,6 +61,7 @@ pub struct Args {
 /// One worker to build.
 #[derive(Debug, Clone)]
 struct WorkerPlan {
+    role: Role,
     device: DeviceKind,
     block_size: usize,
     engine: EngineArgs,
@@ -73,10 +74,13 @@ struct Plan {
     load_format: LoadFormat,
     router_mode: RouterMode,
     workers: Vec<WorkerPlan>,
+    /// How decode workers decide between local and remote prefill (disaggregated files).
+    decode: crate::worker::decode::DecodeConfig,
 }
 
 fn plan(args: &Args) -> Result<Plan> {
     let base = WorkerPlan {
+        role: Role::Agg,
         device: args.model.device,
         block_size: args.model.block_size,
         engine: args.engine.clone(),
@@ -87,13 +91,13 @@ fn plan(args: &Args) -> Result<Plan> {
         load_format: args.model.load_format,
         router_mode: args.router_mode,
         workers: vec![base.clone(); args.data_parallel_size.max(1)],
+        decode: Default::default(),
     };
     if let Some(path) = &args.deployment_file {
         let d = Deployment::load(path)?;
-        if d.has_role(Role::Prefill) || d.has_role(Role::Decode) {
+        if d.has_role(Role::Prefill) != d.has_role(Role::Decode) {
             bail!(
-                "{}: prefill/decode workers need the distributed runtime (`tandem frontend` + `tandem worker`); \
-                 `tandem serve` runs aggregated workers only",
+                "{}: a disaggregated deployment needs both prefill and decode workers",
                 path.display()
             );
         }
@@ -107,6 +111,16 @@ fn plan(args: &Args) -> Result<Plan> {
         for g in &d.workers {
             check_tp(g.tensor_parallel_size.unwrap_or(1))?;
             let mut w = base.clone();
+            w.role = g.role;
+            if g.role == Role::Decode {
+                let c = &mut plan.decode;
+                c.max_local_prefill_length = g
+                    .max_local_prefill_length
+                    .unwrap_or(c.max_local_prefill_length);
+                c.max_prefill_queue_size =
+                    g.max_prefill_queue_size.unwrap_or(c.max_prefill_queue_size);
+                c.conditional_disagg = g.conditional_disagg.unwrap_or(c.conditional_disagg);
+            }
             if let Some(dev) = &g.device {
                 w.device =
                     DeviceKind::from_str(dev, true).map_err(|e| anyhow::anyhow!("device: {e}"))?;
@@ -177,13 +191,27 @@ async fn serve(
     files: &ModelFiles,
     engines: &[EngineHandle],
 ) -> Result<()> {
-    let workers: Vec<Arc<dyn WorkerClient>> = engines
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            Arc::new(LocalWorker::new(format!("worker-{i}"), e.clone())) as Arc<dyn WorkerClient>
-        })
-        .collect();
+    // Prefill and decode workers cooperate through the in-process runtime (no etcd, no NATS);
+    // the router sees the decode (and any aggregated) workers.
+    let mut spec = EmbeddedSpec {
+        agg: vec![],
+        prefill: vec![],
+        decode: vec![],
+        decode_config: plan.decode.clone(),
+        prefill_config: Default::default(),
+        transport: EmbeddedTransport::InProcess,
+    };
+    for (w, e) in plan.workers.iter().zip(engines) {
+        match w.role {
+            Role::Agg => spec.agg.push(e.clone()),
+            Role::Prefill => spec.prefill.push(e.clone()),
+            Role::Decode => spec.decode.push(e.clone()),
+        }
+    }
+    let num_prefill = spec.prefill.len();
+    let deployment = start_embedded(spec).await?;
+    let workers = deployment.workers.clone();
+    let num_routed = workers.len();
     // Every worker must accept what the frontend lets through.
     let max_model_len = engines
         .iter()
@@ -216,8 +244,8 @@ async fn serve(
     let state = AppState::new(config, router, tokenizer);
     let (listener, addr) = crate::frontend::bind(&format!("{}:{}", args.host, args.port)).await?;
     println!(
-        "tandem serve: {} worker(s) of `{served_name}` (router {:?}, max_model_len {max_model_len}); listening on http://{addr}",
-        engines.len(),
+        "tandem serve: {num_routed} worker(s){} of `{served_name}` (router {:?}, max_model_len {max_model_len}); listening on http://{addr}",
+        if num_prefill > 0 { format!(" + {num_prefill} prefill worker(s)") } else { String::new() },
         plan.router_mode,
     );
     std::io::stdout().flush()?;
@@ -291,9 +319,8 @@ mod tests {
             .contains("no model"));
         assert!(parse(&["--model", "m", "--tensor-parallel-size", "2"]).is_err());
         let disagg = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/disagg.yaml");
-        assert!(parse(&["-f", disagg])
-            .unwrap_err()
-            .to_string()
-            .contains("distributed runtime"));
+        let p = parse(&["-f", disagg]).unwrap();
+        assert!(p.workers.iter().any(|w| w.role == Role::Prefill));
+        assert!(p.workers.iter().any(|w| w.role == Role::Decode));
     }
 }

@@ -115,9 +115,11 @@ impl DecodeWorker {
         req: GenerateRequest,
     ) -> Result<OutputStream, EngineError> {
         let c = &self.config;
-        if c.conditional_disagg
-            && (req.prompt_tokens.len() <= c.max_local_prefill_length
-                || self.prefill_queue_len().await >= c.max_prefill_queue_size)
+        // The remote prefill sends back the first token but not its logprobs.
+        if req.params.logprobs.is_some()
+            || (c.conditional_disagg
+                && (req.prompt_tokens.len() <= c.max_local_prefill_length
+                    || self.prefill_queue_len().await >= c.max_prefill_queue_size))
         {
             return self.engine.generate(req);
         }
