@@ -377,7 +377,8 @@ async fn demo_runs_end_to_end_on_the_tiny_model() {
                 enable_prefix_caching: false,
                 ..Default::default()
             },
-            num_kv_blocks: 256,
+            num_kv_blocks: Some(256),
+            gpu_memory_utilization: 0.9,
             replicas: 2,
         },
         concurrencies: vec![1, 2],

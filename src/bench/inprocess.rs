@@ -4,11 +4,11 @@
 
 use super::prompts::Prompt;
 use super::target::{Chunk, ChunkStream, LoadTarget};
-use crate::backend::factory::create_backend;
+use crate::backend::factory::{build_backend, BackendOptions};
 use crate::backend::DeviceKind;
 use crate::engine::types::{GenerateRequest, SamplingParams};
 use crate::engine::{Engine, EngineConfig, EngineHandle};
-use crate::model::{load_weights, LoadFormat, ModelFiles};
+use crate::model::{LoadFormat, ModelFiles};
 use crate::worker::decode::DecodeConfig;
 use crate::worker::deployment::{
     start_embedded, EmbeddedDeployment, EmbeddedSpec, EmbeddedTransport,
@@ -110,6 +110,9 @@ impl LoadTarget for WorkerTarget {
     }
 }
 
+/// KV blocks per engine on the CPU when not given (as `tandem serve` uses).
+const CPU_KV_BLOCKS: usize = 512;
+
 /// An embedded aggregated deployment: `replicas` engines of one model in this process.
 #[derive(Debug, Clone)]
 pub struct LocalDeployment {
@@ -121,7 +124,10 @@ pub struct LocalDeployment {
     /// Seed of dummy weights.
     pub seed: u64,
     pub engine: EngineConfig,
-    pub num_kv_blocks: usize,
+    /// KV pool per engine; `None`: from `gpu_memory_utilization` on a GPU (shared evenly by
+    /// the engines started together), `CPU_KV_BLOCKS` on the CPU.
+    pub num_kv_blocks: Option<usize>,
+    pub gpu_memory_utilization: f64,
     pub replicas: usize,
 }
 
@@ -143,16 +149,18 @@ pub fn start_engines(d: &LocalDeployment, n: usize) -> Result<(Vec<EngineHandle>
         bail!("an embedded deployment needs at least one worker");
     }
     let files = ModelFiles::resolve(&d.model)?;
-    let weights = load_weights(&files, d.load_format, d.seed)?;
+    let opts = BackendOptions {
+        block_size: d.block_size,
+        num_kv_blocks: d.num_kv_blocks,
+        gpu_memory_utilization: d.gpu_memory_utilization / n as f64,
+        max_num_batched_tokens: d.engine.max_num_batched_tokens,
+        max_num_seqs: d.engine.max_num_seqs,
+        cpu_default_blocks: CPU_KV_BLOCKS,
+    };
     let mut engines = Vec::new();
     for _ in 0..n {
-        let backend = create_backend(
-            d.device,
-            &files.config,
-            &weights,
-            d.block_size,
-            d.num_kv_blocks,
-        )?;
+        // Dummy weights for a GPU are generated there; host weights are loaded per engine.
+        let backend = build_backend(d.device, &files, d.load_format, d.seed, &opts)?;
         engines.push(Engine::start(backend, None, d.engine.clone()));
     }
     Ok((engines, files))

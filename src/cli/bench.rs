@@ -289,7 +289,8 @@ async fn in_process_target(
         block_size: args.block_size,
         seed: args.seed,
         engine: args.engine.engine_config(),
-        num_kv_blocks: args.engine.num_kv_blocks(0, None),
+        num_kv_blocks: args.engine.num_kv_blocks,
+        gpu_memory_utilization: args.engine.gpu_memory_utilization,
         replicas: args.dp,
     };
     let (target, files) = if deployment.is_disaggregated() {

@@ -44,7 +44,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 enable_prefix_caching: false,
                 ..EngineConfig::default()
             },
-            num_kv_blocks: 1024,
+            num_kv_blocks: Some(1024),
+            gpu_memory_utilization: 0.9,
             replicas: 2,
         },
         concurrencies: args.concurrency,
