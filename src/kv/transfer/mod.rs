@@ -124,7 +124,11 @@ pub async fn send_kv(
         dst_blocks.len()
     );
     let (transfer, endpoint) = pick(transfers, &dest.endpoints)?;
-    let shards = reshard(&src, dest.tp)?;
+    let shards = if src.tp() == dest.tp {
+        src
+    } else {
+        reshard(&src, dest.tp)?
+    };
     ensure!(
         shards.rank_layout == dest.rank_layout,
         "KV layout mismatch: source gives {:?} per destination rank, destination holds {:?}",
