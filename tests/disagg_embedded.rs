@@ -279,3 +279,37 @@ async fn cancelled_requests_free_their_parked_blocks() {
     // And the worker still serves.
     run_and_check(worker, 2, 9).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_worker_runs_queued_prompts_together_in_one_step() {
+    // A slow step lets the queue fill while the first prompt runs.
+    let backend = MockBackend::new(VOCAB, BLOCK, 256).with_step_delay(Duration::from_millis(60));
+    let log = backend.log();
+    let config = EngineConfig {
+        max_num_batched_tokens: 256,
+        max_model_len: Some(256),
+        ..Default::default()
+    };
+    let p = Engine::start(Box::new(backend), None, config);
+    let d = engine(Duration::ZERO, Duration::from_secs(30));
+    let deployment = start_embedded(spec(
+        vec![p.clone()],
+        vec![d.clone()],
+        always_remote(),
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    run_and_check(&deployment.workers[0], 6, 10).await;
+    let widest = log
+        .lock()
+        .iter()
+        .map(|step| step.iter().filter(|c| c.start_pos == 0).count())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        widest >= 2,
+        "no step prefilled two prompts together (widest: {widest})"
+    );
+    assert_blocks_free(&[&p, &d]);
+}
