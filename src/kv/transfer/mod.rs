@@ -71,7 +71,7 @@ impl KvShards {
         ensure!(!self.shards.is_empty(), "KV shards: no ranks");
         let len = self.shards[0].len();
         ensure!(
-            block_bytes > 0 && len % block_bytes == 0,
+            block_bytes > 0 && len.is_multiple_of(block_bytes),
             "KV shard of {len} bytes is not a whole number of {block_bytes}-byte blocks"
         );
         ensure!(
