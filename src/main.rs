@@ -25,6 +25,12 @@ enum Command {
     Pareto(cli::pareto::Args),
     /// Compare an aggregated and a disaggregated deployment of a small model, end to end.
     Demo(cli::demo::Args),
+    /// Time the CUDA backend's decode and prefill steps (prints JSON).
+    #[command(hide = true)]
+    BenchStep(cli::bench_step::Args),
+    /// Compile the CUDA kernels with NVRTC (a CI check; needs no GPU).
+    #[command(hide = true)]
+    Kernels(cli::kernels::Args),
     /// A mock OpenAI server with fixed TTFT/ITL (tests, load-generator checks, vLLM stand-in).
     #[command(hide = true)]
     MockServer(cli::mock_server::Args),
@@ -46,6 +52,8 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(a) => cli::bench::run(a),
         Command::Pareto(a) => cli::pareto::run(a),
         Command::Demo(a) => cli::demo::run(a),
+        Command::Kernels(a) => cli::kernels::run(a),
+        Command::BenchStep(a) => cli::bench_step::run(a),
         Command::MockServer(a) => cli::mock_server::run(a),
     }
 }

@@ -8,8 +8,7 @@
 use std::path::{Path, PathBuf};
 use tandem::backend::cpu::CpuBackend;
 use tandem::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk, SeqOutput};
-use tandem::model::config::LlamaConfig;
-use tandem::model::weights::{LayerWeights, Linear, LlamaWeights};
+use tandem::model::{load_weights, LlamaConfig, LlamaWeights, LoadFormat, ModelFiles};
 
 struct Fixture {
     config: LlamaConfig,
@@ -27,56 +26,11 @@ fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-// TEMPORARY until tandem::model::load_weights lands on main: reads the fixture safetensors.
-fn load_weights(dir: &Path, config: &LlamaConfig) -> LlamaWeights {
-    let t =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let get = |n: &str| t.get(n).unwrap_or_else(|| panic!("missing {n}")).clone();
-    let linear = |n: &str| match t.get(&format!("{n}.weight_scale")) {
-        Some(scale) => Linear::Fp8 {
-            weight: get(&format!("{n}.weight")),
-            scale: scale.clone(),
-        },
-        None => Linear::Dense {
-            weight: get(&format!("{n}.weight")),
-        },
-    };
-    let layers = (0..config.num_hidden_layers)
-        .map(|i| {
-            let p = format!("model.layers.{i}.");
-            LayerWeights {
-                input_layernorm: get(&format!("{p}input_layernorm.weight")),
-                q_proj: linear(&format!("{p}self_attn.q_proj")),
-                k_proj: linear(&format!("{p}self_attn.k_proj")),
-                v_proj: linear(&format!("{p}self_attn.v_proj")),
-                o_proj: linear(&format!("{p}self_attn.o_proj")),
-                post_attention_layernorm: get(&format!("{p}post_attention_layernorm.weight")),
-                gate_proj: linear(&format!("{p}mlp.gate_proj")),
-                up_proj: linear(&format!("{p}mlp.up_proj")),
-                down_proj: linear(&format!("{p}mlp.down_proj")),
-            }
-        })
-        .collect();
-    let embed = get("model.embed_tokens.weight");
-    LlamaWeights {
-        lm_head: if config.tie_word_embeddings {
-            Linear::Dense {
-                weight: embed.clone(),
-            }
-        } else {
-            linear("lm_head")
-        },
-        embed_tokens: embed,
-        layers,
-        norm: get("model.norm.weight"),
-    }
-}
-
 fn fixture(name: &str) -> Fixture {
     let dir = fixture_dir(name);
-    let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = load_weights(&dir, &config);
+    let files = ModelFiles::resolve(dir.to_str().unwrap()).unwrap();
+    let weights = load_weights(&files, LoadFormat::Safetensors, 0).unwrap();
+    let config = files.config;
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -251,9 +205,16 @@ fn fp8_matches_transformers() {
     run_reference("llama-fp8", 128, &[]);
 }
 
+/// Written by transformers 5's `save_pretrained` (`rope_parameters`, `dtype`), with head_dim 16
+/// on hidden 48 and a single KV head.
+#[test]
+fn hf_saved_matches_transformers() {
+    run_reference("llama-hf-saved", 128, &[]);
+}
+
 #[test]
 fn chunked_prefill_and_small_blocks_match_transformers() {
-    for name in ["llama-bf16", "llama-fp8"] {
+    for name in ["llama-bf16", "llama-fp8", "llama-hf-saved"] {
         run_reference(name, 16, &[20, 17]);
         run_reference(name, 7, &[1, 33, 5]);
     }

@@ -163,11 +163,16 @@ async fn hang_up_frees_the_requests_blocks() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.chunk().await.unwrap().is_some());
-    let busy = metrics(&served.url).await;
-    assert!(
-        metric_sum(&busy, "tandem_kv_blocks_active{") > 0.0,
-        "{busy}"
-    );
+    // The engine publishes its metrics after each step, so wait for the first to show the request.
+    let mut busy = false;
+    for _ in 0..100 {
+        if metric_sum(&metrics(&served.url).await, "tandem_kv_blocks_active{") > 0.0 {
+            busy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(busy, "the request never showed up in the engine's metrics");
     drop(resp);
     let mut freed = false;
     for _ in 0..100 {

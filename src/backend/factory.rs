@@ -1,11 +1,23 @@
 //! Builds the backend a `--device` flag asks for.
 
 use super::cpu::CpuBackend;
+use super::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
 use super::{Backend, DeviceKind};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
-use anyhow::{bail, Result};
+use crate::model::{load_weights, LoadFormat, ModelFiles};
+use anyhow::Result;
 
+/// `Auto` is CUDA when a GPU is found, else the CPU.
+pub fn resolve_device(device: DeviceKind) -> DeviceKind {
+    match device {
+        DeviceKind::Auto if gpu_available() => DeviceKind::Cuda,
+        DeviceKind::Auto => DeviceKind::Cpu,
+        d => d,
+    }
+}
+
+/// A backend from host weights with a KV pool of `num_blocks` blocks.
 pub fn create_backend(
     device: DeviceKind,
     config: &LlamaConfig,
@@ -13,11 +25,60 @@ pub fn create_backend(
     block_size: usize,
     num_blocks: usize,
 ) -> Result<Box<dyn Backend>> {
-    match device {
-        // No CUDA backend yet, so Auto means the CPU.
-        DeviceKind::Auto | DeviceKind::Cpu => Ok(Box::new(CpuBackend::new(
-            config, weights, block_size, num_blocks,
-        )?)),
-        DeviceKind::Cuda => bail!("CUDA backend not available in this build yet"),
+    match resolve_device(device) {
+        DeviceKind::Cuda => {
+            let opts = CudaOptions { block_size, num_blocks: Some(num_blocks), ..Default::default() };
+            Ok(Box::new(CudaBackend::new(config, WeightSource::Host(weights), opts)?))
+        }
+        _ => Ok(Box::new(CpuBackend::new(config, weights, block_size, num_blocks)?)),
+    }
+}
+
+/// What a backend is sized for (vLLM's flag names).
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    pub block_size: usize,
+    /// KV pool size; when `None`, CUDA sizes it from `gpu_memory_utilization` and the CPU
+    /// uses `cpu_default_blocks`.
+    pub num_kv_blocks: Option<usize>,
+    pub gpu_memory_utilization: f64,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub cpu_default_blocks: usize,
+}
+
+/// Loads a model onto the device: host weights for the CPU and real checkpoints; dummy weights
+/// for CUDA are generated on the GPU (a 70B model never touches host memory).
+pub fn build_backend(
+    device: DeviceKind,
+    files: &ModelFiles,
+    format: LoadFormat,
+    seed: u64,
+    opts: &BackendOptions,
+) -> Result<Box<dyn Backend>> {
+    match resolve_device(device) {
+        DeviceKind::Cuda => {
+            let cuda = CudaOptions {
+                block_size: opts.block_size,
+                num_blocks: opts.num_kv_blocks,
+                gpu_memory_utilization: opts.gpu_memory_utilization,
+                max_num_batched_tokens: opts.max_num_batched_tokens,
+                max_num_seqs: opts.max_num_seqs,
+                ..Default::default()
+            };
+            let backend = match format {
+                LoadFormat::Dummy => CudaBackend::new(&files.config, WeightSource::Dummy { seed }, cuda)?,
+                LoadFormat::Safetensors => {
+                    let weights = load_weights(files, format, seed)?;
+                    CudaBackend::new(&files.config, WeightSource::Host(&weights), cuda)?
+                }
+            };
+            Ok(Box::new(backend))
+        }
+        _ => {
+            let weights = load_weights(files, format, seed)?;
+            let blocks = opts.num_kv_blocks.unwrap_or(opts.cpu_default_blocks);
+            Ok(Box::new(CpuBackend::new(&files.config, &weights, opts.block_size, blocks)?))
+        }
     }
 }

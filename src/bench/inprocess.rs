@@ -7,7 +7,7 @@ use super::target::{Chunk, ChunkStream, LoadTarget};
 use crate::backend::factory::create_backend;
 use crate::backend::DeviceKind;
 use crate::engine::types::{GenerateRequest, SamplingParams};
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::model::{load_weights, LoadFormat, ModelFiles};
 use crate::worker::local::LocalWorker;
 use crate::worker::WorkerClient;
@@ -113,13 +113,24 @@ pub struct LocalDeployment {
 /// Loads the model once and starts one engine per replica; also returns the model's files
 /// (its tokenizer builds the prompts).
 pub fn start_aggregated(d: &LocalDeployment) -> Result<(Vec<Arc<dyn WorkerClient>>, ModelFiles)> {
-    if d.replicas == 0 {
+    let (engines, files) = start_engines(d, d.replicas)?;
+    let workers = engines
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| Arc::new(LocalWorker::new(format!("agg-{i}"), e)) as Arc<dyn WorkerClient>)
+        .collect();
+    Ok((workers, files))
+}
+
+/// Loads the model once and starts `n` engines of it.
+pub fn start_engines(d: &LocalDeployment, n: usize) -> Result<(Vec<EngineHandle>, ModelFiles)> {
+    if n == 0 {
         bail!("an embedded deployment needs at least one worker");
     }
     let files = ModelFiles::resolve(&d.model)?;
     let weights = load_weights(&files, d.load_format, d.seed)?;
-    let mut workers: Vec<Arc<dyn WorkerClient>> = Vec::new();
-    for i in 0..d.replicas {
+    let mut engines = Vec::new();
+    for _ in 0..n {
         let backend = create_backend(
             d.device,
             &files.config,
@@ -127,8 +138,7 @@ pub fn start_aggregated(d: &LocalDeployment) -> Result<(Vec<Arc<dyn WorkerClient
             d.block_size,
             d.num_kv_blocks,
         )?;
-        let engine = Engine::start(backend, None, d.engine.clone());
-        workers.push(Arc::new(LocalWorker::new(format!("agg-{i}"), engine)));
+        engines.push(Engine::start(backend, None, d.engine.clone()));
     }
-    Ok((workers, files))
+    Ok((engines, files))
 }

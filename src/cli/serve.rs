@@ -4,12 +4,12 @@
 
 use crate::backend::factory::create_backend;
 use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs};
-use crate::engine::{Engine, EngineHandle, TokenDecoder};
+use crate::engine::{Engine, EngineHandle};
 use crate::frontend::deployment::{Deployment, Role};
 use crate::frontend::router::{Router, RouterConfig, RouterMode};
 use crate::frontend::tokenizer::PromptTokenizer;
 use crate::frontend::{AppState, FrontendConfig};
-use crate::model::{load_weights, ModelFiles, Tokenizer};
+use crate::model::{load_weights, ModelFiles};
 use crate::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
@@ -150,27 +150,10 @@ fn check_tp(tp: usize) -> Result<()> {
     Ok(())
 }
 
-/// The model's tokenizer as the engine's detokenizer.
-struct Detokenizer(Tokenizer);
-
-impl TokenDecoder for Detokenizer {
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.0.decode(ids, true)
-    }
-
-    fn eos_token_ids(&self) -> Vec<u32> {
-        self.0.eos_token_ids()
-    }
-}
-
 /// Builds every worker's backend and engine.
 fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<EngineHandle>> {
     let weights = load_weights(files, plan.load_format, seed)
         .with_context(|| format!("loading the weights of {}", files.dir.display()))?;
-    let decoder = files
-        .tokenizer
-        .clone()
-        .map(|t| Arc::new(Detokenizer(t)) as Arc<dyn TokenDecoder>);
     let mut engines = Vec::with_capacity(plan.workers.len());
     for (i, w) in plan.workers.iter().enumerate() {
         // The CUDA backend will report (total, used) device memory to size the pool from
@@ -179,9 +162,9 @@ fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<Engin
         let backend =
             create_backend(w.device, &files.config, &weights, w.block_size, num_blocks)
                 .with_context(|| format!("worker {i}: building the {:?} backend", w.device))?;
-        engines.push(Engine::start_with_decoder(
+        engines.push(Engine::start(
             backend,
-            decoder.clone(),
+            files.tokenizer.clone(),
             w.engine.engine_config(),
         ));
     }

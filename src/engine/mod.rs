@@ -39,6 +39,7 @@ pub mod detokenize;
 pub mod handle;
 pub mod mock_backend;
 pub mod output;
+mod parking;
 pub mod remote;
 pub mod sampler;
 pub mod scheduler;
@@ -64,7 +65,11 @@ pub struct Engine;
 impl Engine {
     /// Starts the step thread and returns the handle that feeds it. Without a tokenizer the
     /// outputs carry token ids only (no text, no stop strings).
-    pub fn start(backend: Box<dyn Backend>, tokenizer: Option<Tokenizer>, config: EngineConfig) -> EngineHandle {
+    pub fn start(
+        backend: Box<dyn Backend>,
+        tokenizer: Option<Tokenizer>,
+        config: EngineConfig,
+    ) -> EngineHandle {
         let decoder = tokenizer.map(|t| Arc::new(t) as Arc<dyn TokenDecoder>);
         Self::start_with_decoder(backend, decoder, config)
     }
@@ -126,6 +131,7 @@ impl Engine {
             last_step_ms: 0.0,
             recent: VecDeque::new(),
             stalled: false,
+            outbox: vec![],
         };
         core.publish_initial_metrics();
         let thread = std::thread::Builder::new()

@@ -170,14 +170,29 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// One token from `logits`: temperature, then min-p (drop tokens below `min_p` × the top
 /// probability), then the device path's top-k, top-p and inverse-CDF draw with `uniform`, so the
 /// host and device paths pick the same token. Temperature 0 = argmax.
-pub fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, min_p: f32, uniform: f32) -> u32 {
-    let device = DeviceSampling { temperature, top_k, top_p, uniform };
+pub fn sample(
+    logits: &[f32],
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    uniform: f32,
+) -> u32 {
+    let device = DeviceSampling {
+        temperature,
+        top_k,
+        top_p,
+        uniform,
+    };
     if temperature <= 0.0 || min_p <= 0.0 {
         return sampling::sample(logits, &device);
     }
     // p_i / p_max = exp((l_i - l_max) / T) >= min_p  <=>  l_i >= l_max + T ln(min_p)
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let floor = max + temperature * min_p.ln();
-    let masked: Vec<f32> = logits.iter().map(|&l| if l >= floor { l } else { f32::NEG_INFINITY }).collect();
+    let masked: Vec<f32> = logits
+        .iter()
+        .map(|&l| if l >= floor { l } else { f32::NEG_INFINITY })
+        .collect();
     sampling::sample(&masked, &device)
 }

@@ -22,8 +22,8 @@ pub mod local;
 pub use local::LocalWorker;
 
 pub mod decode;
+pub mod deployment;
 pub mod prefill;
 pub mod protocol;
 pub mod remote;
 pub mod service;
-pub mod deployment;

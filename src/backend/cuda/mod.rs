@@ -1,1 +1,17 @@
-//! The CUDA backend (cudarc, loaded at run time).
+//! The CUDA backend (cudarc, loaded at run time, so CPU-only machines build and run without it).
+//!
+//! `device` (context, stream, cuMemAlloc buffers) · `kernels` (NVRTC + disk cache of
+//! `kernels/*.cu`) · `ops` (typed kernel launches) · `gemm` (cuBLASLt FP8/BF16) · `weights`
+//! (upload or dummy generation on the GPU) · `meta` (a step's packed index arrays) · `backend`
+//! (the forward pass and the `Backend` impl).
+
+pub mod backend;
+pub mod device;
+pub mod gemm;
+pub mod kernels;
+pub mod meta;
+pub mod ops;
+pub mod weights;
+
+pub use backend::{num_blocks_for, CudaBackend, CudaOptions, WeightSource};
+pub use device::gpu_available;

@@ -1,0 +1,175 @@
+// Causal attention over the paged KV cache, for prefill chunks and decode alike.
+//
+// One block per (query tile, kv head). A tile is up to `q_per_tile` consecutive query tokens of one
+// sequence; with the G query heads that share the kv head, that is R = q_per_tile * G rows
+// (R <= 32). Keys stream through shared memory KT at a time (each K/V element is read once per
+// block, for all its rows); each warp keeps an online softmax for its rows. The current chunk's
+// K/V must already be in the cache (kv_write runs first), so earlier chunks and shared prefix
+// blocks are read the same way as the chunk itself.
+
+#define KT 32
+#define NWARPS 8
+#define MAX_RPW 4
+#define HD_MAX 128
+#define KPAD 4  // floats of padding per K row in shared memory (keeps 16-byte reads conflict-free)
+
+struct alignas(16) V16 { unsigned x, y, z, w; };
+struct alignas(16) F4 { float x, y, z, w; };
+
+// A 16-byte vector of cache elements as floats: 8 BF16 values or 4 F32 values.
+__device__ __forceinline__ void unpack(const V16& v, float* f, const bf16*) {
+    unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void unpack(const V16& v, float* f, const float*) {
+    f[0] = __uint_as_float(v.x);
+    f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z);
+    f[3] = __uint_as_float(v.w);
+}
+
+// A: type of q and out; C: type of the cache. Instantiated below as paged_attention_{bf16,f32}.
+// Needs head_dim <= 128 and head_dim * sizeof(C) a multiple of 16 bytes.
+template <typename A, typename C>
+__device__ __forceinline__ void paged_attention_t(
+    A* out, const A* qkv, const C* k_cache, const C* v_cache, const int* positions,
+    const int* tile_seq, const int* tile_q_start, const int* tile_q_len, const int* block_tables,
+    const int* block_table_start, int row_stride, int num_q_heads, int num_kv_heads, int head_dim,
+    int block_size, float scale, int q_per_tile) {
+    constexpr int VN = 16 / sizeof(C);                      // cache elements per 16-byte load
+    constexpr int MAXV = (KT * HD_MAX) / (VN * 256);        // loads per thread per K (or V) tile
+    extern __shared__ float smem[];
+    int tile = blockIdx.x, kvh = blockIdx.y;
+    int G = num_q_heads / num_kv_heads;
+    int seq = tile_seq[tile], q0 = tile_q_start[tile], qn = tile_q_len[tile];
+    int R = q_per_tile * G;
+    int kstride = head_dim + KPAD;
+    float* Qs = smem;                      // [R, head_dim], pre-scaled
+    float* Ks = Qs + R * head_dim;         // [KT, head_dim + KPAD]
+    float* Vs = Ks + KT * kstride;         // [KT, head_dim]
+    const int* bt = block_tables + block_table_start[seq];
+
+    for (int idx = threadIdx.x; idx < R * head_dim; idx += blockDim.x) {
+        int r = idx / head_dim, d = idx % head_dim;
+        int i = r / G, h = kvh * G + r % G;
+        Qs[idx] = i < qn ? ld(qkv, (u64)(q0 + i) * row_stride + h * head_dim + d) * scale : 0.0f;
+    }
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float m[MAX_RPW], l[MAX_RPW], acc[MAX_RPW][4];
+    int rpos[MAX_RPW];
+#pragma unroll
+    for (int k = 0; k < MAX_RPW; k++) {
+        int r = warp + k * NWARPS;
+        m[k] = NEG_INF;
+        l[k] = 0.0f;
+        rpos[k] = (r < R && r / G < qn) ? positions[q0 + r / G] : -1;
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[k][c] = 0.0f;
+    }
+    // Positions increase within a chunk, so the tile's last query sees the most keys.
+    int kmax = positions[q0 + qn - 1];
+    int vk = head_dim / VN, tile_vecs = KT * vk;
+
+    // K/V tiles go global -> registers (all loads in flight at once) -> shared memory; the next
+    // tile's loads are issued before the current tile's math.
+    V16 kreg[MAXV], vreg[MAXV];
+    auto load = [&](int k0) {
+#pragma unroll
+        for (int u = 0; u < MAXV; u++) {
+            int v = threadIdx.x + u * 256;
+            int j = v / vk, dv = v % vk, key = k0 + j;
+            kreg[u] = V16{0, 0, 0, 0};
+            vreg[u] = V16{0, 0, 0, 0};
+            if (v < tile_vecs && key <= kmax) {
+                int blk = bt[key / block_size], off = key % block_size;
+                u64 src = (((u64)blk * num_kv_heads + kvh) * block_size + off) * head_dim + dv * VN;
+                kreg[u] = *(const V16*)(k_cache + src);
+                vreg[u] = *(const V16*)(v_cache + src);
+            }
+        }
+    };
+    auto stash = [&]() {
+#pragma unroll
+        for (int u = 0; u < MAXV; u++) {
+            int v = threadIdx.x + u * 256;
+            if (v < tile_vecs) {
+                int j = v / vk, d = (v % vk) * VN;
+                float f[VN];
+                unpack(kreg[u], f, k_cache);
+#pragma unroll
+                for (int e = 0; e < VN; e++) Ks[j * kstride + d + e] = f[e];
+                unpack(vreg[u], f, v_cache);
+#pragma unroll
+                for (int e = 0; e < VN; e++) Vs[j * head_dim + d + e] = f[e];
+            }
+        }
+    };
+
+    load(0);
+    for (int k0 = 0; k0 <= kmax; k0 += KT) {
+        __syncthreads();
+        stash();
+        __syncthreads();
+        if (k0 + KT <= kmax) load(k0 + KT);
+#pragma unroll
+        for (int k = 0; k < MAX_RPW; k++) {
+            int r = warp + k * NWARPS;
+            if (rpos[k] < k0) continue;  // invalid row, or no key of this tile is visible (warp-uniform)
+            const float* q = Qs + r * head_dim;
+            const float* kr = Ks + lane * kstride;
+            float s = 0.0f;
+            for (int d = 0; d < head_dim; d += 4) {
+                F4 a = *(const F4*)(q + d), b = *(const F4*)(kr + d);
+                s += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+            }
+            if (k0 + lane > rpos[k]) s = NEG_INF;
+            float mn = fmaxf(m[k], warp_max(s));
+            float p = __expf(s - mn);
+            float corr = __expf(m[k] - mn);
+            l[k] = l[k] * corr + warp_sum(p);
+            m[k] = mn;
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[k][c] *= corr;
+            bool owns = 4 * lane < head_dim;  // lane owns dims 4*lane .. 4*lane+3
+#pragma unroll 8
+            for (int j = 0; j < KT; j++) {
+                float pj = __shfl_sync(0xffffffffu, p, j);
+                if (owns) {
+                    F4 v = *(const F4*)(Vs + j * head_dim + 4 * lane);
+                    acc[k][0] += pj * v.x;
+                    acc[k][1] += pj * v.y;
+                    acc[k][2] += pj * v.z;
+                    acc[k][3] += pj * v.w;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < MAX_RPW; k++) {
+        int r = warp + k * NWARPS;
+        if (rpos[k] < 0 || 4 * lane >= head_dim) continue;
+        int i = r / G, h = kvh * G + r % G;
+        u64 o = (u64)(q0 + i) * num_q_heads * head_dim + h * head_dim + 4 * lane;
+        float inv = 1.0f / l[k];
+#pragma unroll
+        for (int c = 0; c < 4; c++) st(out, o + c, acc[k][c] * inv);
+    }
+}
+
+#define ATTENTION_KERNEL(A, SUFFIX)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX(                              \
+        A* out, const A* qkv, const A* k_cache, const A* v_cache, const int* positions, const int* tile_seq, \
+        const int* tile_q_start, const int* tile_q_len, const int* block_tables, const int* block_table_start, \
+        int row_stride, int num_q_heads, int num_kv_heads, int head_dim, int block_size, float scale,          \
+        int q_per_tile) {                                                                                    \
+        paged_attention_t<A, A>(out, qkv, k_cache, v_cache, positions, tile_seq, tile_q_start, tile_q_len,    \
+                                block_tables, block_table_start, row_stride, num_q_heads, num_kv_heads,       \
+                                head_dim, block_size, scale, q_per_tile);                                     \
+    }
+
+ATTENTION_KERNEL(bf16, bf16)
+ATTENTION_KERNEL(float, f32)

@@ -1,0 +1,71 @@
+// Shared helpers, prepended to every kernel module. No CUDA headers: BF16 and FP8 are raw bit
+// patterns converted with PTX `cvt` (sm_90a), so NVRTC needs no include path.
+typedef unsigned short bf16;
+typedef unsigned char fp8;
+typedef unsigned long long u64;
+
+#define FP8_MAX 448.0f
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf2f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
+
+__device__ __forceinline__ bf16 f2bf(float f) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Round to nearest e4m3, saturating to +-448 (NaN stays NaN).
+__device__ __forceinline__ fp8 f2e4m3(float f) {
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(f));
+    return (fp8)(r & 0xff);
+}
+
+__device__ __forceinline__ float e4m32f(fp8 x) {
+    unsigned r;
+    unsigned short in = x;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(in));
+    unsigned short h = (unsigned short)(r & 0xffff);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : NEG_INF;
+    return warp_max(t);
+}
+
+// Loads and stores that convert to and from F32, so kernels can be templated on the storage type
+// of activations and KV (BF16 for serving, F32 for the reference-precision mode).
+__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16* p, u64 i) { return bf2f(p[i]); }
+__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i] = f2bf(v); }

@@ -1,0 +1,125 @@
+// Token selection on the device, one block (1024 threads) per sequence.
+//
+// params[s] = {temperature, top_k, top_p, uniform}. temperature <= 0: argmax (lowest index on ties).
+// Otherwise w_i = exp((x_i - max) / temperature); keep w_i >= (k-th largest w) when 0 < top_k < vocab;
+// then keep the smallest set of largest w whose sum reaches top_p of the kept mass (whole tie groups);
+// then walk the kept tokens by (w descending, index ascending) and return the first whose running
+// sum exceeds uniform * (kept mass). Thresholds are found by bisection on the float bit patterns
+// (positive floats order like their bits), so no sort is needed.
+
+#define SAMPLE_THREADS 1024
+
+// Sum (or count) of w >= t over the row, where w_i = exp((x_i - mx) * inv_temp).
+__device__ float mass_at_least(const float* x, int vocab, float mx, float inv_temp, float t, bool count,
+                               float* scratch) {
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float w = __expf((x[i] - mx) * inv_temp);
+        if (w >= t) acc += count ? 1.0f : w;
+    }
+    return block_sum(acc, scratch);
+}
+
+// Largest t (as bits, in [lo, 0x7f800000)) with mass_at_least(t) >= goal (or > goal when strict).
+__device__ unsigned bisect(const float* x, int vocab, float mx, float inv_temp, unsigned lo, float goal, bool count,
+                           bool strict, float* scratch) {
+    unsigned hi = 0x7f800000u;
+    while (hi - lo > 1) {
+        unsigned mid = lo + (hi - lo) / 2;
+        float s = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(mid), count, scratch);
+        bool ok = strict ? s > goal : s >= goal;
+        if (ok) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(int* out, const float* logits,
+                                                                          const float* params, int vocab) {
+    __shared__ float scratch[32];
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    __shared__ int counts[SAMPLE_THREADS];
+    int s = blockIdx.x;
+    const float* x = logits + (u64)s * vocab;
+    float temp = params[4 * s], top_p = params[4 * s + 2], u = params[4 * s + 3];
+    int top_k = (int)params[4 * s + 1];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    // Argmax, lowest index on ties (also the max for the softmax).
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = x[i];
+        if (v > bv) { bv = v; bi = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        bv = lane < nw ? best_v[lane] : NEG_INF;
+        bi = lane < nw ? best_i[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        if (lane == 0) { best_v[0] = bv; best_i[0] = bi; }
+    }
+    __syncthreads();
+    float mx = best_v[0];
+    if (temp <= 0.0f) {
+        if (threadIdx.x == 0) out[s] = best_i[0];
+        return;
+    }
+    float inv_temp = 1.0f / temp;
+
+    unsigned t_keep = 0;  // keep w >= t_keep
+    if (top_k > 0 && top_k < vocab)
+        t_keep = bisect(x, vocab, mx, inv_temp, 0u, (float)top_k, true, false, scratch);
+    if (top_p < 1.0f) {
+        float kept = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(t_keep), false, scratch);
+        t_keep = bisect(x, vocab, mx, inv_temp, t_keep, top_p * kept, false, false, scratch);
+    }
+    float z = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(t_keep), false, scratch);
+    float target = u * z;
+    // The chosen token's weight: the largest w whose "at least w" mass exceeds target.
+    unsigned level_bits = bisect(x, vocab, mx, inv_temp, t_keep, target, false, true, scratch);
+    float level = __uint_as_float(level_bits);
+    float above = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(level_bits + 1), false, scratch);
+    int nth = (int)((target - above) / level);  // which of the tokens tied at `level`, by index
+
+    // Ordered search among the tokens with w == level: contiguous chunks per thread, prefix counts.
+    int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    int begin = threadIdx.x * chunk, end = min(begin + chunk, vocab);
+    int c = 0;
+    for (int i = begin; i < end; i++)
+        if (__expf((x[i] - mx) * inv_temp) == level) c++;
+    counts[threadIdx.x] = c;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int i = 0; i < blockDim.x; i++) { int v = counts[i]; counts[i] = total; total += v; }
+        if (nth >= total) nth = total - 1;
+        if (nth < 0) nth = 0;
+        best_i[1] = nth;
+        best_i[2] = -1;
+    }
+    __syncthreads();
+    nth = best_i[1];
+    int seen = counts[threadIdx.x];
+    if (nth >= seen && nth < seen + c) {
+        for (int i = begin; i < end; i++) {
+            if (__expf((x[i] - mx) * inv_temp) == level) {
+                if (seen == nth) { best_i[2] = i; break; }
+                seen++;
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) out[s] = best_i[2] >= 0 ? best_i[2] : best_i[0];
+}

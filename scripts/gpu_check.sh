@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every GPU test and benchmark of the CUDA backend on the GPU machine, from binaries built on
+# a CPU machine and carried in a folder (default dist/): the `tandem` binary, test executables in
+# tests/, fixtures/ and models/ presets. Prints a short table last; full logs go to $OUT.
+#
+#   bash dist/gpu_check.sh              # everything
+#   STAGES="kernels tests" bash dist/gpu_check.sh
+#
+# Library paths per shared/docs/device.md (never the CUDA stubs folder); NVLink multicast off.
+set -uo pipefail
+D=${DIST:-$(cd "$(dirname "$0")" && pwd)}
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"kernels tests bench"}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+mkdir -p /tmp/nccl
+NCCL_LIB=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2
+[ -e "$NCCL_LIB" ] && ln -sf "$NCCL_LIB" /tmp/nccl/libnccl.so
+export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/lib64:/tmp/nccl
+export TANDEM_KERNEL_CACHE=/tmp/tandem-kernels TANDEM_FIXTURES="$D/fixtures" TANDEM_MODELS_DIR="$D/models"
+export RUST_BACKTRACE=1
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 | tee -a "$LOG"
+
+ROWS=()
+step() { # name, time limit in seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s%N)
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout "$limit" "$@" > "$OUT/step.log" 2>&1
+  local rc=$?
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  cat "$OUT/step.log" >> "$LOG"
+  tail -n 60 "$OUT/step.log"
+  local summary=$(grep -E "^test result:" "$OUT/step.log" | tail -1 | sed 's/test result: //; s/; finished.*//')
+  [ $rc = 124 ] && echo "TIMED OUT after ${limit}s" | tee -a "$LOG"
+  ROWS+=("$(printf '%-34s %-5s %6d.%01ds  %s' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((ms / 1000)) $((ms % 1000 / 100)) "$summary")")
+}
+
+case " $STAGES " in *" kernels "*)
+  step "kernels --check (nvrtc sm_90a)" 60 "$D/tandem" kernels --check ;;
+esac
+case " $STAGES " in *" tests "*)
+  for t in "$D"/tests/*; do
+    [ -x "$t" ] || continue
+    step "$(basename "$t")" 180 "$t" --test-threads=1 --nocapture
+  done ;;
+esac
+case " $STAGES " in *" bench "*)
+  step "bench-step 70B fp8 dummy" 300 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
+    --load-format dummy --batch 1,32 --context 3000 --prompt-len 3000 --prefill-batch 1,2 \
+    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+  sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
+esac
+
+echo
+echo "================ summary ================"
+for r in "${ROWS[@]}"; do echo "$r"; done
+[ -s "$OUT/bench_step.json" ] && cat "$OUT/bench_step.json"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the release binary and the GPU test executables here (no GPU needed) and gathers what
+# scripts/gpu_check.sh needs into a folder to carry to the GPU machine:
+#   scripts/make_dist.sh <dist folder> [fixtures folder] [models folder]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${1:?usage: make_dist.sh <dist folder>}
+FIX=${2:-tests/fixtures}
+MODELS=${3:-models}
+TESTS="cuda_kernels cuda_backend cuda_fixtures"
+cargo build --release --bin tandem
+args=(); for t in $TESTS; do args+=(--test "$t"); done
+exes=$(cargo test --release --no-run "${args[@]}" --message-format=json 2>/dev/null \
+  | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep -v null)
+bin=$(cargo build --release --bin tandem --message-format=json 2>/dev/null \
+  | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep -v null)
+rm -rf "$D"; mkdir -p "$D/tests" "$D/fixtures" "$D/models"
+cp "$bin" "$D/tandem"
+for e in $exes; do
+  n=$(basename "$e" | sed 's/-[0-9a-f]*$//')
+  case " $TESTS " in *" $n "*) cp "$e" "$D/tests/$n" ;; esac
+done
+strip "$D/tandem" "$D"/tests/*
+cp -r "$FIX"/llama-bf16 "$FIX"/llama-fp8 "$D/fixtures/"
+mkdir -p "$D/models/llama-3.3-70b-fp8-dynamic"
+cp "$MODELS/llama-3.3-70b-fp8-dynamic/config.json" "$D/models/llama-3.3-70b-fp8-dynamic/"
+cp scripts/gpu_check.sh "$D/"
+du -sh "$D"

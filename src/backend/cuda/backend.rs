@@ -1,0 +1,578 @@
+//! [`CudaBackend`]: the Llama forward pass on one GPU over a paged KV cache.
+//!
+//! Everything is allocated at construction (weights, KV pool, workspaces for
+//! `max_num_batched_tokens` tokens and `max_num_seqs` outputs); a step makes one host-to-device
+//! copy (the packed plan), launches its kernels on one stream, and copies back only the sampled
+//! tokens (and the logits rows asked for).
+//!
+//! Precision: BF16 activations and KV (serving), or F32 activations, KV and dense weights (the
+//! reference mode, which follows an f32 implementation such as the CPU backend token for token).
+//! The residual stream and all accumulation are F32 in both.
+
+use super::device::{DeviceBuffer, Gpu, Profiler};
+use super::gemm::Gemm;
+use super::kernels::Kernels;
+use super::meta::{plan_step, StepPlan};
+use super::ops::{AttentionArgs, Ops, Precision};
+use super::weights::{GpuLinear, GpuWeights};
+use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
+use crate::model::config::LlamaConfig;
+use crate::model::weights::LlamaWeights;
+use anyhow::{bail, ensure, Context, Result};
+
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    pub device: usize,
+    pub block_size: usize,
+    /// Fraction of the GPU's memory this process may use (weights, workspaces and KV pool).
+    pub gpu_memory_utilization: f64,
+    /// Overrides the KV block count computed from `gpu_memory_utilization`.
+    pub num_blocks: Option<usize>,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub precision: Precision,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            device: 0,
+            block_size: 128,
+            gpu_memory_utilization: 0.9,
+            num_blocks: None,
+            max_num_batched_tokens: 8192,
+            max_num_seqs: 256,
+            precision: Precision::Bf16,
+        }
+    }
+}
+
+pub enum WeightSource<'a> {
+    Host(&'a LlamaWeights),
+    /// Seeded random weights generated on the GPU.
+    Dummy {
+        seed: u64,
+    },
+}
+
+/// Step workspaces, sized once for the largest step.
+struct Workspace {
+    residual: DeviceBuffer,
+    xn: DeviceBuffer,
+    qkv: DeviceBuffer,
+    attn: DeviceBuffer,
+    delta: DeviceBuffer,
+    gate_up: DeviceBuffer,
+    act: DeviceBuffer,
+    xq: DeviceBuffer,
+    xs: DeviceBuffer,
+    last_norm: DeviceBuffer,
+    logits: DeviceBuffer,
+    tokens_out: DeviceBuffer,
+    meta: DeviceBuffer,
+}
+
+impl Workspace {
+    fn new(gpu: &Gpu, c: &LlamaConfig, t: usize, s: usize, p: Precision) -> Result<Self> {
+        let (h, i, a) = (c.hidden_size, c.intermediate_size, p.bytes());
+        let qkv_n = c.q_size() + 2 * c.kv_size();
+        Ok(Self {
+            residual: gpu.alloc(t * h * 4)?,
+            xn: gpu.alloc(t * h * a)?,
+            qkv: gpu.alloc(t * qkv_n * a)?,
+            attn: gpu.alloc(t * c.q_size() * a)?,
+            delta: gpu.alloc(t * h * a)?,
+            gate_up: gpu.alloc(t * 2 * i * a)?,
+            act: gpu.alloc(t * i * a)?,
+            xq: gpu.alloc(t * h.max(i).max(c.q_size()))?,
+            xs: gpu.alloc(t * 4)?,
+            last_norm: gpu.alloc(s * h * a)?,
+            logits: gpu.alloc(s * c.vocab_size * 4)?,
+            tokens_out: gpu.alloc(s * 4)?,
+            meta: gpu.alloc((8 * t + 16 * s) * 4)?,
+        })
+    }
+}
+
+pub struct CudaBackend {
+    config: LlamaConfig,
+    opts: CudaOptions,
+    // Field order is drop order: everything on the device goes before the context in `gpu`.
+    profiler: Profiler,
+    ws: Workspace,
+    kv: DeviceBuffer,
+    weights: GpuWeights,
+    gemm: Gemm,
+    kernels: Kernels,
+    gpu: Gpu,
+    num_blocks: usize,
+}
+
+/// KV blocks that fit in `utilization · total − used` bytes.
+pub fn num_blocks_for(utilization: f64, free: usize, total: usize, block_bytes: usize) -> usize {
+    let used = total.saturating_sub(free) as f64;
+    let budget = utilization * total as f64 - used;
+    if budget <= 0.0 {
+        0
+    } else {
+        (budget / block_bytes as f64) as usize
+    }
+}
+
+impl CudaBackend {
+    pub fn new(config: &LlamaConfig, source: WeightSource, opts: CudaOptions) -> Result<Self> {
+        ensure!(
+            opts.block_size > 0 && opts.max_num_batched_tokens > 0 && opts.max_num_seqs > 0,
+            "bad CUDA options {opts:?}"
+        );
+        ensure!(
+            opts.gpu_memory_utilization > 0.0 && opts.gpu_memory_utilization <= 1.0,
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            opts.gpu_memory_utilization
+        );
+        let gpu = Gpu::new(opts.device)?;
+        let kernels = Kernels::load().context("loading the CUDA kernels")?;
+        let gemm = Gemm::new()?;
+        let p = opts.precision;
+        let weights = match source {
+            WeightSource::Host(w) => GpuWeights::upload(&gpu, config, w, p)?,
+            WeightSource::Dummy { seed } => {
+                ensure!(
+                    p == Precision::Bf16,
+                    "dummy weights are generated in BF16 precision only"
+                );
+                let ops = Ops {
+                    k: &kernels,
+                    stream: gpu.cu_stream(),
+                    act: p,
+                };
+                GpuWeights::dummy(&gpu, &ops, config, seed)?
+            }
+        };
+        let ws = Workspace::new(
+            &gpu,
+            config,
+            opts.max_num_batched_tokens,
+            opts.max_num_seqs,
+            p,
+        )?;
+        let block_bytes = Self::layout_for(config, opts.block_size, p).block_bytes();
+        let num_blocks = match opts.num_blocks {
+            Some(n) => n,
+            None => {
+                let (free, total) = gpu.mem_info()?;
+                num_blocks_for(opts.gpu_memory_utilization, free, total, block_bytes)
+            }
+        };
+        if num_blocks == 0 {
+            bail!(
+                "no room for KV blocks: weights use {:.1} GiB; raise --gpu-memory-utilization (now {})",
+                weights.bytes() as f64 / (1u64 << 30) as f64,
+                opts.gpu_memory_utilization
+            );
+        }
+        let kv = gpu
+            .alloc(num_blocks * block_bytes)
+            .context("allocating the KV pool")?;
+        gpu.sync()?;
+        tracing::info!(
+            weights_gib = weights.bytes() as f64 / (1u64 << 30) as f64,
+            kv_blocks = num_blocks,
+            kv_tokens = num_blocks * opts.block_size,
+            "CUDA backend ready"
+        );
+        let profiler = Profiler::default();
+        Ok(Self {
+            config: config.clone(),
+            opts,
+            profiler,
+            ws,
+            kv,
+            weights,
+            gemm,
+            kernels,
+            gpu,
+            num_blocks,
+        })
+    }
+
+    fn layout_for(c: &LlamaConfig, block_size: usize, p: Precision) -> KvLayout {
+        KvLayout {
+            num_layers: c.num_hidden_layers,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            block_size,
+            dtype: match p {
+                Precision::Bf16 => KvDtype::Bf16,
+                Precision::F32 => KvDtype::F32,
+            },
+        }
+    }
+
+    /// Bytes of one block of one layer's K (or V).
+    fn block_part_bytes(&self) -> usize {
+        self.config.num_key_value_heads
+            * self.opts.block_size
+            * self.config.head_dim
+            * self.opts.precision.bytes()
+    }
+
+    /// Bytes of one layer's K (or V) pool.
+    fn pool_bytes(&self) -> usize {
+        self.num_blocks * self.block_part_bytes()
+    }
+
+    fn k_cache(&self, layer: usize) -> u64 {
+        self.kv.at(2 * layer * self.pool_bytes())
+    }
+
+    fn v_cache(&self, layer: usize) -> u64 {
+        self.kv.at((2 * layer + 1) * self.pool_bytes())
+    }
+
+    pub fn options(&self) -> &CudaOptions {
+        &self.opts
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes()
+    }
+
+    fn ops(&self) -> Ops<'_> {
+        Ops {
+            k: &self.kernels,
+            stream: self.gpu.cu_stream(),
+            act: self.opts.precision,
+        }
+    }
+
+    /// Fills the whole KV pool with random values (benchmarks that skip the prefill).
+    pub fn fill_kv_random(&mut self, seed: u64) -> Result<()> {
+        self.gpu.bind()?;
+        ensure!(
+            self.opts.precision == Precision::Bf16,
+            "random KV fill is for BF16 pools"
+        );
+        self.ops()
+            .fill_bf16(self.kv.ptr, self.kv.bytes / 2, seed, -1.0, 1.0)?;
+        self.gpu.sync()
+    }
+
+    /// Times every kernel of later steps with CUDA events (see [`Self::take_profile`]).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler.enabled = on;
+    }
+
+    /// (kernel, total ms, launches) since the last call, largest first.
+    pub fn take_profile(&mut self) -> Vec<(&'static str, f64, usize)> {
+        self.profiler.take()
+    }
+
+    fn mark(&mut self, label: &'static str) -> Result<()> {
+        self.profiler.mark(label, self.gpu.cu_stream())
+    }
+
+    fn linear(&mut self, lin: Lin, x: u64, m: usize, out: u64) -> Result<()> {
+        let stream = self.gpu.cu_stream();
+        let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
+        let f32_out = self.opts.precision == Precision::F32;
+        let layer = match lin {
+            Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
+        };
+        let (l, label) = match lin {
+            Lin::Qkv(_) => (&layer.qkv, "gemm qkv"),
+            Lin::O(_) => (&layer.o, "gemm o"),
+            Lin::GateUp(_) => (&layer.gate_up, "gemm gate_up"),
+            Lin::Down(_) => (&layer.down, "gemm down"),
+        };
+        match l {
+            GpuLinear::Bf16 { w, n, k } => {
+                self.gemm.bf16(m, *n, *k, x, w.ptr, out, false, stream)?
+            }
+            GpuLinear::F32 { w, n, k, fp8_input } => {
+                if *fp8_input {
+                    // Inputs are this linear's alone (xn, attn, act), so rounding in place is safe.
+                    Ops {
+                        k: &self.kernels,
+                        stream,
+                        act: self.opts.precision,
+                    }
+                    .fake_quant_fp8_f32(x, m, *k)?;
+                    self.profiler.mark("quantize fp8", stream)?;
+                }
+                self.gemm.f32(m, *n, *k, x, w.ptr, out, stream)?
+            }
+            GpuLinear::Fp8 { w, scale, n, k } => {
+                let ops = Ops {
+                    k: &self.kernels,
+                    stream,
+                    act: self.opts.precision,
+                };
+                ops.quantize_fp8(xq, xs, x, m, *k)?;
+                self.profiler.mark("quantize fp8", stream)?;
+                self.gemm
+                    .fp8(m, *n, *k, xq, xs, w.ptr, scale.ptr, out, f32_out, stream)?;
+            }
+        }
+        self.mark(label)
+    }
+
+    fn forward(&mut self, plan: &StepPlan) -> Result<Vec<SeqOutput>> {
+        let c = self.config.clone();
+        let n = plan.num_tokens;
+        let ne = plan.emit_seqs.len();
+        ensure!(
+            n <= self.opts.max_num_batched_tokens,
+            "step of {n} tokens exceeds --max-num-batched-tokens {}",
+            self.opts.max_num_batched_tokens
+        );
+        ensure!(
+            ne <= self.opts.max_num_seqs,
+            "step of {ne} sequences exceeds --max-num-seqs {}",
+            self.opts.max_num_seqs
+        );
+        if plan.packed.len() * 4 > self.ws.meta.bytes {
+            self.ws.meta = self.gpu.alloc(plan.packed.len() * 8)?;
+        }
+        self.gpu.copy_to(&self.ws.meta, 0, &plan.packed)?;
+        self.mark("start")?;
+        let meta = self.ws.meta.ptr;
+        let m = |off: usize| meta + 4 * off as u64;
+        let at = &plan.at;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let qkv_n = c.q_size() + 2 * c.kv_size();
+        let ws = &self.ws;
+        let (residual, xn, qkv, attn, delta, gate_up, act) = (
+            ws.residual.ptr,
+            ws.xn.ptr,
+            ws.qkv.ptr,
+            ws.attn.ptr,
+            ws.delta.ptr,
+            ws.gate_up.ptr,
+            ws.act.ptr,
+        );
+        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
+        self.ops()
+            .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
+        self.mark("embed")?;
+        for i in 0..c.num_hidden_layers {
+            let prev = if i == 0 { 0 } else { delta };
+            self.ops().add_rmsnorm(
+                residual,
+                prev,
+                self.weights.layers[i].input_norm.ptr,
+                xn,
+                n,
+                h,
+                eps,
+            )?;
+            self.mark("add_rmsnorm")?;
+            self.linear(Lin::Qkv(i), xn, n, qkv)?;
+            self.ops().rope(
+                qkv,
+                m(at.positions),
+                self.weights.inv_freq.ptr,
+                n,
+                qkv_n,
+                nh,
+                nkv,
+                hd,
+            )?;
+            self.mark("rope")?;
+            let (kc, vc) = (self.k_cache(i), self.v_cache(i));
+            let (kcol, vcol) = (c.q_size(), c.q_size() + c.kv_size());
+            self.ops().kv_write(
+                kc,
+                vc,
+                qkv,
+                m(at.slots),
+                n,
+                qkv_n,
+                kcol,
+                vcol,
+                nkv,
+                hd,
+                self.opts.block_size,
+            )?;
+            self.mark("kv_write")?;
+            self.ops().paged_attention(&AttentionArgs {
+                out: attn,
+                qkv,
+                k_cache: kc,
+                v_cache: vc,
+                positions: m(at.positions),
+                tile_seq: m(at.tile_seq),
+                tile_q_start: m(at.tile_q_start),
+                tile_q_len: m(at.tile_q_len),
+                block_tables: m(at.block_tables),
+                block_table_start: m(at.block_table_start),
+                num_tiles: plan.num_tiles,
+                row_stride: qkv_n,
+                q_heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                block_size: self.opts.block_size,
+                scale: 1.0 / (hd as f32).sqrt(),
+                q_per_tile,
+            })?;
+            self.mark("attention")?;
+            self.linear(Lin::O(i), attn, n, delta)?;
+            self.ops().add_rmsnorm(
+                residual,
+                delta,
+                self.weights.layers[i].post_norm.ptr,
+                xn,
+                n,
+                h,
+                eps,
+            )?;
+            self.mark("add_rmsnorm")?;
+            self.linear(Lin::GateUp(i), xn, n, gate_up)?;
+            self.ops().silu_mul(act, gate_up, n, c.intermediate_size)?;
+            self.mark("silu_mul")?;
+            self.linear(Lin::Down(i), act, n, delta)?;
+        }
+        if ne == 0 {
+            self.gpu.sync()?;
+            self.profiler.collect()?;
+            return Ok(vec![SeqOutput::Nothing; plan.num_seqs]);
+        }
+        let (last_norm, logits, tokens_out) = (
+            self.ws.last_norm.ptr,
+            self.ws.logits.ptr,
+            self.ws.tokens_out.ptr,
+        );
+        self.ops().final_norm_rows(
+            last_norm,
+            residual,
+            delta,
+            m(at.emit_rows),
+            self.weights.norm.ptr,
+            ne,
+            h,
+            eps,
+        )?;
+        self.mark("final_norm")?;
+        let stream = self.gpu.cu_stream();
+        match &self.weights.lm_head {
+            GpuLinear::Bf16 { w, n: v, k } => self
+                .gemm
+                .bf16(ne, *v, *k, last_norm, w.ptr, logits, true, stream)?,
+            GpuLinear::F32 { w, n: v, k, .. } => self
+                .gemm
+                .f32(ne, *v, *k, last_norm, w.ptr, logits, stream)?,
+            GpuLinear::Fp8 { .. } => bail!("lm_head is dequantized at upload"),
+        }
+        self.mark("lm_head")?;
+        self.ops()
+            .sample_tokens(tokens_out, logits, m(at.sample_params), ne, c.vocab_size)?;
+        self.mark("sample")?;
+        let mut tokens = vec![0i32; ne];
+        self.gpu.copy_from(&self.ws.tokens_out, 0, &mut tokens)?;
+        self.profiler.collect()?;
+        self.collect(plan, &tokens)
+    }
+
+    fn collect(&self, plan: &StepPlan, tokens: &[i32]) -> Result<Vec<SeqOutput>> {
+        let mut out = vec![SeqOutput::Nothing; plan.num_seqs];
+        let v = self.config.vocab_size;
+        for (r, &s) in plan.emit_seqs.iter().enumerate() {
+            out[s] = if plan.emit_logits[r] {
+                let mut row = vec![0f32; v];
+                self.gpu.copy_from(&self.ws.logits, r * v * 4, &mut row)?;
+                SeqOutput::Logits(row)
+            } else {
+                SeqOutput::Token(tokens[r] as u32)
+            };
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Lin {
+    Qkv(usize),
+    O(usize),
+    GateUp(usize),
+    Down(usize),
+}
+
+impl Backend for CudaBackend {
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        Self::layout_for(&self.config, self.opts.block_size, self.opts.precision)
+    }
+
+    fn num_kv_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn step(&mut self, batch: &Batch) -> Result<Vec<SeqOutput>> {
+        if batch.seqs.is_empty() {
+            return Ok(vec![]);
+        }
+        self.gpu.bind()?;
+        let group = self.config.num_attention_heads / self.config.num_key_value_heads;
+        let plan = plan_step(
+            batch,
+            self.opts.block_size,
+            self.num_blocks,
+            self.config.vocab_size,
+            Ops::attention_tokens_per_tile(group),
+        )?;
+        self.forward(&plan)
+    }
+
+    fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {
+        self.gpu.bind()?;
+        let part = self.block_part_bytes();
+        let layers = self.config.num_hidden_layers;
+        let mut out = vec![0u8; blocks.len() * layers * 2 * part];
+        for (i, &b) in blocks.iter().enumerate() {
+            ensure!(
+                (b as usize) < self.num_blocks,
+                "block {b} out of range ({} blocks)",
+                self.num_blocks
+            );
+            for l in 0..layers {
+                for (j, base) in [self.k_cache(l), self.v_cache(l)].into_iter().enumerate() {
+                    let at = ((i * layers + l) * 2 + j) * part;
+                    let src = base + (b as usize * part) as u64;
+                    self.gpu.copy_from_ptr(src, &mut out[at..at + part], part)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn import_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<()> {
+        self.gpu.bind()?;
+        let part = self.block_part_bytes();
+        let layers = self.config.num_hidden_layers;
+        ensure!(
+            data.len() == blocks.len() * layers * 2 * part,
+            "KV import of {} bytes, expected {}",
+            data.len(),
+            blocks.len() * layers * 2 * part
+        );
+        for (i, &b) in blocks.iter().enumerate() {
+            ensure!(
+                (b as usize) < self.num_blocks,
+                "block {b} out of range ({} blocks)",
+                self.num_blocks
+            );
+            for l in 0..layers {
+                for (j, base) in [self.k_cache(l), self.v_cache(l)].into_iter().enumerate() {
+                    let at = ((i * layers + l) * 2 + j) * part;
+                    let offset = (base - self.kv.ptr) as usize + b as usize * part;
+                    self.gpu.copy_to(&self.kv, offset, &data[at..at + part])?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,259 @@
+//! Matrix products through cuBLASLt: `out[M, N] = x[M, K] · w[N, K]ᵀ`, row-major.
+//!
+//! cuBLASLt is column-major, so the product is computed as `outᵀ = w · xᵀ` with cuBLASLt's A = w
+//! (TRANSA = T), B = x: the "TN" layout FP8 requires. FP8 uses per-output-channel weight scales
+//! (A_SCALE, length N) and per-token activation scales (B_SCALE, length M) in one call, through
+//! the OUTER_VEC_32F scale mode (checked on the H200, see shared/docs/device.md). Plans (descriptor,
+//! layouts, algorithm) are made once per shape and reused.
+
+use super::device::DeviceBuffer;
+use anyhow::{anyhow, Result};
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::sys::CUstream;
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+const WORKSPACE_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmKind {
+    /// e4m3 x e4m3 with vector scales; BF16 out (fast accumulation) or F32 out (full accumulation).
+    Fp8 { f32_out: bool },
+    /// BF16 x BF16, BF16 or F32 out.
+    Bf16 { f32_out: bool },
+    /// F32 x F32, F32 out, no TF32 (the reference-precision mode).
+    F32,
+}
+
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+pub struct Gemm {
+    handle: sys::cublasLtHandle_t,
+    workspace: DeviceBuffer,
+    plans: HashMap<(GemmKind, usize, usize, usize), Plan>,
+}
+
+fn err(what: &str) -> impl Fn(lt::CublasError) -> anyhow::Error + '_ {
+    move |e| anyhow!("cuBLASLt {what}: {e:?}")
+}
+
+unsafe fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    v: &T,
+) -> Result<()> {
+    lt::set_matmul_desc_attribute(
+        desc,
+        attr,
+        v as *const T as *const c_void,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(|e| anyhow!("cuBLASLt set {attr:?}: {e:?}"))
+}
+
+impl Gemm {
+    pub fn new() -> Result<Self> {
+        // SAFETY: probing the shared library only.
+        if !unsafe { sys::is_culib_present() } {
+            anyhow::bail!(
+                "cuBLASLt (libcublasLt.so / libcublasLt.so.13) is not on the library path"
+            );
+        }
+        let handle = lt::create_handle().map_err(err("create"))?;
+        Ok(Self {
+            handle,
+            workspace: DeviceBuffer::new(WORKSPACE_BYTES)?,
+            plans: HashMap::new(),
+        })
+    }
+
+    fn plan(&mut self, kind: GemmKind, m: usize, n: usize, k: usize) -> Result<&Plan> {
+        let key = (kind, m, n, k);
+        if !self.plans.contains_key(&key) {
+            let plan = self.make_plan(kind, m, n, k)?;
+            self.plans.insert(key, plan);
+        }
+        Ok(&self.plans[&key])
+    }
+
+    fn make_plan(&self, kind: GemmKind, m: usize, n: usize, k: usize) -> Result<Plan> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        use sys::cudaDataType as T;
+        let (in_t, out_t) = match kind {
+            GemmKind::Fp8 { f32_out: false } => (T::CUDA_R_8F_E4M3, T::CUDA_R_16BF),
+            GemmKind::Fp8 { f32_out: true } => (T::CUDA_R_8F_E4M3, T::CUDA_R_32F),
+            GemmKind::Bf16 { f32_out: false } => (T::CUDA_R_16BF, T::CUDA_R_16BF),
+            GemmKind::Bf16 { f32_out: true } => (T::CUDA_R_16BF, T::CUDA_R_32F),
+            GemmKind::F32 => (T::CUDA_R_32F, T::CUDA_R_32F),
+        };
+        let desc =
+            lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, T::CUDA_R_32F)
+                .map_err(err("matmul desc"))?;
+        // SAFETY: `desc` and the layouts are live; attribute values have the documented types.
+        unsafe {
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?; // CUBLAS_OP_T
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?; // CUBLAS_OP_N
+            if let GemmKind::Fp8 { f32_out } = kind {
+                let outer =
+                    sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
+                        as i32;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
+                let fast_accum = if f32_out { 0i8 } else { 1i8 };
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum)?;
+                // Scale pointers must be set before the heuristic; real ones are set per call.
+                let dummy = self.workspace.ptr;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &dummy)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &dummy)?;
+            }
+            let a = lt::create_matrix_layout(in_t, k as u64, n as u64, k as i64)
+                .map_err(err("layout A"))?;
+            let b = lt::create_matrix_layout(in_t, k as u64, m as u64, k as i64)
+                .map_err(err("layout B"))?;
+            let d = lt::create_matrix_layout(out_t, n as u64, m as u64, n as i64)
+                .map_err(err("layout D"))?;
+            let pref = lt::create_matmul_pref().map_err(err("preference"))?;
+            let ws = WORKSPACE_BYTES;
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const usize as *const c_void,
+                std::mem::size_of::<usize>(),
+            )
+            .map_err(err("preference workspace"))?;
+            let heuristic = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref);
+            let _ = lt::destroy_matmul_pref(pref);
+            let heuristic = heuristic.map_err(|e| {
+                anyhow!("cuBLASLt has no algorithm for {kind:?} M={m} N={n} K={k}: {e:?}")
+            })?;
+            Ok(Plan {
+                desc,
+                layouts: [a, b, d],
+                algo: heuristic.algo,
+            })
+        }
+    }
+
+    fn run(
+        &mut self,
+        kind: GemmKind,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        w: u64,
+        out: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        let ws = (self.workspace.ptr, WORKSPACE_BYTES);
+        let handle = self.handle;
+        let plan = self.plan(kind, m, n, k)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: pointers are device buffers sized by the callers for these shapes.
+        unsafe {
+            lt::matmul(
+                handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w as *const c_void,
+                plan.layouts[0],
+                x as *const c_void,
+                plan.layouts[1],
+                out as *const c_void,
+                plan.layouts[2],
+                out as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                ws.0 as *mut c_void,
+                ws.1,
+                stream as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLASLt matmul {kind:?} M={m} N={n} K={k}: {e:?}"))
+    }
+
+    /// `out[M,N] = (x[M,K] · x_scale[M]) · (w[N,K] · w_scale[N])ᵀ`, e4m3 inputs, F32 or BF16 out.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        x_scale: u64,
+        w: u64,
+        w_scale: u64,
+        out: u64,
+        f32_out: bool,
+        stream: CUstream,
+    ) -> Result<()> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        if m == 0 {
+            return Ok(());
+        }
+        let kind = GemmKind::Fp8 { f32_out };
+        let desc = self.plan(kind, m, n, k)?.desc;
+        // SAFETY: live descriptor; pointer-typed attributes.
+        unsafe {
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale)?;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale)?;
+        }
+        self.run(kind, m, n, k, x, w, out, stream)
+    }
+
+    /// `out[M,N] = x[M,K] · w[N,K]ᵀ`, BF16 inputs; F32 out when `f32_out`, else BF16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bf16(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        w: u64,
+        out: u64,
+        f32_out: bool,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.run(GemmKind::Bf16 { f32_out }, m, n, k, x, w, out, stream)
+    }
+
+    /// `out[M,N] = x[M,K] · w[N,K]ᵀ` in F32 (no TF32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn f32(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        w: u64,
+        out: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.run(GemmKind::F32, m, n, k, x, w, out, stream)
+    }
+}
+
+impl Drop for Gemm {
+    fn drop(&mut self) {
+        // SAFETY: each object was created once by this struct.
+        unsafe {
+            for plan in self.plans.values() {
+                for l in plan.layouts {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+                let _ = lt::destroy_matmul_desc(plan.desc);
+            }
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+unsafe impl Send for Gemm {}

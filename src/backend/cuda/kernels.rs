@@ -1,0 +1,308 @@
+//! Kernel sources (`kernels/*.cu`, embedded in the binary), compiled with NVRTC for `sm_90a` at run
+//! time, the cubins cached on disk under `$TANDEM_KERNEL_CACHE` or `~/.cache/tandem/kernels/`
+//! (keyed by a hash of source, options and NVRTC version), and loaded as CUDA modules.
+//!
+//! The sources include no CUDA header (BF16/FP8 conversions are PTX `cvt`), so NVRTC needs no
+//! include path: the same compile runs on the GPU machine and in CI without a GPU.
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{result, sys};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::path::PathBuf;
+
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// (module name, source) of every kernel module.
+pub const MODULES: &[(&str, &str)] = &[
+    (
+        "elementwise",
+        include_str!("../../../kernels/elementwise.cu"),
+    ),
+    ("attention", include_str!("../../../kernels/attention.cu")),
+    ("sampling", include_str!("../../../kernels/sampling.cu")),
+];
+
+/// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
+const TYPED: &[(&str, &[&str])] = &[
+    (
+        "elementwise",
+        &[
+            "add_rmsnorm",
+            "final_norm_rows",
+            "rope",
+            "silu_mul",
+            "quantize_fp8",
+            "kv_write",
+        ],
+    ),
+    ("attention", &["paged_attention"]),
+];
+
+/// Kernels with one version.
+const PLAIN: &[(&str, &[&str])] = &[
+    (
+        "elementwise",
+        &[
+            "embed",
+            "fake_quant_fp8_f32",
+            "fill_uniform_bf16",
+            "fill_uniform_fp8",
+            "fill_uniform_f32",
+        ],
+    ),
+    ("sampling", &["sample_tokens"]),
+];
+
+/// Every kernel name of a module.
+pub fn kernel_names(module: &str) -> Vec<String> {
+    let mut names = vec![];
+    for (m, list) in TYPED {
+        if *m == module {
+            for n in *list {
+                names.push(format!("{n}_bf16"));
+                names.push(format!("{n}_f32"));
+            }
+        }
+    }
+    for (m, list) in PLAIN {
+        if *m == module {
+            names.extend(list.iter().map(|n| n.to_string()));
+        }
+    }
+    names
+}
+
+const ARCH: &str = "--gpu-architecture=sm_90a";
+const OPTIONS: &[&str] = &[ARCH, "--std=c++17", "-lineinfo", "--fmad=true"];
+
+/// Is NVRTC loadable (libnvrtc.so or libnvrtc.so.13 on the library path)? Never panics.
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only probes whether the shared library can be opened.
+    unsafe { nvrtc_sys::is_culib_present() }
+}
+
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters.
+    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor).result() }
+        .map_err(|e| anyhow!("nvrtcVersion: {e:?}"))?;
+    Ok((major, minor))
+}
+
+fn full_source(src: &str) -> String {
+    format!("{COMMON}\n{src}")
+}
+
+/// Compiles one module's source to a cubin for sm_90a (no GPU needed).
+pub fn compile_cubin(name: &str, src: &str) -> Result<Vec<u8>> {
+    if !nvrtc_available() {
+        bail!("NVRTC (libnvrtc.so / libnvrtc.so.13) is not on the library path");
+    }
+    let source = CString::new(full_source(src))?;
+    let cname = CString::new(format!("{name}.cu"))?;
+    let prog = nvrtc::create_program(&source, Some(&cname))
+        .map_err(|e| anyhow!("nvrtcCreateProgram: {e:?}"))?;
+    // SAFETY: `prog` is live until destroyed at the end of this function.
+    let out = unsafe {
+        let compiled = nvrtc::compile_program(prog, OPTIONS);
+        let log = nvrtc::get_program_log(prog).unwrap_or_default();
+        let log: String = log
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8 as char)
+            .collect();
+        match compiled {
+            Err(e) => Err(anyhow!(
+                "kernel module `{name}` failed to compile ({e:?}):\n{log}"
+            )),
+            Ok(()) => {
+                let mut size = 0usize;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| anyhow!("nvrtcGetCUBINSize: {e:?}"))?;
+                let mut cubin = vec![0u8; size];
+                nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _)
+                    .result()
+                    .map_err(|e| anyhow!("nvrtcGetCUBIN: {e:?}"))?;
+                Ok(cubin)
+            }
+        }
+    };
+    // SAFETY: created above, destroyed once.
+    unsafe {
+        let _ = nvrtc::destroy_program(prog);
+    }
+    out
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TANDEM_KERNEL_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("tandem").join("kernels")
+}
+
+/// The cubin of a module, from the disk cache or freshly compiled (and then cached).
+pub fn cubin_cached(name: &str, src: &str) -> Result<Vec<u8>> {
+    let (major, minor) = nvrtc_version()?;
+    let key = format!(
+        "{}\0{}\0{major}.{minor}",
+        full_source(src),
+        OPTIONS.join(" ")
+    );
+    let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+    let path = cache_dir().join(format!("{name}-{hash:016x}.cubin"));
+    if let Ok(bytes) = std::fs::read(&path) {
+        if !bytes.is_empty() {
+            return Ok(bytes);
+        }
+    }
+    let cubin = compile_cubin(name, src)?;
+    // A failed cache write only costs a recompile next time.
+    if std::fs::create_dir_all(path.parent().unwrap()).is_ok() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(cubin)
+}
+
+/// Compiles every module (the CI check; needs NVRTC, not a GPU). Returns (module, cubin bytes).
+pub fn check_all() -> Result<Vec<(&'static str, usize)>> {
+    MODULES
+        .iter()
+        .map(|(name, src)| Ok((*name, compile_cubin(name, src)?.len())))
+        .collect()
+}
+
+/// Every kernel function, loaded into the current context.
+pub struct Kernels {
+    modules: Vec<sys::CUmodule>,
+    functions: HashMap<String, sys::CUfunction>,
+}
+
+/// Kernels that need more than 48 KiB of dynamic shared memory, and how much they may use.
+const BIG_SHARED: &[(&str, i32)] = &[
+    ("paged_attention_bf16", 96 * 1024),
+    ("paged_attention_f32", 96 * 1024),
+];
+
+impl Kernels {
+    pub fn load() -> Result<Self> {
+        let mut modules = Vec::new();
+        let mut functions = HashMap::new();
+        for (name, src) in MODULES {
+            let cubin = cubin_cached(name, src)?;
+            // SAFETY: a cubin NVRTC produced; cuModuleLoadData copies it.
+            let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
+                .with_context(|| format!("cannot load kernel module `{name}`"))?;
+            modules.push(module);
+            for fname in kernel_names(name) {
+                // SAFETY: the module is loaded; a missing name is an error, not UB.
+                let f =
+                    unsafe { result::module::get_function(module, CString::new(fname.as_str())?) }
+                        .with_context(|| {
+                            format!("kernel `{fname}` not found in module `{name}`")
+                        })?;
+                functions.insert(fname, f);
+            }
+        }
+        for (fname, bytes) in BIG_SHARED {
+            let f = functions[*fname];
+            // SAFETY: a valid function handle.
+            unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    *bytes,
+                )?;
+            }
+        }
+        Ok(Self { modules, functions })
+    }
+
+    pub fn get(&self, name: &str) -> Result<sys::CUfunction> {
+        self.functions
+            .get(name)
+            .copied()
+            .ok_or_else(|| anyhow!("no kernel named `{name}`"))
+    }
+}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        for m in &self.modules {
+            // SAFETY: loaded in `load`, unloaded once.
+            unsafe {
+                let _ = result::module::unload(*m);
+            }
+        }
+    }
+}
+
+// Function handles are plain driver handles, valid in their context from any thread.
+unsafe impl Send for Kernels {}
+unsafe impl Sync for Kernels {}
+
+/// One kernel argument. Each is passed from an 8-byte slot (little endian: 4-byte values are
+/// read from its low half).
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U64(u64),
+    F32(f32),
+}
+
+/// Launches `f` on `stream`, checking the launch's return code.
+pub fn launch(
+    f: sys::CUfunction,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared_bytes: u32,
+    stream: sys::CUstream,
+    args: &[Arg],
+) -> Result<()> {
+    let mut slots: Vec<u64> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::Ptr(p) | Arg::U64(p) => p,
+            Arg::I32(v) => v as u32 as u64,
+            Arg::F32(v) => v.to_bits() as u64,
+        })
+        .collect();
+    let mut params: Vec<*mut c_void> = slots
+        .iter_mut()
+        .map(|s| s as *mut u64 as *mut c_void)
+        .collect();
+    // SAFETY: the kernel's parameter list matches `args` (the ops wrappers are the only callers);
+    // the driver copies the parameter values at launch.
+    unsafe { result::launch_kernel(f, grid, block, shared_bytes, stream, &mut params) }
+        .map_err(|e| anyhow!("kernel launch failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every listed kernel is defined in its module's source (directly or by an instantiation macro).
+    #[test]
+    fn listed_kernels_exist_in_sources() {
+        for (module, src) in MODULES {
+            for name in kernel_names(module) {
+                let base = name.trim_end_matches("_bf16").trim_end_matches("_f32");
+                let direct = src.contains(&format!(" {name}("));
+                let templated = src.contains(&format!(" {base}_##SUFFIX("));
+                assert!(direct || templated, "{name} not found in {module}.cu");
+            }
+        }
+        assert!(kernel_names("attention").contains(&"paged_attention_f32".to_string()));
+    }
+}

@@ -1,0 +1,393 @@
+//! Typed launches of the kernels in `kernels/*.cu`. Pointers are raw device addresses (`u64`);
+//! shapes are checked by the callers that own the buffers. Every launch's status is checked.
+
+use super::kernels::{launch, Arg, Kernels};
+use anyhow::{ensure, Result};
+use cudarc::driver::sys::CUstream;
+
+/// Threads per block for the per-row kernels.
+const ROW_THREADS: u32 = 256;
+/// Query tokens × heads per attention block (the kernel's R limit).
+pub const ATTENTION_ROWS: usize = 32;
+const ATTENTION_KEYS_PER_TILE: usize = 32;
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// Storage type of activations (and of the KV cache): BF16 for serving, F32 for the
+/// reference-precision mode that matches an f32 implementation token for token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Bf16,
+    F32,
+}
+
+impl Precision {
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::Bf16 => 2,
+            Precision::F32 => 4,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
+pub struct Ops<'a> {
+    pub k: &'a Kernels,
+    pub stream: CUstream,
+    /// Which instantiation of the typed kernels to launch.
+    pub act: Precision,
+}
+
+fn rows(n: usize) -> (u32, u32, u32) {
+    (n as u32, 1, 1)
+}
+
+impl Ops<'_> {
+    fn typed(&self, base: &str) -> String {
+        format!("{base}_{}", self.act.suffix())
+    }
+
+    fn go(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        launch(
+            self.k.get(name)?,
+            grid,
+            (block, 1, 1),
+            shared,
+            self.stream,
+            args,
+        )
+    }
+
+    /// `residual[t] = table[tokens[t]]` (F32 residual, BF16 table).
+    pub fn embed(
+        &self,
+        residual: u64,
+        table: u64,
+        tokens: u64,
+        n: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        self.go(
+            "embed",
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(residual),
+                Arg::Ptr(table),
+                Arg::Ptr(tokens),
+                Arg::I32(hidden as i32),
+            ],
+        )
+    }
+
+    /// `residual += delta` (if `delta != 0`), `out = rmsnorm(residual) * weight`.
+    pub fn add_rmsnorm(
+        &self,
+        residual: u64,
+        delta: u64,
+        weight: u64,
+        out: u64,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.go(
+            &self.typed("add_rmsnorm"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(residual),
+                Arg::Ptr(delta),
+                Arg::Ptr(weight),
+                Arg::Ptr(out),
+                Arg::I32(hidden as i32),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    /// `out[s] = rmsnorm(residual[rows[s]] + delta[rows[s]]) * weight` for `n` selected rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn final_norm_rows(
+        &self,
+        out: u64,
+        residual: u64,
+        delta: u64,
+        rows_idx: u64,
+        weight: u64,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.go(
+            &self.typed("final_norm_rows"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(residual),
+                Arg::Ptr(delta),
+                Arg::Ptr(rows_idx),
+                Arg::Ptr(weight),
+                Arg::I32(hidden as i32),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    /// Rotary embedding in place on the q and k heads of fused qkv rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        qkv: u64,
+        positions: u64,
+        inv_freq: u64,
+        n: usize,
+        row_stride: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.go(
+            &self.typed("rope"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(qkv),
+                Arg::Ptr(positions),
+                Arg::Ptr(inv_freq),
+                Arg::I32(row_stride as i32),
+                Arg::I32(q_heads as i32),
+                Arg::I32(kv_heads as i32),
+                Arg::I32(head_dim as i32),
+            ],
+        )
+    }
+
+    /// `out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]`.
+    pub fn silu_mul(&self, out: u64, gate_up: u64, n: usize, inter: usize) -> Result<()> {
+        self.go(
+            &self.typed("silu_mul"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[Arg::Ptr(out), Arg::Ptr(gate_up), Arg::I32(inter as i32)],
+        )
+    }
+
+    /// Per-row dynamic e4m3 quantization: `scales[t] = max|x[t]| / 448`.
+    pub fn quantize_fp8(
+        &self,
+        out: u64,
+        scales: u64,
+        input: u64,
+        n: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.go(
+            &self.typed("quantize_fp8"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(scales),
+                Arg::Ptr(input),
+                Arg::I32(cols as i32),
+            ],
+        )
+    }
+
+    /// In place on F32 rows: `x = e4m3(x / s) * s` with the row's dynamic FP8 scale `s`.
+    pub fn fake_quant_fp8_f32(&self, x: u64, n: usize, cols: usize) -> Result<()> {
+        self.go(
+            "fake_quant_fp8_f32",
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[Arg::Ptr(x), Arg::I32(cols as i32)],
+        )
+    }
+
+    /// Writes each token's k/v heads (columns `k_col..`, `v_col..` of the qkv rows) to `slots[t]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_write(
+        &self,
+        k_cache: u64,
+        v_cache: u64,
+        qkv: u64,
+        slots: u64,
+        n: usize,
+        row_stride: usize,
+        k_col: usize,
+        v_col: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+    ) -> Result<()> {
+        self.go(
+            &self.typed("kv_write"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(k_cache),
+                Arg::Ptr(v_cache),
+                Arg::Ptr(qkv),
+                Arg::Ptr(slots),
+                Arg::I32(row_stride as i32),
+                Arg::I32(k_col as i32),
+                Arg::I32(v_col as i32),
+                Arg::I32(kv_heads as i32),
+                Arg::I32(head_dim as i32),
+                Arg::I32(block_size as i32),
+            ],
+        )
+    }
+
+    /// Query tokens per attention tile for a model with `group` query heads per kv head.
+    pub fn attention_tokens_per_tile(group: usize) -> usize {
+        (ATTENTION_ROWS / group).max(1)
+    }
+
+    /// Causal paged attention; `meta` holds device pointers to the tile and block-table arrays.
+    pub fn paged_attention(&self, a: &AttentionArgs) -> Result<()> {
+        let group = a.q_heads / a.kv_heads;
+        ensure!(
+            group <= ATTENTION_ROWS,
+            "{group} query heads per kv head (at most {ATTENTION_ROWS})"
+        );
+        // 16-byte loads of the cache: head_dim * element size must be a multiple of 16 bytes.
+        ensure!(
+            a.head_dim <= MAX_HEAD_DIM && (a.head_dim * self.act.bytes()) % 16 == 0,
+            "head_dim {} is not supported (a multiple of {} up to {MAX_HEAD_DIM})",
+            a.head_dim,
+            16 / self.act.bytes()
+        );
+        let r = a.q_per_tile * group;
+        ensure!(r <= ATTENTION_ROWS, "attention tile of {r} rows");
+        let shared = 4
+            * (r * a.head_dim
+                + ATTENTION_KEYS_PER_TILE * (a.head_dim + 4)
+                + ATTENTION_KEYS_PER_TILE * a.head_dim);
+        self.go(
+            &self.typed("paged_attention"),
+            (a.num_tiles as u32, a.kv_heads as u32, 1),
+            256,
+            shared as u32,
+            &[
+                Arg::Ptr(a.out),
+                Arg::Ptr(a.qkv),
+                Arg::Ptr(a.k_cache),
+                Arg::Ptr(a.v_cache),
+                Arg::Ptr(a.positions),
+                Arg::Ptr(a.tile_seq),
+                Arg::Ptr(a.tile_q_start),
+                Arg::Ptr(a.tile_q_len),
+                Arg::Ptr(a.block_tables),
+                Arg::Ptr(a.block_table_start),
+                Arg::I32(a.row_stride as i32),
+                Arg::I32(a.q_heads as i32),
+                Arg::I32(a.kv_heads as i32),
+                Arg::I32(a.head_dim as i32),
+                Arg::I32(a.block_size as i32),
+                Arg::F32(a.scale),
+                Arg::I32(a.q_per_tile as i32),
+            ],
+        )
+    }
+
+    /// One token per row of `logits[n, vocab]` (F32); `params[n, 4]` = temperature, top_k, top_p, uniform.
+    pub fn sample_tokens(
+        &self,
+        out: u64,
+        logits: u64,
+        params: u64,
+        n: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        self.go(
+            "sample_tokens",
+            rows(n),
+            1024,
+            0,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(logits),
+                Arg::Ptr(params),
+                Arg::I32(vocab as i32),
+            ],
+        )
+    }
+
+    fn fill(&self, name: &str, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
+        let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
+        self.go(
+            name,
+            (blocks, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(ptr),
+                Arg::U64(n as u64),
+                Arg::U64(seed),
+                Arg::F32(lo),
+                Arg::F32(hi),
+            ],
+        )
+    }
+
+    /// Seeded uniform values in `[lo, hi)`, generated on the device.
+    pub fn fill_bf16(&self, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
+        self.fill("fill_uniform_bf16", ptr, n, seed, lo, hi)
+    }
+
+    pub fn fill_fp8(&self, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
+        self.fill("fill_uniform_fp8", ptr, n, seed, lo, hi)
+    }
+
+    pub fn fill_f32(&self, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
+        self.fill("fill_uniform_f32", ptr, n, seed, lo, hi)
+    }
+}
+
+/// Arguments of [`Ops::paged_attention`].
+pub struct AttentionArgs {
+    pub out: u64,
+    pub qkv: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub positions: u64,
+    pub tile_seq: u64,
+    pub tile_q_start: u64,
+    pub tile_q_len: u64,
+    pub block_tables: u64,
+    pub block_table_start: u64,
+    pub num_tiles: usize,
+    pub row_stride: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub scale: f32,
+    pub q_per_tile: usize,
+}

@@ -1,0 +1,210 @@
+//! `tandem bench-step`: times the CUDA backend's steps directly (no engine, no HTTP) and prints
+//! JSON: KV capacity, decode step latency at given batch sizes and context, prefill tokens/s.
+//!
+//! Decode steps run over a KV pool filled with random values (so a batch of long contexts needs
+//! no prefill first); prefill runs whole prompts of `--prompt-len` tokens.
+
+use crate::backend::cuda::{CudaBackend, CudaOptions, WeightSource};
+use crate::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk};
+use crate::model::config::LlamaConfig;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A model directory or a preset name under `models/` (only config.json is read).
+    #[arg(long)]
+    pub model: String,
+    /// Only `dummy` (weights generated on the GPU).
+    #[arg(long, default_value = "dummy")]
+    pub load_format: String,
+    /// Decode batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub batch: Vec<usize>,
+    /// Context length of every sequence in the decode steps.
+    #[arg(long, default_value_t = 3000)]
+    pub context: usize,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 3000)]
+    pub prompt_len: usize,
+    /// Prompts per prefill step.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub prefill_batch: Vec<usize>,
+    #[arg(long, default_value_t = 0.95)]
+    pub gpu_memory_utilization: f64,
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub block_size: usize,
+    /// Timed repetitions per measurement (after 3 warm-ups); the median is reported.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+}
+
+fn config_path(model: &str) -> PathBuf {
+    let direct = PathBuf::from(model);
+    if direct.join("config.json").exists() {
+        return direct.join("config.json");
+    }
+    let dir = std::env::var_os("TANDEM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models"));
+    dir.join(model).join("config.json")
+}
+
+fn median_ms(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn time_steps(b: &mut CudaBackend, batch: &Batch, iters: usize) -> Result<f64> {
+    for _ in 0..3 {
+        b.step(batch)?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        b.step(batch)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median_ms(times))
+}
+
+/// One more step with CUDA-event timing of every kernel: {kernel: {ms, launches}}.
+fn profile_step(b: &mut CudaBackend, batch: &Batch, what: &str) -> Result<serde_json::Value> {
+    b.set_profiling(true);
+    b.step(batch)?;
+    b.set_profiling(false);
+    let mut map = serde_json::Map::new();
+    let mut line = format!("profile {what}:");
+    for (label, ms, n) in b.take_profile() {
+        line += &format!(" {label} {ms:.3}ms/{n}");
+        map.insert(
+            label.to_string(),
+            serde_json::json!({ "ms": ms, "launches": n }),
+        );
+    }
+    eprintln!("{line}");
+    Ok(serde_json::Value::Object(map))
+}
+
+fn greedy() -> Emit {
+    Emit::Sample(DeviceSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.0,
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.load_format != "dummy" {
+        bail!("bench-step supports only --load-format dummy");
+    }
+    let path = config_path(&args.model);
+    let config = LlamaConfig::from_file(&path).with_context(|| format!("model {}", args.model))?;
+    let bs = args.block_size;
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    let t0 = Instant::now();
+    let opts = CudaOptions {
+        block_size: bs,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: max_batch.max(256),
+        ..Default::default()
+    };
+    let mut b = CudaBackend::new(&config, WeightSource::Dummy { seed: 0 }, opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let num_blocks = b.num_kv_blocks();
+    b.fill_kv_random(1)?;
+    let mut results = serde_json::Map::new();
+    results.insert("model".into(), args.model.clone().into());
+    results.insert("load_seconds".into(), load_s.into());
+    results.insert(
+        "weight_gib".into(),
+        (b.weight_bytes() as f64 / (1u64 << 30) as f64).into(),
+    );
+    results.insert("kv_blocks".into(), num_blocks.into());
+    results.insert("kv_capacity_tokens".into(), (num_blocks * bs).into());
+    results.insert(
+        "gpu_memory_utilization".into(),
+        args.gpu_memory_utilization.into(),
+    );
+
+    let per_seq = (args.context + 1).div_ceil(bs);
+    for &batch_size in &args.batch {
+        if batch_size * per_seq > num_blocks {
+            bail!(
+                "batch {batch_size} at context {} needs {} KV blocks; the pool has {num_blocks}",
+                args.context,
+                batch_size * per_seq
+            );
+        }
+        let seqs = (0..batch_size)
+            .map(|s| SeqChunk {
+                tokens: vec![(s as u32 * 7919 + 13) % config.vocab_size as u32],
+                start_pos: args.context,
+                block_table: ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect(),
+                emit: greedy(),
+            })
+            .collect();
+        let batch = Batch { seqs };
+        let ms = time_steps(&mut b, &batch, args.iters)?;
+        eprintln!(
+            "decode batch {batch_size} context {}: {ms:.3} ms/step",
+            args.context
+        );
+        let key = format!("decode_step_ms_batch{batch_size}_ctx{}", args.context);
+        results.insert(
+            format!("profile_{key}"),
+            profile_step(&mut b, &batch, &key)?,
+        );
+        results.insert(key, ms.into());
+    }
+
+    let per_prompt = args.prompt_len.div_ceil(bs);
+    for &prompts in &args.prefill_batch {
+        if prompts * args.prompt_len > args.max_num_batched_tokens
+            || prompts * per_prompt > num_blocks
+        {
+            eprintln!("skipping prefill of {prompts} prompts: over the token or block budget");
+            continue;
+        }
+        let seqs = (0..prompts)
+            .map(|s| SeqChunk {
+                tokens: (0..args.prompt_len as u32)
+                    .map(|i| (i * 31 + s as u32 * 17 + 5) % config.vocab_size as u32)
+                    .collect(),
+                start_pos: 0,
+                block_table: ((s * per_prompt) as u32..((s + 1) * per_prompt) as u32).collect(),
+                emit: greedy(),
+            })
+            .collect();
+        let batch = Batch { seqs };
+        let ms = time_steps(&mut b, &batch, args.iters.min(10))?;
+        let tps = (prompts * args.prompt_len) as f64 / (ms / 1e3);
+        let key = format!("prefill_{prompts}x{}", args.prompt_len);
+        results.insert(
+            format!("profile_{key}"),
+            profile_step(&mut b, &batch, &key)?,
+        );
+        eprintln!(
+            "prefill {prompts} x {} tokens: {ms:.1} ms/step, {tps:.0} tokens/s",
+            args.prompt_len
+        );
+        results.insert(
+            format!("prefill_ms_{prompts}x{}", args.prompt_len),
+            ms.into(),
+        );
+        results.insert(
+            format!("prefill_tokens_per_s_{prompts}x{}", args.prompt_len),
+            tps.into(),
+        );
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::Value::Object(results))?
+    );
+    Ok(())
+}

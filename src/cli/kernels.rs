@@ -1,0 +1,27 @@
+//! `tandem kernels --check`: compiles every CUDA kernel module with NVRTC for sm_90a (no GPU
+//! needed). CI runs it through tests/kernels_compile.rs with NVRTC from the pip package.
+
+use crate::backend::cuda::kernels;
+use anyhow::{bail, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Compile every module and report its cubin size (exit code 1 on any failure).
+    #[arg(long)]
+    pub check: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if !args.check {
+        bail!("nothing to do: pass --check");
+    }
+    if !kernels::nvrtc_available() {
+        bail!("NVRTC not found: put the folder holding libnvrtc.so.13 on LD_LIBRARY_PATH");
+    }
+    let (major, minor) = kernels::nvrtc_version()?;
+    println!("nvrtc {major}.{minor}");
+    for (name, bytes) in kernels::check_all()? {
+        println!("ok {name} ({bytes} bytes of sm_90a cubin)");
+    }
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! The whole CUDA forward pass on small synthetic models (BF16 and FP8, dummy weights generated on
+//! the GPU): chunked prefill, decode, prefix sharing, batching and KV export/import must agree with
+//! one plain prefill. Skips when no GPU is present.
+
+use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
+use tandem::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk, SeqOutput};
+use tandem::model::config::LlamaConfig;
+
+const BS: usize = 16;
+
+fn config(fp8: bool) -> LlamaConfig {
+    let quant = if fp8 {
+        r#", "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+            "ignore": ["lm_head"], "config_groups": {"group_0": {
+              "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": false},
+              "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": true}}}}"#
+    } else {
+        ""
+    };
+    LlamaConfig::from_json_str(&format!(
+        r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+            "vocab_size": 1000, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+            "rope_scaling": {{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}{quant}}}"#
+    ))
+    .unwrap()
+}
+
+fn backend(fp8: bool) -> Option<CudaBackend> {
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return None;
+    }
+    let opts = CudaOptions {
+        block_size: BS,
+        num_blocks: Some(64),
+        max_num_batched_tokens: 512,
+        max_num_seqs: 16,
+        ..Default::default()
+    };
+    Some(CudaBackend::new(&config(fp8), WeightSource::Dummy { seed: 3 }, opts).unwrap())
+}
+
+fn chunk(tokens: &[u32], start_pos: usize, blocks: &[u32], emit: Emit) -> SeqChunk {
+    let needed = (start_pos + tokens.len()).div_ceil(BS);
+    SeqChunk {
+        tokens: tokens.to_vec(),
+        start_pos,
+        block_table: blocks[..needed].to_vec(),
+        emit,
+    }
+}
+
+fn logits(out: &SeqOutput) -> Vec<f32> {
+    match out {
+        SeqOutput::Logits(l) => l.clone(),
+        other => panic!("expected logits, got {other:?}"),
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mx = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    v.iter().position(|&x| x == mx).unwrap() as u32
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert!(a.iter().all(|x| x.is_finite()), "non-finite logits");
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 37 + salt * 101 + 11) % 1000)
+        .collect()
+}
+
+fn greedy() -> Emit {
+    Emit::Sample(DeviceSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.5,
+    })
+}
+
+fn consistency(fp8: bool) {
+    let Some(mut b) = backend(fp8) else { return };
+    let tol = if fp8 { 3e-2 } else { 1e-2 };
+    let p = prompt(45, 1);
+    let blocks_a: Vec<u32> = (0..4).collect();
+    let blocks_b: Vec<u32> = (10..14).collect();
+
+    // 1. One prefill.
+    let full = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&p, 0, &blocks_a, Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
+    // 2. Chunked prefill (17 + 20 + 8) into other blocks.
+    let mut chunked = vec![];
+    for (s, e) in [(0, 17), (17, 37), (37, 45)] {
+        let emit = if e == 45 { Emit::Logits } else { Emit::Nothing };
+        let out = b
+            .step(&Batch {
+                seqs: vec![chunk(&p[s..e], s, &blocks_b, emit)],
+            })
+            .unwrap();
+        if e == 45 {
+            chunked = logits(&out[0]);
+        } else {
+            assert_eq!(out, vec![SeqOutput::Nothing]);
+        }
+    }
+    let e1 = rel(&chunked, &full);
+    println!("fp8={fp8} chunked vs full prefill: rel {e1:.2e}");
+    assert!(e1 < tol);
+    assert_eq!(argmax(&chunked), argmax(&full));
+
+    // 3. Greedy decode 6 tokens on A; each step's logits equal a fresh prefill of the extended text.
+    let mut text = p.clone();
+    let mut tok = argmax(&full);
+    for step in 0..6 {
+        text.push(tok);
+        let pos = text.len() - 1;
+        let out = b
+            .step(&Batch {
+                seqs: vec![chunk(&[tok], pos, &blocks_a, Emit::Logits)],
+            })
+            .unwrap();
+        let dec = logits(&out[0]);
+        let fresh = logits(
+            &b.step(&Batch {
+                seqs: vec![chunk(&text, 0, &blocks_b, Emit::Logits)],
+            })
+            .unwrap()[0],
+        );
+        let e = rel(&dec, &fresh);
+        println!("fp8={fp8} decode step {step} vs fresh prefill: rel {e:.2e}");
+        assert!(e < tol);
+        assert_eq!(argmax(&dec), argmax(&fresh));
+        // The device sampler's greedy choice is the argmax.
+        let sampled = b
+            .step(&Batch {
+                seqs: vec![chunk(&[tok], pos, &blocks_a, greedy())],
+            })
+            .unwrap();
+        assert_eq!(sampled[0], SeqOutput::Token(argmax(&dec)));
+        tok = argmax(&dec);
+    }
+
+    // 4. Prefix sharing: C reuses A's first two full blocks and computes only its own suffix.
+    let mut c_text = p[..2 * BS].to_vec();
+    c_text.extend(prompt(9, 5));
+    let c_blocks = vec![0, 1, 20];
+    let shared = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&c_text[2 * BS..], 2 * BS, &c_blocks, Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
+    let fresh = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&c_text, 0, &[30, 31, 32], Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
+    let e = rel(&shared, &fresh);
+    println!("fp8={fp8} shared prefix vs fresh: rel {e:.2e}");
+    assert!(e < tol);
+
+    // 5. A mixed batch (prefill + decode + prefill with shared prefix) equals the separate runs.
+    let d = prompt(20, 9);
+    let batch = Batch {
+        seqs: vec![
+            chunk(&d, 0, &[40, 41], Emit::Logits),
+            chunk(&c_text[2 * BS..], 2 * BS, &[0, 1, 42], Emit::Logits),
+            chunk(&p, 0, &[43, 44, 45], Emit::Logits),
+        ],
+    };
+    let outs = b.step(&batch).unwrap();
+    let alone = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&d, 0, &[50, 51], Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
+    assert!(rel(&logits(&outs[0]), &alone) < tol);
+    assert!(rel(&logits(&outs[1]), &fresh) < tol);
+    assert!(rel(&logits(&outs[2]), &full) < tol);
+
+    // 6. Export A's blocks, import them elsewhere, decode there: same logits as decoding on A.
+    let data = b.export_blocks(&blocks_a).unwrap();
+    assert_eq!(data.len(), blocks_a.len() * b.kv_layout().block_bytes());
+    let moved: Vec<u32> = (55..59).collect();
+    b.import_blocks(&moved, &data).unwrap();
+    let pos = text.len();
+    let on_a = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&[tok], pos, &blocks_a, Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
+    let on_moved = logits(
+        &b.step(&Batch {
+            seqs: vec![chunk(&[tok], pos, &moved, Emit::Logits)],
+        })
+        .unwrap()[0],
+    );
+    assert!(rel(&on_moved, &on_a) < 1e-6, "imported KV differs");
+    assert!(b.import_blocks(&moved, &data[1..]).is_err());
+
+    // 7. Bad input is refused without running: short block table, token outside the vocabulary.
+    assert!(b
+        .step(&Batch {
+            seqs: vec![chunk(&p, 0, &blocks_a, Emit::Logits)]
+                .into_iter()
+                .map(|mut c| {
+                    c.block_table.truncate(1);
+                    c
+                })
+                .collect()
+        })
+        .is_err());
+    assert!(b
+        .step(&Batch {
+            seqs: vec![chunk(&[5000], 0, &blocks_a, Emit::Logits)]
+        })
+        .is_err());
+}
+
+#[test]
+fn bf16_model_is_self_consistent() {
+    consistency(false);
+}
+
+#[test]
+fn fp8_model_is_self_consistent() {
+    consistency(true);
+}
+
+#[test]
+fn kv_blocks_follow_memory_utilization() {
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return;
+    }
+    let opts = CudaOptions {
+        block_size: BS,
+        gpu_memory_utilization: 0.3,
+        max_num_batched_tokens: 256,
+        max_num_seqs: 8,
+        ..Default::default()
+    };
+    let b = CudaBackend::new(&config(true), WeightSource::Dummy { seed: 1 }, opts).unwrap();
+    let block = b.kv_layout().block_bytes();
+    let pool = b.num_kv_blocks() * block;
+    println!(
+        "0.3 utilization: {} blocks ({:.1} GiB)",
+        b.num_kv_blocks(),
+        pool as f64 / (1u64 << 30) as f64
+    );
+    // About 30% of an H200 (~140 GB) minus what the context and workspaces took.
+    assert!(
+        pool as f64 > 0.2 * 140e9 && (pool as f64) < 0.31 * 150e9,
+        "pool {pool}"
+    );
+}

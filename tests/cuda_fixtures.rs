@@ -1,0 +1,324 @@
+//! The CUDA backend against the tiny reference checkpoints of tests/fixtures/ (Hugging Face
+//! transformers in float32; the CPU backend is checked against the same files). In the F32
+//! precision mode greedy tokens must be equal over 20 steps, with chunked prefill, the device
+//! sampler, and prefix sharing, and logits close. In the BF16 (serving) mode, the logit error is
+//! bounded and reported, with how many tokens agree.
+//!
+//! Fixtures are read from `$TANDEM_FIXTURES` (the GPU machine gets a copy) or tests/fixtures.
+//! Skips when no GPU is present.
+
+use std::path::PathBuf;
+use tandem::backend::cuda::ops::Precision;
+use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
+use tandem::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk, SeqOutput};
+use tandem::model::config::LlamaConfig;
+use tandem::model::weights::{LayerWeights, Linear, LlamaWeights};
+
+const BS: usize = 16;
+
+fn fixture_dir(name: &str) -> PathBuf {
+    let base = std::env::var_os("TANDEM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
+    base.join(name)
+}
+
+// Reads the fixture safetensors directly (names per HF Llama; FP8 linears have `weight_scale`).
+fn load_weights(dir: &std::path::Path, config: &LlamaConfig) -> LlamaWeights {
+    let t =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let get = |n: &str| t.get(n).unwrap_or_else(|| panic!("missing {n}")).clone();
+    let linear = |n: &str| match t.get(&format!("{n}.weight_scale")) {
+        Some(scale) => Linear::Fp8 {
+            weight: get(&format!("{n}.weight")),
+            scale: scale.clone(),
+        },
+        None => Linear::Dense {
+            weight: get(&format!("{n}.weight")),
+        },
+    };
+    let layers = (0..config.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}.");
+            LayerWeights {
+                input_layernorm: get(&format!("{p}input_layernorm.weight")),
+                q_proj: linear(&format!("{p}self_attn.q_proj")),
+                k_proj: linear(&format!("{p}self_attn.k_proj")),
+                v_proj: linear(&format!("{p}self_attn.v_proj")),
+                o_proj: linear(&format!("{p}self_attn.o_proj")),
+                post_attention_layernorm: get(&format!("{p}post_attention_layernorm.weight")),
+                gate_proj: linear(&format!("{p}mlp.gate_proj")),
+                up_proj: linear(&format!("{p}mlp.up_proj")),
+                down_proj: linear(&format!("{p}mlp.down_proj")),
+            }
+        })
+        .collect();
+    let embed = get("model.embed_tokens.weight");
+    LlamaWeights {
+        lm_head: if config.tie_word_embeddings {
+            Linear::Dense {
+                weight: embed.clone(),
+            }
+        } else {
+            linear("lm_head")
+        },
+        embed_tokens: embed,
+        layers,
+        norm: get("model.norm.weight"),
+    }
+}
+
+struct Fixture {
+    config: LlamaConfig,
+    weights: LlamaWeights,
+    prompt: Vec<u32>,
+    tokens: Vec<u32>,
+    logits: Vec<(usize, Vec<f32>)>,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = fixture_dir(name);
+    assert!(
+        dir.join("reference.json").exists(),
+        "fixture {} missing",
+        dir.display()
+    );
+    let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = load_weights(&dir, &config);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let logits = r["logits"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(s, l)| {
+            (
+                s.parse().unwrap(),
+                l.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
+            )
+        })
+        .collect();
+    Fixture {
+        config,
+        weights,
+        prompt: ids(&r["prompt_tokens"]),
+        tokens: ids(&r["greedy_tokens"]),
+        logits,
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mx = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    v.iter().position(|&x| x == mx).unwrap() as u32
+}
+
+fn greedy() -> Emit {
+    Emit::Sample(DeviceSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.3,
+    })
+}
+
+fn out_token(o: &SeqOutput) -> (u32, Option<Vec<f32>>) {
+    match o {
+        SeqOutput::Logits(l) => (argmax(l), Some(l.clone())),
+        SeqOutput::Token(t) => (*t, None),
+        SeqOutput::Nothing => panic!("expected an output"),
+    }
+}
+
+/// Greedy generation: the prompt from `start` (positions before it already in the cache) in
+/// chunks of at most `chunk`, then one token per step. Logits of each step when `emit` is Logits.
+fn generate(
+    b: &mut CudaBackend,
+    prompt: &[u32],
+    start: usize,
+    chunk: usize,
+    table: &[u32],
+    steps: usize,
+    emit: Emit,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let (mut tokens, mut logits) = (vec![], vec![]);
+    let mut pos = start;
+    while pos < prompt.len() {
+        let end = (pos + chunk).min(prompt.len());
+        let last = end == prompt.len();
+        let c = SeqChunk {
+            tokens: prompt[pos..end].to_vec(),
+            start_pos: pos,
+            block_table: table.to_vec(),
+            emit: if last { emit.clone() } else { Emit::Nothing },
+        };
+        let out = b.step(&Batch { seqs: vec![c] }).unwrap();
+        if last {
+            let (t, l) = out_token(&out[0]);
+            tokens.push(t);
+            logits.extend(l);
+        } else {
+            assert_eq!(out, vec![SeqOutput::Nothing]);
+        }
+        pos = end;
+    }
+    while tokens.len() < steps {
+        let c = SeqChunk {
+            tokens: vec![*tokens.last().unwrap()],
+            start_pos: pos,
+            block_table: table.to_vec(),
+            emit: emit.clone(),
+        };
+        let (t, l) = out_token(&b.step(&Batch { seqs: vec![c] }).unwrap()[0]);
+        tokens.push(t);
+        logits.extend(l);
+        pos += 1;
+    }
+    (tokens, logits)
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn backend(f: &Fixture, precision: Precision) -> CudaBackend {
+    let opts = CudaOptions {
+        block_size: BS,
+        num_blocks: Some(64),
+        max_num_batched_tokens: 256,
+        max_num_seqs: 8,
+        precision,
+        ..Default::default()
+    };
+    CudaBackend::new(&f.config, WeightSource::Host(&f.weights), opts).unwrap()
+}
+
+/// F32 precision: tokens equal the reference on every path, logits within `tolerance`.
+fn run_fixture(name: &str, tolerance: f32) {
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return;
+    }
+    let f = fixture(name);
+    let mut b = backend(&f, Precision::F32);
+    let steps = f.tokens.len();
+    let need = (f.prompt.len() + steps).div_ceil(BS);
+    let table_a: Vec<u32> = (0..need as u32).collect();
+
+    // Chunked prefill (chunks of 25), logits every step.
+    let (tokens, logits) = generate(&mut b, &f.prompt, 0, 25, &table_a, steps, Emit::Logits);
+    for (step, want) in &f.logits {
+        let d = max_abs(&logits[*step], want);
+        println!("{name}: step {step} max |logit - reference| = {d:.4}");
+        assert!(
+            d < tolerance,
+            "{name}: step {step} logits differ by {d} (tolerance {tolerance})"
+        );
+    }
+    assert_eq!(
+        tokens, f.tokens,
+        "{name}: greedy tokens differ from the reference"
+    );
+
+    // Whole prompt in one chunk, tokens from the device sampler.
+    let table_b: Vec<u32> = (need as u32..2 * need as u32).collect();
+    let (sampled, _) = generate(
+        &mut b,
+        &f.prompt,
+        0,
+        f.prompt.len(),
+        &table_b,
+        steps,
+        greedy(),
+    );
+    assert_eq!(
+        sampled, f.tokens,
+        "{name}: device-sampled greedy tokens differ"
+    );
+
+    // Prefix sharing: reuse the first 3 full blocks of sequence A, compute only the rest.
+    let shared = 3 * BS;
+    let mut table_c: Vec<u32> = table_a[..3].to_vec();
+    table_c.extend((2 * need as u32..).take(need - 3));
+    let (prefixed, _) = generate(&mut b, &f.prompt, shared, 16, &table_c, steps, greedy());
+    assert_eq!(
+        prefixed, f.tokens,
+        "{name}: tokens after a shared prefix differ"
+    );
+    println!(
+        "{name}: {steps} greedy tokens equal the reference (chunked, one-shot, shared prefix)"
+    );
+}
+
+/// BF16 precision (serving): activations and KV rounded to BF16, so logits move by ~1e-2
+/// relative; reports how many greedy tokens still agree and bounds the logit error.
+fn bf16_precision_report(name: &str, bound: f32) {
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return;
+    }
+    let f = fixture(name);
+    let mut b = backend(&f, Precision::Bf16);
+    let need = (f.prompt.len() + f.tokens.len()).div_ceil(BS);
+    let table: Vec<u32> = (0..need as u32).collect();
+    let (tokens, logits) = generate(
+        &mut b,
+        &f.prompt,
+        0,
+        25,
+        &table,
+        f.tokens.len(),
+        Emit::Logits,
+    );
+    let agree = tokens
+        .iter()
+        .zip(&f.tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    println!(
+        "{name} in BF16 precision: first {agree}/{} greedy tokens equal the f32 reference",
+        f.tokens.len()
+    );
+    let d = max_abs(
+        &logits[0],
+        &f.logits.iter().find(|(s, _)| *s == 0).unwrap().1,
+    );
+    println!("{name} in BF16 precision: step 0 max |logit - reference| = {d:.4}");
+    assert!(d < bound, "{name}: BF16-precision logits off by {d}");
+    assert_eq!(tokens[0], f.tokens[0]);
+}
+
+#[test]
+fn bf16_fixture_matches_reference() {
+    run_fixture("llama-bf16", 1e-3);
+}
+
+#[test]
+fn fp8_fixture_matches_reference() {
+    run_fixture("llama-fp8", 2e-2);
+}
+
+#[test]
+fn bf16_fixture_in_bf16_precision() {
+    bf16_precision_report("llama-bf16", 0.5);
+}
+
+#[test]
+fn fp8_fixture_in_bf16_precision() {
+    bf16_precision_report("llama-fp8", 3.0);
+}

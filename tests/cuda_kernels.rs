@@ -1,0 +1,735 @@
+//! Each CUDA kernel (and cuBLASLt product) against a naive host reference, on fresh random inputs,
+//! with outputs poisoned (0xFF bytes: NaN) before each run. Skips when no GPU is present.
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tandem::backend::cuda::device::{gpu_available, DeviceBuffer, Gpu};
+use tandem::backend::cuda::gemm::Gemm;
+use tandem::backend::cuda::kernels::Kernels;
+use tandem::backend::cuda::ops::{AttentionArgs, Ops, Precision};
+
+struct Env {
+    gpu: Gpu,
+    kernels: Kernels,
+}
+
+impl Env {
+    fn ops(&self) -> Ops<'_> {
+        Ops {
+            k: &self.kernels,
+            stream: self.gpu.cu_stream(),
+            act: Precision::Bf16,
+        }
+    }
+    fn poisoned(&self, bytes: usize) -> DeviceBuffer {
+        let b = self.gpu.alloc(bytes).unwrap();
+        self.gpu.memset(&b, 0xFF).unwrap();
+        b
+    }
+    fn bf16s(&self, b: &DeviceBuffer, n: usize) -> Vec<f32> {
+        let v: Vec<bf16> = self.gpu.download(b, n).unwrap();
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+    fn f32s(&self, b: &DeviceBuffer, n: usize) -> Vec<f32> {
+        self.gpu.download(b, n).unwrap()
+    }
+}
+
+fn env() -> Option<(Env, ChaCha8Rng)> {
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return None;
+    }
+    let gpu = Gpu::new(0).expect("GPU present but unusable");
+    let kernels = Kernels::load().expect("kernels must load");
+    let seed: u64 = rand::rng().random();
+    eprintln!("input seed {seed}");
+    Some((Env { gpu, kernels }, ChaCha8Rng::seed_from_u64(seed)))
+}
+
+fn rand_bf16(rng: &mut ChaCha8Rng, n: usize, a: f32) -> Vec<bf16> {
+    (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-a..a)))
+        .collect()
+}
+
+fn to_f32(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// ‖out − ref‖ / ‖ref‖; infinite when any output is not finite.
+fn rel_err(out: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    if out.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(&o, &r)| (o as f64 - r).powi(2))
+        .sum();
+    let den: f64 = reference.iter().map(|r| r * r).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn check(name: &str, out: &[f32], reference: &[f64], tol: f64) {
+    let e = rel_err(out, reference);
+    println!("{name}: rel err {e:.2e} (tol {tol:.0e})");
+    assert!(e < tol, "{name}: relative error {e} over {tol}");
+}
+
+#[test]
+fn embed_gathers_rows() {
+    let Some((e, mut rng)) = env() else { return };
+    let (vocab, h, n) = (1000, 96, 37);
+    let table = rand_bf16(&mut rng, vocab * h, 1.0);
+    let tokens: Vec<i32> = (0..n).map(|_| rng.random_range(0..vocab as i32)).collect();
+    let (dt, dk) = (
+        e.gpu.upload(&table).unwrap(),
+        e.gpu.upload(&tokens).unwrap(),
+    );
+    let out = e.poisoned(n * h * 4);
+    e.ops().embed(out.ptr, dt.ptr, dk.ptr, n, h).unwrap();
+    let got = e.f32s(&out, n * h);
+    let want: Vec<f64> = tokens
+        .iter()
+        .flat_map(|&t| table[t as usize * h..][..h].iter().map(|x| x.to_f64()))
+        .collect();
+    check("embed", &got, &want, 1e-12);
+}
+
+#[test]
+fn add_rmsnorm_and_final_rows() {
+    let Some((e, mut rng)) = env() else { return };
+    let (n, h, eps) = (19, 1000, 1e-5f32);
+    let res: Vec<f32> = (0..n * h).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let delta = rand_bf16(&mut rng, n * h, 1.0);
+    let w = rand_bf16(&mut rng, h, 1.5);
+    let (dr, dd, dw) = (
+        e.gpu.upload(&res).unwrap(),
+        e.gpu.upload(&delta).unwrap(),
+        e.gpu.upload(&w).unwrap(),
+    );
+    let out = e.poisoned(n * h * 2);
+    e.ops()
+        .add_rmsnorm(dr.ptr, dd.ptr, dw.ptr, out.ptr, n, h, eps)
+        .unwrap();
+    let summed: Vec<f64> = res
+        .iter()
+        .zip(&delta)
+        .map(|(&r, d)| r as f64 + d.to_f64())
+        .collect();
+    let norm = |row: &[f64]| -> Vec<f64> {
+        let ms = row.iter().map(|x| x * x).sum::<f64>() / h as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        row.iter()
+            .zip(&w)
+            .map(|(x, w)| x * inv * w.to_f64())
+            .collect()
+    };
+    let want: Vec<f64> = summed.chunks(h).flat_map(norm).collect();
+    check("add_rmsnorm residual", &e.f32s(&dr, n * h), &summed, 1e-6);
+    check("add_rmsnorm out", &e.bf16s(&out, n * h), &want, 1e-2);
+
+    // Without delta: plain norm of the (now summed) residual.
+    let out2 = e.poisoned(n * h * 2);
+    e.ops()
+        .add_rmsnorm(dr.ptr, 0, dw.ptr, out2.ptr, n, h, eps)
+        .unwrap();
+    check("rmsnorm (no delta)", &e.bf16s(&out2, n * h), &want, 1e-2);
+
+    // final_norm_rows on a few rows of (residual + delta), residual left alone.
+    let rows: Vec<i32> = vec![3, 0, 18];
+    let drows = e.gpu.upload(&rows).unwrap();
+    let out3 = e.poisoned(rows.len() * h * 2);
+    e.ops()
+        .final_norm_rows(
+            out3.ptr,
+            dr.ptr,
+            dd.ptr,
+            drows.ptr,
+            dw.ptr,
+            rows.len(),
+            h,
+            eps,
+        )
+        .unwrap();
+    let want3: Vec<f64> = rows
+        .iter()
+        .flat_map(|&r| {
+            let row: Vec<f64> = (0..h)
+                .map(|i| summed[r as usize * h + i] + delta[r as usize * h + i].to_f64())
+                .collect();
+            norm(&row)
+        })
+        .collect();
+    check(
+        "final_norm_rows",
+        &e.bf16s(&out3, rows.len() * h),
+        &want3,
+        1e-2,
+    );
+    check(
+        "final_norm_rows keeps residual",
+        &e.f32s(&dr, n * h),
+        &summed,
+        1e-6,
+    );
+}
+
+#[test]
+fn rope_rotates_q_and_k_heads() {
+    let Some((e, mut rng)) = env() else { return };
+    let (n, nh, nkv, hd) = (23, 8, 2, 128);
+    let stride = (nh + 2 * nkv) * hd;
+    let qkv = rand_bf16(&mut rng, n * stride, 1.0);
+    let pos: Vec<i32> = (0..n).map(|_| rng.random_range(0..5000)).collect();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let (dq, dp, di) = (
+        e.gpu.upload(&qkv).unwrap(),
+        e.gpu.upload(&pos).unwrap(),
+        e.gpu.upload(&inv).unwrap(),
+    );
+    e.ops()
+        .rope(dq.ptr, dp.ptr, di.ptr, n, stride, nh, nkv, hd)
+        .unwrap();
+    let mut want: Vec<f64> = qkv.iter().map(|x| x.to_f64()).collect();
+    for t in 0..n {
+        for head in 0..nh + nkv {
+            let base = t * stride + head * hd;
+            for i in 0..hd / 2 {
+                let ang = pos[t] as f64 * inv[i] as f64;
+                let (s, c) = ang.sin_cos();
+                let (x0, x1) = (qkv[base + i].to_f64(), qkv[base + i + hd / 2].to_f64());
+                want[base + i] = x0 * c - x1 * s;
+                want[base + i + hd / 2] = x1 * c + x0 * s;
+            }
+        }
+    }
+    check("rope", &e.bf16s(&dq, n * stride), &want, 1e-2);
+}
+
+#[test]
+fn silu_mul_matches() {
+    let Some((e, mut rng)) = env() else { return };
+    let (n, inter) = (13, 700);
+    let gu = rand_bf16(&mut rng, n * 2 * inter, 4.0);
+    let dg = e.gpu.upload(&gu).unwrap();
+    let out = e.poisoned(n * inter * 2);
+    e.ops().silu_mul(out.ptr, dg.ptr, n, inter).unwrap();
+    let want: Vec<f64> = (0..n * inter)
+        .map(|j| {
+            let (t, i) = (j / inter, j % inter);
+            let g = gu[t * 2 * inter + i].to_f64();
+            g / (1.0 + (-g).exp()) * gu[t * 2 * inter + inter + i].to_f64()
+        })
+        .collect();
+    check("silu_mul", &e.bf16s(&out, n * inter), &want, 1e-2);
+}
+
+#[test]
+fn quantize_fp8_per_token() {
+    let Some((e, mut rng)) = env() else { return };
+    let (n, k) = (17, 1024);
+    let mut x = rand_bf16(&mut rng, n * k, 3.0);
+    x[5 * k + 7] = bf16::from_f32(1000.0); // one outlier row
+    let dx = e.gpu.upload(&x).unwrap();
+    let (q, s) = (e.poisoned(n * k), e.poisoned(n * 4));
+    e.ops().quantize_fp8(q.ptr, s.ptr, dx.ptr, n, k).unwrap();
+    let qs: Vec<u8> = e.gpu.download(&q, n * k).unwrap();
+    let scales = e.f32s(&s, n);
+    let want_scales: Vec<f64> = x
+        .chunks(k)
+        .map(|r| {
+            (r.iter().map(|v| v.to_f64().abs()).fold(0.0, f64::max) / 448.0)
+                .max(1.0 / (448.0 * 512.0))
+        })
+        .collect();
+    check("fp8 scales", &scales, &want_scales, 1e-6);
+    let deq: Vec<f32> = qs
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f32() * scales[i / k])
+        .collect();
+    check(
+        "fp8 dequantized vs input",
+        &deq,
+        &x.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
+        4e-2,
+    );
+    let exact = qs
+        .iter()
+        .enumerate()
+        .filter(|(i, &b)| float8::F8E4M3::from_f32(x[*i].to_f32() / scales[i / k]).to_bits() == b)
+        .count();
+    println!("fp8 codes equal to host rounding: {exact}/{}", n * k);
+    assert!(exact as f64 >= 0.999 * (n * k) as f64);
+
+    // The F32 mode's in-place version gives exactly the dequantized codes.
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let dxf = e.gpu.upload(&xf).unwrap();
+    e.ops().fake_quant_fp8_f32(dxf.ptr, n, k).unwrap();
+    let fq = e.f32s(&dxf, n * k);
+    let same = fq.iter().zip(&deq).filter(|(a, b)| a == b).count();
+    println!("fake_quant_fp8_f32 equal to scale * code: {same}/{}", n * k);
+    assert!(same as f64 >= 0.999 * (n * k) as f64);
+}
+
+#[test]
+fn kv_write_fills_only_its_slots() {
+    let Some((e, mut rng)) = env() else { return };
+    let (nkv, hd, bs, blocks, n, nh) = (2, 64, 16, 6, 20, 4);
+    let stride = (nh + 2 * nkv) * hd;
+    let qkv = rand_bf16(&mut rng, n * stride, 1.0);
+    let mut slots: Vec<i32> = (0..(blocks * bs) as i32).collect();
+    for i in (1..slots.len()).rev() {
+        let j = rng.random_range(0..=i);
+        slots.swap(i, j);
+    }
+    slots.truncate(n);
+    slots[3] = -1; // padding token: skipped
+    let (dq, ds) = (e.gpu.upload(&qkv).unwrap(), e.gpu.upload(&slots).unwrap());
+    let cache_elems = blocks * nkv * bs * hd;
+    let (kc, vc) = (e.poisoned(cache_elems * 2), e.poisoned(cache_elems * 2));
+    e.ops()
+        .kv_write(
+            kc.ptr,
+            vc.ptr,
+            dq.ptr,
+            ds.ptr,
+            n,
+            stride,
+            nh * hd,
+            (nh + nkv) * hd,
+            nkv,
+            hd,
+            bs,
+        )
+        .unwrap();
+    let (k, v): (Vec<u16>, Vec<u16>) = (
+        e.gpu.download(&kc, cache_elems).unwrap(),
+        e.gpu.download(&vc, cache_elems).unwrap(),
+    );
+    let mut written = 0;
+    for (t, &slot) in slots.iter().enumerate() {
+        if slot < 0 {
+            continue;
+        }
+        let (b, off) = (slot as usize / bs, slot as usize % bs);
+        for h in 0..nkv {
+            for d in 0..hd {
+                let at = ((b * nkv + h) * bs + off) * hd + d;
+                assert_eq!(k[at], qkv[t * stride + nh * hd + h * hd + d].to_bits());
+                assert_eq!(
+                    v[at],
+                    qkv[t * stride + (nh + nkv) * hd + h * hd + d].to_bits()
+                );
+                written += 1;
+            }
+        }
+    }
+    let untouched = k.iter().filter(|&&x| x == 0xFFFF).count();
+    assert_eq!(
+        untouched,
+        cache_elems - written,
+        "kv_write wrote outside its slots"
+    );
+}
+
+/// Host attention for one query: softmax(q·K/√d)·V over keys 0..=pos of a paged sequence.
+#[allow(clippy::too_many_arguments)]
+fn ref_attention(
+    q: &[f64],
+    kc: &[bf16],
+    vc: &[bf16],
+    table: &[u32],
+    pos: usize,
+    kvh: usize,
+    nkv: usize,
+    bs: usize,
+    hd: usize,
+) -> Vec<f64> {
+    let at = |p: usize, d: usize| ((table[p / bs] as usize * nkv + kvh) * bs + p % bs) * hd + d;
+    let scores: Vec<f64> = (0..=pos)
+        .map(|p| (0..hd).map(|d| q[d] * kc[at(p, d)].to_f64()).sum::<f64>() / (hd as f64).sqrt())
+        .collect();
+    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+    let z: f64 = w.iter().sum();
+    (0..hd)
+        .map(|d| (0..=pos).map(|p| w[p] * vc[at(p, d)].to_f64()).sum::<f64>() / z)
+        .collect()
+}
+
+#[test]
+fn paged_attention_prefill_chunks_decode_and_shared_prefix() {
+    let Some((e, mut rng)) = env() else { return };
+    for (nh, nkv, hd) in [(8, 1, 128), (4, 2, 64), (64, 8, 128)] {
+        let (bs, num_blocks) = (16, 40);
+        let stride = (nh + 2 * nkv) * hd;
+        let cache_elems = num_blocks * nkv * bs * hd;
+        let kc = rand_bf16(&mut rng, cache_elems, 1.0);
+        let vc = rand_bf16(&mut rng, cache_elems, 1.0);
+        // seq 0: prefill chunk at 21..61 (earlier chunk in cache); seq 1: decode at 70;
+        // seq 2: shares seq 0's first two blocks (prefix cache), chunk at 32..35; seq 3: fresh prompt 0..5.
+        let seqs: Vec<(usize, usize, Vec<u32>)> = vec![
+            (21, 40, vec![3, 7, 1, 9]),
+            (70, 1, vec![10, 11, 12, 13, 14]),
+            (32, 3, vec![3, 7, 20]),
+            (0, 5, vec![30]),
+        ];
+        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
+        let n: usize = seqs.iter().map(|s| s.1).sum();
+        let qkv = rand_bf16(&mut rng, n * stride, 1.0);
+        let (mut positions, mut tile_seq, mut tile_start, mut tile_len, mut tables, mut bt_start) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (s, (start, len, table)) in seqs.iter().enumerate() {
+            let first = positions.len();
+            positions.extend((*start..start + len).map(|p| p as i32));
+            let mut q = 0;
+            while q < *len {
+                let l = q_per_tile.min(len - q);
+                tile_seq.push(s as i32);
+                tile_start.push((first + q) as i32);
+                tile_len.push(l as i32);
+                q += l;
+            }
+            bt_start.push(tables.len() as i32);
+            tables.extend(table.iter().map(|&b| b as i32));
+        }
+        let up = |v: &[i32]| e.gpu.upload(v).unwrap();
+        let (dpos, dts, dtq, dtl, dtab, dbs) = (
+            up(&positions),
+            up(&tile_seq),
+            up(&tile_start),
+            up(&tile_len),
+            up(&tables),
+            up(&bt_start),
+        );
+        let (dk, dv, dq) = (
+            e.gpu.upload(&kc).unwrap(),
+            e.gpu.upload(&vc).unwrap(),
+            e.gpu.upload(&qkv).unwrap(),
+        );
+        let out = e.poisoned(n * nh * hd * 2);
+        e.ops()
+            .paged_attention(&AttentionArgs {
+                out: out.ptr,
+                qkv: dq.ptr,
+                k_cache: dk.ptr,
+                v_cache: dv.ptr,
+                positions: dpos.ptr,
+                tile_seq: dts.ptr,
+                tile_q_start: dtq.ptr,
+                tile_q_len: dtl.ptr,
+                block_tables: dtab.ptr,
+                block_table_start: dbs.ptr,
+                num_tiles: tile_seq.len(),
+                row_stride: stride,
+                q_heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                block_size: bs,
+                scale: 1.0 / (hd as f32).sqrt(),
+                q_per_tile,
+            })
+            .unwrap();
+        let mut want = Vec::with_capacity(n * nh * hd);
+        let mut t = 0;
+        for (start, len, table) in &seqs {
+            for i in 0..*len {
+                for h in 0..nh {
+                    let q: Vec<f64> = (0..hd)
+                        .map(|d| qkv[t * stride + h * hd + d].to_f64())
+                        .collect();
+                    want.extend(ref_attention(
+                        &q,
+                        &kc,
+                        &vc,
+                        table,
+                        start + i,
+                        h / (nh / nkv),
+                        nkv,
+                        bs,
+                        hd,
+                    ));
+                }
+                t += 1;
+            }
+        }
+        check(
+            &format!("paged_attention nh={nh} nkv={nkv} hd={hd}"),
+            &e.bf16s(&out, n * nh * hd),
+            &want,
+            1e-2,
+        );
+    }
+}
+
+fn host_gemm(x: &[f64], w: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum();
+        }
+    }
+    out
+}
+
+#[test]
+fn cublaslt_fp8_outer_vector_scales() {
+    let Some((e, mut rng)) = env() else { return };
+    let mut gemm = Gemm::new().unwrap();
+    for (m, n, k) in [
+        (1, 256, 512),
+        (7, 384, 256),
+        (64, 512, 1024),
+        (300, 256, 512),
+    ] {
+        let x = rand_bf16(&mut rng, m * k, 2.0);
+        let wq: Vec<u8> = (0..n * k)
+            .map(|_| float8::F8E4M3::from_f32(rng.random_range(-448.0..448.0)).to_bits())
+            .collect();
+        let ws: Vec<f32> = (0..n).map(|_| rng.random_range(1e-4..1e-3)).collect();
+        let (dx, dw, dws) = (
+            e.gpu.upload(&x).unwrap(),
+            e.gpu.upload(&wq).unwrap(),
+            e.gpu.upload(&ws).unwrap(),
+        );
+        let (xq, xs) = (e.poisoned(m * k), e.poisoned(m * 4));
+        let out = e.poisoned(m * n * 2);
+        e.ops().quantize_fp8(xq.ptr, xs.ptr, dx.ptr, m, k).unwrap();
+        gemm.fp8(
+            m,
+            n,
+            k,
+            xq.ptr,
+            xs.ptr,
+            dw.ptr,
+            dws.ptr,
+            out.ptr,
+            false,
+            e.gpu.cu_stream(),
+        )
+        .unwrap();
+        // Reference from the same quantized operands, so only the product is tested.
+        let xqh: Vec<u8> = e.gpu.download(&xq, m * k).unwrap();
+        let xsh = e.f32s(&xs, m);
+        let xd: Vec<f64> = xqh
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f64() * xsh[i / k] as f64)
+            .collect();
+        let wd: Vec<f64> = wq
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f64() * ws[i / k] as f64)
+            .collect();
+        check(
+            &format!("fp8 gemm {m}x{n}x{k}"),
+            &e.bf16s(&out, m * n),
+            &host_gemm(&xd, &wd, m, n, k),
+            1e-2,
+        );
+        // And against the unquantized input: the FP8 path's total error.
+        let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+        check(
+            &format!("fp8 linear vs bf16 input {m}x{n}x{k}"),
+            &e.bf16s(&out, m * n),
+            &host_gemm(&xf, &wd, m, n, k),
+            6e-2,
+        );
+        // F32 output with full accumulation (the reference-precision mode).
+        let out32 = e.poisoned(m * n * 4);
+        gemm.fp8(
+            m,
+            n,
+            k,
+            xq.ptr,
+            xs.ptr,
+            dw.ptr,
+            dws.ptr,
+            out32.ptr,
+            true,
+            e.gpu.cu_stream(),
+        )
+        .unwrap();
+        // Hopper's FP8 tensor cores accumulate with reduced precision (~1e-4 relative).
+        check(
+            &format!("fp8 gemm f32 out {m}x{n}x{k}"),
+            &e.f32s(&out32, m * n),
+            &host_gemm(&xd, &wd, m, n, k),
+            1e-3,
+        );
+    }
+}
+
+#[test]
+fn cublaslt_bf16_gemm_bf16_and_f32_out() {
+    let Some((e, mut rng)) = env() else { return };
+    let mut gemm = Gemm::new().unwrap();
+    for (m, n, k) in [(1, 1000, 256), (5, 320, 128), (129, 256, 512)] {
+        let x = rand_bf16(&mut rng, m * k, 1.0);
+        let w = rand_bf16(&mut rng, n * k, 1.0);
+        let (dx, dw) = (e.gpu.upload(&x).unwrap(), e.gpu.upload(&w).unwrap());
+        let want = host_gemm(
+            &to_f32(&x).iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            &to_f32(&w).iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            m,
+            n,
+            k,
+        );
+        let out = e.poisoned(m * n * 2);
+        gemm.bf16(m, n, k, dx.ptr, dw.ptr, out.ptr, false, e.gpu.cu_stream())
+            .unwrap();
+        check(
+            &format!("bf16 gemm {m}x{n}x{k}"),
+            &e.bf16s(&out, m * n),
+            &want,
+            1e-2,
+        );
+        let out32 = e.poisoned(m * n * 4);
+        gemm.bf16(m, n, k, dx.ptr, dw.ptr, out32.ptr, true, e.gpu.cu_stream())
+            .unwrap();
+        check(
+            &format!("bf16 gemm f32 out {m}x{n}x{k}"),
+            &e.f32s(&out32, m * n),
+            &want,
+            1e-4,
+        );
+        // F32 x F32 (no TF32): exact inputs, so only summation order differs.
+        let (x32, w32): (Vec<f32>, Vec<f32>) = (to_f32(&x), to_f32(&w));
+        let (dx32, dw32) = (e.gpu.upload(&x32).unwrap(), e.gpu.upload(&w32).unwrap());
+        let o = e.poisoned(m * n * 4);
+        gemm.f32(m, n, k, dx32.ptr, dw32.ptr, o.ptr, e.gpu.cu_stream())
+            .unwrap();
+        check(
+            &format!("f32 gemm {m}x{n}x{k}"),
+            &e.f32s(&o, m * n),
+            &want,
+            1e-6,
+        );
+    }
+}
+
+/// Host version of the device sampler's rule (see kernels/sampling.cu).
+fn ref_sample(x: &[f32], temp: f32, top_k: usize, top_p: f32, u: f32) -> usize {
+    let mx = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    if temp <= 0.0 {
+        return x.iter().position(|&v| v == mx).unwrap();
+    }
+    let w: Vec<f64> = x
+        .iter()
+        .map(|&v| ((v - mx) as f64 / temp as f64).exp())
+        .collect();
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| w[b].partial_cmp(&w[a]).unwrap().then(a.cmp(&b)));
+    let mut keep = x.len();
+    if top_k > 0 && top_k < x.len() {
+        let kth = w[order[top_k - 1]];
+        keep = order.iter().take_while(|&&i| w[i] >= kth).count();
+    }
+    if top_p < 1.0 {
+        let total: f64 = order[..keep].iter().map(|&i| w[i]).sum();
+        let mut cum = 0.0;
+        for (j, &i) in order[..keep].iter().enumerate() {
+            cum += w[i];
+            if cum >= top_p as f64 * total {
+                let last = w[i];
+                keep = j
+                    + 1
+                    + order[j + 1..keep]
+                        .iter()
+                        .take_while(|&&i2| w[i2] == last)
+                        .count();
+                break;
+            }
+        }
+    }
+    let z: f64 = order[..keep].iter().map(|&i| w[i]).sum();
+    let target = u as f64 * z;
+    let mut cum = 0.0;
+    for &i in &order[..keep] {
+        cum += w[i];
+        if cum > target {
+            return i;
+        }
+    }
+    order[keep - 1]
+}
+
+#[test]
+fn sampling_greedy_top_k_top_p() {
+    let Some((e, mut rng)) = env() else { return };
+    let vocab = 5000;
+    let cases: Vec<(f32, usize, f32)> = vec![
+        (0.0, 0, 1.0),
+        (1.0, 0, 1.0),
+        (0.7, 50, 1.0),
+        (1.0, 0, 0.9),
+        (0.8, 20, 0.5),
+        (1.3, 1, 1.0),
+        (0.0, 10, 0.5),
+        (2.0, 4000, 0.99),
+    ];
+    let rows = cases.len() * 8;
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| rng.random_range(-6.0f32..6.0))
+        .collect();
+    let mut params = vec![];
+    let mut want = vec![];
+    for r in 0..rows {
+        let (t, k, p) = cases[r % cases.len()];
+        let u: f32 = rng.random_range(0.0..1.0);
+        params.extend([t, k as f32, p, u]);
+        want.push(ref_sample(&logits[r * vocab..][..vocab], t, k, p, u) as i32);
+    }
+    let (dl, dp) = (
+        e.gpu.upload(&logits).unwrap(),
+        e.gpu.upload(&params).unwrap(),
+    );
+    let out = e.poisoned(rows * 4);
+    e.ops()
+        .sample_tokens(out.ptr, dl.ptr, dp.ptr, rows, vocab)
+        .unwrap();
+    let got: Vec<i32> = e.gpu.download(&out, rows).unwrap();
+    for r in 0..rows {
+        assert_eq!(
+            got[r],
+            want[r],
+            "row {r}, case {:?}, u {}",
+            cases[r % cases.len()],
+            params[4 * r + 3]
+        );
+    }
+    println!("sampling: {rows} rows equal to the host rule");
+}
+
+#[test]
+fn random_fill_makes_valid_weights() {
+    let Some((e, _)) = env() else { return };
+    let n = 1 << 20;
+    let (w, s, b) = (e.poisoned(n), e.poisoned(n * 4), e.poisoned(n * 2));
+    e.ops().fill_fp8(w.ptr, n, 7, -448.0, 448.0).unwrap();
+    e.ops().fill_f32(s.ptr, n, 8, 0.5, 1.5).unwrap();
+    e.ops().fill_bf16(b.ptr, n, 9, -0.1, 0.1).unwrap();
+    let wq: Vec<u8> = e.gpu.download(&w, n).unwrap();
+    let vals: Vec<f32> = wq
+        .iter()
+        .map(|&x| float8::F8E4M3::from_bits(x).to_f32())
+        .collect();
+    assert!(vals.iter().all(|v| v.is_finite() && v.abs() <= 448.0));
+    let mean_abs = vals.iter().map(|v| v.abs() as f64).sum::<f64>() / n as f64;
+    assert!(
+        (mean_abs - 224.0).abs() < 10.0,
+        "e4m3 fill mean |w| {mean_abs}"
+    );
+    assert!(e.f32s(&s, n).iter().all(|&v| (0.5..1.5).contains(&v)));
+    let bv = e.bf16s(&b, n);
+    assert!(bv.iter().all(|v| v.abs() <= 0.1001));
+    let distinct: std::collections::HashSet<u32> = bv.iter().map(|v| v.to_bits()).collect();
+    assert!(distinct.len() > 1000);
+}
