@@ -313,3 +313,59 @@ async fn a_prefill_worker_runs_queued_prompts_together_in_one_step() {
     );
     assert_blocks_free(&[&p, &d]);
 }
+
+/// Workers served on the in-process runtime and reached through discovery, as the distributed
+/// frontend reaches them: requests are balanced, and a worker that goes away is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_client_balances_over_served_workers_and_survives_one_leaving() {
+    use tandem::runtime::local::LocalRuntime;
+    use tandem::runtime::Runtime;
+    use tandem::worker::protocol::{WorkerInfo, WorkerRole};
+    use tandem::worker::remote::{DirectoryClient, WorkerDirectory};
+    use tandem::worker::service::serve_worker;
+    use tandem::worker::LocalWorker;
+
+    let rt: Arc<dyn Runtime> = Arc::new(LocalRuntime::new());
+    let info = WorkerInfo {
+        role: WorkerRole::Agg,
+        model: "mock".into(),
+        block_size: BLOCK,
+    };
+    let (e0, e1) = (
+        engine(Duration::ZERO, Duration::from_secs(30)),
+        engine(Duration::ZERO, Duration::from_secs(30)),
+    );
+    let s0 = serve_worker(
+        rt.clone(),
+        Arc::new(LocalWorker::new("w0", e0.clone())),
+        &info,
+    )
+    .await
+    .unwrap();
+    let _s1 = serve_worker(
+        rt.clone(),
+        Arc::new(LocalWorker::new("w1", e1.clone())),
+        &info,
+    )
+    .await
+    .unwrap();
+    let directory = WorkerDirectory::watch(rt.clone()).await.unwrap();
+    directory.wait_for(2, Duration::from_secs(5)).await.unwrap();
+    let client: Arc<dyn WorkerClient> = Arc::new(DirectoryClient::new(directory));
+    run_and_check(&client, 8, 5).await;
+    assert!(
+        e0.metrics().steps > 0 && e1.metrics().steps > 0,
+        "one worker got nothing"
+    );
+
+    drop(s0); // w0 stops serving and deregisters
+    let steps = e0.metrics().steps;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run_and_check(&client, 4, 7).await;
+    assert_eq!(
+        e0.metrics().steps,
+        steps,
+        "a request went to the worker that left"
+    );
+    assert_blocks_free(&[&e0, &e1]);
+}
