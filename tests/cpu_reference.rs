@@ -387,7 +387,7 @@ fn device_sampling_and_bad_batches() {
 }
 
 #[test]
-fn factory_builds_cpu_and_refuses_cuda() {
+fn factory_builds_cpu_and_explains_a_missing_gpu() {
     use tandem::backend::{factory::create_backend, DeviceKind};
     let f = fixture("llama-bf16");
     for device in [DeviceKind::Cpu, DeviceKind::Auto] {
@@ -397,11 +397,12 @@ fn factory_builds_cpu_and_refuses_cuda() {
         let (tokens, _) = generate(backend.as_mut(), &f.prompt, &[], &[3, 2, 1], 3);
         assert_eq!(tokens, f.tokens[..3]);
     }
+    if tandem::backend::cuda::gpu_available() {
+        println!("a GPU is present: the no-GPU error path is not exercised here");
+        return;
+    }
     let err = create_backend(DeviceKind::Cuda, &f.config, &f.weights, 32, 4)
         .err()
         .unwrap();
-    assert!(
-        err.to_string().contains("CUDA backend not available"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("no CUDA GPU found"), "{err}");
 }
