@@ -27,10 +27,20 @@ pub fn create_backend(
 ) -> Result<Box<dyn Backend>> {
     match resolve_device(device) {
         DeviceKind::Cuda => {
-            let opts = CudaOptions { block_size, num_blocks: Some(num_blocks), ..Default::default() };
-            Ok(Box::new(CudaBackend::new(config, WeightSource::Host(weights), opts)?))
+            let opts = CudaOptions {
+                block_size,
+                num_blocks: Some(num_blocks),
+                ..Default::default()
+            };
+            Ok(Box::new(CudaBackend::new(
+                config,
+                WeightSource::Host(weights),
+                opts,
+            )?))
         }
-        _ => Ok(Box::new(CpuBackend::new(config, weights, block_size, num_blocks)?)),
+        _ => Ok(Box::new(CpuBackend::new(
+            config, weights, block_size, num_blocks,
+        )?)),
     }
 }
 
@@ -67,7 +77,9 @@ pub fn build_backend(
                 ..Default::default()
             };
             let backend = match format {
-                LoadFormat::Dummy => CudaBackend::new(&files.config, WeightSource::Dummy { seed }, cuda)?,
+                LoadFormat::Dummy => {
+                    CudaBackend::new(&files.config, WeightSource::Dummy { seed }, cuda)?
+                }
                 LoadFormat::Safetensors => {
                     let weights = load_weights(files, format, seed)?;
                     CudaBackend::new(&files.config, WeightSource::Host(&weights), cuda)?
@@ -78,7 +90,12 @@ pub fn build_backend(
         _ => {
             let weights = load_weights(files, format, seed)?;
             let blocks = opts.num_kv_blocks.unwrap_or(opts.cpu_default_blocks);
-            Ok(Box::new(CpuBackend::new(&files.config, &weights, opts.block_size, blocks)?))
+            Ok(Box::new(CpuBackend::new(
+                &files.config,
+                &weights,
+                opts.block_size,
+                blocks,
+            )?))
         }
     }
 }

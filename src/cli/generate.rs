@@ -75,7 +75,12 @@ pub fn run(args: Args) -> Result<()> {
             let tok = files
                 .tokenizer
                 .as_ref()
-                .context("the model has no tokenizer: pass --prompt-tokens")?;
+                .with_context(|| {
+                    format!(
+                        "--prompt needs a tokenizer, and {} has no tokenizer.json; pass --prompt-tokens",
+                        files.dir.display()
+                    )
+                })?;
             if args.chat {
                 let text = tok.apply_chat_template(&[ChatMessage::new("user", text)], true)?;
                 tok.encode(&text, false)?

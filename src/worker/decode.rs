@@ -200,18 +200,23 @@ impl WorkerClient for Arc<DecodeWorker> {
 /// Where transferred KV lands in a decode worker: the engine's `import_kv`, which writes only into
 /// blocks of a request still parked for them. With several ranks, the shards of one write are
 /// gathered and merged first.
+/// The shards of one write: its request and destination blocks.
+type ShardKey = (String, Vec<u32>);
+/// When its first shard came, and the shards so far (one slot per rank).
+type PartialWrite = (Instant, Vec<Option<Vec<u8>>>);
+
 pub struct EngineSink {
     engine: EngineHandle,
     layout: KvLayout,
     ranks: usize,
-    partial: Mutex<HashMap<(String, Vec<u32>), (Instant, Vec<Option<Vec<u8>>>)>>,
+    partial: Mutex<HashMap<ShardKey, PartialWrite>>,
 }
 
 impl EngineSink {
     /// `layout` is the engine's; `ranks` must divide its KV heads.
     pub fn new(engine: EngineHandle, layout: KvLayout, ranks: usize) -> Result<Arc<Self>> {
         let ranks = ranks.max(1);
-        if layout.num_kv_heads % ranks != 0 {
+        if !layout.num_kv_heads.is_multiple_of(ranks) {
             anyhow::bail!(
                 "cannot receive {} KV heads in {ranks} shards",
                 layout.num_kv_heads
