@@ -59,7 +59,7 @@ esac
 case " $STAGES " in *" bench "*)
   step "bench-step 70B fp8 dummy" 300 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
     --load-format dummy --batch 1,32 --context 3000 --prompt-len 3000 --prefill-batch 1,2 \
-    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" --compare-no-split
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
 esac
 

@@ -275,6 +275,11 @@ impl CudaBackend {
         self.gpu.sync()
     }
 
+    /// Changes the fewest keys per split-decode part (benchmarks compare settings).
+    pub fn set_split_min_keys(&mut self, keys: usize) {
+        self.opts.split_min_keys = keys.max(32);
+    }
+
     /// Times every kernel of later steps with CUDA events (see [`Self::take_profile`]).
     pub fn set_profiling(&mut self, on: bool) {
         self.profiler.enabled = on;
