@@ -30,7 +30,7 @@ def one_request(url, model, osl, prompt):
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    first, chunks = None, 0
+    first, last, chunks = None, None, 0
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data:"):
@@ -42,11 +42,11 @@ def one_request(url, model, osl, prompt):
         for choice in event.get("choices", []):
             if (choice.get("delta") or {}).get("content"):
                 chunks += 1
+                last = time.perf_counter()
                 if first is None:
-                    first = time.perf_counter()
-    end = time.perf_counter()
+                    first = last
     conn.close()
-    return start, first, end, chunks
+    return start, first, last, chunks
 
 
 def main():

@@ -3,19 +3,17 @@
 //! `pareto_plot.png` and the gain table. No network, no downloads.
 
 use super::artifacts::DeploymentConfig;
-use super::inprocess::{start_engines, LocalDeployment, WorkerTarget};
+use super::inprocess::{start_aggregated, start_disaggregated, LocalDeployment, WorkerTarget};
 use super::prompts::{BenchTokenizer, PromptShape};
 use super::{report, run_sweep, LevelResult, SweepConfig};
-use crate::worker::local::LocalWorker;
-use crate::worker::WorkerClient;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
-    /// The deployment shape and engine settings; `replicas` is ignored (each side gets two
-    /// engines: two aggregated, or one prefill and one decode).
+    /// The model and engine settings; `replicas` is ignored (each side gets two engines: two
+    /// aggregated, or one prefill and one decode).
     pub deployment: LocalDeployment,
     pub concurrencies: Vec<usize>,
     pub isl: usize,
@@ -29,51 +27,51 @@ pub struct DemoConfig {
 /// What the demo produced.
 pub struct DemoOutcome {
     pub aggregated: Vec<LevelResult>,
-    /// `None` until the embedded disaggregated deployment exists.
-    pub disaggregated: Option<Vec<LevelResult>>,
+    pub disaggregated: Vec<LevelResult>,
     /// The pareto report (per-deployment points and the gain table).
     pub report: String,
 }
 
 pub const AGG_DIR: &str = "agg_tp1dp2";
 pub const DISAGG_DIR: &str = "disagg_prefill_tp1dp1_decode_tp1dp1";
+const AGG_NAME: &str = "aggregated (2 workers)";
+const DISAGG_NAME: &str = "disaggregated (1 prefill + 1 decode)";
 
 pub async fn run(cfg: &DemoConfig) -> Result<DemoOutcome> {
-    let d = cfg.deployment.clone();
-    let (engines, files) = tokio::task::spawn_blocking(move || start_engines(&d, 2)).await??;
+    let agg = LocalDeployment {
+        replicas: 2,
+        ..cfg.deployment.clone()
+    };
+    let (workers, files) = tokio::task::spawn_blocking(move || start_aggregated(&agg)).await??;
     let tokenizer =
         Arc::new(BenchTokenizer::load(&files.dir).with_context(|| {
             format!("the demo model {} needs a tokenizer", files.dir.display())
         })?);
-    let workers: Vec<Arc<dyn WorkerClient>> = engines
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| Arc::new(LocalWorker::new(format!("agg-{i}"), e)) as Arc<dyn WorkerClient>)
-        .collect();
+    let device = format!("{:?}", cfg.deployment.device).to_lowercase();
     eprintln!(
-        "aggregated: 2 engines of {} (tp1 dp2)",
+        "aggregated: 2 engines of {} (tp1 dp2, device {device})",
         cfg.deployment.model
     );
     let agg_dir = cfg.output_dir.join(AGG_DIR);
-    let agg_deployment = deployment_config(cfg, "aggregated", "tandem aggregated (tp1 dp2)");
-    let aggregated = sweep(
-        cfg,
-        workers,
-        tokenizer.clone(),
-        agg_dir.clone(),
-        agg_deployment,
-    )
-    .await?;
+    let agg_config = deployment_config(cfg, "aggregated", AGG_NAME);
+    let target = Arc::new(WorkerTarget::new(workers)?);
+    let aggregated = sweep(cfg, target, tokenizer.clone(), agg_dir.clone(), agg_config).await?;
 
     eprintln!(
-        "disaggregated: NOT RUN — the embedded disaggregated deployment is not in this build yet; \
-         the comparison below shows the aggregated deployment only"
+        "disaggregated: 1 prefill + 1 decode engine of {} (every prefill remote, KV moved in \
+         process, device {device})",
+        cfg.deployment.model
     );
-    let dirs = vec![agg_dir];
-    let report = report::analyze(&dirs, &cfg.output_dir, None)?;
+    let (deployment, _) = start_disaggregated(&cfg.deployment, 1, 1).await?;
+    let disagg_dir = cfg.output_dir.join(DISAGG_DIR);
+    let disagg_config = deployment_config(cfg, "disaggregated", DISAGG_NAME);
+    let target = Arc::new(WorkerTarget::embedded(deployment)?);
+    let disaggregated = sweep(cfg, target, tokenizer, disagg_dir.clone(), disagg_config).await?;
+
+    let report = report::analyze(&[agg_dir, disagg_dir], &cfg.output_dir, Some(AGG_NAME))?;
     Ok(DemoOutcome {
         aggregated,
-        disaggregated: None,
+        disaggregated,
         report,
     })
 }
@@ -98,7 +96,7 @@ fn deployment_config(cfg: &DemoConfig, mode: &str, name: &str) -> DeploymentConf
 
 async fn sweep(
     cfg: &DemoConfig,
-    workers: Vec<Arc<dyn WorkerClient>>,
+    target: Arc<WorkerTarget>,
     tokenizer: Arc<BenchTokenizer>,
     dir: PathBuf,
     deployment: DeploymentConfig,
@@ -122,10 +120,5 @@ async fn sweep(
         input_config: serde_json::json!({"model": cfg.deployment.model, "in_process": true,
             "mode": deployment.mode, "isl": cfg.isl, "osl": cfg.osl}),
     };
-    run_sweep(
-        Arc::new(WorkerTarget::new(workers)?),
-        Some(tokenizer),
-        &sweep,
-    )
-    .await
+    run_sweep(target, Some(tokenizer), &sweep).await
 }

@@ -44,7 +44,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 enable_prefix_caching: false,
                 ..EngineConfig::default()
             },
-            num_kv_blocks: 1024,
+            num_kv_blocks: Some(1024),
+            gpu_memory_utilization: 0.9,
             replicas: 2,
         },
         concurrencies: args.concurrency,
@@ -62,12 +63,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "aggregated (2 engines):\n{}",
         report::summary(&outcome.aggregated)
     );
-    match &outcome.disaggregated {
-        Some(levels) => println!("disaggregated (1 prefill + 1 decode):\n{}", report::summary(levels)),
-        None => println!(
-            "disaggregated: NOT RUN (the embedded disaggregated deployment is not in this build yet)\n"
-        ),
-    }
+    println!(
+        "disaggregated (1 prefill + 1 decode):\n{}",
+        report::summary(&outcome.disaggregated)
+    );
     print!("{}", outcome.report);
     println!(
         "artifacts in {}; plot {}",

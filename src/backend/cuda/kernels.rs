@@ -37,7 +37,7 @@ const TYPED: &[(&str, &[&str])] = &[
             "kv_write",
         ],
     ),
-    ("attention", &["paged_attention"]),
+    ("attention", &["paged_attention", "attention_combine"]),
 ];
 
 /// Kernels with one version.
