@@ -49,7 +49,7 @@ pub struct DecodeWorker {
     destination: KvDestination,
     /// The prefill queue's length and when it was read (read at most every 100 ms).
     queue_len: Mutex<(usize, Option<Instant>)>,
-    _listener: tokio::task::JoinHandle<()>,
+    listener: tokio::task::JoinHandle<()>,
 }
 
 impl DecodeWorker {
@@ -86,7 +86,7 @@ impl DecodeWorker {
             config,
             destination,
             queue_len: Mutex::new((0, None)),
-            _listener: listener,
+            listener,
         }))
     }
 
@@ -152,6 +152,12 @@ impl DecodeWorker {
             self.engine.fail_remote_prefill(&req.id).await?;
         }
         Ok(stream)
+    }
+}
+
+impl Drop for DecodeWorker {
+    fn drop(&mut self) {
+        self.listener.abort();
     }
 }
 
