@@ -369,3 +369,38 @@ async fn directory_client_balances_over_served_workers_and_survives_one_leaving(
     );
     assert_blocks_free(&[&e0, &e1]);
 }
+
+/// After a remote prefill the decode worker streams one token per step, as after a local one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stream_step_by_step_after_a_remote_prefill() {
+    let p = engine(Duration::ZERO, Duration::from_secs(30));
+    let d = engine(Duration::from_millis(30), Duration::from_secs(30));
+    let deployment = start_embedded(spec(
+        vec![p.clone()],
+        vec![d.clone()],
+        always_remote(),
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    let mut stream = deployment.workers[0]
+        .generate(request("s", prompt(3, 20)))
+        .await
+        .unwrap();
+    let mut arrivals = Vec::new();
+    while let Some(piece) = stream.next().await {
+        arrivals.push((Instant::now(), piece.unwrap().token_ids.len()));
+    }
+    assert!(p.metrics().steps > 0);
+    let counts: Vec<usize> = arrivals.iter().map(|a| a.1).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 6);
+    assert!(arrivals.len() >= 5, "tokens came in bursts: {counts:?}");
+    let gaps: Vec<u128> = arrivals
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0).as_millis())
+        .collect();
+    assert!(
+        gaps.iter().skip(1).all(|&g| g >= 20),
+        "pieces not a step apart: {gaps:?}"
+    );
+}
