@@ -231,3 +231,68 @@ fn ctrl_c_stops_the_instances() {
         "instances still running after Ctrl-C: {pids:?}"
     );
 }
+
+#[test]
+fn in_process_cli_then_pareto_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |art: &str, extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args([
+                "bench",
+                "--in-process",
+                "--model",
+                "tiny-llama",
+                "--load-format",
+                "dummy",
+            ])
+            .args([
+                "--device",
+                "cpu",
+                "--block-size",
+                "16",
+                "--isl",
+                "16",
+                "--osl",
+                "4",
+            ])
+            .args([
+                "--concurrency",
+                "1,2",
+                "--request-count",
+                "4",
+                "--no-progress",
+            ])
+            .arg("--artifact-dir")
+            .arg(dir.path().join(art))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    run("agg", &["--dp", "2"]);
+    run(
+        "disagg",
+        &[
+            "--mode",
+            "disaggregated",
+            "--prefill-dp",
+            "1",
+            "--decode-dp",
+            "1",
+        ],
+    );
+    let cfg = std::fs::read_to_string(dir.path().join("disagg/deployment_config.json")).unwrap();
+    assert!(cfg.contains("\"mode\": \"disaggregated\""), "{cfg}");
+    let out = Command::new(BIN)
+        .args(["pareto", "--output-dir"])
+        .arg(dir.path().join("out"))
+        .arg(dir.path().join("agg"))
+        .arg(dir.path().join("disagg"))
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("baseline: agg (2 GPUs)"), "{log}");
+    assert!(dir.path().join("out/pareto_plot.png").is_file());
+    assert!(dir.path().join("out/results.csv").is_file());
+}
