@@ -38,7 +38,8 @@ template <typename A, typename C>
 __device__ __forceinline__ void paged_attention_t(
     A* out, const A* qkv, const C* k_cache, const C* v_cache, const int* positions,
     const int* tile_seq, const int* tile_q_start, const int* tile_q_len, const int* block_tables,
-    const int* block_table_start, int row_stride, int num_q_heads, int num_kv_heads, int head_dim,
+    const int* block_table_start, const int* tile_kbeg, const int* tile_kend, const int* tile_part,
+    float* part_ml, float* part_acc, int row_stride, int num_q_heads, int num_kv_heads, int head_dim,
     int block_size, float scale, int q_per_tile) {
     constexpr int VN = 16 / sizeof(C);                      // cache elements per 16-byte load
     constexpr int MAXV = (KT * HD_MAX) / (VN * 256);        // loads per thread per K (or V) tile
@@ -70,8 +71,10 @@ __device__ __forceinline__ void paged_attention_t(
 #pragma unroll
         for (int c = 0; c < 4; c++) acc[k][c] = 0.0f;
     }
-    // Positions increase within a chunk, so the tile's last query sees the most keys.
-    int kmax = positions[q0 + qn - 1];
+    // Positions increase within a chunk, so the tile's last query sees the most keys. A split
+    // decode tile covers only keys [kbeg, kend) (flash-decoding; combined by attention_combine).
+    int kbeg = tile_kbeg[tile];
+    int kmax = min(positions[q0 + qn - 1], tile_kend[tile] - 1);
     int vk = head_dim / VN, tile_vecs = KT * vk;
 
     // K/V tiles go global -> registers (all loads in flight at once) -> shared memory; the next
@@ -109,37 +112,53 @@ __device__ __forceinline__ void paged_attention_t(
         }
     };
 
-    load(0);
-    for (int k0 = 0; k0 <= kmax; k0 += KT) {
+    load(kbeg);
+    for (int k0 = kbeg; k0 <= kmax; k0 += KT) {
         __syncthreads();
         stash();
         __syncthreads();
         if (k0 + KT <= kmax) load(k0 + KT);
+        // A warp's rows share each K and V read from shared memory (4 independent chains).
+        // `live` is warp-uniform: a row is live when some key of this tile is visible to it.
+        bool live[MAX_RPW];
+        float s[MAX_RPW], p[MAX_RPW];
 #pragma unroll
         for (int k = 0; k < MAX_RPW; k++) {
-            int r = warp + k * NWARPS;
-            if (rpos[k] < k0) continue;  // invalid row, or no key of this tile is visible (warp-uniform)
-            const float* q = Qs + r * head_dim;
-            const float* kr = Ks + lane * kstride;
-            float s = 0.0f;
-            for (int d = 0; d < head_dim; d += 4) {
-                F4 a = *(const F4*)(q + d), b = *(const F4*)(kr + d);
-                s += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+            live[k] = rpos[k] >= k0;
+            s[k] = 0.0f;
+        }
+        const float* kr = Ks + lane * kstride;
+        for (int d = 0; d < head_dim; d += 4) {
+            F4 b = *(const F4*)(kr + d);
+#pragma unroll
+            for (int k = 0; k < MAX_RPW; k++) {
+                if (live[k]) {
+                    F4 a = *(const F4*)(Qs + (warp + k * NWARPS) * head_dim + d);
+                    s[k] += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+                }
             }
-            if (k0 + lane > rpos[k]) s = NEG_INF;
-            float mn = fmaxf(m[k], warp_max(s));
-            float p = __expf(s - mn);
+        }
+#pragma unroll
+        for (int k = 0; k < MAX_RPW; k++) {
+            p[k] = 0.0f;
+            if (!live[k]) continue;
+            float sk = k0 + lane > min(rpos[k], kmax) ? NEG_INF : s[k];
+            float mn = fmaxf(m[k], warp_max(sk));
+            p[k] = __expf(sk - mn);
             float corr = __expf(m[k] - mn);
-            l[k] = l[k] * corr + warp_sum(p);
+            l[k] = l[k] * corr + warp_sum(p[k]);
             m[k] = mn;
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[k][c] *= corr;
-            bool owns = 4 * lane < head_dim;  // lane owns dims 4*lane .. 4*lane+3
-#pragma unroll 8
-            for (int j = 0; j < KT; j++) {
-                float pj = __shfl_sync(0xffffffffu, p, j);
-                if (owns) {
-                    F4 v = *(const F4*)(Vs + j * head_dim + 4 * lane);
+        }
+        bool owns = 4 * lane < head_dim;  // lane owns dims 4*lane .. 4*lane+3
+#pragma unroll 4
+        for (int j = 0; j < KT; j++) {
+            F4 v = owns ? *(const F4*)(Vs + j * head_dim + 4 * lane) : F4{0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int k = 0; k < MAX_RPW; k++) {
+                if (live[k]) {
+                    float pj = __shfl_sync(0xffffffffu, p[k], j);
                     acc[k][0] += pj * v.x;
                     acc[k][1] += pj * v.y;
                     acc[k][2] += pj * v.z;
@@ -148,10 +167,21 @@ __device__ __forceinline__ void paged_attention_t(
             }
         }
     }
+    int part = tile_part[tile];
 #pragma unroll
     for (int k = 0; k < MAX_RPW; k++) {
         int r = warp + k * NWARPS;
         if (rpos[k] < 0 || 4 * lane >= head_dim) continue;
+        if (part >= 0) {  // a split decode tile (one query, rows r < G): unnormalized partials
+            u64 row = ((u64)part * num_kv_heads + kvh) * G + r;
+            if (lane == 0) {
+                part_ml[2 * row] = m[k];
+                part_ml[2 * row + 1] = l[k];
+            }
+#pragma unroll
+            for (int c = 0; c < 4; c++) part_acc[row * head_dim + 4 * lane + c] = acc[k][c];
+            continue;
+        }
         int i = r / G, h = kvh * G + r % G;
         u64 o = (u64)(q0 + i) * num_q_heads * head_dim + h * head_dim + 4 * lane;
         float inv = 1.0f / l[k];
@@ -160,15 +190,48 @@ __device__ __forceinline__ void paged_attention_t(
     }
 }
 
+// Merges the partial softmax states of a split decode tile: grid (groups, kv heads).
+template <typename A>
+__device__ void attention_combine_t(A* out, const float* part_ml, const float* part_acc, const int* group_part0,
+                                    const int* group_nparts, const int* group_q0, int num_q_heads, int num_kv_heads,
+                                    int head_dim) {
+    int g = blockIdx.x, kvh = blockIdx.y;
+    int G = num_q_heads / num_kv_heads;
+    int p0 = group_part0[g], np = group_nparts[g], q0 = group_q0[g];
+    for (int idx = threadIdx.x; idx < G * head_dim; idx += blockDim.x) {
+        int r = idx / head_dim, d = idx % head_dim;
+        float mx = NEG_INF;
+        for (int p = 0; p < np; p++) mx = fmaxf(mx, part_ml[2 * (((u64)(p0 + p) * num_kv_heads + kvh) * G + r)]);
+        float sum = 0.0f, acc = 0.0f;
+        for (int p = 0; p < np; p++) {
+            u64 row = ((u64)(p0 + p) * num_kv_heads + kvh) * G + r;
+            float l = part_ml[2 * row + 1];
+            float w = l > 0.0f ? __expf(part_ml[2 * row] - mx) : 0.0f;
+            sum += l * w;
+            acc += part_acc[row * head_dim + d] * w;
+        }
+        st(out, (u64)q0 * num_q_heads * head_dim + (u64)(kvh * G + r) * head_dim + d, acc / sum);
+    }
+}
+
 #define ATTENTION_KERNEL(A, SUFFIX)                                                                          \
     extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX(                              \
         A* out, const A* qkv, const A* k_cache, const A* v_cache, const int* positions, const int* tile_seq, \
         const int* tile_q_start, const int* tile_q_len, const int* block_tables, const int* block_table_start, \
+        const int* tile_kbeg, const int* tile_kend, const int* tile_part, float* part_ml, float* part_acc,    \
         int row_stride, int num_q_heads, int num_kv_heads, int head_dim, int block_size, float scale,          \
         int q_per_tile) {                                                                                    \
         paged_attention_t<A, A>(out, qkv, k_cache, v_cache, positions, tile_seq, tile_q_start, tile_q_len,    \
-                                block_tables, block_table_start, row_stride, num_q_heads, num_kv_heads,       \
-                                head_dim, block_size, scale, q_per_tile);                                     \
+                                block_tables, block_table_start, tile_kbeg, tile_kend, tile_part, part_ml,    \
+                                part_acc, row_stride, num_q_heads, num_kv_heads, head_dim, block_size, scale, \
+                                q_per_tile);                                                                  \
+    }                                                                                                         \
+    extern "C" __global__ void attention_combine_##SUFFIX(A* out, const float* part_ml, const float* part_acc,   \
+                                                          const int* group_part0, const int* group_nparts,     \
+                                                          const int* group_q0, int num_q_heads,                \
+                                                          int num_kv_heads, int head_dim) {                    \
+        attention_combine_t<A>(out, part_ml, part_acc, group_part0, group_nparts, group_q0, num_q_heads,      \
+                               num_kv_heads, head_dim);                                                       \
     }
 
 ATTENTION_KERNEL(bf16, bf16)

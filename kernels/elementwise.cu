@@ -71,12 +71,12 @@ __device__ void rope_t(A* qkv, const int* positions, const float* inv_freq, int 
     }
 }
 
-// out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]; grid (rows, column chunks).
 template <typename A>
 __device__ void silu_mul_t(A* out, const A* gate_up, int inter) {
     int t = blockIdx.x;
     u64 g = (u64)t * 2 * inter;
-    for (int i = threadIdx.x; i < inter; i += blockDim.x) {
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < inter; i += gridDim.y * blockDim.x) {
         float x = ld(gate_up, g + i);
         float silu = x / (1.0f + expf(-x));
         st(out, (u64)t * inter + i, silu * ld(gate_up, g + inter + i));

@@ -11,7 +11,7 @@ set -uo pipefail
 D=${DIST:-$(cd "$(dirname "$0")" && pwd)}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"kernels tests bench"}
+STAGES=${STAGES:-"kernels tests generate bench"}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/nccl
 NCCL_LIB=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2
@@ -47,10 +47,19 @@ case " $STAGES " in *" tests "*)
     step "$(basename "$t")" 180 "$t" --test-threads=1 --nocapture
   done ;;
 esac
+case " $STAGES " in *" generate "*)
+  step "generate tiny-llama cuda" 120 "$D/tandem" generate --model tiny-llama --load-format dummy \
+    --device cuda --prompt "The capital of France is" --max-tokens 16 --ignore-eos
+  step "generate tiny-llama-fp8 cuda" 120 "$D/tandem" generate --model tiny-llama-fp8 --load-format dummy \
+    --device cuda --prompt "Hello" --max-tokens 16 --ignore-eos
+  step "generate 70B fp8 dummy cuda" 240 "$D/tandem" generate --model llama-3.3-70b-fp8-dynamic \
+    --load-format dummy --device cuda --prompt "Tell me a story" --max-tokens 64 --ignore-eos \
+    --gpu-memory-utilization 0.95 ;;
+esac
 case " $STAGES " in *" bench "*)
   step "bench-step 70B fp8 dummy" 300 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
     --load-format dummy --batch 1,32 --context 3000 --prompt-len 3000 --prefill-batch 1,2 \
-    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" --compare-no-split
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
 esac
 

@@ -22,7 +22,6 @@ for e in $exes; do
 done
 strip "$D/tandem" "$D"/tests/*
 cp -r "$FIX"/llama-bf16 "$FIX"/llama-fp8 "$D/fixtures/"
-mkdir -p "$D/models/llama-3.3-70b-fp8-dynamic"
-cp "$MODELS/llama-3.3-70b-fp8-dynamic/config.json" "$D/models/llama-3.3-70b-fp8-dynamic/"
+cp -r "$MODELS"/. "$D/models/"
 cp scripts/gpu_check.sh "$D/"
 du -sh "$D"

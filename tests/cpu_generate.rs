@@ -165,27 +165,13 @@ fn generate_text_on_a_preset_with_dummy_weights() {
 fn generate_rejects_bad_input_clearly() {
     let dir = fixture_dir("llama-bf16");
     let model = dir.to_str().unwrap();
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 4] = [
         (vec!["--model", model], "--prompt"),
         (
             vec!["--model", model, "--prompt", "hi", "--prompt-tokens", "1,2"],
             "cannot be used with",
         ),
-        (
-            vec!["--model", model, "--prompt", "hi"],
-            "no tokenizer.json",
-        ),
-        (
-            vec![
-                "--model",
-                model,
-                "--prompt-tokens",
-                "5,6",
-                "--device",
-                "cuda",
-            ],
-            "no CUDA GPU found",
-        ),
+        (vec!["--model", model, "--prompt", "hi"], "no tokenizer"),
         (
             vec![
                 "--model",
@@ -199,10 +185,6 @@ fn generate_rejects_bad_input_clearly() {
         ),
     ];
     for (args, message) in cases {
-        if args.contains(&"cuda") && tandem::backend::cuda::gpu_available() {
-            println!("a GPU is present: skipping the no-GPU case");
-            continue;
-        }
         let out = tandem(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");

@@ -8,11 +8,13 @@
 //! Skips when no GPU is present.
 
 use std::path::PathBuf;
+use tandem::backend::cpu::CpuBackend;
 use tandem::backend::cuda::ops::Precision;
 use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
 use tandem::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk, SeqOutput};
 use tandem::model::config::LlamaConfig;
-use tandem::model::weights::{LayerWeights, Linear, LlamaWeights};
+use tandem::model::weights::LlamaWeights;
+use tandem::model::{load_weights, LoadFormat, ModelFiles};
 
 const BS: usize = 16;
 
@@ -21,52 +23,6 @@ fn fixture_dir(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
     base.join(name)
-}
-
-// Reads the fixture safetensors directly (names per HF Llama; FP8 linears have `weight_scale`).
-fn load_weights(dir: &std::path::Path, config: &LlamaConfig) -> LlamaWeights {
-    let t =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let get = |n: &str| t.get(n).unwrap_or_else(|| panic!("missing {n}")).clone();
-    let linear = |n: &str| match t.get(&format!("{n}.weight_scale")) {
-        Some(scale) => Linear::Fp8 {
-            weight: get(&format!("{n}.weight")),
-            scale: scale.clone(),
-        },
-        None => Linear::Dense {
-            weight: get(&format!("{n}.weight")),
-        },
-    };
-    let layers = (0..config.num_hidden_layers)
-        .map(|i| {
-            let p = format!("model.layers.{i}.");
-            LayerWeights {
-                input_layernorm: get(&format!("{p}input_layernorm.weight")),
-                q_proj: linear(&format!("{p}self_attn.q_proj")),
-                k_proj: linear(&format!("{p}self_attn.k_proj")),
-                v_proj: linear(&format!("{p}self_attn.v_proj")),
-                o_proj: linear(&format!("{p}self_attn.o_proj")),
-                post_attention_layernorm: get(&format!("{p}post_attention_layernorm.weight")),
-                gate_proj: linear(&format!("{p}mlp.gate_proj")),
-                up_proj: linear(&format!("{p}mlp.up_proj")),
-                down_proj: linear(&format!("{p}mlp.down_proj")),
-            }
-        })
-        .collect();
-    let embed = get("model.embed_tokens.weight");
-    LlamaWeights {
-        lm_head: if config.tie_word_embeddings {
-            Linear::Dense {
-                weight: embed.clone(),
-            }
-        } else {
-            linear("lm_head")
-        },
-        embed_tokens: embed,
-        layers,
-        norm: get("model.norm.weight"),
-    }
 }
 
 struct Fixture {
@@ -84,8 +40,9 @@ fn fixture(name: &str) -> Fixture {
         "fixture {} missing",
         dir.display()
     );
-    let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = load_weights(&dir, &config);
+    let files = ModelFiles::from_dir(&dir, None).unwrap();
+    let config = files.config.clone();
+    let weights = load_weights(&files, LoadFormat::Safetensors, 0).unwrap();
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -203,6 +160,8 @@ fn backend(f: &Fixture, precision: Precision) -> CudaBackend {
         max_num_batched_tokens: 256,
         max_num_seqs: 8,
         precision,
+        // Small parts, so decode steps here also run split-K attention.
+        split_min_keys: 16,
         ..Default::default()
     };
     CudaBackend::new(&f.config, WeightSource::Host(&f.weights), opts).unwrap()
@@ -301,6 +260,104 @@ fn bf16_precision_report(name: &str, bound: f32) {
     println!("{name} in BF16 precision: step 0 max |logit - reference| = {d:.4}");
     assert!(d < bound, "{name}: BF16-precision logits off by {d}");
     assert_eq!(tokens[0], f.tokens[0]);
+}
+
+/// The CPU backend and the CUDA backend (F32 precision) on the same batches: chunked prefill of two
+/// sequences in one step, the second sharing the first's prefix blocks, then batched decode.
+fn against_cpu(name: &str, tolerance: f32) {
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return;
+    }
+    let f = fixture(name);
+    let mut gpu = backend(&f, Precision::F32);
+    let mut cpu = CpuBackend::new(&f.config, &f.weights, BS, 64).unwrap();
+    let steps = f.tokens.len();
+    let need = (f.prompt.len() + steps).div_ceil(BS);
+    let a: Vec<u32> = (0..need as u32).collect();
+    let mut b: Vec<u32> = a[..2].to_vec();
+    b.extend((need as u32..).take(need - 2));
+    let shared = 2 * BS;
+    let mut outs: Vec<Vec<Vec<f32>>> = vec![];
+    for backend in [&mut gpu as &mut dyn Backend, &mut cpu as &mut dyn Backend] {
+        let mut logits = vec![];
+        // Sequence A's first chunk alone, then A's rest and B's suffix together.
+        let first = Batch {
+            seqs: vec![SeqChunk {
+                tokens: f.prompt[..shared].to_vec(),
+                start_pos: 0,
+                block_table: a.clone(),
+                emit: Emit::Nothing,
+            }],
+        };
+        assert_eq!(backend.step(&first).unwrap(), vec![SeqOutput::Nothing]);
+        let rest = Batch {
+            seqs: vec![
+                SeqChunk {
+                    tokens: f.prompt[shared..].to_vec(),
+                    start_pos: shared,
+                    block_table: a.clone(),
+                    emit: Emit::Logits,
+                },
+                SeqChunk {
+                    tokens: f.prompt[shared..].to_vec(),
+                    start_pos: shared,
+                    block_table: b.clone(),
+                    emit: Emit::Logits,
+                },
+            ],
+        };
+        let out = backend.step(&rest).unwrap();
+        let mut toks: Vec<u32> = out.iter().map(|o| out_token(o).0).collect();
+        logits.extend(out.iter().filter_map(|o| out_token(o).1));
+        let mut pos = f.prompt.len();
+        for _ in 1..steps {
+            let seqs = [&a, &b]
+                .iter()
+                .zip(&toks)
+                .map(|(t, &tok)| SeqChunk {
+                    tokens: vec![tok],
+                    start_pos: pos,
+                    block_table: (*t).clone(),
+                    emit: Emit::Logits,
+                })
+                .collect();
+            let out = backend.step(&Batch { seqs }).unwrap();
+            toks = out.iter().map(|o| out_token(o).0).collect();
+            logits.extend(out.iter().filter_map(|o| out_token(o).1));
+            pos += 1;
+        }
+        outs.push(logits);
+    }
+    let worst = outs[0]
+        .iter()
+        .zip(&outs[1])
+        .map(|(g, c)| max_abs(g, c))
+        .fold(0.0, f32::max);
+    let gpu_tokens: Vec<u32> = outs[0].iter().map(|l| argmax(l)).collect();
+    let cpu_tokens: Vec<u32> = outs[1].iter().map(|l| argmax(l)).collect();
+    println!(
+        "{name}: CUDA (F32) vs CPU over {} outputs: max |logit diff| {worst:.2e}",
+        outs[0].len()
+    );
+    assert_eq!(
+        gpu_tokens, cpu_tokens,
+        "{name}: greedy tokens differ from the CPU backend's"
+    );
+    assert!(
+        worst < tolerance,
+        "{name}: logits differ from the CPU backend's by {worst}"
+    );
+}
+
+#[test]
+fn bf16_fixture_matches_cpu_backend() {
+    against_cpu("llama-bf16", 1e-3);
+}
+
+#[test]
+fn fp8_fixture_matches_cpu_backend() {
+    against_cpu("llama-fp8", 2e-2);
 }
 
 #[test]

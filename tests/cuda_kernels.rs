@@ -7,7 +7,9 @@ use rand_chacha::ChaCha8Rng;
 use tandem::backend::cuda::device::{gpu_available, DeviceBuffer, Gpu};
 use tandem::backend::cuda::gemm::Gemm;
 use tandem::backend::cuda::kernels::Kernels;
+use tandem::backend::cuda::meta::{plan_step, SplitPolicy};
 use tandem::backend::cuda::ops::{AttentionArgs, Ops, Precision};
+use tandem::backend::{Batch, Emit, SeqChunk};
 
 struct Env {
     gpu: Gpu,
@@ -374,69 +376,33 @@ fn paged_attention_prefill_chunks_decode_and_shared_prefix() {
         let kc = rand_bf16(&mut rng, cache_elems, 1.0);
         let vc = rand_bf16(&mut rng, cache_elems, 1.0);
         // seq 0: prefill chunk at 21..61 (earlier chunk in cache); seq 1: decode at 70;
-        // seq 2: shares seq 0's first two blocks (prefix cache), chunk at 32..35; seq 3: fresh prompt 0..5.
+        // seq 2: shares seq 0's first two blocks (prefix cache), chunk at 32..35; seq 3: fresh
+        // prompt 0..5; seq 4: decode at 150 (long enough to split).
         let seqs: Vec<(usize, usize, Vec<u32>)> = vec![
             (21, 40, vec![3, 7, 1, 9]),
             (70, 1, vec![10, 11, 12, 13, 14]),
             (32, 3, vec![3, 7, 20]),
             (0, 5, vec![30]),
+            (150, 1, (21..31).collect()),
         ];
-        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
-        let n: usize = seqs.iter().map(|s| s.1).sum();
+        let batch = Batch {
+            seqs: seqs
+                .iter()
+                .map(|(start, len, table)| SeqChunk {
+                    tokens: vec![0; *len],
+                    start_pos: *start,
+                    block_table: table.clone(),
+                    emit: Emit::Nothing,
+                })
+                .collect(),
+        };
+        let n = batch.num_tokens();
         let qkv = rand_bf16(&mut rng, n * stride, 1.0);
-        let (mut positions, mut tile_seq, mut tile_start, mut tile_len, mut tables, mut bt_start) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for (s, (start, len, table)) in seqs.iter().enumerate() {
-            let first = positions.len();
-            positions.extend((*start..start + len).map(|p| p as i32));
-            let mut q = 0;
-            while q < *len {
-                let l = q_per_tile.min(len - q);
-                tile_seq.push(s as i32);
-                tile_start.push((first + q) as i32);
-                tile_len.push(l as i32);
-                q += l;
-            }
-            bt_start.push(tables.len() as i32);
-            tables.extend(table.iter().map(|&b| b as i32));
-        }
-        let up = |v: &[i32]| e.gpu.upload(v).unwrap();
-        let (dpos, dts, dtq, dtl, dtab, dbs) = (
-            up(&positions),
-            up(&tile_seq),
-            up(&tile_start),
-            up(&tile_len),
-            up(&tables),
-            up(&bt_start),
-        );
         let (dk, dv, dq) = (
             e.gpu.upload(&kc).unwrap(),
             e.gpu.upload(&vc).unwrap(),
             e.gpu.upload(&qkv).unwrap(),
         );
-        let out = e.poisoned(n * nh * hd * 2);
-        e.ops()
-            .paged_attention(&AttentionArgs {
-                out: out.ptr,
-                qkv: dq.ptr,
-                k_cache: dk.ptr,
-                v_cache: dv.ptr,
-                positions: dpos.ptr,
-                tile_seq: dts.ptr,
-                tile_q_start: dtq.ptr,
-                tile_q_len: dtl.ptr,
-                block_tables: dtab.ptr,
-                block_table_start: dbs.ptr,
-                num_tiles: tile_seq.len(),
-                row_stride: stride,
-                q_heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                block_size: bs,
-                scale: 1.0 / (hd as f32).sqrt(),
-                q_per_tile,
-            })
-            .unwrap();
         let mut want = Vec::with_capacity(n * nh * hd);
         let mut t = 0;
         for (start, len, table) in &seqs {
@@ -460,12 +426,73 @@ fn paged_attention_prefill_chunks_decode_and_shared_prefix() {
                 t += 1;
             }
         }
-        check(
-            &format!("paged_attention nh={nh} nkv={nkv} hd={hd}"),
-            &e.bf16s(&out, n * nh * hd),
-            &want,
-            1e-2,
-        );
+        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
+        // Whole tiles, then decode tiles split into 32-key parts merged by attention_combine.
+        let split = SplitPolicy {
+            target_blocks: 10_000,
+            kv_heads: nkv,
+            max_parts: 64,
+            min_keys: 32,
+        };
+        for policy in [None, Some(split)] {
+            let plan = plan_step(&batch, bs, num_blocks, 1, q_per_tile, policy).unwrap();
+            assert_eq!(plan.num_groups > 0, policy.is_some());
+            let meta = e.gpu.upload(&plan.packed).unwrap();
+            let m = |off: usize| meta.ptr + 4 * off as u64;
+            let at = &plan.at;
+            let part_ml = e.poisoned(64 * nh * 2 * 4);
+            let part_acc = e.poisoned(64 * nh * hd * 4);
+            let out = e.poisoned(n * nh * hd * 2);
+            e.ops()
+                .paged_attention(&AttentionArgs {
+                    out: out.ptr,
+                    qkv: dq.ptr,
+                    k_cache: dk.ptr,
+                    v_cache: dv.ptr,
+                    positions: m(at.positions),
+                    tile_seq: m(at.tile_seq),
+                    tile_q_start: m(at.tile_q_start),
+                    tile_q_len: m(at.tile_q_len),
+                    block_tables: m(at.block_tables),
+                    block_table_start: m(at.block_table_start),
+                    tile_kbeg: m(at.tile_kbeg),
+                    tile_kend: m(at.tile_kend),
+                    tile_part: m(at.tile_part),
+                    part_ml: part_ml.ptr,
+                    part_acc: part_acc.ptr,
+                    num_tiles: plan.num_tiles,
+                    row_stride: stride,
+                    q_heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                    block_size: bs,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    q_per_tile,
+                })
+                .unwrap();
+            if plan.num_groups > 0 {
+                let (g0, gn, gq) = (m(at.group_part0), m(at.group_nparts), m(at.group_q0));
+                e.ops()
+                    .attention_combine(
+                        out.ptr,
+                        part_ml.ptr,
+                        part_acc.ptr,
+                        g0,
+                        gn,
+                        gq,
+                        plan.num_groups,
+                        nh,
+                        nkv,
+                        hd,
+                    )
+                    .unwrap();
+            }
+            let what = format!(
+                "paged_attention nh={nh} nkv={nkv} hd={hd} parts={}",
+                plan.num_parts
+            );
+            check(&what, &e.bf16s(&out, n * nh * hd), &want, 1e-2);
+        }
     }
 }
 

@@ -81,28 +81,6 @@ async fn disaggregated_greedy_tokens_equal_aggregated_tp1_and_tp_mismatched() {
 
 mod frontend_support;
 
-/// Waits for `tandem frontend` to print its address, then for `/health`.
-fn frontend_url(proc: &Proc) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = proc.log();
-        let listening = log
-            .split("listening on ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next());
-        if let Some(url) = listening {
-            if frontend_support::health_status(url) == Some(200) {
-                return url.to_string();
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the frontend never came up:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 async fn completion_text(url: &str, prompt: &[u32]) -> (String, serde_json::Value) {
     let body = serde_json::json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": 10,
         "temperature": 0, "ignore_eos": true});
@@ -187,6 +165,14 @@ async fn frontend_with_prefill_and_decode_processes_answers_like_aggregated_serv
         assert_eq!(disagg, aggregated, "prompt of {len} tokens");
         assert_eq!(usage["completion_tokens"], 10);
     }
+    // The router follows the directory: the decode worker is listed in /metrics.
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("decode-0"), "{metrics}");
     // The official OpenAI client: the same results from both deployments.
     if let Some(python) = frontend_support::openai_python() {
         let (u1, u2) = (url.clone(), agg.url.clone());

@@ -127,6 +127,31 @@ async fn a_dead_decode_worker_fails_its_streams_fast_and_leaves_the_directory() 
         .wait_for(2, Duration::from_secs(60))
         .await
         .unwrap();
+    let mut args: Vec<String> = [
+        "frontend",
+        "--namespace",
+        ns,
+        "--model",
+        MODEL,
+        "--served-model-name",
+        "tiny-llama",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(
+        [
+            "--etcd",
+            &servers.etcd_url,
+            "--nats",
+            &servers.nats_url,
+            "--port",
+            "0",
+        ]
+        .map(String::from),
+    );
+    args.extend(["--router-mode", "least-loaded", "--block-size", "16"].map(String::from));
+    let frontend = Proc::spawn("frontend", &args);
 
     let doomed_client = directory
         .workers()
@@ -186,6 +211,25 @@ async fn a_dead_decode_worker_fails_its_streams_fast_and_leaves_the_directory() 
             .await
             .len(),
         5
+    );
+    // Through the frontend too: every request lands on the live worker, promptly.
+    let url = frontend_url(&frontend);
+    let t0 = Instant::now();
+    for i in 0..4 {
+        let body =
+            serde_json::json!({"model": "tiny-llama", "prompt": prompt(i, 20), "max_tokens": 4});
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "slow after the death: {:?}",
+        t0.elapsed()
     );
 
     // etcd and NATS restart: the worker registers again and serves again.

@@ -37,6 +37,9 @@ pub struct Args {
     pub max_num_batched_tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub block_size: usize,
+    /// Also time each decode batch with split-K attention off (`_nosplit` keys).
+    #[arg(long)]
+    pub compare_no_split: bool,
     /// Timed repetitions per measurement (after 3 warm-ups); the median is reported.
     #[arg(long, default_value_t = 20)]
     pub iters: usize,

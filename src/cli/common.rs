@@ -47,7 +47,7 @@ pub struct EngineArgs {
     /// Fraction of GPU memory for weights, activations and the KV pool.
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
-    /// Requests waiting to start beyond which new ones are refused (HTTP 503).
+    /// Requests waiting to start beyond which new ones are refused (HTTP 429).
     #[arg(long, default_value_t = 4096)]
     pub max_queue_len: usize,
     /// Seconds a decode worker waits for a remote prefill before prefilling locally.

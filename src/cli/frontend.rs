@@ -1,5 +1,5 @@
 //! `tandem frontend`: the OpenAI API of a distributed deployment. Workers (`tandem worker`) are
-//! found through etcd and reached over NATS; ones that come or go are picked up as they do.
+//! found through etcd and reached over NATS; the router follows them as they come and go.
 
 use super::worker::{shutdown_signal, RuntimeArgs};
 use crate::frontend::router::{Router, RouterConfig, RouterMode};
@@ -8,9 +8,10 @@ use crate::frontend::{AppState, FrontendConfig};
 use crate::model::ModelFiles;
 use crate::runtime::distributed::DistributedRuntime;
 use crate::runtime::Runtime;
-use crate::worker::remote::{DirectoryClient, WorkerDirectory};
+use crate::worker::remote::WorkerDirectory;
 use crate::worker::WorkerClient;
 use anyhow::{Context, Result};
+use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,12 @@ pub struct Args {
     /// Seconds a request may take from arrival to its last token.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout: f64,
+    /// How the router picks a worker for each request.
+    #[arg(long, value_enum, default_value_t = RouterMode::RoundRobin)]
+    pub router_mode: RouterMode,
+    /// The workers' `--block-size` (for the KV-aware router's prefix hashing).
+    #[arg(long, default_value_t = 128)]
+    pub block_size: usize,
     /// Seconds to wait at start for the first worker to register (requests before that get 503).
     #[arg(long, default_value_t = 0.0)]
     pub wait_for_workers: f64,
@@ -64,14 +71,9 @@ async fn serve(args: Args, files: ModelFiles) -> Result<()> {
             .wait_for(1, Duration::from_secs_f64(args.wait_for_workers))
             .await?;
     }
-    // The directory balances over the live workers; the router in front of it sees one.
-    let cluster: Arc<dyn WorkerClient> = Arc::new(DirectoryClient::new(directory));
-    // It must never be benched: one dead worker would take every request down with it.
-    let router_config = RouterConfig {
-        unavailable_cooldown: Duration::ZERO,
-        ..RouterConfig::new(RouterMode::RoundRobin, 16)
-    };
-    let router = Arc::new(Router::new(vec![cluster], router_config));
+    let router_config = RouterConfig::new(args.router_mode, args.block_size);
+    let router = Arc::new(Router::new(vec![], router_config));
+    follow_directory(directory, router.clone());
     let max_model_len = args
         .max_model_len
         .unwrap_or(files.config.max_position_embeddings);
@@ -95,4 +97,28 @@ async fn serve(args: Args, files: ModelFiles) -> Result<()> {
     std::io::stdout().flush()?;
     crate::frontend::serve(listener, state, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Keeps the router's workers equal to the directory's: workers that register are added, workers
+/// whose lease expires are removed.
+fn follow_directory(directory: WorkerDirectory, router: Arc<Router>) {
+    let mut changes = directory.subscribe();
+    tokio::spawn(async move {
+        let _directory = directory; // lives as long as this task
+        let mut known: HashSet<String> = HashSet::new();
+        loop {
+            let now: Vec<Arc<dyn WorkerClient>> = changes.borrow_and_update().clone();
+            let ids: HashSet<String> = now.iter().map(|w| w.id().to_string()).collect();
+            for gone in known.difference(&ids) {
+                router.remove_worker(gone);
+            }
+            for w in now.into_iter().filter(|w| !known.contains(w.id())) {
+                router.add_worker(w);
+            }
+            known = ids;
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }

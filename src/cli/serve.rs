@@ -2,14 +2,16 @@
 //! N aggregated workers (one engine each, on CPU or GPU), described by flags or by a deployment
 //! file (`-f benchmarks/agg.yaml`).
 
-use crate::backend::factory::create_backend;
-use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs};
+use crate::backend::cuda::{CudaBackend, CudaOptions, WeightSource};
+use crate::backend::factory::{create_backend, resolve_device};
+use crate::backend::Backend;
+use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs, DEFAULT_CPU_KV_BLOCKS};
 use crate::engine::{Engine, EngineHandle};
 use crate::frontend::deployment::{Deployment, Role};
 use crate::frontend::router::{Router, RouterConfig, RouterMode};
 use crate::frontend::tokenizer::PromptTokenizer;
 use crate::frontend::{AppState, FrontendConfig};
-use crate::model::{load_weights, ModelFiles};
+use crate::model::{load_weights, LlamaWeights, ModelFiles};
 use crate::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
@@ -65,12 +67,15 @@ struct WorkerPlan {
     device: DeviceKind,
     block_size: usize,
     engine: EngineArgs,
+    /// CUDA device ordinal (ignored on the CPU).
+    gpu: usize,
 }
 
 /// What the flags and the deployment file resolve to.
 #[derive(Debug)]
 struct Plan {
     model: String,
+    served_model_name: Option<String>,
     load_format: LoadFormat,
     router_mode: RouterMode,
     workers: Vec<WorkerPlan>,
@@ -84,13 +89,21 @@ fn plan(args: &Args) -> Result<Plan> {
         device: args.model.device,
         block_size: args.model.block_size,
         engine: args.engine.clone(),
+        gpu: 0,
     };
     check_tp(args.tensor_parallel_size)?;
     let mut plan = Plan {
         model: args.model.model.clone(),
+        served_model_name: args.served_model_name.clone(),
         load_format: args.model.load_format,
         router_mode: args.router_mode,
-        workers: vec![base.clone(); args.data_parallel_size.max(1)],
+        // Worker i on GPU i.
+        workers: (0..args.data_parallel_size.max(1))
+            .map(|gpu| WorkerPlan {
+                gpu,
+                ..base.clone()
+            })
+            .collect(),
         decode: Default::default(),
     };
     if let Some(path) = &args.deployment_file {
@@ -102,12 +115,14 @@ fn plan(args: &Args) -> Result<Plan> {
             );
         }
         plan.model = d.model.clone().unwrap_or(plan.model);
+        plan.served_model_name = d.served_model_name.clone().or(plan.served_model_name);
         if let Some(f) = &d.load_format {
             plan.load_format =
                 LoadFormat::from_str(f, true).map_err(|e| anyhow::anyhow!("load_format: {e}"))?;
         }
         plan.router_mode = d.router_mode.unwrap_or(plan.router_mode);
         plan.workers.clear();
+        let mut next_gpu = 0;
         for g in &d.workers {
             check_tp(g.tensor_parallel_size.unwrap_or(1))?;
             let mut w = base.clone();
@@ -134,7 +149,11 @@ fn plan(args: &Args) -> Result<Plan> {
                 .gpu_memory_utilization
                 .map(f64::from)
                 .unwrap_or(e.gpu_memory_utilization);
-            plan.workers.extend(std::iter::repeat_n(w, g.replicas));
+            // Replicas take consecutive GPUs from `first_gpu` (default: after the last group's).
+            let first = g.first_gpu.unwrap_or(next_gpu);
+            next_gpu = first + g.replicas;
+            plan.workers
+                .extend((first..next_gpu).map(|gpu| WorkerPlan { gpu, ..w.clone() }));
         }
     }
     if plan.model.is_empty() {
@@ -152,16 +171,56 @@ fn check_tp(tp: usize) -> Result<()> {
 
 /// Builds every worker's backend and engine.
 fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<EngineHandle>> {
-    let weights = load_weights(files, plan.load_format, seed)
-        .with_context(|| format!("loading the weights of {}", files.dir.display()))?;
+    // Host weights are loaded once, on first need, and shared (CUDA makes dummy weights itself).
+    let mut host: Option<LlamaWeights> = None;
+    let mut host_weights = || -> Result<LlamaWeights> {
+        if host.is_none() {
+            let w = load_weights(files, plan.load_format, seed)
+                .with_context(|| format!("loading the weights of {}", files.dir.display()))?;
+            host = Some(w);
+        }
+        Ok(host.clone().expect("just loaded"))
+    };
     let mut engines = Vec::with_capacity(plan.workers.len());
     for (i, w) in plan.workers.iter().enumerate() {
-        // The CUDA backend will report (total, used) device memory to size the pool from
-        // --gpu-memory-utilization; on the CPU the engine default applies.
-        let num_blocks = w.engine.num_kv_blocks(1, None);
-        let backend =
-            create_backend(w.device, &files.config, &weights, w.block_size, num_blocks)
-                .with_context(|| format!("worker {i}: building the {:?} backend", w.device))?;
+        let device = resolve_device(w.device);
+        let backend: Box<dyn Backend> = match device {
+            DeviceKind::Cuda => {
+                let opts = CudaOptions {
+                    device: w.gpu,
+                    block_size: w.block_size,
+                    gpu_memory_utilization: w.engine.gpu_memory_utilization,
+                    num_blocks: w.engine.num_kv_blocks,
+                    max_num_batched_tokens: step_budget(&w.engine, files),
+                    max_num_seqs: w.engine.max_num_seqs,
+                    ..Default::default()
+                };
+                let weights;
+                let source = match plan.load_format {
+                    LoadFormat::Dummy => WeightSource::Dummy { seed },
+                    LoadFormat::Safetensors => {
+                        weights = host_weights()?;
+                        WeightSource::Host(&weights)
+                    }
+                };
+                Box::new(
+                    CudaBackend::new(&files.config, source, opts).with_context(|| {
+                        format!("worker {i}: building the CUDA backend on GPU {}", w.gpu)
+                    })?,
+                )
+            }
+            _ => {
+                let blocks = w.engine.num_kv_blocks.unwrap_or(DEFAULT_CPU_KV_BLOCKS);
+                create_backend(
+                    DeviceKind::Cpu,
+                    &files.config,
+                    &host_weights()?,
+                    w.block_size,
+                    blocks,
+                )
+                .with_context(|| format!("worker {i}: building the CPU backend"))?
+            }
+        };
         engines.push(Engine::start(
             backend,
             files.tokenizer.clone(),
@@ -169,6 +228,18 @@ fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<Engin
         ));
     }
     Ok(engines)
+}
+
+/// Tokens one step must hold: the engine's budget, or a whole prompt without chunked prefill.
+fn step_budget(engine: &EngineArgs, files: &ModelFiles) -> usize {
+    let whole_prompt = engine
+        .max_model_len
+        .unwrap_or(files.config.max_position_embeddings);
+    if engine.enable_chunked_prefill {
+        engine.max_num_batched_tokens
+    } else {
+        engine.max_num_batched_tokens.max(whole_prompt)
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -223,7 +294,7 @@ async fn serve(
         workers,
         RouterConfig::new(plan.router_mode, block_size),
     ));
-    let served_name = args
+    let served_name = plan
         .served_model_name
         .clone()
         .unwrap_or_else(|| plan.model.clone());
@@ -249,11 +320,41 @@ async fn serve(
         plan.router_mode,
     );
     std::io::stdout().flush()?;
-    crate::frontend::serve(listener, state, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(crate::frontend::serve(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+    tokio::select! {
+        finished = &mut server => return Ok(finished??),
+        _ = stop_signal() => {}
+    }
+    // Stop accepting; give open requests a moment, then drop them (which cancels them).
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; closing them");
+    }
     Ok(())
+}
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]
@@ -309,6 +410,7 @@ mod tests {
         assert_eq!(p.workers[0].block_size, 16, "the file wins");
         assert_eq!(p.workers[0].engine.max_num_seqs, 64);
         assert_eq!(p.workers[0].engine.max_model_len, Some(512));
+        assert_eq!(p.workers.iter().map(|w| w.gpu).collect::<Vec<_>>(), [0, 1]);
     }
 
     #[test]

@@ -353,3 +353,38 @@ pub async fn wait_no_active_blocks(worker: &RemoteWorker) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits for `tandem frontend` to print its address, then for `/health`.
+pub fn frontend_url(proc: &Proc) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = proc.log();
+        let listening = log
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next());
+        if let Some(url) = listening {
+            if http_health(url) == Some(200) {
+                return url.to_string();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frontend never came up:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Status of `GET /health`, over a plain socket.
+pub fn http_health(url: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let addr = url.strip_prefix("http://")?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}

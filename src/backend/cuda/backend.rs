@@ -12,7 +12,7 @@
 use super::device::{DeviceBuffer, Gpu, Profiler};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
-use super::meta::{plan_step, StepPlan};
+use super::meta::{plan_step, SplitPolicy, StepPlan};
 use super::ops::{AttentionArgs, Ops, Precision};
 use super::weights::{GpuLinear, GpuWeights};
 use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
@@ -31,6 +31,8 @@ pub struct CudaOptions {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub precision: Precision,
+    /// Fewest keys per part when a decode tile's keys are split across blocks (flash-decoding).
+    pub split_min_keys: usize,
 }
 
 impl Default for CudaOptions {
@@ -43,6 +45,7 @@ impl Default for CudaOptions {
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
             precision: Precision::Bf16,
+            split_min_keys: 128,
         }
     }
 }
@@ -70,7 +73,12 @@ struct Workspace {
     logits: DeviceBuffer,
     tokens_out: DeviceBuffer,
     meta: DeviceBuffer,
+    part_ml: DeviceBuffer,
+    part_acc: DeviceBuffer,
 }
+
+/// Partial-result slots for split decode attention (flash-decoding).
+const MAX_ATTENTION_PARTS: usize = 2048;
 
 impl Workspace {
     fn new(gpu: &Gpu, c: &LlamaConfig, t: usize, s: usize, p: Precision) -> Result<Self> {
@@ -90,6 +98,8 @@ impl Workspace {
             logits: gpu.alloc(s * c.vocab_size * 4)?,
             tokens_out: gpu.alloc(s * 4)?,
             meta: gpu.alloc((8 * t + 16 * s) * 4)?,
+            part_ml: gpu.alloc(MAX_ATTENTION_PARTS * c.q_size() / c.head_dim * 2 * 4)?,
+            part_acc: gpu.alloc(MAX_ATTENTION_PARTS * c.q_size() * 4)?,
         })
     }
 }
@@ -106,6 +116,8 @@ pub struct CudaBackend {
     kernels: Kernels,
     gpu: Gpu,
     num_blocks: usize,
+    /// Blocks an attention launch should have to fill the GPU (4 per multiprocessor).
+    attention_target_blocks: usize,
 }
 
 /// KV blocks that fit in `utilization · total − used` bytes.
@@ -182,6 +194,10 @@ impl CudaBackend {
             "CUDA backend ready"
         );
         let profiler = Profiler::default();
+        let sms = gpu.ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as usize;
+        let attention_target_blocks = 4 * sms;
         Ok(Self {
             config: config.clone(),
             opts,
@@ -193,6 +209,7 @@ impl CudaBackend {
             kernels,
             gpu,
             num_blocks,
+            attention_target_blocks,
         })
     }
 
@@ -256,6 +273,11 @@ impl CudaBackend {
         self.ops()
             .fill_bf16(self.kv.ptr, self.kv.bytes / 2, seed, -1.0, 1.0)?;
         self.gpu.sync()
+    }
+
+    /// Changes the fewest keys per split-decode part (benchmarks compare settings).
+    pub fn set_split_min_keys(&mut self, keys: usize) {
+        self.opts.split_min_keys = keys.max(32);
     }
 
     /// Times every kernel of later steps with CUDA events (see [`Self::take_profile`]).
@@ -407,6 +429,11 @@ impl CudaBackend {
                 tile_q_len: m(at.tile_q_len),
                 block_tables: m(at.block_tables),
                 block_table_start: m(at.block_table_start),
+                tile_kbeg: m(at.tile_kbeg),
+                tile_kend: m(at.tile_kend),
+                tile_part: m(at.tile_part),
+                part_ml: self.ws.part_ml.ptr,
+                part_acc: self.ws.part_acc.ptr,
                 num_tiles: plan.num_tiles,
                 row_stride: qkv_n,
                 q_heads: nh,
@@ -417,6 +444,23 @@ impl CudaBackend {
                 q_per_tile,
             })?;
             self.mark("attention")?;
+            if plan.num_groups > 0 {
+                let (ml, pacc) = (self.ws.part_ml.ptr, self.ws.part_acc.ptr);
+                let (g0, gn, gq) = (m(at.group_part0), m(at.group_nparts), m(at.group_q0));
+                self.ops().attention_combine(
+                    attn,
+                    ml,
+                    pacc,
+                    g0,
+                    gn,
+                    gq,
+                    plan.num_groups,
+                    nh,
+                    nkv,
+                    hd,
+                )?;
+                self.mark("attention combine")?;
+            }
             self.linear(Lin::O(i), attn, n, delta)?;
             self.ops().add_rmsnorm(
                 residual,
@@ -523,6 +567,12 @@ impl Backend for CudaBackend {
             self.num_blocks,
             self.config.vocab_size,
             Ops::attention_tokens_per_tile(group),
+            Some(SplitPolicy {
+                target_blocks: self.attention_target_blocks,
+                kv_heads: self.config.num_key_value_heads,
+                max_parts: MAX_ATTENTION_PARTS,
+                min_keys: self.opts.split_min_keys,
+            }),
         )?;
         self.forward(&plan)
     }

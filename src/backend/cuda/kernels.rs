@@ -37,7 +37,7 @@ const TYPED: &[(&str, &[&str])] = &[
             "kv_write",
         ],
     ),
-    ("attention", &["paged_attention"]),
+    ("attention", &["paged_attention", "attention_combine"]),
 ];
 
 /// Kernels with one version.
@@ -222,6 +222,12 @@ impl Kernels {
                     f,
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     *bytes,
+                )?;
+                // All of the unified L1/shared memory as shared, so several blocks fit per SM.
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
                 )?;
             }
         }

@@ -13,6 +13,15 @@ pub struct Offsets {
     pub tile_seq: usize,
     pub tile_q_start: usize,
     pub tile_q_len: usize,
+    /// Key range `[kbeg, kend)` of each attention work item and its partial-result slot (-1:
+    /// not split, the item writes the output itself).
+    pub tile_kbeg: usize,
+    pub tile_kend: usize,
+    pub tile_part: usize,
+    /// Split decode tiles: first partial slot, number of slots, query token.
+    pub group_part0: usize,
+    pub group_nparts: usize,
+    pub group_q0: usize,
     pub block_table_start: usize,
     pub block_tables: usize,
     /// Flat token index of the last token of each emitting sequence.
@@ -26,12 +35,29 @@ pub struct StepPlan {
     pub packed: Vec<i32>,
     pub at: Offsets,
     pub num_tokens: usize,
+    /// Attention work items (query tiles, split decode tiles count once per part).
     pub num_tiles: usize,
+    /// Split decode tiles, and the partial slots they use.
+    pub num_groups: usize,
+    pub num_parts: usize,
     pub num_seqs: usize,
     /// Sequence index of each emitting row, in batch order.
     pub emit_seqs: Vec<usize>,
     /// Whether each emitting row wants full logits (else a sampled token).
     pub emit_logits: Vec<bool>,
+}
+
+/// How one-query (decode) tiles are split over their keys (flash-decoding), so that a few long
+/// sequences still give enough blocks to fill the GPU.
+#[derive(Debug, Clone, Copy)]
+pub struct SplitPolicy {
+    /// Blocks (work items × kv heads) to aim for.
+    pub target_blocks: usize,
+    pub kv_heads: usize,
+    /// Partial-result slots available.
+    pub max_parts: usize,
+    /// Fewest keys per part (a multiple of the kernel's 32-key tile).
+    pub min_keys: usize,
 }
 
 /// Builds the plan; rejects chunks whose block table does not cover their positions.
@@ -41,6 +67,7 @@ pub fn plan_step(
     num_blocks: usize,
     vocab: usize,
     q_per_tile: usize,
+    split: Option<SplitPolicy>,
 ) -> Result<StepPlan> {
     let n: usize = batch.num_tokens();
     let mut tokens = Vec::with_capacity(n);
@@ -103,6 +130,43 @@ pub fn plan_step(
             emit_logits.push(chunk.emit == Emit::Logits);
         }
     }
+    // Work items: each tile once over all its keys, or a split decode tile once per key range.
+    let tiles = tile_seq.len();
+    let (mut items_seq, mut items_q0, mut items_qn) = (vec![], vec![], vec![]);
+    let (mut kbeg, mut kend, mut part) = (vec![], vec![], vec![]);
+    let (mut g_part0, mut g_nparts, mut g_q0) = (vec![], vec![], vec![]);
+    let mut parts = 0usize;
+    for t in 0..tiles {
+        let (q0, qn) = (tile_q_start[t] as usize, tile_q_len[t] as usize);
+        let keys = positions[q0 + qn - 1] as usize + 1;
+        let mut ns = 1;
+        if let (Some(sp), 1) = (split, qn) {
+            let want = sp.target_blocks.div_ceil(tiles * sp.kv_heads.max(1));
+            ns = want.min(keys / sp.min_keys.max(32)).max(1);
+            if parts + ns > sp.max_parts {
+                ns = 1;
+            }
+        }
+        let chunk = keys.div_ceil(ns).div_ceil(32) * 32;
+        let ns = keys.div_ceil(chunk);
+        if ns > 1 {
+            g_part0.push(parts as i32);
+            g_nparts.push(ns as i32);
+            g_q0.push(q0 as i32);
+        }
+        for i in 0..ns {
+            items_seq.push(tile_seq[t]);
+            items_q0.push(q0 as i32);
+            items_qn.push(qn as i32);
+            kbeg.push((i * chunk) as i32);
+            kend.push(((i + 1) * chunk).min(keys) as i32);
+            part.push(if ns > 1 { (parts + i) as i32 } else { -1 });
+        }
+        if ns > 1 {
+            parts += ns;
+        }
+    }
+    let (tile_seq, tile_q_start, tile_q_len) = (items_seq, items_q0, items_qn);
     let mut packed = Vec::with_capacity(
         3 * n + 3 * tile_seq.len() + bt_start.len() + tables.len() + 5 * emit_rows.len(),
     );
@@ -118,6 +182,12 @@ pub fn plan_step(
         tile_seq: put(&tile_seq),
         tile_q_start: put(&tile_q_start),
         tile_q_len: put(&tile_q_len),
+        tile_kbeg: put(&kbeg),
+        tile_kend: put(&kend),
+        tile_part: put(&part),
+        group_part0: put(&g_part0),
+        group_nparts: put(&g_nparts),
+        group_q0: put(&g_q0),
         block_table_start: put(&bt_start),
         block_tables: put(&tables),
         emit_rows: put(&emit_rows),
@@ -128,6 +198,8 @@ pub fn plan_step(
         at,
         num_tokens: n,
         num_tiles: tile_seq.len(),
+        num_groups: g_part0.len(),
+        num_parts: parts,
         num_seqs: batch.seqs.len(),
         emit_seqs,
         emit_logits,
@@ -166,7 +238,7 @@ mod tests {
                 ),
             ],
         };
-        let p = plan_step(&batch, 4, 8, 10, 2).unwrap();
+        let p = plan_step(&batch, 4, 8, 10, 2, None).unwrap();
         assert_eq!(p.num_tokens, 6);
         let at = &p.at;
         let get = |o: usize, n: usize| p.packed[o..o + n].to_vec();
@@ -188,17 +260,56 @@ mod tests {
         let short = Batch {
             seqs: vec![chunk(vec![1; 5], 0, vec![0], Emit::Logits)],
         };
-        assert!(plan_step(&short, 4, 8, 10, 2)
+        assert!(plan_step(&short, 4, 8, 10, 2, None)
             .unwrap_err()
             .to_string()
             .contains("need 2"));
         let bad_block = Batch {
             seqs: vec![chunk(vec![1], 0, vec![8], Emit::Logits)],
         };
-        assert!(plan_step(&bad_block, 4, 8, 10, 2).is_err());
+        assert!(plan_step(&bad_block, 4, 8, 10, 2, None).is_err());
         let bad_token = Batch {
             seqs: vec![chunk(vec![10], 0, vec![0], Emit::Logits)],
         };
-        assert!(plan_step(&bad_token, 4, 8, 10, 2).is_err());
+        assert!(plan_step(&bad_token, 4, 8, 10, 2, None).is_err());
+    }
+
+    #[test]
+    fn splits_long_decode_tiles_into_key_ranges() {
+        let batch = Batch {
+            seqs: vec![
+                chunk(vec![7], 199, (0..50).collect(), Emit::Logits),
+                chunk(vec![1, 2], 0, vec![60], Emit::Logits),
+            ],
+        };
+        let policy = SplitPolicy {
+            target_blocks: 64,
+            kv_heads: 2,
+            max_parts: 100,
+            min_keys: 32,
+        };
+        let p = plan_step(&batch, 4, 100, 10, 4, Some(policy)).unwrap();
+        let at = &p.at;
+        let get = |o: usize, n: usize| p.packed[o..o + n].to_vec();
+        // 200 keys: 16 parts wanted, at most 200/32 = 6, in 32-key multiples: 4 parts of 64.
+        assert_eq!(p.num_tiles, 5);
+        assert_eq!(get(at.tile_kbeg, 5), vec![0, 64, 128, 192, 0]);
+        assert_eq!(get(at.tile_kend, 5), vec![64, 128, 192, 200, 2]);
+        assert_eq!(get(at.tile_part, 5), vec![0, 1, 2, 3, -1]);
+        assert_eq!((p.num_groups, p.num_parts), (1, 4));
+        assert_eq!(get(at.group_part0, 1), vec![0]);
+        assert_eq!(get(at.group_nparts, 1), vec![4]);
+        assert_eq!(get(at.group_q0, 1), vec![0]);
+        // No room for parts: no split.
+        let tight = SplitPolicy {
+            max_parts: 2,
+            ..policy
+        };
+        assert_eq!(
+            plan_step(&batch, 4, 100, 10, 4, Some(tight))
+                .unwrap()
+                .num_parts,
+            0
+        );
     }
 }

@@ -5,8 +5,9 @@ use super::kernels::{launch, Arg, Kernels};
 use anyhow::{ensure, Result};
 use cudarc::driver::sys::CUstream;
 
-/// Threads per block for the per-row kernels.
-const ROW_THREADS: u32 = 256;
+/// Threads per block for the per-row kernels (one block per row: a decode row of 8192-28672
+/// values needs many threads in flight).
+const ROW_THREADS: u32 = 1024;
 /// Query tokens × heads per attention block (the kernel's R limit).
 pub const ATTENTION_ROWS: usize = 32;
 const ATTENTION_KEYS_PER_TILE: usize = 32;
@@ -187,8 +188,9 @@ impl Ops<'_> {
     pub fn silu_mul(&self, out: u64, gate_up: u64, n: usize, inter: usize) -> Result<()> {
         self.go(
             &self.typed("silu_mul"),
-            rows(n),
-            ROW_THREADS,
+            // Enough blocks to fill the GPU at batch 1: 8 columns per thread.
+            (n as u32, (inter as u32).div_ceil(256 * 8), 1),
+            256,
             0,
             &[Arg::Ptr(out), Arg::Ptr(gate_up), Arg::I32(inter as i32)],
         )
@@ -305,6 +307,11 @@ impl Ops<'_> {
                 Arg::Ptr(a.tile_q_len),
                 Arg::Ptr(a.block_tables),
                 Arg::Ptr(a.block_table_start),
+                Arg::Ptr(a.tile_kbeg),
+                Arg::Ptr(a.tile_kend),
+                Arg::Ptr(a.tile_part),
+                Arg::Ptr(a.part_ml),
+                Arg::Ptr(a.part_acc),
                 Arg::I32(a.row_stride as i32),
                 Arg::I32(a.q_heads as i32),
                 Arg::I32(a.kv_heads as i32),
@@ -312,6 +319,40 @@ impl Ops<'_> {
                 Arg::I32(a.block_size as i32),
                 Arg::F32(a.scale),
                 Arg::I32(a.q_per_tile as i32),
+            ],
+        )
+    }
+
+    /// Merges split decode tiles' partials into the output: `groups` of (first part, parts, query).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_combine(
+        &self,
+        out: u64,
+        part_ml: u64,
+        part_acc: u64,
+        group_part0: u64,
+        group_nparts: u64,
+        group_q0: u64,
+        groups: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.go(
+            &self.typed("attention_combine"),
+            (groups as u32, kv_heads as u32, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(part_ml),
+                Arg::Ptr(part_acc),
+                Arg::Ptr(group_part0),
+                Arg::Ptr(group_nparts),
+                Arg::Ptr(group_q0),
+                Arg::I32(q_heads as i32),
+                Arg::I32(kv_heads as i32),
+                Arg::I32(head_dim as i32),
             ],
         )
     }
@@ -382,6 +423,13 @@ pub struct AttentionArgs {
     pub tile_q_len: u64,
     pub block_tables: u64,
     pub block_table_start: u64,
+    pub tile_kbeg: u64,
+    pub tile_kend: u64,
+    pub tile_part: u64,
+    /// Partial results of split decode tiles: `[parts, kv_heads, group]` (m, l) pairs and
+    /// `[parts, kv_heads, group, head_dim]` accumulators, F32.
+    pub part_ml: u64,
+    pub part_acc: u64,
     pub num_tiles: usize,
     pub row_stride: usize,
     pub q_heads: usize,
