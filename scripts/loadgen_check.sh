@@ -28,9 +28,20 @@ PY
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
 CMD=(taskset -c 0 "$BIN" bench --url "127.0.0.1:$PORT" --model mock --isl 100 --osl 150
      --concurrency 256 --artifact-dir "$WORK/art" --tokenizer "$WORK/tok" --no-progress)
-/usr/bin/time -f '%U %S %e' -o "$WORK/time" "${CMD[@]}" | tee "$WORK/summary.txt"
-read -r USER_S SYS_S WALL_S <"$WORK/time"
-python3 - "$WORK" "$FLOOR" "$USER_S" "$SYS_S" "$WALL_S" "$(git rev-parse --short HEAD)" "${CMD[*]}" <<'PY'
+# CPU time of the bench process: bash's `times` accounts waited-for children (the mock server,
+# still running, is not among them); subtract what the children used before.
+to_s() { python3 -c "import sys; m, s = sys.argv[1].rstrip('s').split('m'); print(int(m) * 60 + float(s))" "$1"; }
+times >"$WORK/t0"  # a builtin with a redirect runs in this shell (a subshell would see zeros)
+read -r U0 S0 < <(tail -1 "$WORK/t0")
+T0=$(date +%s.%N)
+"${CMD[@]}" | tee "$WORK/summary.txt"
+T1=$(date +%s.%N)
+times >"$WORK/t1"
+read -r U1 S1 < <(tail -1 "$WORK/t1")
+USER_S=$(python3 -c "print($(to_s "$U1") - $(to_s "$U0"))")
+SYS_S=$(python3 -c "print($(to_s "$S1") - $(to_s "$S0"))")
+WALL_S=$(python3 -c "print(round($T1 - $T0, 2))")
+python3 - "$WORK" "$FLOOR" "$USER_S" "$SYS_S" "$WALL_S" "${LOADGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" "${CMD[*]}" <<'PY'
 import json, sys, glob, platform, datetime, os
 work, floor, user, sys_s, wall, commit, cmd = sys.argv[1:]
 run = json.load(open(glob.glob(f"{work}/art/*concurrency256/profile_export_genai_perf.json")[0]))

@@ -231,3 +231,133 @@ fn ctrl_c_stops_the_instances() {
         "instances still running after Ctrl-C: {pids:?}"
     );
 }
+
+#[test]
+fn in_process_cli_then_pareto_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |art: &str, extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args([
+                "bench",
+                "--in-process",
+                "--model",
+                "tiny-llama",
+                "--load-format",
+                "dummy",
+            ])
+            .args([
+                "--device",
+                "cpu",
+                "--block-size",
+                "16",
+                "--isl",
+                "16",
+                "--osl",
+                "4",
+            ])
+            .args([
+                "--concurrency",
+                "1,2",
+                "--request-count",
+                "4",
+                "--no-progress",
+            ])
+            .arg("--artifact-dir")
+            .arg(dir.path().join(art))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    run("agg", &["--dp", "2"]);
+    run(
+        "disagg",
+        &[
+            "--mode",
+            "disaggregated",
+            "--prefill-dp",
+            "1",
+            "--decode-dp",
+            "1",
+        ],
+    );
+    let cfg = std::fs::read_to_string(dir.path().join("disagg/deployment_config.json")).unwrap();
+    assert!(cfg.contains("\"mode\": \"disaggregated\""), "{cfg}");
+    let out = Command::new(BIN)
+        .args(["pareto", "--output-dir"])
+        .arg(dir.path().join("out"))
+        .arg(dir.path().join("agg"))
+        .arg(dir.path().join("disagg"))
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("baseline: agg (2 GPUs)"), "{log}");
+    assert!(dir.path().join("out/pareto_plot.png").is_file());
+    assert!(dir.path().join("out/results.csv").is_file());
+}
+
+#[test]
+fn bench_against_tandem_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = bench_common::free_port_pair();
+    let mut serve = Command::new(BIN)
+        .args([
+            "serve",
+            "--model",
+            "tiny-llama",
+            "--load-format",
+            "dummy",
+            "--device",
+            "cpu",
+        ])
+        .args(["--block-size", "16", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while port_free(port) {
+        assert!(Instant::now() < deadline, "tandem serve did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--url",
+            &format!("127.0.0.1:{port}"),
+            "--model",
+            "tiny-llama",
+        ])
+        .args([
+            "--isl",
+            "32",
+            "--osl",
+            "16",
+            "--concurrency",
+            "1,4",
+            "--no-progress",
+        ])
+        .arg("--artifact-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let run = dir.path().join("tiny-llama-openai-chat-concurrency1");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("profile_export_genai_perf.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        json["input_sequence_length"]["avg"], 32.0,
+        "prompts are exact for the model's tokenizer"
+    );
+    let osl = json["output_sequence_length"]["avg"].as_f64().unwrap();
+    // Counted from the streamed text: special tokens the dummy model samples stream no text.
+    assert!((12.0..=16.0).contains(&osl), "output sequence length {osl}");
+    // A tiny model answers in a few ms; ~40 ms would mean small writes wait on delayed ACKs.
+    let ttft_p50 = json["time_to_first_token"]["p50"].as_f64().unwrap();
+    assert!(ttft_p50 < 35.0, "TTFT p50 {ttft_p50} ms");
+}

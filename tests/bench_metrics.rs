@@ -207,18 +207,13 @@ fn interpolation_and_gains_along_frontiers() {
     let other = pareto::frontier(&pts(&[(2.0, 12.0), (4.0, 4.0)]));
     let g = pareto::gains(&base, &other);
     assert_eq!(g.len(), 2, "{g:?}");
-    (
-        close(g[0].x, 2.0),
-        close(g[0].baseline_y, 6.0),
-        close(g[0].y, 12.0),
-        close(g[0].ratio(), 2.0),
-    );
-    (
-        close(g[1].x, 3.0),
-        close(g[1].baseline_y, 2.0),
-        close(g[1].y, 8.0),
-        close(g[1].ratio(), 4.0),
-    );
+    for (gain, (x, base_y, y, ratio)) in g.iter().zip([(2.0, 6.0, 12.0, 2.0), (3.0, 2.0, 8.0, 4.0)])
+    {
+        close(gain.x, x);
+        close(gain.baseline_y, base_y);
+        close(gain.y, y);
+        close(gain.ratio(), ratio);
+    }
     assert!(pareto::gains(&base, &pareto::frontier(&pts(&[(5.0, 1.0)]))).is_empty());
 }
 

@@ -360,3 +360,56 @@ async fn in_process_target_is_measured_like_http() {
         .iter()
         .all(|p| p.max_tokens == 10 && p.min_tokens == 10 && p.ignore_eos));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_end_to_end_on_the_tiny_model() {
+    use tandem::bench::demo::{self, DemoConfig, AGG_DIR, DISAGG_DIR};
+    use tandem::bench::inprocess::LocalDeployment;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DemoConfig {
+        deployment: LocalDeployment {
+            model: "tiny-llama".into(),
+            load_format: tandem::model::LoadFormat::Dummy,
+            device: tandem::backend::DeviceKind::Cpu,
+            block_size: 16,
+            seed: 0,
+            engine: tandem::engine::EngineConfig {
+                enable_prefix_caching: false,
+                ..Default::default()
+            },
+            num_kv_blocks: Some(256),
+            gpu_memory_utilization: 0.9,
+            replicas: 2,
+        },
+        concurrencies: vec![1, 2],
+        isl: 32,
+        osl: 8,
+        request_count: Some(4),
+        output_dir: dir.path().to_path_buf(),
+        progress: false,
+    };
+    let outcome = demo::run(&cfg).await.unwrap();
+    assert_eq!(outcome.aggregated.len(), 2);
+    assert_eq!(outcome.disaggregated.len(), 2);
+    for level in outcome.aggregated.iter().chain(&outcome.disaggregated) {
+        assert_eq!(level.metrics.avg("request_count"), 4.0);
+        assert_eq!(level.metrics.avg("output_sequence_length"), 8.0);
+        assert_eq!(level.metrics.avg("input_sequence_length"), 32.0);
+    }
+    for sub in [AGG_DIR, DISAGG_DIR] {
+        let run = artifacts::level_dir(&dir.path().join(sub), "tiny-llama", "chat", 2);
+        assert!(run.join(JSON_FILE).is_file(), "{}", run.display());
+    }
+    let disagg = tandem::bench::DeploymentConfig::read(&dir.path().join(DISAGG_DIR)).unwrap();
+    assert_eq!((disagg.mode.as_str(), disagg.gpus()), ("disaggregated", 2));
+    assert!(dir.path().join("pareto_plot.png").is_file());
+    assert!(dir.path().join("results.csv").is_file());
+    assert!(outcome.report.contains("tok/s/gpu"), "{}", outcome.report);
+    assert!(
+        outcome
+            .report
+            .contains("disaggregated (1 prefill + 1 decode) (2 GPUs) vs aggregated"),
+        "{}",
+        outcome.report
+    );
+}

@@ -3,107 +3,11 @@
 
 mod disagg_support;
 
-use clap::Parser;
-use disagg_support::{model_flags, spawn_worker, start_servers, Servers};
-use futures::StreamExt;
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tandem::cli::common::{EngineArgs, ModelArgs};
-use tandem::engine::types::{GenerateRequest, SamplingParams};
-use tandem::engine::EngineHandle;
-use tandem::runtime::distributed::{DistributedConfig, DistributedRuntime};
-use tandem::runtime::{DiscoveryEvent, Runtime};
+use disagg_support::*;
+use std::time::Duration;
+use tandem::engine::types::GenerateRequest;
 use tandem::worker::remote::RemoteWorker;
 use tandem::worker::WorkerClient;
-
-#[derive(Parser)]
-struct Flags {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    engine: EngineArgs,
-}
-
-/// An aggregated engine in this process with the workers' model and flags.
-fn reference_engine() -> EngineHandle {
-    let flags = Flags::parse_from(std::iter::once("ref".to_string()).chain(model_flags()));
-    tandem::cli::worker::build_engine(&flags.model, &flags.engine)
-        .unwrap()
-        .0
-}
-
-async fn connect(servers: &Servers, namespace: &str) -> Arc<dyn Runtime> {
-    let config = DistributedConfig {
-        namespace: namespace.into(),
-        lease_ttl: Duration::from_secs(2),
-        ..DistributedConfig::new(&servers.etcd_url, &servers.nats_url)
-    };
-    Arc::new(DistributedRuntime::connect(&config).await.unwrap())
-}
-
-async fn wait_registered(rt: &Arc<dyn Runtime>, ids: &[&str]) {
-    let mut events = rt.watch().await.unwrap();
-    let mut missing: HashSet<String> = ids.iter().map(|s| s.to_string()).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !missing.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, events.next()).await {
-            Ok(Some(DiscoveryEvent::Up(i))) => {
-                missing.remove(&i.id);
-            }
-            Ok(Some(_)) => {}
-            _ => panic!("workers never registered: {missing:?}"),
-        }
-    }
-}
-
-pub fn request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-    let params = SamplingParams {
-        max_tokens,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    GenerateRequest {
-        id: id.into(),
-        prompt_tokens: prompt,
-        params,
-    }
-}
-
-pub fn prompt(seed: usize, len: usize) -> Vec<u32> {
-    (0..len)
-        .map(|i| ((i * 31 + seed * 97 + 5) % 500) as u32)
-        .collect()
-}
-
-pub async fn tokens_of(worker: &dyn WorkerClient, req: GenerateRequest) -> Vec<u32> {
-    let mut stream = worker.generate(req).await.expect("accepted");
-    let mut tokens = Vec::new();
-    while let Some(piece) = tokio::time::timeout(Duration::from_secs(30), stream.next())
-        .await
-        .expect("no output in 30 s")
-    {
-        tokens.extend(piece.expect("no error").token_ids);
-    }
-    tokens
-}
-
-async fn wait_no_active_blocks(worker: &RemoteWorker) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = worker.metrics();
-        if m.kv_blocks_total > 0 && m.kv_blocks_active == 0 && m.running == 0 && m.waiting == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: KV blocks still held: {m:?}",
-            worker.id()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disaggregated_greedy_tokens_equal_aggregated_tp1_and_tp_mismatched() {
@@ -173,4 +77,115 @@ async fn disaggregated_greedy_tokens_equal_aggregated_tp1_and_tp_mismatched() {
         wait_no_active_blocks(&worker).await;
     }
     wait_no_active_blocks(&prefill).await;
+}
+
+mod frontend_support;
+
+async fn completion_text(url: &str, prompt: &[u32]) -> (String, serde_json::Value) {
+    let body = serde_json::json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": 10,
+        "temperature": 0, "ignore_eos": true});
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    (
+        v["choices"][0]["text"].as_str().unwrap().to_string(),
+        v["usage"].clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontend_with_prefill_and_decode_processes_answers_like_aggregated_serve() {
+    let Some(servers) = start_servers() else {
+        return;
+    };
+    let ns = "http";
+    let _prefill = spawn_worker(&servers, ns, "prefill", "prefill-0", &[]);
+    let _decode = spawn_worker(
+        &servers,
+        ns,
+        "decode",
+        "decode-0",
+        &["--no-conditional-disagg"],
+    );
+    let mut args: Vec<String> = [
+        "frontend",
+        "--namespace",
+        ns,
+        "--model",
+        MODEL,
+        "--served-model-name",
+        "tiny-llama",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["--etcd", &servers.etcd_url, "--nats", &servers.nats_url].map(String::from));
+    args.extend(
+        [
+            "--port",
+            "0",
+            "--max-model-len",
+            "2048",
+            "--wait-for-workers",
+            "60",
+        ]
+        .map(String::from),
+    );
+    let frontend = Proc::spawn("frontend", &args);
+    let url = frontend_url(&frontend);
+    let agg = frontend_support::Served::start(
+        &[
+            "--model",
+            "tiny-llama",
+            "--served-model-name",
+            "tiny-llama",
+            "--load-format",
+            "dummy",
+            "--device",
+            "cpu",
+            "--block-size",
+            "16",
+            "--num-kv-blocks",
+            "512",
+            "--max-model-len",
+            "2048",
+        ],
+        Duration::from_secs(60),
+    );
+    for len in [5, 60, 250] {
+        let p = prompt(len, len);
+        let (disagg, usage) = completion_text(&url, &p).await;
+        let (aggregated, _) = completion_text(&agg.url, &p).await;
+        assert_eq!(disagg, aggregated, "prompt of {len} tokens");
+        assert_eq!(usage["completion_tokens"], 10);
+    }
+    // The router follows the directory: the decode worker is listed in /metrics.
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("decode-0"), "{metrics}");
+    // The official OpenAI client: the same results from both deployments.
+    if let Some(python) = frontend_support::openai_python() {
+        let (u1, u2) = (url.clone(), agg.url.clone());
+        let (d, a) = tokio::task::spawn_blocking(move || {
+            (
+                frontend_support::run_client(&python, &u1, "tiny-llama"),
+                frontend_support::run_client(&python, &u2, "tiny-llama"),
+            )
+        })
+        .await
+        .unwrap();
+        for key in ["chat_text", "completion_text", "ids_completion_token_ids"] {
+            assert_eq!(d[key], a[key], "{key}");
+        }
+    }
 }

@@ -279,3 +279,128 @@ async fn cancelled_requests_free_their_parked_blocks() {
     // And the worker still serves.
     run_and_check(worker, 2, 9).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_worker_runs_queued_prompts_together_in_one_step() {
+    // A slow step lets the queue fill while the first prompt runs.
+    let backend = MockBackend::new(VOCAB, BLOCK, 256).with_step_delay(Duration::from_millis(60));
+    let log = backend.log();
+    let config = EngineConfig {
+        max_num_batched_tokens: 256,
+        max_model_len: Some(256),
+        ..Default::default()
+    };
+    let p = Engine::start(Box::new(backend), None, config);
+    let d = engine(Duration::ZERO, Duration::from_secs(30));
+    let deployment = start_embedded(spec(
+        vec![p.clone()],
+        vec![d.clone()],
+        always_remote(),
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    run_and_check(&deployment.workers[0], 6, 10).await;
+    let widest = log
+        .lock()
+        .iter()
+        .map(|step| step.iter().filter(|c| c.start_pos == 0).count())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        widest >= 2,
+        "no step prefilled two prompts together (widest: {widest})"
+    );
+    assert_blocks_free(&[&p, &d]);
+}
+
+/// Workers served on the in-process runtime and reached through discovery, as the distributed
+/// frontend reaches them: requests are balanced, and a worker that goes away is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_client_balances_over_served_workers_and_survives_one_leaving() {
+    use tandem::runtime::local::LocalRuntime;
+    use tandem::runtime::Runtime;
+    use tandem::worker::protocol::{WorkerInfo, WorkerRole};
+    use tandem::worker::remote::{DirectoryClient, WorkerDirectory};
+    use tandem::worker::service::serve_worker;
+    use tandem::worker::LocalWorker;
+
+    let rt: Arc<dyn Runtime> = Arc::new(LocalRuntime::new());
+    let info = WorkerInfo {
+        role: WorkerRole::Agg,
+        model: "mock".into(),
+        block_size: BLOCK,
+    };
+    let (e0, e1) = (
+        engine(Duration::ZERO, Duration::from_secs(30)),
+        engine(Duration::ZERO, Duration::from_secs(30)),
+    );
+    let s0 = serve_worker(
+        rt.clone(),
+        Arc::new(LocalWorker::new("w0", e0.clone())),
+        &info,
+    )
+    .await
+    .unwrap();
+    let _s1 = serve_worker(
+        rt.clone(),
+        Arc::new(LocalWorker::new("w1", e1.clone())),
+        &info,
+    )
+    .await
+    .unwrap();
+    let directory = WorkerDirectory::watch(rt.clone()).await.unwrap();
+    directory.wait_for(2, Duration::from_secs(5)).await.unwrap();
+    let client: Arc<dyn WorkerClient> = Arc::new(DirectoryClient::new(directory));
+    run_and_check(&client, 8, 5).await;
+    assert!(
+        e0.metrics().steps > 0 && e1.metrics().steps > 0,
+        "one worker got nothing"
+    );
+
+    drop(s0); // w0 stops serving and deregisters
+    let steps = e0.metrics().steps;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run_and_check(&client, 4, 7).await;
+    assert_eq!(
+        e0.metrics().steps,
+        steps,
+        "a request went to the worker that left"
+    );
+    assert_blocks_free(&[&e0, &e1]);
+}
+
+/// After a remote prefill the decode worker streams one token per step, as after a local one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stream_step_by_step_after_a_remote_prefill() {
+    let p = engine(Duration::ZERO, Duration::from_secs(30));
+    let d = engine(Duration::from_millis(30), Duration::from_secs(30));
+    let deployment = start_embedded(spec(
+        vec![p.clone()],
+        vec![d.clone()],
+        always_remote(),
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    let mut stream = deployment.workers[0]
+        .generate(request("s", prompt(3, 20)))
+        .await
+        .unwrap();
+    let mut arrivals = Vec::new();
+    while let Some(piece) = stream.next().await {
+        arrivals.push((Instant::now(), piece.unwrap().token_ids.len()));
+    }
+    assert!(p.metrics().steps > 0);
+    let counts: Vec<usize> = arrivals.iter().map(|a| a.1).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 6);
+    assert!(arrivals.len() >= 5, "tokens came in bursts: {counts:?}");
+    let gaps: Vec<u128> = arrivals
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0).as_millis())
+        .collect();
+    assert!(
+        gaps.iter().skip(1).all(|&g| g >= 20),
+        "pieces not a step apart: {gaps:?}"
+    );
+}

@@ -128,7 +128,7 @@ async fn round_trip(
         let src = source(4, src_tp, 3, src_tp as u8);
         let dst_blocks = [9u32, 2, 14, 5]; // one more than needed: only the first three are written
         send_kv(
-            &[transfer.clone()],
+            std::slice::from_ref(&transfer),
             &sink.destination(endpoint),
             "req-1",
             &dst_blocks,
@@ -193,7 +193,7 @@ async fn writes_for_a_request_not_waiting_are_refused_and_touch_nothing() {
         .unwrap();
     let transfer: Arc<dyn KvTransfer> = Arc::new(TcpTransfer::new());
     let err = send_kv(
-        &[transfer.clone()],
+        std::slice::from_ref(&transfer),
         &sink.destination(server.endpoint()),
         "gone",
         &[1, 2],
@@ -226,16 +226,20 @@ async fn mismatched_layouts_and_short_destinations_are_errors() {
     let transfer: Arc<dyn KvTransfer> = Arc::new(registry.clone());
     let dest = sink.destination(endpoint.clone());
     // Three blocks into two destination blocks.
-    assert!(
-        send_kv(&[transfer.clone()], &dest, "r", &[0, 1], source(4, 1, 3, 0))
-            .await
-            .is_err()
-    );
+    assert!(send_kv(
+        std::slice::from_ref(&transfer),
+        &dest,
+        "r",
+        &[0, 1],
+        source(4, 1, 3, 0)
+    )
+    .await
+    .is_err());
     // A source with a different head dimension.
     let mut other = source(4, 1, 1, 0);
     other.rank_layout.head_dim = 4;
     other.shards[0].truncate(other.rank_layout.block_bytes());
-    let err = send_kv(&[transfer.clone()], &dest, "r", &[0], other)
+    let err = send_kv(std::slice::from_ref(&transfer), &dest, "r", &[0], other)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("layout mismatch"), "{err}");

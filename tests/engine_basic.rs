@@ -336,7 +336,10 @@ async fn multibyte_characters_come_out_whole() {
 
 #[tokio::test]
 async fn backend_failure_fails_every_stream_and_refuses_new_requests() {
-    let backend = MockBackend::new(VOCAB, 4, 64).failing_at_step(3);
+    // Slow steps: all four requests are in before the failure.
+    let backend = MockBackend::new(VOCAB, 4, 64)
+        .with_step_delay(Duration::from_millis(100))
+        .failing_at_step(2);
     let e = Engine::start(Box::new(backend), None, EngineConfig::default());
     let streams: Vec<_> = (0..4)
         .map(|i| e.generate(greedy(&i.to_string(), vec![1, i], 50)).unwrap())
@@ -351,6 +354,27 @@ async fn backend_failure_fails_every_stream_and_refuses_new_requests() {
         e.generate(greedy("x", vec![1], 1)),
         Err(EngineError::Internal(_))
     ));
+    assert_eq!(e.metrics().kv_blocks_active, 0);
+}
+
+#[tokio::test]
+async fn a_panicking_backend_fails_streams_instead_of_hanging() {
+    let backend = MockBackend::new(VOCAB, 4, 64)
+        .with_step_delay(Duration::from_millis(50))
+        .panicking_at_step(1);
+    let e = Engine::start(Box::new(backend), None, EngineConfig::default());
+    let a = e.generate(greedy("a", vec![1, 2], 20)).unwrap();
+    let b = e.generate(greedy("b", vec![3], 20)).unwrap();
+    for s in [a, b] {
+        match collect(s).await {
+            Err(EngineError::Internal(msg)) => assert!(msg.contains("injected panic"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    match e.generate(greedy("c", vec![1], 1)) {
+        Err(EngineError::Internal(msg)) => assert!(msg.contains("panicked"), "{msg}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
     assert_eq!(e.metrics().kv_blocks_active, 0);
 }
 

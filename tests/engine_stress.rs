@@ -161,8 +161,11 @@ async fn mix(config: EngineConfig, block_size: usize, num_blocks: usize, jobs: V
         }
     }
     assert_all_blocks_free(&e);
+    let preemptions = e.metrics().num_preemptions;
     let admissions = check_log(&log, budget, max_seqs, chunked);
-    admissions.values().filter(|&&n| n > 1).count()
+    let readmitted = admissions.values().filter(|&&n| n > 1).count();
+    assert!(readmitted as u64 <= preemptions);
+    readmitted
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

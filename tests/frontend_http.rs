@@ -342,3 +342,48 @@ async fn models_health_and_metrics() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn streamed_choices_interleave_with_their_own_index() {
+    let (s, _) = server(MockConfig::default()).await;
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 3, "stream": true,
+                      "logprobs": true, "top_logprobs": 1, "stream_options": {"include_usage": true}});
+    let events = post_sse(&s, "/v1/chat/completions", body).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let prompt = chat_prompt("hi");
+    for index in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .filter(|c| c["index"] == index)
+            .collect();
+        assert_eq!(mine[0]["delta"]["role"], "assistant");
+        let text: String = mine
+            .iter()
+            .filter_map(|c| c["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, expected_text(&prompt, 3));
+        let finishes: Vec<&Value> = mine
+            .iter()
+            .map(|c| &c["finish_reason"])
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finishes, [&json!("length")]);
+        let lps = mine
+            .iter()
+            .filter(|c| c["logprobs"]["content"].is_array())
+            .count();
+        assert_eq!(lps, 3, "one logprobs entry per token");
+    }
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 6);
+    assert_eq!(
+        usage["prompt_tokens"],
+        prompt.len(),
+        "a prompt shared by n choices counts once"
+    );
+}

@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use axum::Router;
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -107,6 +108,10 @@ pub async fn start(addr: SocketAddr, upstreams: Vec<String>) -> anyhow::Result<B
     let app = Router::new().fallback(forward).with_state(shared);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
+    // Tokens are small writes: without TCP_NODELAY, Nagle holds them back behind unacked ones.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("balancer stopped: {e}");

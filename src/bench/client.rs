@@ -202,3 +202,44 @@ fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
         (a, b) => a.or(b),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_chat_completions_usage_done_and_errors() {
+        let chat = parse_event(r#"{"choices":[{"delta":{"content":" hi"}}]}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!((chat.text.as_str(), chat.has_output()), (" hi", true));
+        let role = parse_event(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#);
+        assert!(!role.unwrap().unwrap().has_output());
+        let text = parse_event(r#"{"choices":[{"text":"x"}]}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(text.text, "x");
+        let usage = parse_event(r#"{"choices":[],"usage":{"completion_tokens":7}}"#).unwrap();
+        assert_eq!(usage.unwrap().completion_tokens, Some(7));
+        assert_eq!(parse_event("[DONE]").unwrap(), None);
+        let err = parse_event(r#"{"error":{"message":"boom"}}"#).unwrap_err();
+        assert!(err.to_string().contains("boom"));
+        assert!(parse_event("{not json").is_err());
+    }
+
+    #[tokio::test]
+    async fn events_split_across_reads_and_crlf_separators() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\n: comment\n\n\
+                    data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\ndata: [DONE]\n\n\
+                    data: {\"choices\":[{\"delta\":{\"content\":\"after done\"}}]}\n\n";
+        // Cut the body into 7-byte reads so events straddle them.
+        let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+            body.as_bytes().chunks(7).map(|c| Ok(c.to_vec())).collect();
+        let chunks: Vec<Chunk> = sse_chunks(futures::stream::iter(pieces))
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(texts, vec!["a", "b"]);
+    }
+}

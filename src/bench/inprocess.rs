@@ -4,12 +4,17 @@
 
 use super::prompts::Prompt;
 use super::target::{Chunk, ChunkStream, LoadTarget};
-use crate::backend::factory::create_backend;
+use crate::backend::factory::{build_backend, BackendOptions};
 use crate::backend::DeviceKind;
 use crate::engine::types::{GenerateRequest, SamplingParams};
-use crate::engine::{Engine, EngineConfig};
-use crate::model::{load_weights, LoadFormat, ModelFiles};
+use crate::engine::{Engine, EngineConfig, EngineHandle};
+use crate::model::{LoadFormat, ModelFiles};
+use crate::worker::decode::DecodeConfig;
+use crate::worker::deployment::{
+    start_embedded, EmbeddedDeployment, EmbeddedSpec, EmbeddedTransport,
+};
 use crate::worker::local::LocalWorker;
+use crate::worker::prefill::PrefillConfig;
 use crate::worker::WorkerClient;
 use anyhow::{anyhow, bail, Result};
 use futures::future::BoxFuture;
@@ -19,6 +24,8 @@ use std::sync::Arc;
 
 pub struct WorkerTarget {
     workers: Vec<Arc<dyn WorkerClient>>,
+    /// Keeps a disaggregated deployment's prefill workers running while the target lives.
+    _embedded: Option<EmbeddedDeployment>,
     in_flight: Arc<Vec<AtomicUsize>>,
     next_id: AtomicUsize,
 }
@@ -31,9 +38,17 @@ impl WorkerTarget {
         let in_flight = Arc::new(workers.iter().map(|_| AtomicUsize::new(0)).collect());
         Ok(Self {
             workers,
+            _embedded: None,
             in_flight,
             next_id: AtomicUsize::new(0),
         })
+    }
+
+    /// Drives the request-taking workers of an embedded (e.g. disaggregated) deployment.
+    pub fn embedded(deployment: EmbeddedDeployment) -> Result<Self> {
+        let mut target = Self::new(deployment.workers.clone())?;
+        target._embedded = Some(deployment);
+        Ok(target)
     }
 
     fn pick(&self) -> usize {
@@ -95,6 +110,9 @@ impl LoadTarget for WorkerTarget {
     }
 }
 
+/// KV blocks per engine on the CPU when not given (as `tandem serve` uses).
+const CPU_KV_BLOCKS: usize = 512;
+
 /// An embedded aggregated deployment: `replicas` engines of one model in this process.
 #[derive(Debug, Clone)]
 pub struct LocalDeployment {
@@ -106,29 +124,72 @@ pub struct LocalDeployment {
     /// Seed of dummy weights.
     pub seed: u64,
     pub engine: EngineConfig,
-    pub num_kv_blocks: usize,
+    /// KV pool per engine; `None`: from `gpu_memory_utilization` on a GPU (shared evenly by
+    /// the engines started together), `CPU_KV_BLOCKS` on the CPU.
+    pub num_kv_blocks: Option<usize>,
+    pub gpu_memory_utilization: f64,
     pub replicas: usize,
 }
 
 /// Loads the model once and starts one engine per replica; also returns the model's files
 /// (its tokenizer builds the prompts).
 pub fn start_aggregated(d: &LocalDeployment) -> Result<(Vec<Arc<dyn WorkerClient>>, ModelFiles)> {
-    if d.replicas == 0 {
+    let (engines, files) = start_engines(d, d.replicas)?;
+    let workers = engines
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| Arc::new(LocalWorker::new(format!("agg-{i}"), e)) as Arc<dyn WorkerClient>)
+        .collect();
+    Ok((workers, files))
+}
+
+/// Loads the model once and starts `n` engines of it.
+pub fn start_engines(d: &LocalDeployment, n: usize) -> Result<(Vec<EngineHandle>, ModelFiles)> {
+    if n == 0 {
         bail!("an embedded deployment needs at least one worker");
     }
     let files = ModelFiles::resolve(&d.model)?;
-    let weights = load_weights(&files, d.load_format, d.seed)?;
-    let mut workers: Vec<Arc<dyn WorkerClient>> = Vec::new();
-    for i in 0..d.replicas {
-        let backend = create_backend(
-            d.device,
-            &files.config,
-            &weights,
-            d.block_size,
-            d.num_kv_blocks,
-        )?;
-        let engine = Engine::start(backend, None, d.engine.clone());
-        workers.push(Arc::new(LocalWorker::new(format!("agg-{i}"), engine)));
+    let opts = BackendOptions {
+        block_size: d.block_size,
+        num_kv_blocks: d.num_kv_blocks,
+        gpu_memory_utilization: d.gpu_memory_utilization / n as f64,
+        max_num_batched_tokens: d.engine.max_num_batched_tokens,
+        max_num_seqs: d.engine.max_num_seqs,
+        cpu_default_blocks: CPU_KV_BLOCKS,
+    };
+    let mut engines = Vec::new();
+    for _ in 0..n {
+        // Dummy weights for a GPU are generated there; host weights are loaded per engine.
+        let backend = build_backend(d.device, &files, d.load_format, d.seed, &opts)?;
+        engines.push(Engine::start(backend, None, d.engine.clone()));
     }
-    Ok((workers, files))
+    Ok((engines, files))
+}
+
+/// An embedded disaggregated deployment: `prefill` prefill engines and `decode` decode engines
+/// of one model, KV moved in process, every prefill remote (as in the guide).
+pub async fn start_disaggregated(
+    d: &LocalDeployment,
+    prefill: usize,
+    decode: usize,
+) -> Result<(EmbeddedDeployment, ModelFiles)> {
+    if prefill == 0 || decode == 0 {
+        bail!("a disaggregated deployment needs at least one prefill and one decode worker");
+    }
+    let local = d.clone();
+    let (mut engines, files) =
+        tokio::task::spawn_blocking(move || start_engines(&local, prefill + decode)).await??;
+    let decode_engines = engines.split_off(prefill);
+    let spec = EmbeddedSpec {
+        agg: vec![],
+        prefill: engines,
+        decode: decode_engines,
+        decode_config: DecodeConfig {
+            conditional_disagg: false,
+            ..Default::default()
+        },
+        prefill_config: PrefillConfig::default(),
+        transport: EmbeddedTransport::InProcess,
+    };
+    Ok((start_embedded(spec).await?, files))
 }

@@ -166,8 +166,8 @@ impl VllmFleet {
         let deadline = Instant::now() + timeout;
         let mut healthy = vec![false; self.urls.len()];
         while healthy.iter().any(|h| !h) {
-            for i in 0..self.urls.len() {
-                if healthy[i] {
+            for (i, healthy) in healthy.iter_mut().enumerate() {
+                if *healthy {
                     continue;
                 }
                 if let Some(status) = self.children[i].try_wait()? {
@@ -175,7 +175,7 @@ impl VllmFleet {
                         self.log_files[i].display(), log_tail(&self.log_files[i]));
                 }
                 let url = format!("{}/health", self.urls[i]);
-                healthy[i] = client
+                *healthy = client
                     .get(&url)
                     .send()
                     .await

@@ -1,7 +1,7 @@
 //! genai-perf's metric definitions and statistics, computed from per-request records.
 //!
-//! Per request: TTFT = first streamed content − request sent; request latency = last byte −
-//! request sent; ITL = (latency − TTFT) / (OSL − 1); tokens/s/user = 1000 / ITL(ms).
+//! Per request: TTFT = first streamed content − request sent; request latency = last streamed
+//! content − request sent; ITL = (latency − TTFT) / (OSL − 1); tokens/s/user = 1000 / ITL(ms).
 //! Per level: output token throughput = Σ OSL / duration, request throughput = N / duration,
 //! duration = last response − first request (warm-up excluded).
 //! Statistics: mean, min, max, population std and numpy's default (linear) percentiles.
@@ -16,7 +16,7 @@ pub struct RequestRecord {
     pub start_s: f64,
     /// Seconds since the origin when the first non-empty content arrived.
     pub first_token_s: f64,
-    /// Seconds since the origin when the stream ended.
+    /// Seconds since the origin when the last output arrived.
     pub end_s: f64,
     pub input_tokens: usize,
     pub output_tokens: usize,

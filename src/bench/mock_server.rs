@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -58,6 +59,10 @@ struct AppState {
 pub async fn start(addr: SocketAddr, cfg: MockConfig) -> anyhow::Result<MockServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
+    // Tokens are small writes: without TCP_NODELAY, Nagle holds them back behind unacked ones.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let stats = Arc::new(MockStats::default());
     let app = router(Arc::new(AppState {
         cfg,

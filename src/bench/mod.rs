@@ -5,6 +5,7 @@
 pub mod artifacts;
 pub mod balancer;
 pub mod client;
+pub mod demo;
 pub mod inprocess;
 pub mod launcher;
 pub mod metrics;

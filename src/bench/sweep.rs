@@ -227,10 +227,10 @@ async fn run_phase(
         .collect()
 }
 
-/// Times one request. OSL: exact token counts when the target gives them, else the tokenizer's
-/// count of each streamed chunk's text, summed (servers stream about one token per chunk, and
-/// counting chunk by chunk stays right when a server streams words without separating spaces),
-/// else the server's usage, else the number of content chunks.
+/// Times one request as genai-perf does: TTFT to the first piece with output, latency to the last
+/// one (the usage chunk and `[DONE]` after it do not count). OSL: exact token counts when the
+/// target gives them, else the tokenizer's count of the whole streamed text (genai-perf's
+/// method), else the server's usage, else the number of pieces with output.
 pub async fn one_request(
     target: &dyn LoadTarget,
     tokenizer: Option<&BenchTokenizer>,
@@ -240,35 +240,33 @@ pub async fn one_request(
 ) -> Result<RequestRecord> {
     let start_s = origin.elapsed().as_secs_f64();
     let mut stream = target.stream(prompt, osl).await?;
-    let mut first_token_s = None;
-    let (mut counted, mut exact, mut usage, mut chunks) = (0usize, None::<usize>, None, 0usize);
+    let (mut first_token_s, mut last_token_s) = (None, 0.0);
+    let (mut text, mut exact, mut usage, mut chunks) = (String::new(), None::<usize>, None, 0usize);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         if chunk.has_output() {
-            first_token_s.get_or_insert_with(|| origin.elapsed().as_secs_f64());
+            last_token_s = origin.elapsed().as_secs_f64();
+            first_token_s.get_or_insert(last_token_s);
             chunks += 1;
         }
-        if let (Some(t), false) = (tokenizer, chunk.text.is_empty()) {
-            counted += t.count(&chunk.text)?;
-        }
+        text.push_str(&chunk.text);
         if let Some(n) = chunk.tokens {
             *exact.get_or_insert(0) += n;
         }
         usage = chunk.completion_tokens.or(usage);
     }
-    let end_s = origin.elapsed().as_secs_f64();
     let Some(first_token_s) = first_token_s else {
         bail!("the response streamed no output")
     };
     let output_tokens = match (exact, tokenizer) {
         (Some(n), _) => n,
-        (None, Some(_)) => counted,
+        (None, Some(t)) => t.count(&text)?,
         (None, None) => usage.unwrap_or(chunks),
     };
     Ok(RequestRecord {
         start_s,
         first_token_s,
-        end_s,
+        end_s: last_token_s,
         input_tokens: prompt.input_tokens,
         output_tokens,
     })

@@ -2,7 +2,9 @@
 //! names), optionally starting the vLLM baseline behind Tandem's least-connections balancer.
 
 use crate::bench::client::{base_url, EndpointType, HttpTarget};
-use crate::bench::inprocess::{start_aggregated, LocalDeployment, WorkerTarget};
+use crate::bench::inprocess::{
+    start_aggregated, start_disaggregated, LocalDeployment, WorkerTarget,
+};
 use crate::bench::launcher::{self, VllmFleet, VllmLaunch};
 use crate::bench::prompts::{resolve_tokenizer, BenchTokenizer, PromptShape};
 use crate::bench::LoadTarget;
@@ -123,7 +125,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1800)]
     pub vllm_startup_timeout_s: u64,
     /// Drive engines in this process through `WorkerClient`, without HTTP (--model is a model
-    /// directory or preset; --dp engines; the engine flags below apply).
+    /// directory or preset; --dp engines, or with --mode disaggregated --prefill-dp prefill and
+    /// --decode-dp decode engines, every prefill remote; the engine flags below apply).
     #[arg(long)]
     pub in_process: bool,
     /// With --in-process: where the weights come from.
@@ -286,23 +289,34 @@ async fn in_process_target(
         block_size: args.block_size,
         seed: args.seed,
         engine: args.engine.engine_config(),
-        num_kv_blocks: args.engine.num_kv_blocks(0, None),
+        num_kv_blocks: args.engine.num_kv_blocks,
+        gpu_memory_utilization: args.engine.gpu_memory_utilization,
         replicas: args.dp,
     };
-    eprintln!(
-        "starting {} engine(s) of {} in this process",
-        local.replicas, local.model
-    );
-    let (workers, files) = tokio::task::spawn_blocking(move || start_aggregated(&local)).await??;
+    let (target, files) = if deployment.is_disaggregated() {
+        let (p, d) = (deployment.prefill_dp, deployment.decode_dp);
+        eprintln!(
+            "starting {p} prefill + {d} decode engine(s) of {} in this process",
+            local.model
+        );
+        let (embedded, files) = start_disaggregated(&local, p, d).await?;
+        (WorkerTarget::embedded(embedded)?, files)
+    } else {
+        eprintln!(
+            "starting {} engine(s) of {} in this process",
+            local.replicas, local.model
+        );
+        let (workers, files) =
+            tokio::task::spawn_blocking(move || start_aggregated(&local)).await??;
+        (WorkerTarget::new(workers)?, files)
+    };
     let tok_path = args.tokenizer.clone().unwrap_or_else(|| files.dir.clone());
     let tokenizer = BenchTokenizer::load(&tok_path).map_err(|e| {
         anyhow::anyhow!("--in-process needs the model's tokenizer (or --tokenizer DIR): {e:#}")
     })?;
-    deployment.tp = 1;
-    Ok((
-        Arc::new(WorkerTarget::new(workers)?),
-        Some(Arc::new(tokenizer)),
-    ))
+    // One engine per device until tensor parallelism lands.
+    (deployment.tp, deployment.prefill_tp, deployment.decode_tp) = (1, 1, 1);
+    Ok((Arc::new(target), Some(Arc::new(tokenizer))))
 }
 
 /// SIGINT or SIGTERM.

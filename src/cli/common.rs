@@ -34,11 +34,12 @@ pub struct EngineArgs {
     /// Most sequences running at once.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
-    /// Reuse the KV of shared prompt prefixes (`--enable-prefix-caching false` turns it off).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Reuse the KV of shared prompt prefixes (on by default; `--enable-prefix-caching=false`).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub enable_prefix_caching: bool,
-    /// Split long prompts into chunks under the step budget (`false`: prefill whole prompts).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Split long prompts into chunks under the step budget (on by default;
+    /// `--enable-chunked-prefill=false` prefills whole prompts).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub enable_chunked_prefill: bool,
     /// KV pool size in blocks; overrides the size derived from `--gpu-memory-utilization`.
     #[arg(long)]
@@ -46,7 +47,7 @@ pub struct EngineArgs {
     /// Fraction of GPU memory for weights, activations and the KV pool.
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
-    /// Requests waiting to start beyond which new ones are refused (HTTP 503).
+    /// Requests waiting to start beyond which new ones are refused (HTTP 429).
     #[arg(long, default_value_t = 4096)]
     pub max_queue_len: usize,
     /// Seconds a decode worker waits for a remote prefill before prefilling locally.
@@ -88,5 +89,44 @@ impl EngineArgs {
             }
             None => DEFAULT_CPU_KV_BLOCKS,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    #[test]
+    fn engine_flags_parse_with_vllm_names() {
+        let cli = Cli::parse_from([
+            "t",
+            "--max-num-batched-tokens",
+            "512",
+            "--enable-prefix-caching=false",
+        ]);
+        let c = cli.engine.engine_config();
+        assert_eq!(c.max_num_batched_tokens, 512);
+        assert!(!c.enable_prefix_caching);
+        assert!(c.enable_chunked_prefill);
+        let cli = Cli::parse_from([
+            "t",
+            "--enable-prefix-caching",
+            "--enable-chunked-prefill",
+            "false",
+        ]);
+        assert!(cli.engine.enable_prefix_caching);
+        assert!(!cli.engine.enable_chunked_prefill);
+        // KV blocks: explicit, from GPU memory, or the CPU default.
+        assert_eq!(cli.engine.num_kv_blocks(1000, Some((100_000, 40_000))), 50);
+        assert_eq!(cli.engine.num_kv_blocks(1000, None), DEFAULT_CPU_KV_BLOCKS);
+        let cli = Cli::parse_from(["t", "--num-kv-blocks", "7"]);
+        assert_eq!(cli.engine.num_kv_blocks(1000, Some((100_000, 0))), 7);
     }
 }

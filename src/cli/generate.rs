@@ -3,7 +3,7 @@
 
 use super::common::{EngineArgs, ModelArgs, DEFAULT_CPU_KV_BLOCKS};
 use crate::backend::factory::{build_backend, resolve_device, BackendOptions};
-use crate::engine::types::{GenerateRequest, SamplingParams};
+use crate::engine::types::{FinishReason, GenerateRequest, SamplingParams};
 use crate::engine::Engine;
 use crate::model::{ChatMessage, ModelFiles};
 use anyhow::{bail, Context, Result};
@@ -40,6 +40,31 @@ pub struct Args {
     /// Keep generating past end-of-sequence tokens (fixed-length benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Print one JSON object (prompt_tokens, tokens, text, finish_reason, timing) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What one `generate` run produced (the `--json` output).
+#[derive(Debug, serde::Serialize)]
+pub struct Generation {
+    pub prompt_tokens: Vec<u32>,
+    pub tokens: Vec<u32>,
+    /// Present when the model has a tokenizer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// "stop" or "length"
+    pub finish_reason: Option<FinishReason>,
+    pub timing: Timing,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Timing {
+    pub load_ms: f64,
+    /// Request start until the first generated token.
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub decode_tokens_per_s: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -50,7 +75,12 @@ pub fn run(args: Args) -> Result<()> {
             let tok = files
                 .tokenizer
                 .as_ref()
-                .context("the model has no tokenizer: pass --prompt-tokens")?;
+                .with_context(|| {
+                    format!(
+                        "--prompt needs a tokenizer, and {} has no tokenizer.json; pass --prompt-tokens",
+                        files.dir.display()
+                    )
+                })?;
             if args.chat {
                 let text = tok.apply_chat_template(&[ChatMessage::new("user", text)], true)?;
                 tok.encode(&text, false)?
@@ -109,17 +139,20 @@ pub fn run(args: Args) -> Result<()> {
         prompt_tokens: prompt_tokens.clone(),
         params,
     };
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let start = Instant::now();
     let mut stream = engine.generate(req).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (mut first, mut count, mut ids) = (None, 0usize, Vec::<u32>::new());
+    let (mut first, mut tokens, mut text, mut finish) =
+        (None, Vec::<u32>::new(), String::new(), None);
     let mut out = std::io::stdout();
     let result = futures::executor::block_on(async {
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| anyhow::anyhow!("{e}"))?;
             first.get_or_insert_with(|| start.elapsed());
-            count += piece.token_ids.len();
-            ids.extend(&piece.token_ids);
-            if files.tokenizer.is_some() {
+            tokens.extend(&piece.token_ids);
+            text.push_str(&piece.text);
+            finish = finish.or(piece.finish_reason);
+            if files.tokenizer.is_some() && !args.json {
                 write!(out, "{}", piece.text)?;
                 out.flush()?;
             }
@@ -128,26 +161,44 @@ pub fn run(args: Args) -> Result<()> {
     });
     engine.shutdown();
     result?;
+    let total = start.elapsed().as_secs_f64();
+    let ttft = first.map(|d| d.as_secs_f64()).unwrap_or(total);
+    let decode_rate = if tokens.len() > 1 {
+        (tokens.len() - 1) as f64 / (total - ttft).max(1e-9)
+    } else {
+        0.0
+    };
+    if args.json {
+        let g = Generation {
+            prompt_tokens: prompt_tokens.clone(),
+            text: files.tokenizer.as_ref().map(|_| text),
+            tokens,
+            finish_reason: finish,
+            timing: Timing {
+                load_ms,
+                prefill_ms: ttft * 1e3,
+                decode_ms: (total - ttft) * 1e3,
+                decode_tokens_per_s: decode_rate,
+            },
+        };
+        println!("{}", serde_json::to_string(&g)?);
+        return Ok(());
+    }
     if files.tokenizer.is_none() {
         print!(
             "{}",
-            ids.iter()
+            tokens
+                .iter()
                 .map(|t| t.to_string())
                 .collect::<Vec<_>>()
                 .join(",")
         );
     }
     println!();
-    let total = start.elapsed().as_secs_f64();
-    let ttft = first.map(|d| d.as_secs_f64()).unwrap_or(total);
-    let decode_rate = if count > 1 {
-        (count - 1) as f64 / (total - ttft).max(1e-9)
-    } else {
-        0.0
-    };
     eprintln!(
-        "prompt {} tokens, generated {count}; time to first token {:.1} ms; {decode_rate:.1} tokens/s after it",
+        "prompt {} tokens, generated {}; time to first token {:.1} ms; {decode_rate:.1} tokens/s after it",
         prompt_tokens.len(),
+        tokens.len(),
         ttft * 1e3
     );
     Ok(())

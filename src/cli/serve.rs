@@ -2,15 +2,17 @@
 //! N aggregated workers (one engine each, on CPU or GPU), described by flags or by a deployment
 //! file (`-f benchmarks/agg.yaml`).
 
-use crate::backend::factory::create_backend;
-use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs};
+use crate::backend::cuda::{CudaBackend, CudaOptions, WeightSource};
+use crate::backend::factory::{create_backend, resolve_device};
+use crate::backend::Backend;
+use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs, DEFAULT_CPU_KV_BLOCKS};
 use crate::engine::{Engine, EngineHandle};
 use crate::frontend::deployment::{Deployment, Role};
 use crate::frontend::router::{Router, RouterConfig, RouterMode};
 use crate::frontend::tokenizer::PromptTokenizer;
 use crate::frontend::{AppState, FrontendConfig};
-use crate::model::{load_weights, ModelFiles};
-use crate::worker::{LocalWorker, WorkerClient};
+use crate::model::{load_weights, LlamaWeights, ModelFiles};
+use crate::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use std::io::Write;
@@ -61,52 +63,79 @@ pub struct Args {
 /// One worker to build.
 #[derive(Debug, Clone)]
 struct WorkerPlan {
+    role: Role,
     device: DeviceKind,
     block_size: usize,
     engine: EngineArgs,
+    /// CUDA device ordinal (ignored on the CPU).
+    gpu: usize,
 }
 
 /// What the flags and the deployment file resolve to.
 #[derive(Debug)]
 struct Plan {
     model: String,
+    served_model_name: Option<String>,
     load_format: LoadFormat,
     router_mode: RouterMode,
     workers: Vec<WorkerPlan>,
+    /// How decode workers decide between local and remote prefill (disaggregated files).
+    decode: crate::worker::decode::DecodeConfig,
 }
 
 fn plan(args: &Args) -> Result<Plan> {
     let base = WorkerPlan {
+        role: Role::Agg,
         device: args.model.device,
         block_size: args.model.block_size,
         engine: args.engine.clone(),
+        gpu: 0,
     };
     check_tp(args.tensor_parallel_size)?;
     let mut plan = Plan {
         model: args.model.model.clone(),
+        served_model_name: args.served_model_name.clone(),
         load_format: args.model.load_format,
         router_mode: args.router_mode,
-        workers: vec![base.clone(); args.data_parallel_size.max(1)],
+        // Worker i on GPU i.
+        workers: (0..args.data_parallel_size.max(1))
+            .map(|gpu| WorkerPlan {
+                gpu,
+                ..base.clone()
+            })
+            .collect(),
+        decode: Default::default(),
     };
     if let Some(path) = &args.deployment_file {
         let d = Deployment::load(path)?;
-        if d.has_role(Role::Prefill) || d.has_role(Role::Decode) {
+        if d.has_role(Role::Prefill) != d.has_role(Role::Decode) {
             bail!(
-                "{}: prefill/decode workers need the distributed runtime (`tandem frontend` + `tandem worker`); \
-                 `tandem serve` runs aggregated workers only",
+                "{}: a disaggregated deployment needs both prefill and decode workers",
                 path.display()
             );
         }
         plan.model = d.model.clone().unwrap_or(plan.model);
+        plan.served_model_name = d.served_model_name.clone().or(plan.served_model_name);
         if let Some(f) = &d.load_format {
             plan.load_format =
                 LoadFormat::from_str(f, true).map_err(|e| anyhow::anyhow!("load_format: {e}"))?;
         }
         plan.router_mode = d.router_mode.unwrap_or(plan.router_mode);
         plan.workers.clear();
+        let mut next_gpu = 0;
         for g in &d.workers {
             check_tp(g.tensor_parallel_size.unwrap_or(1))?;
             let mut w = base.clone();
+            w.role = g.role;
+            if g.role == Role::Decode {
+                let c = &mut plan.decode;
+                c.max_local_prefill_length = g
+                    .max_local_prefill_length
+                    .unwrap_or(c.max_local_prefill_length);
+                c.max_prefill_queue_size =
+                    g.max_prefill_queue_size.unwrap_or(c.max_prefill_queue_size);
+                c.conditional_disagg = g.conditional_disagg.unwrap_or(c.conditional_disagg);
+            }
             if let Some(dev) = &g.device {
                 w.device =
                     DeviceKind::from_str(dev, true).map_err(|e| anyhow::anyhow!("device: {e}"))?;
@@ -120,7 +149,11 @@ fn plan(args: &Args) -> Result<Plan> {
                 .gpu_memory_utilization
                 .map(f64::from)
                 .unwrap_or(e.gpu_memory_utilization);
-            plan.workers.extend(std::iter::repeat_n(w, g.replicas));
+            // Replicas take consecutive GPUs from `first_gpu` (default: after the last group's).
+            let first = g.first_gpu.unwrap_or(next_gpu);
+            next_gpu = first + g.replicas;
+            plan.workers
+                .extend((first..next_gpu).map(|gpu| WorkerPlan { gpu, ..w.clone() }));
         }
     }
     if plan.model.is_empty() {
@@ -138,16 +171,56 @@ fn check_tp(tp: usize) -> Result<()> {
 
 /// Builds every worker's backend and engine.
 fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<EngineHandle>> {
-    let weights = load_weights(files, plan.load_format, seed)
-        .with_context(|| format!("loading the weights of {}", files.dir.display()))?;
+    // Host weights are loaded once, on first need, and shared (CUDA makes dummy weights itself).
+    let mut host: Option<LlamaWeights> = None;
+    let mut host_weights = || -> Result<LlamaWeights> {
+        if host.is_none() {
+            let w = load_weights(files, plan.load_format, seed)
+                .with_context(|| format!("loading the weights of {}", files.dir.display()))?;
+            host = Some(w);
+        }
+        Ok(host.clone().expect("just loaded"))
+    };
     let mut engines = Vec::with_capacity(plan.workers.len());
     for (i, w) in plan.workers.iter().enumerate() {
-        // The CUDA backend will report (total, used) device memory to size the pool from
-        // --gpu-memory-utilization; on the CPU the engine default applies.
-        let num_blocks = w.engine.num_kv_blocks(1, None);
-        let backend =
-            create_backend(w.device, &files.config, &weights, w.block_size, num_blocks)
-                .with_context(|| format!("worker {i}: building the {:?} backend", w.device))?;
+        let device = resolve_device(w.device);
+        let backend: Box<dyn Backend> = match device {
+            DeviceKind::Cuda => {
+                let opts = CudaOptions {
+                    device: w.gpu,
+                    block_size: w.block_size,
+                    gpu_memory_utilization: w.engine.gpu_memory_utilization,
+                    num_blocks: w.engine.num_kv_blocks,
+                    max_num_batched_tokens: step_budget(&w.engine, files),
+                    max_num_seqs: w.engine.max_num_seqs,
+                    ..Default::default()
+                };
+                let weights;
+                let source = match plan.load_format {
+                    LoadFormat::Dummy => WeightSource::Dummy { seed },
+                    LoadFormat::Safetensors => {
+                        weights = host_weights()?;
+                        WeightSource::Host(&weights)
+                    }
+                };
+                Box::new(
+                    CudaBackend::new(&files.config, source, opts).with_context(|| {
+                        format!("worker {i}: building the CUDA backend on GPU {}", w.gpu)
+                    })?,
+                )
+            }
+            _ => {
+                let blocks = w.engine.num_kv_blocks.unwrap_or(DEFAULT_CPU_KV_BLOCKS);
+                create_backend(
+                    DeviceKind::Cpu,
+                    &files.config,
+                    &host_weights()?,
+                    w.block_size,
+                    blocks,
+                )
+                .with_context(|| format!("worker {i}: building the CPU backend"))?
+            }
+        };
         engines.push(Engine::start(
             backend,
             files.tokenizer.clone(),
@@ -155,6 +228,18 @@ fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<Engin
         ));
     }
     Ok(engines)
+}
+
+/// Tokens one step must hold: the engine's budget, or a whole prompt without chunked prefill.
+fn step_budget(engine: &EngineArgs, files: &ModelFiles) -> usize {
+    let whole_prompt = engine
+        .max_model_len
+        .unwrap_or(files.config.max_position_embeddings);
+    if engine.enable_chunked_prefill {
+        engine.max_num_batched_tokens
+    } else {
+        engine.max_num_batched_tokens.max(whole_prompt)
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -177,13 +262,27 @@ async fn serve(
     files: &ModelFiles,
     engines: &[EngineHandle],
 ) -> Result<()> {
-    let workers: Vec<Arc<dyn WorkerClient>> = engines
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            Arc::new(LocalWorker::new(format!("worker-{i}"), e.clone())) as Arc<dyn WorkerClient>
-        })
-        .collect();
+    // Prefill and decode workers cooperate through the in-process runtime (no etcd, no NATS);
+    // the router sees the decode (and any aggregated) workers.
+    let mut spec = EmbeddedSpec {
+        agg: vec![],
+        prefill: vec![],
+        decode: vec![],
+        decode_config: plan.decode.clone(),
+        prefill_config: Default::default(),
+        transport: EmbeddedTransport::InProcess,
+    };
+    for (w, e) in plan.workers.iter().zip(engines) {
+        match w.role {
+            Role::Agg => spec.agg.push(e.clone()),
+            Role::Prefill => spec.prefill.push(e.clone()),
+            Role::Decode => spec.decode.push(e.clone()),
+        }
+    }
+    let num_prefill = spec.prefill.len();
+    let deployment = start_embedded(spec).await?;
+    let workers = deployment.workers.clone();
+    let num_routed = workers.len();
     // Every worker must accept what the frontend lets through.
     let max_model_len = engines
         .iter()
@@ -195,7 +294,7 @@ async fn serve(
         workers,
         RouterConfig::new(plan.router_mode, block_size),
     ));
-    let served_name = args
+    let served_name = plan
         .served_model_name
         .clone()
         .unwrap_or_else(|| plan.model.clone());
@@ -216,16 +315,46 @@ async fn serve(
     let state = AppState::new(config, router, tokenizer);
     let (listener, addr) = crate::frontend::bind(&format!("{}:{}", args.host, args.port)).await?;
     println!(
-        "tandem serve: {} worker(s) of `{served_name}` (router {:?}, max_model_len {max_model_len}); listening on http://{addr}",
-        engines.len(),
+        "tandem serve: {num_routed} worker(s){} of `{served_name}` (router {:?}, max_model_len {max_model_len}); listening on http://{addr}",
+        if num_prefill > 0 { format!(" + {num_prefill} prefill worker(s)") } else { String::new() },
         plan.router_mode,
     );
     std::io::stdout().flush()?;
-    crate::frontend::serve(listener, state, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(crate::frontend::serve(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+    tokio::select! {
+        finished = &mut server => return Ok(finished??),
+        _ = stop_signal() => {}
+    }
+    // Stop accepting; give open requests a moment, then drop them (which cancels them).
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; closing them");
+    }
     Ok(())
+}
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]
@@ -281,6 +410,7 @@ mod tests {
         assert_eq!(p.workers[0].block_size, 16, "the file wins");
         assert_eq!(p.workers[0].engine.max_num_seqs, 64);
         assert_eq!(p.workers[0].engine.max_model_len, Some(512));
+        assert_eq!(p.workers.iter().map(|w| w.gpu).collect::<Vec<_>>(), [0, 1]);
     }
 
     #[test]
@@ -291,9 +421,8 @@ mod tests {
             .contains("no model"));
         assert!(parse(&["--model", "m", "--tensor-parallel-size", "2"]).is_err());
         let disagg = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/disagg.yaml");
-        assert!(parse(&["-f", disagg])
-            .unwrap_err()
-            .to_string()
-            .contains("distributed runtime"));
+        let p = parse(&["-f", disagg]).unwrap();
+        assert!(p.workers.iter().any(|w| w.role == Role::Prefill));
+        assert!(p.workers.iter().any(|w| w.role == Role::Decode));
     }
 }

@@ -3,10 +3,9 @@
 use crate::backend::{Backend, Batch, Emit, KvLayout, SeqChunk, SeqOutput};
 use crate::engine::detokenize::TokenDecoder;
 use crate::engine::remote::{PrefillExport, RemotePrefillTicket};
-use crate::engine::scheduler::{blocks_for, Scheduler};
-use crate::engine::sequence::{SeqId, SeqState, Sequence, Sink};
-use crate::engine::types::{EngineError, EngineMetrics, TokenLogprob};
-use crate::kv::block_hashes;
+use crate::engine::scheduler::Scheduler;
+use crate::engine::sequence::{OutputSender, SeqId, SeqState, Sequence, Sink};
+use crate::engine::types::{EngineError, EngineMetrics, GenerateOutput, TokenLogprob};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
@@ -15,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 pub enum Command {
     Add(Box<Sequence>),
@@ -64,6 +63,8 @@ pub struct Core {
     pub recent: VecDeque<(Instant, usize)>,
     /// The last schedule found nothing runnable.
     pub stalled: bool,
+    /// Outputs of this step, delivered by `publish_metrics`.
+    pub outbox: Vec<(OutputSender, GenerateOutput)>,
 }
 
 impl Core {
@@ -71,14 +72,21 @@ impl Core {
     pub fn run(mut self) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         let reason = match result {
-            Ok(Ok(())) => "engine shut down".to_string(),
-            Ok(Err(reason)) => reason,
+            Ok(Ok(())) => {
+                tracing::info!("engine shut down");
+                "engine shut down".to_string()
+            }
+            Ok(Err(reason)) => {
+                tracing::error!("engine stopped: {reason}");
+                reason
+            }
             Err(panic) => {
                 let msg = panic
                     .downcast_ref::<String>()
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default();
+                tracing::error!("engine step thread panicked: {msg}");
                 format!("engine step thread panicked: {msg}")
             }
         };
@@ -86,7 +94,6 @@ impl Core {
     }
 
     fn stop(&mut self, reason: String) {
-        tracing::warn!("engine stopping: {reason}");
         // Free every block and publish that before anyone hears of the failure.
         let ids: Vec<SeqId> = self.sched.seqs.keys().copied().collect();
         let removed: Vec<Sequence> = ids
@@ -138,7 +145,7 @@ impl Core {
             });
             match self.rx.recv_timeout(wait) {
                 Ok(cmd) => {
-                    if !self.apply(cmd)? {
+                    if !self.apply(cmd) {
                         return Ok(false);
                     }
                 }
@@ -149,7 +156,7 @@ impl Core {
         loop {
             match self.rx.try_recv() {
                 Ok(cmd) => {
-                    if !self.apply(cmd)? {
+                    if !self.apply(cmd) {
                         return Ok(false);
                     }
                 }
@@ -171,7 +178,7 @@ impl Core {
             .min()
     }
 
-    fn apply(&mut self, cmd: Command) -> Result<bool, String> {
+    fn apply(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Add(mut seq) => {
                 seq.counted_in_queue = true;
@@ -195,143 +202,13 @@ impl Core {
                 request_id,
                 first_token,
                 reply,
-            } => {
-                let Some(id) = self.parked.remove(&request_id) else {
-                    let _ = reply.send(Err(not_parked(&request_id)));
-                    return Ok(true);
-                };
-                if first_token as usize >= self.vocab_size {
-                    self.unpark_to_local(id);
-                    let _ = reply.send(Err(EngineError::InvalidRequest(format!(
-                        "first token {first_token} is outside the vocabulary; prefilling locally"
-                    ))));
-                    return Ok(true);
-                }
-                let seq = self.sched.seqs.get_mut(&id).expect("parked sequence");
-                seq.num_computed = seq.prompt_len;
-                seq.commit_full_blocks(&mut self.sched.pool);
-                seq.sampler.skip_draw();
-                self.sched.set_state(id, SeqState::Running);
-                let _ = reply.send(Ok(()));
-                self.on_token(id, first_token, None);
-            }
+            } => self.complete_remote(&request_id, first_token, reply),
             Command::FailRemote { request_id, reply } => {
-                let r = match self.parked.remove(&request_id) {
-                    Some(id) => {
-                        self.unpark_to_local(id);
-                        Ok(())
-                    }
-                    None => Err(not_parked(&request_id)),
-                };
-                let _ = reply.send(r);
+                let _ = reply.send(self.fail_remote(&request_id));
             }
-            Command::Shutdown => return Ok(false),
+            Command::Shutdown => return false,
         }
-        Ok(true)
-    }
-
-    /// Decode side: allocates the prompt's blocks and parks the sequence until its KV arrives.
-    fn park(&mut self, mut seq: Sequence, reply: Reply<RemotePrefillTicket>) {
-        if self.parked.contains_key(&seq.request_id) {
-            let msg = format!(
-                "request id {} is already waiting for a remote prefill",
-                seq.request_id
-            );
-            let _ = reply.send(Err(EngineError::InvalidRequest(msg)));
-            return;
-        }
-        let pool = &mut self.sched.pool;
-        let bs = pool.block_size();
-        let hashes = if pool.prefix_caching() {
-            block_hashes(&seq.tokens[..(seq.prompt_len - 1) / bs * bs], bs)
-        } else {
-            vec![]
-        };
-        let hits = pool.lookup(&hashes);
-        let need = blocks_for(seq.prompt_len, bs) - hits.len();
-        if !pool.can_allocate(need, &hits) {
-            let msg = "no free KV blocks for a remote prefill; prefill locally".to_string();
-            let _ = reply.send(Err(EngineError::Unavailable(msg)));
-            return;
-        }
-        pool.acquire(&hits);
-        let new = pool.allocate(need).expect("checked");
-        pool.record_lookup(seq.prompt_len, hits.len() * bs);
-        seq.admitted_once = true;
-        seq.cached_tokens = hits.len() * bs;
-        seq.num_computed = hits.len() * bs;
-        seq.hashes = hashes[..hits.len()].to_vec();
-        let num_cached_blocks = hits.len();
-        seq.blocks = hits;
-        seq.blocks.extend(new);
-        seq.state = SeqState::Parked {
-            deadline: Instant::now() + self.remote_prefill_timeout,
-        };
-        let ticket = RemotePrefillTicket {
-            request_id: seq.request_id.clone(),
-            block_ids: seq.blocks.clone(),
-            num_cached_blocks,
-            layout: self.layout,
-        };
-        let (id, request_id) = (seq.id, seq.request_id.clone());
-        self.sched.insert(seq);
-        if reply.send(Ok(ticket)).is_err() {
-            self.sched.remove(id); // the caller gave up
-        } else {
-            self.parked.insert(request_id, id);
-        }
-    }
-
-    fn import_kv(
-        &mut self,
-        request_id: &str,
-        block_ids: &[u32],
-        data: &[u8],
-    ) -> Result<(), EngineError> {
-        let id = *self
-            .parked
-            .get(request_id)
-            .ok_or_else(|| not_parked(request_id))?;
-        let seq = &self.sched.seqs[&id];
-        let writable = &seq.blocks[seq.num_computed / self.layout.block_size..];
-        if let Some(b) = block_ids.iter().find(|b| !writable.contains(b)) {
-            return Err(EngineError::InvalidRequest(format!(
-                "block {b} is not a block of request {request_id} awaiting KV"
-            )));
-        }
-        let expected = block_ids.len() * self.layout.block_bytes();
-        if data.len() != expected {
-            return Err(EngineError::InvalidRequest(format!(
-                "KV data for {} blocks must be {expected} bytes, got {}",
-                block_ids.len(),
-                data.len()
-            )));
-        }
-        self.backend
-            .import_blocks(block_ids, data)
-            .map_err(|e| EngineError::Internal(format!("KV import failed: {e:#}")))
-    }
-
-    /// A remote prefill failed or timed out: free the blocks and prefill locally.
-    fn unpark_to_local(&mut self, id: SeqId) {
-        let seq = self.sched.seqs.get_mut(&id).expect("parked sequence");
-        seq.release_blocks(&mut self.sched.pool);
-        self.sched.set_state(id, SeqState::Waiting);
-    }
-
-    fn expire_parked(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<(String, SeqId)> = self
-            .parked
-            .iter()
-            .filter(|(_, id)| matches!(self.sched.seqs[id].state, SeqState::Parked { deadline } if deadline <= now))
-            .map(|(r, id)| (r.clone(), *id))
-            .collect();
-        for (request_id, id) in expired {
-            tracing::warn!(request_id, "remote prefill timed out; prefilling locally");
-            self.parked.remove(&request_id);
-            self.unpark_to_local(id);
-        }
+        true
     }
 
     /// Drops sequences whose client went away (a Cancel command may still be on its way).
@@ -412,7 +289,7 @@ impl Core {
     }
 
     /// A new token: the answer of a prefill-only request, or the next token of a stream.
-    fn on_token(&mut self, id: SeqId, token: u32, logprob: Option<TokenLogprob>) {
+    pub(crate) fn on_token(&mut self, id: SeqId, token: u32, logprob: Option<TokenLogprob>) {
         let seq = self.sched.seqs.get_mut(&id).expect("live sequence");
         if let Sink::Export(_) = seq.sink {
             let result = self
@@ -433,10 +310,4 @@ impl Core {
         }
         self.emit_token(id, token, logprob)
     }
-}
-
-fn not_parked(request_id: &str) -> EngineError {
-    EngineError::InvalidRequest(format!(
-        "request {request_id} is not waiting for a remote prefill"
-    ))
 }

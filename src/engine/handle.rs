@@ -294,3 +294,9 @@ impl Stream for SeqStream {
         }
     }
 }
+
+// Frontends and routers share one handle across tasks and threads.
+const _: fn() = || {
+    fn assert_shareable<T: Clone + Send + Sync + 'static>() {}
+    assert_shareable::<EngineHandle>();
+};

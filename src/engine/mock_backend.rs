@@ -34,6 +34,7 @@ pub struct MockBackend {
     log: StepLog,
     step_delay: Duration,
     fail_at_step: Option<usize>,
+    panic_at_step: Option<usize>,
     steps: usize,
 }
 
@@ -46,6 +47,7 @@ impl MockBackend {
             log: StepLog::default(),
             step_delay: Duration::ZERO,
             fail_at_step: None,
+            panic_at_step: None,
             steps: 0,
         }
     }
@@ -64,6 +66,12 @@ impl MockBackend {
     /// The `n`-th step (0-based) returns an error.
     pub fn failing_at_step(mut self, n: usize) -> Self {
         self.fail_at_step = Some(n);
+        self
+    }
+
+    /// The `n`-th step (0-based) panics.
+    pub fn panicking_at_step(mut self, n: usize) -> Self {
+        self.panic_at_step = Some(n);
         self
     }
 
@@ -138,6 +146,9 @@ impl Backend for MockBackend {
     fn step(&mut self, batch: &Batch) -> Result<Vec<SeqOutput>> {
         if self.fail_at_step == Some(self.steps) {
             bail!("injected failure at step {}", self.steps);
+        }
+        if self.panic_at_step == Some(self.steps) {
+            panic!("injected panic at step {}", self.steps);
         }
         self.steps += 1;
         std::thread::sleep(self.step_delay);

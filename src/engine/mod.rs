@@ -39,6 +39,7 @@ pub mod detokenize;
 pub mod handle;
 pub mod mock_backend;
 pub mod output;
+mod parking;
 pub mod remote;
 pub mod sampler;
 pub mod scheduler;
@@ -130,6 +131,7 @@ impl Engine {
             last_step_ms: 0.0,
             recent: VecDeque::new(),
             stalled: false,
+            outbox: vec![],
         };
         core.publish_initial_metrics();
         let thread = std::thread::Builder::new()

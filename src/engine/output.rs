@@ -54,11 +54,16 @@ impl Core {
             finish_reason: finish,
             usage: seq.usage(),
         };
-        let delivered = match &seq.sink {
-            Sink::Stream(tx) => tx.send(Ok(out)).is_ok(),
+        // Sent after this step's metrics are published, so a client that sees its request end
+        // also sees its blocks freed.
+        let open = match &seq.sink {
+            Sink::Stream(tx) => {
+                self.outbox.push((tx.clone(), out));
+                !tx.is_closed()
+            }
             Sink::Export(_) => true,
         };
-        if finish.is_some() || !delivered {
+        if finish.is_some() || !open {
             self.sched.remove(id);
         }
     }
@@ -98,6 +103,10 @@ impl Core {
             last_step_ms: self.last_step_ms,
             generated_tokens_per_s: rate,
             steps: self.steps,
+            num_preemptions: self.sched.num_preemptions,
         };
+        for (tx, out) in self.outbox.drain(..) {
+            let _ = tx.send(Ok(out));
+        }
     }
 }

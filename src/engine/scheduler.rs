@@ -34,6 +34,7 @@ pub struct Scheduler {
     prefill_first: bool,
     /// Requests not yet admitted, shared with the handle for `QueueFull`.
     queued: Arc<AtomicUsize>,
+    pub num_preemptions: u64,
 }
 
 impl Scheduler {
@@ -54,6 +55,7 @@ impl Scheduler {
             chunked_prefill,
             prefill_first: false,
             queued,
+            num_preemptions: 0,
         }
     }
 
@@ -119,6 +121,7 @@ impl Scheduler {
     fn preempt(&mut self, id: SeqId) {
         let seq = self.seqs.get_mut(&id).expect("running sequence");
         seq.release_blocks(&mut self.pool);
+        self.num_preemptions += 1;
         tracing::debug!(seq = id, "preempted: out of KV blocks");
         self.set_state(id, SeqState::Waiting);
     }

@@ -11,10 +11,12 @@ use tokio::sync::{mpsc, oneshot};
 
 pub type SeqId = u64;
 
+pub type OutputSender = mpsc::UnboundedSender<Result<GenerateOutput, EngineError>>;
+
 /// Where a sequence's results go.
 pub enum Sink {
     /// A client stream (`generate`).
-    Stream(mpsc::UnboundedSender<Result<GenerateOutput, EngineError>>),
+    Stream(OutputSender),
     /// A prefill-only request (`prefill_and_export`): one answer, then the sequence ends.
     Export(Option<oneshot::Sender<Result<PrefillExport, EngineError>>>),
 }

@@ -128,4 +128,7 @@ pub struct EngineMetrics {
     pub last_step_ms: f64,
     pub generated_tokens_per_s: f64,
     pub steps: u64,
+    /// Sequences preempted (blocks freed, recomputed later) since start.
+    #[serde(default)]
+    pub num_preemptions: u64,
 }

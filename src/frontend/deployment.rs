@@ -46,6 +46,12 @@ pub struct WorkerGroup {
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub gpu_memory_utilization: Option<f32>,
+    /// Decode workers: prompts with at most this many uncached tokens are prefilled locally.
+    pub max_local_prefill_length: Option<usize>,
+    /// Decode workers: with this many prompts queued for prefill or more, prefill locally.
+    pub max_prefill_queue_size: Option<usize>,
+    /// Decode workers: `false` sends every prompt to a prefill worker.
+    pub conditional_disagg: Option<bool>,
 }
 
 fn one() -> usize {

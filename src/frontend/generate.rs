@@ -63,12 +63,12 @@ pub fn usage(choices: &[ChoiceState], n: usize) -> UsageBody {
 pub async fn start_all(
     state: &AppState,
     valid: &ValidRequest,
+    deadline: TokioInstant,
 ) -> Result<Vec<OutputStream>, ApiError> {
     let starts = valid
         .choices
         .iter()
         .map(|req| state.router.generate(req.clone()));
-    let deadline = TokioInstant::now() + state.config.request_timeout;
     let started = tokio::time::timeout_at(deadline, futures::future::join_all(starts))
         .await
         .map_err(|_| EngineError::Timeout("no worker accepted the request in time".into()))?;

@@ -11,6 +11,9 @@ const BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// Name, help text, and how to read the value from a worker's load.
+type Gauge = (&'static str, &'static str, fn(&WorkerLoad) -> f64);
+
 #[derive(Debug, Default, Clone)]
 struct Histogram {
     /// Non-cumulative counts per bucket; the last slot is +Inf.
@@ -119,7 +122,7 @@ impl FrontendMetrics {
             "tandem_request_latency_seconds",
             "Time from request to last token.",
         );
-        let gauges: [(&str, &str, fn(&WorkerLoad) -> f64); 8] = [
+        let gauges: [Gauge; 8] = [
             (
                 "tandem_queue_length",
                 "Requests waiting in the worker's queue.",

@@ -75,6 +75,11 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Tokens are small writes: without TCP_NODELAY, Nagle holds each one until the previous is
+    // acknowledged, and a keep-alive client's delayed ACK turns that into ~40 ms stalls.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, routes::app(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -82,7 +82,7 @@ async fn run(
     start: Instant,
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::from_std(start) + state.config.request_timeout;
-    let streams = start_all(&state, &valid).await?;
+    let streams = start_all(&state, &valid, deadline).await?;
     if valid.stream {
         Ok(respond_stream(state, valid, api, streams, start, deadline))
     } else {

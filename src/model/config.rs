@@ -139,7 +139,13 @@ impl LlamaConfig {
                 bail!("config.json: field `{flag}` = true is not supported");
             }
         }
-        let rope_scaling = parse_rope_scaling(v.get("rope_scaling"))?;
+        // transformers >= 5 writes `rope_parameters` (with `rope_theta` inside) instead.
+        let rope_parameters = v.get("rope_parameters").filter(|p| !p.is_null());
+        let rope_scaling = parse_rope_scaling(
+            v.get("rope_scaling")
+                .filter(|p| !p.is_null())
+                .or(rope_parameters),
+        )?;
         let torch_dtype = match v.get("torch_dtype").or_else(|| v.get("dtype")) {
             None | Some(Value::Null) => WeightDtype::F32,
             Some(d) => match d.as_str() {
@@ -167,9 +173,12 @@ impl LlamaConfig {
                 None => 1e-6,
                 Some(_) => f64_field(v, "rms_norm_eps")?,
             },
-            rope_theta: match v.get("rope_theta") {
-                None => 10_000.0,
-                Some(_) => f64_field(v, "rope_theta")?,
+            rope_theta: match (v.get("rope_theta"), rope_parameters) {
+                (Some(_), _) => f64_field(v, "rope_theta")?,
+                (None, Some(p)) if p.get("rope_theta").is_some() => {
+                    f64_field(p, "rope_theta").context("in `rope_parameters`")?
+                }
+                (None, _) => 10_000.0,
             },
             rope_scaling,
             max_position_embeddings: match v.get("max_position_embeddings") {

@@ -148,6 +148,8 @@ impl NatsMessaging {
                 subjects: vec![self.subject(&format!("queue.{queue}"))],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
+                // Work nobody took for this long is stale (its requester has given up).
+                max_age: Duration::from_secs(600),
                 ..Default::default()
             })
             .await

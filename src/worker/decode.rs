@@ -49,7 +49,7 @@ pub struct DecodeWorker {
     destination: KvDestination,
     /// The prefill queue's length and when it was read (read at most every 100 ms).
     queue_len: Mutex<(usize, Option<Instant>)>,
-    _listener: tokio::task::JoinHandle<()>,
+    listener: tokio::task::JoinHandle<()>,
 }
 
 impl DecodeWorker {
@@ -86,7 +86,7 @@ impl DecodeWorker {
             config,
             destination,
             queue_len: Mutex::new((0, None)),
-            _listener: listener,
+            listener,
         }))
     }
 
@@ -115,9 +115,11 @@ impl DecodeWorker {
         req: GenerateRequest,
     ) -> Result<OutputStream, EngineError> {
         let c = &self.config;
-        if c.conditional_disagg
-            && (req.prompt_tokens.len() <= c.max_local_prefill_length
-                || self.prefill_queue_len().await >= c.max_prefill_queue_size)
+        // The remote prefill sends back the first token but not its logprobs.
+        if req.params.logprobs.is_some()
+            || (c.conditional_disagg
+                && (req.prompt_tokens.len() <= c.max_local_prefill_length
+                    || self.prefill_queue_len().await >= c.max_prefill_queue_size))
         {
             return self.engine.generate(req);
         }
@@ -150,6 +152,12 @@ impl DecodeWorker {
             self.engine.fail_remote_prefill(&req.id).await?;
         }
         Ok(stream)
+    }
+}
+
+impl Drop for DecodeWorker {
+    fn drop(&mut self) {
+        self.listener.abort();
     }
 }
 
@@ -198,18 +206,23 @@ impl WorkerClient for Arc<DecodeWorker> {
 /// Where transferred KV lands in a decode worker: the engine's `import_kv`, which writes only into
 /// blocks of a request still parked for them. With several ranks, the shards of one write are
 /// gathered and merged first.
+/// The shards of one write: its request and destination blocks.
+type ShardKey = (String, Vec<u32>);
+/// When its first shard came, and the shards so far (one slot per rank).
+type PartialWrite = (Instant, Vec<Option<Vec<u8>>>);
+
 pub struct EngineSink {
     engine: EngineHandle,
     layout: KvLayout,
     ranks: usize,
-    partial: Mutex<HashMap<(String, Vec<u32>), (Instant, Vec<Option<Vec<u8>>>)>>,
+    partial: Mutex<HashMap<ShardKey, PartialWrite>>,
 }
 
 impl EngineSink {
     /// `layout` is the engine's; `ranks` must divide its KV heads.
     pub fn new(engine: EngineHandle, layout: KvLayout, ranks: usize) -> Result<Arc<Self>> {
         let ranks = ranks.max(1);
-        if layout.num_kv_heads % ranks != 0 {
+        if !layout.num_kv_heads.is_multiple_of(ranks) {
             anyhow::bail!(
                 "cannot receive {} KV heads in {ranks} shards",
                 layout.num_kv_heads

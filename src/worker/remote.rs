@@ -168,3 +168,105 @@ impl WorkerDirectory {
         self.workers.clone()
     }
 }
+
+/// All the workers of a directory behind one `WorkerClient`: each request goes to the least
+/// loaded listed worker (running + waiting, from their published metrics, plus what this client
+/// has in flight there); a worker that answers `Unavailable` is skipped and the next one tried.
+pub struct DirectoryClient {
+    directory: WorkerDirectory,
+    in_flight: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl DirectoryClient {
+    pub fn new(directory: WorkerDirectory) -> Self {
+        Self {
+            directory,
+            in_flight: Default::default(),
+            next: Default::default(),
+        }
+    }
+
+    pub fn directory(&self) -> &WorkerDirectory {
+        &self.directory
+    }
+
+    fn load(&self, w: &Arc<dyn WorkerClient>) -> usize {
+        let m = w.metrics();
+        let mine = self.in_flight.lock().get(w.id()).copied().unwrap_or(0);
+        (m.running + m.waiting).max(mine)
+    }
+}
+
+impl WorkerClient for DirectoryClient {
+    fn id(&self) -> &str {
+        "directory"
+    }
+
+    fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<OutputStream, EngineError>> {
+        let mut workers = self.directory.workers();
+        // Rotate first so that ties go to workers in turn.
+        if !workers.is_empty() {
+            let k = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % workers.len();
+            workers.rotate_left(k);
+        }
+        let mut order: Vec<(usize, Arc<dyn WorkerClient>)> =
+            workers.into_iter().map(|w| (self.load(&w), w)).collect();
+        order.sort_by_key(|(load, _)| *load);
+        let in_flight = self.in_flight.clone();
+        Box::pin(async move {
+            let mut last = EngineError::Unavailable("no worker is registered".into());
+            for (_, worker) in order {
+                match worker.generate(req.clone()).await {
+                    Ok(stream) => {
+                        let id = worker.id().to_string();
+                        *in_flight.lock().entry(id.clone()).or_default() += 1;
+                        let guard = InFlightGuard { id, in_flight };
+                        return Ok(Box::pin(stream.map(move |item| {
+                            let _keep = &guard;
+                            item
+                        })) as OutputStream);
+                    }
+                    Err(e @ EngineError::Unavailable(_)) => {
+                        tracing::warn!(worker = worker.id(), "{e}; trying another worker");
+                        last = e;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(last)
+        })
+    }
+
+    fn metrics(&self) -> EngineMetrics {
+        let mut total = EngineMetrics::default();
+        for w in self.directory.workers() {
+            let m = w.metrics();
+            total.waiting += m.waiting;
+            total.running += m.running;
+            total.kv_blocks_total += m.kv_blocks_total;
+            total.kv_blocks_active += m.kv_blocks_active;
+            total.generated_tokens_per_s += m.generated_tokens_per_s;
+            total.steps += m.steps;
+            total.last_step_ms = total.last_step_ms.max(m.last_step_ms);
+        }
+        total
+    }
+}
+
+struct InFlightGuard {
+    id: String,
+    in_flight: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut map = self.in_flight.lock();
+        if let Some(n) = map.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}

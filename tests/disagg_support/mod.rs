@@ -1,10 +1,21 @@
 //! Starting nats-server and etcd for tests, on free ports in temp dirs; killed on drop.
 #![allow(dead_code)]
 
+use clap::Parser;
+use futures::StreamExt;
+use std::collections::HashSet;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tandem::cli::common::{EngineArgs, ModelArgs};
+use tandem::engine::types::{GenerateRequest, SamplingParams};
+use tandem::engine::EngineHandle;
+use tandem::runtime::distributed::{DistributedConfig, DistributedRuntime};
+use tandem::runtime::{DiscoveryEvent, Runtime};
+use tandem::worker::remote::RemoteWorker;
+use tandem::worker::WorkerClient;
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -253,4 +264,127 @@ pub fn spawn_worker(
     args.extend(model_flags());
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn(id, &args)
+}
+
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// An aggregated engine in this process with the workers' model and flags.
+pub fn reference_engine() -> EngineHandle {
+    let flags = Flags::parse_from(std::iter::once("ref".to_string()).chain(model_flags()));
+    tandem::cli::worker::build_engine(&flags.model, &flags.engine)
+        .unwrap()
+        .0
+}
+
+pub async fn connect(servers: &Servers, namespace: &str) -> Arc<dyn Runtime> {
+    let config = DistributedConfig {
+        namespace: namespace.into(),
+        lease_ttl: Duration::from_secs(2),
+        ..DistributedConfig::new(&servers.etcd_url, &servers.nats_url)
+    };
+    Arc::new(DistributedRuntime::connect(&config).await.unwrap())
+}
+
+pub async fn wait_registered(rt: &Arc<dyn Runtime>, ids: &[&str]) {
+    let mut events = rt.watch().await.unwrap();
+    let mut missing: HashSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !missing.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.next()).await {
+            Ok(Some(DiscoveryEvent::Up(i))) => {
+                missing.remove(&i.id);
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("workers never registered: {missing:?}"),
+        }
+    }
+}
+
+pub fn request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    let params = SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    GenerateRequest {
+        id: id.into(),
+        prompt_tokens: prompt,
+        params,
+    }
+}
+
+pub fn prompt(seed: usize, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| ((i * 31 + seed * 97 + 5) % 500) as u32)
+        .collect()
+}
+
+pub async fn tokens_of(worker: &dyn WorkerClient, req: GenerateRequest) -> Vec<u32> {
+    let mut stream = worker.generate(req).await.expect("accepted");
+    let mut tokens = Vec::new();
+    while let Some(piece) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("no output in 30 s")
+    {
+        tokens.extend(piece.expect("no error").token_ids);
+    }
+    tokens
+}
+
+pub async fn wait_no_active_blocks(worker: &RemoteWorker) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = worker.metrics();
+        if m.kv_blocks_total > 0 && m.kv_blocks_active == 0 && m.running == 0 && m.waiting == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: KV blocks still held: {m:?}",
+            worker.id()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for `tandem frontend` to print its address, then for `/health`.
+pub fn frontend_url(proc: &Proc) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = proc.log();
+        let listening = log
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next());
+        if let Some(url) = listening {
+            if http_health(url) == Some(200) {
+                return url.to_string();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frontend never came up:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Status of `GET /health`, over a plain socket.
+pub fn http_health(url: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let addr = url.strip_prefix("http://")?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }

@@ -47,10 +47,34 @@ impl Rope {
     }
 }
 
+/// Queries per attention block: bounds the score matrix of long prefills to
+/// `heads x QUERY_BLOCK x positions` floats.
+const QUERY_BLOCK: usize = 128;
+
 /// Causal attention of `q: [len, heads, head_dim]` (positions `start_pos..start_pos + len`) over
 /// `k`, `v: [kv_heads, start_pos + len, head_dim]`. Query head `h` reads KV head
 /// `h / (heads / kv_heads)`. Returns `[len, heads * head_dim]`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, start_pos: usize) -> Result<Tensor> {
+    let len = q.dim(0)?;
+    if len <= QUERY_BLOCK {
+        return attention_block(q, k, v, start_pos);
+    }
+    let mut blocks = vec![];
+    for first in (0..len).step_by(QUERY_BLOCK) {
+        let n = QUERY_BLOCK.min(len - first);
+        // A block sees only the positions up to its last query.
+        let visible = start_pos + first + n;
+        blocks.push(attention_block(
+            &q.narrow(0, first, n)?,
+            &k.narrow(1, 0, visible)?,
+            &v.narrow(1, 0, visible)?.contiguous()?,
+            start_pos + first,
+        )?);
+    }
+    Ok(Tensor::cat(&blocks, 0)?)
+}
+
+fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, start_pos: usize) -> Result<Tensor> {
     let (len, heads, head_dim) = q.dims3()?;
     let (kv_heads, total, _) = k.dims3()?;
     let group = heads / kv_heads;
@@ -147,7 +171,13 @@ mod tests {
 
     #[test]
     fn matches_naive_gqa_attention() {
-        let (len, start, heads, kv_heads, d) = (3, 4, 4, 2, 8);
+        check_against_naive(3, 4);
+        // Longer than one query block, so the blocked path runs too.
+        check_against_naive(300, 20);
+    }
+
+    fn check_against_naive(len: usize, start: usize) {
+        let (heads, kv_heads, d) = (4, 2, 8);
         let q = rand(&[len, heads, d], 1);
         let k = rand(&[kv_heads, start + len, d], 2);
         let v = rand(&[kv_heads, start + len, d], 3);

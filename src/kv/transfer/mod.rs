@@ -71,7 +71,7 @@ impl KvShards {
         ensure!(!self.shards.is_empty(), "KV shards: no ranks");
         let len = self.shards[0].len();
         ensure!(
-            block_bytes > 0 && len % block_bytes == 0,
+            block_bytes > 0 && len.is_multiple_of(block_bytes),
             "KV shard of {len} bytes is not a whole number of {block_bytes}-byte blocks"
         );
         ensure!(
@@ -124,7 +124,11 @@ pub async fn send_kv(
         dst_blocks.len()
     );
     let (transfer, endpoint) = pick(transfers, &dest.endpoints)?;
-    let shards = reshard(&src, dest.tp)?;
+    let shards = if src.tp() == dest.tp {
+        src
+    } else {
+        reshard(&src, dest.tp)?
+    };
     ensure!(
         shards.rank_layout == dest.rank_layout,
         "KV layout mismatch: source gives {:?} per destination rank, destination holds {:?}",

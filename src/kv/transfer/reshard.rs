@@ -18,7 +18,7 @@ pub fn reshard(src: &KvShards, dst_tp: usize) -> Result<KvShards> {
     }
     let total_heads = src.rank_layout.num_kv_heads * src_tp;
     ensure!(
-        dst_tp > 0 && total_heads % dst_tp == 0,
+        dst_tp > 0 && total_heads.is_multiple_of(dst_tp),
         "cannot split {total_heads} KV heads over {dst_tp} destination ranks"
     );
     let dst_layout = KvLayout {

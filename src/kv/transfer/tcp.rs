@@ -140,10 +140,13 @@ async fn serve_connection(mut stream: TcpStream, sink: Arc<dyn KvSink>) -> Resul
             .await?;
             bail!(error);
         }
-        let mut data = vec![0u8; header.len];
-        tokio::time::timeout(frame_timeout(header.len), stream.read_exact(&mut data))
+        // Read into spare capacity: no pass to zero the buffer first.
+        let mut data = Vec::with_capacity(header.len);
+        let mut payload = (&mut stream).take(header.len as u64);
+        tokio::time::timeout(frame_timeout(header.len), payload.read_to_end(&mut data))
             .await
             .map_err(|_| anyhow!("KV frame payload timed out"))??;
+        ensure!(data.len() == header.len, "KV frame payload cut short");
         let write = BlockWrite {
             data: Arc::new(data),
             ..write
