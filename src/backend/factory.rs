@@ -47,6 +47,8 @@ pub fn create_backend(
 /// What a backend is sized for (vLLM's flag names).
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
+    /// CUDA device ordinal (ignored on the CPU).
+    pub gpu: usize,
     pub block_size: usize,
     /// KV pool size; when `None`, CUDA sizes it from `gpu_memory_utilization` and the CPU
     /// uses `cpu_default_blocks`.
@@ -69,6 +71,7 @@ pub fn build_backend(
     match resolve_device(device) {
         DeviceKind::Cuda => {
             let cuda = CudaOptions {
+                device: opts.gpu,
                 block_size: opts.block_size,
                 num_blocks: opts.num_kv_blocks,
                 gpu_memory_utilization: opts.gpu_memory_utilization,

@@ -2,6 +2,9 @@
 
 pub use crate::model::LoadFormat;
 
+use crate::backend::factory::BackendOptions;
+use crate::model::LlamaConfig;
+
 /// Defined beside the backends (which `backend::factory` builds from it); re-exported for the CLI.
 pub use crate::backend::DeviceKind;
 
@@ -75,19 +78,27 @@ impl EngineArgs {
         }
     }
 
-    /// How many KV blocks to build the backend with: `--num-kv-blocks` if given; on a GPU, what
-    /// fits in `gpu_memory_utilization × total_bytes` after `used_bytes` (weights and activation
-    /// workspace, measured by the backend); on the CPU, `DEFAULT_CPU_KV_BLOCKS`.
-    pub fn num_kv_blocks(&self, block_bytes: usize, gpu_memory: Option<(usize, usize)>) -> usize {
-        if let Some(n) = self.num_kv_blocks {
-            return n;
-        }
-        match gpu_memory {
-            Some((total_bytes, used_bytes)) => {
-                let budget = (total_bytes as f64 * self.gpu_memory_utilization) as usize;
-                budget.saturating_sub(used_bytes) / block_bytes.max(1)
-            }
-            None => DEFAULT_CPU_KV_BLOCKS,
+    /// How a backend must be sized for an engine with these flags: without chunked prefill one
+    /// step must hold a whole prompt.
+    pub fn backend_options(
+        &self,
+        block_size: usize,
+        gpu: usize,
+        config: &LlamaConfig,
+    ) -> BackendOptions {
+        let whole_prompt = self.max_model_len.unwrap_or(config.max_position_embeddings);
+        BackendOptions {
+            gpu,
+            block_size,
+            num_kv_blocks: self.num_kv_blocks,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            max_num_batched_tokens: if self.enable_chunked_prefill {
+                self.max_num_batched_tokens
+            } else {
+                self.max_num_batched_tokens.max(whole_prompt)
+            },
+            max_num_seqs: self.max_num_seqs,
+            cpu_default_blocks: DEFAULT_CPU_KV_BLOCKS,
         }
     }
 }
@@ -123,10 +134,30 @@ mod tests {
         ]);
         assert!(cli.engine.enable_prefix_caching);
         assert!(!cli.engine.enable_chunked_prefill);
-        // KV blocks: explicit, from GPU memory, or the CPU default.
-        assert_eq!(cli.engine.num_kv_blocks(1000, Some((100_000, 40_000))), 50);
-        assert_eq!(cli.engine.num_kv_blocks(1000, None), DEFAULT_CPU_KV_BLOCKS);
-        let cli = Cli::parse_from(["t", "--num-kv-blocks", "7"]);
-        assert_eq!(cli.engine.num_kv_blocks(1000, Some((100_000, 0))), 7);
+        // Without chunked prefill a step must hold a whole prompt (the model length).
+        let config = crate::model::ModelFiles::resolve("tiny-llama")
+            .unwrap()
+            .config;
+        let opts = cli.engine.backend_options(16, 1, &config);
+        assert_eq!(
+            opts.max_num_batched_tokens,
+            config.max_position_embeddings.max(2048)
+        );
+        assert_eq!(
+            (opts.gpu, opts.block_size, opts.num_kv_blocks),
+            (1, 16, None)
+        );
+        let cli = Cli::parse_from([
+            "t",
+            "--num-kv-blocks",
+            "7",
+            "--max-num-batched-tokens",
+            "64",
+        ]);
+        let opts = cli.engine.backend_options(16, 0, &config);
+        assert_eq!(
+            (opts.num_kv_blocks, opts.max_num_batched_tokens),
+            (Some(7), 64)
+        );
     }
 }

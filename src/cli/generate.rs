@@ -1,8 +1,8 @@
 //! `tandem generate`: one prompt through an in-process engine on the chosen device; prints the
 //! text (or token ids when the model has no tokenizer) and, on stderr, TTFT and decode speed.
 
-use super::common::{EngineArgs, ModelArgs, DEFAULT_CPU_KV_BLOCKS};
-use crate::backend::factory::{build_backend, resolve_device, BackendOptions};
+use super::common::{EngineArgs, ModelArgs};
+use crate::backend::factory::{build_backend, resolve_device};
 use crate::engine::types::{FinishReason, GenerateRequest, SamplingParams};
 use crate::engine::Engine;
 use crate::model::{ChatMessage, ModelFiles};
@@ -91,22 +91,9 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => bail!("pass --prompt or --prompt-tokens"),
     };
     let device = resolve_device(args.model.device);
-    let opts = BackendOptions {
-        block_size: args.model.block_size,
-        num_kv_blocks: args.engine.num_kv_blocks,
-        gpu_memory_utilization: args.engine.gpu_memory_utilization,
-        max_num_batched_tokens: args.engine.max_num_batched_tokens.max(
-            if args.engine.enable_chunked_prefill {
-                0
-            } else {
-                args.engine
-                    .max_model_len
-                    .unwrap_or(files.config.max_position_embeddings)
-            },
-        ),
-        max_num_seqs: args.engine.max_num_seqs,
-        cpu_default_blocks: DEFAULT_CPU_KV_BLOCKS,
-    };
+    let opts = args
+        .engine
+        .backend_options(args.model.block_size, 0, &files.config);
     let t0 = Instant::now();
     let backend = build_backend(
         device,

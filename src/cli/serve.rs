@@ -2,16 +2,14 @@
 //! N aggregated workers (one engine each, on CPU or GPU), described by flags or by a deployment
 //! file (`-f benchmarks/agg.yaml`).
 
-use crate::backend::cuda::{CudaBackend, CudaOptions, WeightSource};
-use crate::backend::factory::{create_backend, resolve_device};
-use crate::backend::Backend;
-use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs, DEFAULT_CPU_KV_BLOCKS};
+use crate::backend::factory::build_backend;
+use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs};
 use crate::engine::{Engine, EngineHandle};
 use crate::frontend::deployment::{Deployment, Role};
 use crate::frontend::router::{Router, RouterConfig, RouterMode};
 use crate::frontend::tokenizer::PromptTokenizer;
 use crate::frontend::{AppState, FrontendConfig};
-use crate::model::{load_weights, LlamaWeights, ModelFiles};
+use crate::model::ModelFiles;
 use crate::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
@@ -171,56 +169,16 @@ fn check_tp(tp: usize) -> Result<()> {
 
 /// Builds every worker's backend and engine.
 fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<EngineHandle>> {
-    // Host weights are loaded once, on first need, and shared (CUDA makes dummy weights itself).
-    let mut host: Option<LlamaWeights> = None;
-    let mut host_weights = || -> Result<LlamaWeights> {
-        if host.is_none() {
-            let w = load_weights(files, plan.load_format, seed)
-                .with_context(|| format!("loading the weights of {}", files.dir.display()))?;
-            host = Some(w);
-        }
-        Ok(host.clone().expect("just loaded"))
-    };
     let mut engines = Vec::with_capacity(plan.workers.len());
     for (i, w) in plan.workers.iter().enumerate() {
-        let device = resolve_device(w.device);
-        let backend: Box<dyn Backend> = match device {
-            DeviceKind::Cuda => {
-                let opts = CudaOptions {
-                    device: w.gpu,
-                    block_size: w.block_size,
-                    gpu_memory_utilization: w.engine.gpu_memory_utilization,
-                    num_blocks: w.engine.num_kv_blocks,
-                    max_num_batched_tokens: step_budget(&w.engine, files),
-                    max_num_seqs: w.engine.max_num_seqs,
-                    ..Default::default()
-                };
-                let weights;
-                let source = match plan.load_format {
-                    LoadFormat::Dummy => WeightSource::Dummy { seed },
-                    LoadFormat::Safetensors => {
-                        weights = host_weights()?;
-                        WeightSource::Host(&weights)
-                    }
-                };
-                Box::new(
-                    CudaBackend::new(&files.config, source, opts).with_context(|| {
-                        format!("worker {i}: building the CUDA backend on GPU {}", w.gpu)
-                    })?,
+        let opts = w.engine.backend_options(w.block_size, w.gpu, &files.config);
+        let backend =
+            build_backend(w.device, files, plan.load_format, seed, &opts).with_context(|| {
+                format!(
+                    "worker {i}: building the {:?} backend (GPU {})",
+                    w.device, w.gpu
                 )
-            }
-            _ => {
-                let blocks = w.engine.num_kv_blocks.unwrap_or(DEFAULT_CPU_KV_BLOCKS);
-                create_backend(
-                    DeviceKind::Cpu,
-                    &files.config,
-                    &host_weights()?,
-                    w.block_size,
-                    blocks,
-                )
-                .with_context(|| format!("worker {i}: building the CPU backend"))?
-            }
-        };
+            })?;
         engines.push(Engine::start(
             backend,
             files.tokenizer.clone(),
@@ -228,18 +186,6 @@ fn start_engines(plan: &Plan, files: &ModelFiles, seed: u64) -> Result<Vec<Engin
         ));
     }
     Ok(engines)
-}
-
-/// Tokens one step must hold: the engine's budget, or a whole prompt without chunked prefill.
-fn step_budget(engine: &EngineArgs, files: &ModelFiles) -> usize {
-    let whole_prompt = engine
-        .max_model_len
-        .unwrap_or(files.config.max_position_embeddings);
-    if engine.enable_chunked_prefill {
-        engine.max_num_batched_tokens
-    } else {
-        engine.max_num_batched_tokens.max(whole_prompt)
-    }
 }
 
 pub fn run(args: Args) -> Result<()> {

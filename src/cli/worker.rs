@@ -2,11 +2,11 @@
 //! decode. Runs until SIGINT or SIGTERM.
 
 use super::common::{EngineArgs, ModelArgs};
-use crate::backend::factory::create_backend;
+use crate::backend::factory::build_backend;
 use crate::engine::{Engine, EngineHandle};
 use crate::kv::transfer::tcp::{TcpKvServer, TcpTransfer};
 use crate::kv::transfer::KvSink;
-use crate::model::{load_weights, ModelFiles};
+use crate::model::ModelFiles;
 use crate::runtime::distributed::{DistributedConfig, DistributedRuntime};
 use crate::runtime::Runtime;
 use crate::worker::decode::{DecodeConfig, DecodeWorker, EngineSink};
@@ -90,15 +90,8 @@ pub fn run(args: Args) -> Result<()> {
 /// Loads the model and starts an engine on the device `model.device` names.
 pub fn build_engine(model: &ModelArgs, engine: &EngineArgs) -> Result<(EngineHandle, ModelFiles)> {
     let files = ModelFiles::resolve(&model.model)?;
-    let weights = load_weights(&files, model.load_format, model.seed)?;
-    let num_blocks = engine.num_kv_blocks(1, None);
-    let backend = create_backend(
-        model.device,
-        &files.config,
-        &weights,
-        model.block_size,
-        num_blocks,
-    )?;
+    let opts = engine.backend_options(model.block_size, 0, &files.config);
+    let backend = build_backend(model.device, &files, model.load_format, model.seed, &opts)?;
     let handle = Engine::start(backend, files.tokenizer.clone(), engine.engine_config());
     Ok((handle, files))
 }
