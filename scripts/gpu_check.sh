@@ -11,7 +11,7 @@ set -uo pipefail
 D=${DIST:-$(cd "$(dirname "$0")" && pwd)}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"kernels tests generate bench"}
+STAGES=${STAGES:-"kernels tests generate bench serve"}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/nccl
 NCCL_LIB=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2
@@ -61,6 +61,23 @@ case " $STAGES " in *" bench "*)
     --load-format dummy --batch 1,32 --context 3000 --prompt-len 3000 --prefill-batch 1,2 \
     --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" --compare-no-split
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
+esac
+
+case " $STAGES " in *" serve "*)
+  # The 70B dummy model behind `tandem serve`, measured by `tandem bench` as the guide does (ISL 3000 /
+  # OSL 150, concurrency 1, the guide's engine flags).
+  M=llama-3.3-70b-fp8-dynamic
+  "$D/tandem" serve --model $M --load-format dummy --device cuda --gpu-memory-utilization 0.95 \
+    --max-model-len 3500 --max-num-batched-tokens 3500 --block-size 128 --port 8123 > "$OUT/serve.log" 2>&1 &
+  SERVE=$!
+  for _ in $(seq 1 120); do
+    (exec 3<>/dev/tcp/127.0.0.1/8123) 2>/dev/null && break; sleep 1
+  done
+  step "serve + bench 70B c=1 (isl 3000 osl 150)" 300 "$D/tandem" bench --url http://127.0.0.1:8123 \
+    --model $M --tokenizer "$D/models/$M" --isl 3000 --osl 150 --concurrency ${SERVE_CONCURRENCY:-1} \
+    --artifact-dir "$OUT/agg-1gpu" --deployment-kind tandem --mode aggregated --tp 1 --dp 1 --no-progress
+  kill $SERVE; wait $SERVE 2>/dev/null
+  tail -n 20 "$OUT/serve.log" ;;
 esac
 
 echo
