@@ -7,75 +7,16 @@
 //! Fixtures are read from `$TANDEM_FIXTURES` (the GPU machine gets a copy) or tests/fixtures.
 //! Skips when no GPU is present.
 
-use std::path::PathBuf;
 use tandem::backend::cpu::CpuBackend;
 use tandem::backend::cuda::ops::Precision;
 use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
 use tandem::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk, SeqOutput};
-use tandem::model::config::LlamaConfig;
-use tandem::model::weights::LlamaWeights;
-use tandem::model::{load_weights, LoadFormat, ModelFiles};
+
+mod cpu_support;
+
+use cpu_support::{fixture, Fixture};
 
 const BS: usize = 16;
-
-fn fixture_dir(name: &str) -> PathBuf {
-    let base = std::env::var_os("TANDEM_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
-    base.join(name)
-}
-
-struct Fixture {
-    config: LlamaConfig,
-    weights: LlamaWeights,
-    prompt: Vec<u32>,
-    tokens: Vec<u32>,
-    logits: Vec<(usize, Vec<f32>)>,
-}
-
-fn fixture(name: &str) -> Fixture {
-    let dir = fixture_dir(name);
-    assert!(
-        dir.join("reference.json").exists(),
-        "fixture {} missing",
-        dir.display()
-    );
-    let files = ModelFiles::from_dir(&dir, None).unwrap();
-    let config = files.config.clone();
-    let weights = load_weights(&files, LoadFormat::Safetensors, 0).unwrap();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let logits = r["logits"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(s, l)| {
-            (
-                s.parse().unwrap(),
-                l.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect(),
-            )
-        })
-        .collect();
-    Fixture {
-        config,
-        weights,
-        prompt: ids(&r["prompt_tokens"]),
-        tokens: ids(&r["greedy_tokens"]),
-        logits,
-    }
-}
 
 fn argmax(v: &[f32]) -> u32 {
     let mx = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);

@@ -23,14 +23,21 @@ pub struct Fixture {
     pub tolerance: f32,
 }
 
+/// `$TANDEM_FIXTURES/<name>` (the GPU machine gets a copy of the fixtures), else tests/fixtures.
 pub fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    let base = std::env::var_os("TANDEM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
+    base.join(name)
 }
 
 pub fn fixture(name: &str) -> Fixture {
     let dir = fixture_dir(name);
+    assert!(
+        dir.join("reference.json").exists(),
+        "fixture {} missing",
+        dir.display()
+    );
     let files = ModelFiles::resolve(dir.to_str().unwrap()).unwrap();
     let weights = load_weights(&files, LoadFormat::Safetensors, 0).unwrap();
     let config = files.config;
