@@ -114,6 +114,18 @@ impl KvLayout {
     }
 }
 
+/// Where a CUDA backend keeps its KV pool, for device-to-device transfers (`kv::transfer::cuda`):
+/// one `cuMemAlloc` allocation of `bytes` at `base` on GPU `device`, holding per layer a K pool then
+/// a V pool, each `[num_blocks, num_kv_heads, block_size, head_dim]` of `layout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaKvPool {
+    pub device: usize,
+    pub base: u64,
+    pub bytes: usize,
+    pub num_blocks: usize,
+    pub layout: KvLayout,
+}
+
 pub trait Backend: Send {
     fn config(&self) -> &LlamaConfig;
     fn kv_layout(&self) -> KvLayout;
@@ -126,4 +138,8 @@ pub trait Backend: Send {
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>>;
     /// Writes blocks in the format of `export_blocks`.
     fn import_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<()>;
+    /// The device KV pool, when the backend keeps one that peers or other processes can reach.
+    fn cuda_kv_pool(&self) -> Option<CudaKvPool> {
+        None
+    }
 }

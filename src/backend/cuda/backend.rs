@@ -118,6 +118,8 @@ pub struct CudaBackend {
     num_blocks: usize,
     /// Blocks an attention launch should have to fill the GPU (4 per multiprocessor).
     attention_target_blocks: usize,
+    /// Called after each layer's KV is written (see [`CudaBackend::set_layer_kv_hook`]).
+    layer_kv_hook: Option<LayerKvHook>,
 }
 
 /// KV blocks that fit in `utilization · total − used` bytes.
@@ -210,6 +212,7 @@ impl CudaBackend {
             gpu,
             num_blocks,
             attention_target_blocks,
+            layer_kv_hook: None,
         })
     }
 
@@ -418,6 +421,9 @@ impl CudaBackend {
                 self.opts.block_size,
             )?;
             self.mark("kv_write")?;
+            if let Some(hook) = self.layer_kv_hook.as_mut() {
+                hook(i, self.gpu.stream.cu_stream())?;
+            }
             self.ops().paged_attention(&AttentionArgs {
                 out: attn,
                 qkv,
@@ -577,6 +583,10 @@ impl Backend for CudaBackend {
         self.forward(&plan)
     }
 
+    fn cuda_kv_pool(&self) -> Option<crate::backend::CudaKvPool> {
+        Some(self.kv_pool())
+    }
+
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {
         self.gpu.bind()?;
         let part = self.block_part_bytes();
@@ -624,5 +634,35 @@ impl Backend for CudaBackend {
             }
         }
         Ok(())
+    }
+}
+
+/// A callback run while a step's kernels are being queued, right after layer `layer`'s KV write was
+/// queued on `stream` (the backend's stream, context current): a transfer can record an event
+/// there and copy that layer's KV on its own stream while the next layers compute.
+pub type LayerKvHook = Box<dyn FnMut(usize, cudarc::driver::sys::CUstream) -> Result<()> + Send>;
+
+/// Device-to-device KV transfers (`kv::transfer::cuda`).
+impl CudaBackend {
+    /// The KV pool: one `cuMemAlloc` buffer, per layer K then V, `[num_blocks, kv_heads, block, dim]`.
+    pub fn kv_pool(&self) -> crate::backend::CudaKvPool {
+        crate::backend::CudaKvPool {
+            device: self.opts.device,
+            base: self.kv.ptr,
+            bytes: self.kv.bytes,
+            num_blocks: self.num_blocks,
+            layout: self.kv_layout(),
+        }
+    }
+
+    /// Installs (or removes) the per-layer KV hook of later steps.
+    pub fn set_layer_kv_hook(&mut self, hook: Option<LayerKvHook>) {
+        self.layer_kv_hook = hook;
+    }
+
+    /// Waits for everything queued on the backend's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.gpu.bind()?;
+        self.gpu.sync()
     }
 }

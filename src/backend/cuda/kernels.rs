@@ -22,6 +22,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("attention", include_str!("../../../kernels/attention.cu")),
     ("sampling", include_str!("../../../kernels/sampling.cu")),
+    ("kv_copy", include_str!("../../../kernels/kv_copy.cu")),
 ];
 
 /// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
@@ -53,6 +54,7 @@ const PLAIN: &[(&str, &[&str])] = &[
         ],
     ),
     ("sampling", &["sample_tokens"]),
+    ("kv_copy", &["kv_copy_blocks"]),
 ];
 
 /// Every kernel name of a module.

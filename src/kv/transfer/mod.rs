@@ -11,6 +11,7 @@
 //! decode worker use different tensor-parallel sizes, [`reshard`] splits or merges the KV heads so
 //! that each destination rank receives exactly the heads it owns.
 
+pub mod cuda;
 pub mod local;
 pub mod reshard;
 pub mod tcp;
