@@ -8,16 +8,18 @@
 //! through NVLink into the peer's memory. `docs/kv-transfer.md` has the measured rates.
 
 pub mod plan;
+pub mod pool;
+
+pub use pool::{device_by_uuid, device_uuid, export_ipc, read_blocks, CudaIpcPool, OwnedKvPool};
 
 use crate::backend::cuda::backend::LayerKvHook;
 use crate::backend::cuda::device::DeviceBuffer;
 use crate::backend::cuda::kernels::{cubin_cached, launch, Arg, MODULES};
-use crate::backend::{CudaKvPool, KvLayout};
+use crate::backend::CudaKvPool;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use parking_lot::Mutex;
 use plan::{flatten_pairs, geometry, HeadRoute};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::ops::Range;
@@ -26,60 +28,6 @@ use std::sync::Arc;
 const THREADS: u32 = 256;
 /// Bytes one thread block of the kernel copies (its `KV_COPY_CHUNK`).
 const CHUNK: usize = THREADS as usize * 4 * 16;
-
-/// A pool of another process, as its owner advertises it: the IPC handle of the allocation and
-/// where it lives. Opening it maps the same device memory into this process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CudaIpcPool {
-    /// `CUipcMemHandle`, 64 bytes.
-    pub handle: Vec<u8>,
-    /// The GPU's UUID (ordinals differ between processes under `CUDA_VISIBLE_DEVICES`).
-    pub device_uuid: String,
-    pub bytes: usize,
-    pub num_blocks: usize,
-    pub layout: KvLayout,
-}
-
-/// The UUID of GPU `ordinal`, as hex.
-pub fn device_uuid(ordinal: usize) -> Result<String> {
-    let dev = result::device::get(ordinal as i32)?;
-    let uuid = result::device::get_uuid(dev)?;
-    Ok(uuid
-        .bytes
-        .iter()
-        .map(|b| format!("{:02x}", *b as u8))
-        .collect())
-}
-
-/// The ordinal of the GPU with this UUID, if this process sees it.
-pub fn device_by_uuid(uuid: &str) -> Result<Option<usize>> {
-    result::init()?;
-    for i in 0..result::device::get_count()? as usize {
-        if device_uuid(i)? == uuid {
-            return Ok(Some(i));
-        }
-    }
-    Ok(None)
-}
-
-/// The IPC handle of `pool`, whose base must be the start of a `cuMemAlloc` allocation (the CUDA
-/// backend's pool is).
-pub fn export_ipc(pool: &CudaKvPool) -> Result<CudaIpcPool> {
-    let ctx = CudaContext::new(pool.device)?;
-    ctx.bind_to_thread()?;
-    let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
-    // SAFETY: `pool.base` is a live device allocation of this process.
-    unsafe { sys::cuIpcGetMemHandle(&mut handle, pool.base) }
-        .result()
-        .context("cuIpcGetMemHandle on the KV pool")?;
-    Ok(CudaIpcPool {
-        handle: handle.reserved.iter().map(|&c| c as u8).collect(),
-        device_uuid: device_uuid(pool.device)?,
-        bytes: pool.bytes,
-        num_blocks: pool.num_blocks,
-        layout: pool.layout,
-    })
-}
 
 /// A mapping of another process's pool, closed on drop.
 struct IpcMapping {
