@@ -294,6 +294,12 @@ impl CudaKvCopier {
         Ok(())
     }
 
+    /// Makes the copier's GPU context current on this thread.
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread()?;
+        Ok(())
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.ctx.bind_to_thread()?;
         self.stream.synchronize()?;
@@ -339,6 +345,7 @@ pub fn layer_streaming_hook(
     jobs: Vec<(CudaKvPool, CudaKvPool, HeadRoute)>,
 ) -> Result<LayerKvHook> {
     let layers = jobs.first().map_or(0, |j| j.0.layout.num_layers);
+    copier.lock().bind()?; // the events belong to the copier's (and the backend's) context
     let events = (0..layers)
         .map(|_| result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
         .collect::<Result<Vec<_>, _>>()?;
