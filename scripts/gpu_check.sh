@@ -11,7 +11,7 @@ set -uo pipefail
 D=${DIST:-$(cd "$(dirname "$0")" && pwd)}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"kernels tests generate bench serve"}
+STAGES=${STAGES:-"kernels tests generate bench kvgpu serve"}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/nccl
 NCCL_LIB=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2
@@ -63,6 +63,26 @@ case " $STAGES " in *" bench "*)
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
 esac
 
+case " $STAGES " in *" kvgpu "*)
+  # Same-node GPU KV transfer (kv::transfer::cuda): its tests, then the KV of a 3000-token prompt of
+  # the 70B layout (1.0 GB) into scattered blocks, by peer copy, CUDA IPC, TP1 -> TP2, and TCP for
+  # comparison; last, prefill + transfer with the copy after vs streamed layer by layer.
+  [ -x "$D/tests/cuda_kv_transfer" ] && case " $STAGES " in *" tests "*) ;; *)
+    step "cuda_kv_transfer" 120 "$D/tests/cuda_kv_transfer" --test-threads=1 --nocapture ;; esac
+  NG=$(nvidia-smi -L 2>/dev/null | wc -l)
+  DST1=$([ "$NG" -ge 2 ] && echo 1 || echo 0)
+  kvb() { step "kv transfer $1" "$2" "$D/kv_transfer_bench" "${@:3}"; grep -h '^{' "$OUT/step.log" >> "$OUT/kv_transfer.json"; }
+  : > "$OUT/kv_transfer.json"
+  kvb "cuda-peer 0->$DST1" 60 --transport cuda-peer --dst-gpus $DST1 --iters 20
+  kvb "cuda-peer 0->0 (same GPU)" 60 --transport cuda-peer --dst-gpus 0 --iters 20
+  kvb "cuda-peer TP1->TP2 0->0,$DST1" 60 --transport cuda-peer --dst-gpus 0,$DST1 --iters 20
+  kvb "cuda-ipc 0->$DST1" 60 --transport cuda-ipc --dst-gpus $DST1 --iters 20
+  kvb "cuda-ipc TP1->TP2 0->0,$DST1" 60 --transport cuda-ipc --dst-gpus 0,$DST1 --iters 20
+  kvb "tcp loopback" 60 --transport tcp --iters 3
+  kvb "overlap 70B prefill 0->$DST1" 240 --transport cuda-peer --dst-gpus $DST1 --iters ${KV_OVERLAP_ITERS:-3} \
+    --overlap-model llama-3.3-70b-fp8-dynamic ;;
+esac
+
 case " $STAGES " in *" serve "*)
   # The 70B dummy model behind `tandem serve`, measured by `tandem bench` as the guide does (ISL 3000 /
   # OSL 150, concurrency 1, the guide's engine flags).
@@ -84,3 +104,4 @@ echo
 echo "================ summary ================"
 for r in "${ROWS[@]}"; do echo "$r"; done
 [ -s "$OUT/bench_step.json" ] && cat "$OUT/bench_step.json"
+[ -s "$OUT/kv_transfer.json" ] && cat "$OUT/kv_transfer.json"

@@ -7,20 +7,23 @@ cd "$(dirname "$0")/.."
 D=${1:?usage: make_dist.sh <dist folder>}
 FIX=${2:-tests/fixtures}
 MODELS=${3:-models}
-TESTS="cuda_kernels cuda_backend cuda_fixtures"
+TESTS="cuda_kernels cuda_backend cuda_fixtures cuda_kv_transfer"
 cargo build --release --bin tandem
 args=(); for t in $TESTS; do args+=(--test "$t"); done
 exes=$(cargo test --release --no-run "${args[@]}" --message-format=json 2>/dev/null \
   | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep -v null)
 bin=$(cargo build --release --bin tandem --message-format=json 2>/dev/null \
   | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep -v null)
+kvbench=$(cargo build --release --example kv_transfer_bench --message-format=json 2>/dev/null \
+  | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep -v null)
 rm -rf "$D"; mkdir -p "$D/tests" "$D/fixtures" "$D/models"
 cp "$bin" "$D/tandem"
+cp "$kvbench" "$D/kv_transfer_bench"
 for e in $exes; do
   n=$(basename "$e" | sed 's/-[0-9a-f]*$//')
   case " $TESTS " in *" $n "*) cp "$e" "$D/tests/$n" ;; esac
 done
-strip "$D/tandem" "$D"/tests/*
+strip "$D/tandem" "$D/kv_transfer_bench" "$D"/tests/*
 cp -r "$FIX"/llama-bf16 "$FIX"/llama-fp8 "$D/fixtures/"
 cp -r "$MODELS"/. "$D/models/"
 cp scripts/gpu_check.sh "$D/"
