@@ -290,8 +290,9 @@ fn ipc_copy_into_another_process() {
             let line = rx
                 .recv_timeout(Duration::from_secs(120))
                 .unwrap_or_else(|_| panic!("child printed no {prefix} line in 120 s"));
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.to_string();
+            // libtest may have printed "test ... " on the same line.
+            if let Some(at) = line.find(prefix) {
+                return line[at + prefix.len()..].trim().to_string();
             }
         }
     };
