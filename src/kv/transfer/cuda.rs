@@ -282,7 +282,7 @@ impl CudaKvCopier {
     }
 
     /// Makes later launches wait for `event` (recorded on another stream of this GPU).
-    pub fn wait_event(&self, event: sys::CUevent) -> Result<()> {
+    fn wait_event(&self, event: sys::CUevent) -> Result<()> {
         // SAFETY: live stream and event.
         unsafe {
             result::stream::wait_event(

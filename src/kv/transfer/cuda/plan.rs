@@ -119,7 +119,9 @@ pub fn geometry(src: &CudaKvPool, dst: &CudaKvPool, route: &HeadRoute) -> Result
         PoolStrides::of(d, dst.num_blocks),
     );
     ensure!(
-        src_strides.slab.is_multiple_of(16) && src.base % 16 == 0 && dst.base % 16 == 0,
+        src_strides.slab.is_multiple_of(16)
+            && src.base.is_multiple_of(16)
+            && dst.base.is_multiple_of(16),
         "the KV copy kernel needs 16-byte aligned pools and slabs (slab of {} bytes)",
         src_strides.slab
     );
