@@ -374,7 +374,7 @@ impl CudaBackend {
             ws.gate_up.ptr,
             ws.act.ptr,
         );
-        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
+        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv, hd, self.opts.precision);
         self.ops()
             .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
         self.mark("embed")?;
@@ -566,7 +566,7 @@ impl Backend for CudaBackend {
             self.opts.block_size,
             self.num_blocks,
             self.config.vocab_size,
-            Ops::attention_tokens_per_tile(group),
+            Ops::attention_tokens_per_tile(group, self.config.head_dim, self.opts.precision),
             Some(SplitPolicy {
                 target_blocks: self.attention_target_blocks,
                 kv_heads: self.config.num_key_value_heads,
