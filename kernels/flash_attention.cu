@@ -7,8 +7,8 @@
 // tiles of 16. Keys stream through shared memory 64 at a time (cp.async, double-buffered; each key
 // row is gathered through the block table, so any block size works and each K/V element is read
 // once per block). Warp w takes row tile w % MT and, when there are fewer than 4 row tiles, the
-// key slice w / MT of each 64-key tile (KS = 4 / MT slices), so a decode item (G <= 16 rows) keeps
-// all 4 warps busy. The warps' online-softmax states are merged through shared memory at the end.
+// key slice w / MT of each 64-key tile (KS = 4 / MT slices) for a decode item (one query), so
+// G <= 16 rows keep all 4 warps busy. The warps' online-softmax states are merged through shared memory at the end.
 // Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
 
 #define FA_KT 64
@@ -59,6 +59,12 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return r;
 }
 
+// (lo, hi) as BF16x2 `h` plus the BF16x2 `l` of what rounding left over.
+__device__ __forceinline__ void split_bf16(float lo, float hi, unsigned& h, unsigned& l) {
+    h = pack_bf16(lo, hi);
+    l = pack_bf16(lo - __uint_as_float(h << 16), hi - __uint_as_float(h & 0xffff0000u));
+}
+
 __device__ __forceinline__ float ex2(float x) {
     float r;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
@@ -89,7 +95,8 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int MT) {
     bf16* Ks = (bf16*)fa_smem;       // [2][FA_KT][STR]
     bf16* Vs = Ks + 2 * FA_KT * STR;  // [2][FA_KT][STR]
 
-    int tile = blockIdx.x, kvh = blockIdx.y, tid = threadIdx.x;
+    // Last items first: a prefill's late tiles see the most keys, so they should not form the tail.
+    int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, tid = threadIdx.x;
     int G = a.num_q_heads / a.num_kv_heads;
     int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
     int R = qn * G;
@@ -217,17 +224,23 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int MT) {
             }
 #pragma unroll
             for (int nb = 0; nb < NB; nb++) {
-                unsigned pa[4] = {pack_bf16(s[2 * nb][0], s[2 * nb][1]), pack_bf16(s[2 * nb][2], s[2 * nb][3]),
-                                  pack_bf16(s[2 * nb + 1][0], s[2 * nb + 1][1]),
-                                  pack_bf16(s[2 * nb + 1][2], s[2 * nb + 1][3])};
+                // P = hi + lo, both BF16 (16 mantissa bits together): P V is as exact as the F32 kernel's,
+                // so the order in which keys are visited (splits, chunks) stays invisible after rounding.
+                unsigned ph[4], pl[4];
+                split_bf16(s[2 * nb][0], s[2 * nb][1], ph[0], pl[0]);
+                split_bf16(s[2 * nb][2], s[2 * nb][3], ph[1], pl[1]);
+                split_bf16(s[2 * nb + 1][0], s[2 * nb + 1][1], ph[2], pl[2]);
+                split_bf16(s[2 * nb + 1][2], s[2 * nb + 1][3], ph[3], pl[3]);
                 // x4 trans: keys +0..7 / +8..15 (matrix bit 0) x dims +0..7 / +8..15 (matrix bit 1).
                 unsigned base = smem_u32(Vt + (nb * 16 + (mi & 1) * 8 + rr) * STR + (mi >> 1) * 8);
 #pragma unroll
                 for (int dp = 0; dp < D / 16; dp++) {
                     unsigned v0, v1, v2, v3;
                     ldsm4_t(base + dp * 32, v0, v1, v2, v3);
-                    mma_bf16(o[2 * dp], pa, v0, v1);
-                    mma_bf16(o[2 * dp + 1], pa, v2, v3);
+                    mma_bf16(o[2 * dp], ph, v0, v1);
+                    mma_bf16(o[2 * dp + 1], ph, v2, v3);
+                    mma_bf16(o[2 * dp], pl, v0, v1);
+                    mma_bf16(o[2 * dp + 1], pl, v2, v3);
                 }
             }
         }
@@ -294,10 +307,15 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int MT) {
 
 template <int D>
 __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
-    int qn = a.tile_q_len[blockIdx.x];
+    int qn = a.tile_q_len[gridDim.x - 1 - blockIdx.x];
     int rows = qn * (a.num_q_heads / a.num_kv_heads);
     int MT = (rows + 15) / 16;
-    if (MT == 1)
+    // Chunks: one warp per 16 rows over all keys, so a row's result does not depend on how many
+    // tokens share its tile (chunked and whole prefills agree bit for bit). A decode item splits
+    // its keys over the warps left over.
+    if (qn > 1)
+        flash_body<D, 1>(a, MT);
+    else if (MT == 1)
         flash_body<D, 4>(a, 1);
     else if (MT == 2)
         flash_body<D, 2>(a, 2);

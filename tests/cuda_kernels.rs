@@ -440,6 +440,72 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         min_keys: 128,
         ..tight
     };
+    // Output rows (as f32) and, per token, whether its tile had more than one query.
+    let run = |flash: bool, q_per_tile: usize, policy: Option<SplitPolicy>| {
+        let plan = plan_step(&batch, bs, c.num_blocks, 1, q_per_tile, policy).unwrap();
+        let meta = e.gpu.upload(&plan.packed).unwrap();
+        let m = |off: usize| meta.ptr + 4 * off as u64;
+        let at = &plan.at;
+        let part_ml = e.poisoned(256 * nh * 2 * 4);
+        let part_acc = e.poisoned(256 * nh * hd * 4);
+        let out = e.poisoned(n * nh * hd * 2);
+        let args = AttentionArgs {
+            out: out.ptr,
+            qkv: dq.ptr,
+            k_cache: dk.ptr,
+            v_cache: dv.ptr,
+            positions: m(at.positions),
+            tile_seq: m(at.tile_seq),
+            tile_q_start: m(at.tile_q_start),
+            tile_q_len: m(at.tile_q_len),
+            block_tables: m(at.block_tables),
+            block_table_start: m(at.block_table_start),
+            tile_kbeg: m(at.tile_kbeg),
+            tile_kend: m(at.tile_kend),
+            tile_part: m(at.tile_part),
+            part_ml: part_ml.ptr,
+            part_acc: part_acc.ptr,
+            num_tiles: plan.num_tiles,
+            row_stride: stride,
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+            scale: 1.0 / (hd as f32).sqrt(),
+            q_per_tile,
+        };
+        if flash {
+            e.ops().flash_attention(&args).unwrap();
+        } else {
+            e.ops().paged_attention_cuda_cores(&args).unwrap();
+        }
+        if plan.num_groups > 0 {
+            let (g0, gn, gq) = (m(at.group_part0), m(at.group_nparts), m(at.group_q0));
+            e.ops()
+                .attention_combine(
+                    out.ptr,
+                    part_ml.ptr,
+                    part_acc.ptr,
+                    g0,
+                    gn,
+                    gq,
+                    plan.num_groups,
+                    nh,
+                    nkv,
+                    hd,
+                )
+                .unwrap();
+        }
+        let mut multi = vec![false; n];
+        for t in 0..plan.num_tiles {
+            let (q0, qn) = (
+                plan.packed[at.tile_q_start + t] as usize,
+                plan.packed[at.tile_q_len + t] as usize,
+            );
+            multi[q0..q0 + qn].iter_mut().for_each(|x| *x = qn > 1);
+        }
+        (e.bf16s(&out, n * nh * hd), multi, plan.num_parts)
+    };
     for flash in [true, false] {
         let precision = if flash {
             Precision::Bf16
@@ -448,68 +514,35 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         };
         let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv, hd, precision);
         for policy in [None, Some(tight), Some(serving)] {
-            let plan = plan_step(&batch, bs, c.num_blocks, 1, q_per_tile, policy).unwrap();
-            let meta = e.gpu.upload(&plan.packed).unwrap();
-            let m = |off: usize| meta.ptr + 4 * off as u64;
-            let at = &plan.at;
-            let part_ml = e.poisoned(256 * nh * 2 * 4);
-            let part_acc = e.poisoned(256 * nh * hd * 4);
-            let out = e.poisoned(n * nh * hd * 2);
-            let args = AttentionArgs {
-                out: out.ptr,
-                qkv: dq.ptr,
-                k_cache: dk.ptr,
-                v_cache: dv.ptr,
-                positions: m(at.positions),
-                tile_seq: m(at.tile_seq),
-                tile_q_start: m(at.tile_q_start),
-                tile_q_len: m(at.tile_q_len),
-                block_tables: m(at.block_tables),
-                block_table_start: m(at.block_table_start),
-                tile_kbeg: m(at.tile_kbeg),
-                tile_kend: m(at.tile_kend),
-                tile_part: m(at.tile_part),
-                part_ml: part_ml.ptr,
-                part_acc: part_acc.ptr,
-                num_tiles: plan.num_tiles,
-                row_stride: stride,
-                q_heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                block_size: bs,
-                scale: 1.0 / (hd as f32).sqrt(),
-                q_per_tile,
-            };
-            if flash {
-                e.ops().flash_attention(&args).unwrap();
-            } else {
-                e.ops().paged_attention_cuda_cores(&args).unwrap();
-            }
-            if plan.num_groups > 0 {
-                let (g0, gn, gq) = (m(at.group_part0), m(at.group_nparts), m(at.group_q0));
-                e.ops()
-                    .attention_combine(
-                        out.ptr,
-                        part_ml.ptr,
-                        part_acc.ptr,
-                        g0,
-                        gn,
-                        gq,
-                        plan.num_groups,
-                        nh,
-                        nkv,
-                        hd,
-                    )
-                    .unwrap();
-            }
+            let (out, _, parts) = run(flash, q_per_tile, policy);
             let what = format!(
-                "{} nh={nh} nkv={nkv} hd={hd} bs={bs} q_per_tile={q_per_tile} parts={}",
+                "{} nh={nh} nkv={nkv} hd={hd} bs={bs} q_per_tile={q_per_tile} parts={parts}",
                 if flash { "flash" } else { "cuda-cores" },
-                plan.num_parts
             );
-            check(&what, &e.bf16s(&out, n * nh * hd), &want, 1e-2);
+            check(&what, &out, &want, 1e-2);
         }
     }
+    // Tensor cores: a token of a multi-query tile gets the same bits whatever else shares its
+    // tile (so chunked and whole prefills agree exactly).
+    let (big, big_multi, _) = run(
+        true,
+        Ops::attention_tokens_per_tile(nh / nkv, hd, Precision::Bf16),
+        None,
+    );
+    let (small, small_multi, _) = run(true, 2, None);
+    let row = nh * hd;
+    let mut compared = 0;
+    for t in 0..n {
+        if big_multi[t] && small_multi[t] {
+            compared += 1;
+            let (x, y) = (&big[t * row..(t + 1) * row], &small[t * row..(t + 1) * row]);
+            assert!(
+                x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "token {t}: tiles of 2 queries differ from whole tiles (nh={nh} nkv={nkv} hd={hd} bs={bs})"
+            );
+        }
+    }
+    assert!(compared > 0, "no token in multi-query tiles both ways");
 }
 
 #[test]
