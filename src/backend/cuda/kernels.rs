@@ -60,7 +60,7 @@ const PLAIN: &[(&str, &[&str])] = &[
     ("flash_attention", FLASH_ATTENTION),
 ];
 
-/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention_kernel`).
+/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`).
 pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd16",
     "flash_attention_hd32",

@@ -19,7 +19,7 @@ const FLASH_KEYS_PER_TILE: usize = 64;
 /// Whether the tensor-core attention takes this shape.
 pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
     act == Precision::Bf16
-        && head_dim % 16 == 0
+        && head_dim.is_multiple_of(16)
         && (16..=MAX_HEAD_DIM).contains(&head_dim)
         && (1..=FLASH_ROWS).contains(&group)
 }
@@ -358,7 +358,7 @@ impl Ops<'_> {
         );
         // 16-byte loads of the cache: head_dim * element size must be a multiple of 16 bytes.
         ensure!(
-            a.head_dim <= MAX_HEAD_DIM && (a.head_dim * self.act.bytes()) % 16 == 0,
+            a.head_dim <= MAX_HEAD_DIM && (a.head_dim * self.act.bytes()).is_multiple_of(16),
             "head_dim {} is not supported (a multiple of {} up to {MAX_HEAD_DIM})",
             a.head_dim,
             16 / self.act.bytes()
