@@ -418,8 +418,8 @@ impl Ops<'_> {
     ) -> Result<()> {
         self.go(
             &self.typed("attention_combine"),
-            (groups as u32, kv_heads as u32, 1),
-            256,
+            (groups as u32, q_heads as u32, 1),
+            head_dim.next_multiple_of(32) as u32,
             0,
             &[
                 Arg::Ptr(out),
