@@ -116,6 +116,7 @@ pub struct CudaBackend {
     kernels: Kernels,
     gpu: Gpu,
     num_blocks: usize,
+    multiprocessors: usize,
     /// Blocks an attention launch should have to fill the GPU (4 per multiprocessor).
     attention_target_blocks: usize,
 }
@@ -209,6 +210,7 @@ impl CudaBackend {
             kernels,
             gpu,
             num_blocks,
+            multiprocessors: sms,
             attention_target_blocks,
         })
     }
@@ -278,6 +280,11 @@ impl CudaBackend {
     /// Changes the fewest keys per split-decode part (benchmarks compare settings).
     pub fn set_split_min_keys(&mut self, keys: usize) {
         self.opts.split_min_keys = keys.max(32);
+    }
+
+    /// Changes how many attention blocks per multiprocessor split decode aims for.
+    pub fn set_attention_blocks_per_sm(&mut self, blocks: usize) {
+        self.attention_target_blocks = blocks.max(1) * self.multiprocessors;
     }
 
     /// Times every kernel of later steps with CUDA events (see [`Self::take_profile`]).
