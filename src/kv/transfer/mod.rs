@@ -2,9 +2,10 @@
 //!
 //! One interface, [`KvTransfer`], block-granular, with one implementation per way of reaching the
 //! destination: [`local::InProcessTransfer`] (a copy inside one process), [`tcp::TcpTransfer`]
-//! (host-staged bytes over a TCP stream, any two machines). A same-node GPU path (CUDA IPC or peer
-//! access) and an RDMA path (NIXL, UCX) are further implementations of the same trait, chosen by the
-//! [`KvEndpoint`] a decode worker advertises; `docs/kv-transfer.md` describes how they plug in.
+//! (host-staged bytes over a TCP stream, any two machines). [`cuda`] moves blocks device to device
+//! on one node (peer access or CUDA IPC, TP split/merge by head offsets); it is not yet reachable
+//! through this trait from the workers. An RDMA path (NIXL, UCX) would be a further implementation,
+//! chosen by the [`KvEndpoint`] a decode worker advertises; `docs/kv-transfer.md` describes both.
 //!
 //! Data travels in the backend's export wire format (`Backend::export_blocks`): for each block,
 //! for each layer, K then V, each `[num_kv_heads, block_size, head_dim]`. When the prefill and the
