@@ -1,7 +1,8 @@
 //! Device-to-device KV transfer (`kv::transfer::cuda`) between CUDA backends and pools: same GPU,
 //! a peer GPU, and another process through a CUDA IPC handle, with TP1 → TP2 splits and TP2 → TP1
 //! merges. Each result is compared byte for byte with the host path (`export_blocks` → `reshard`
-//! → `import_blocks`). Skips without a GPU; the two-GPU cases run on the same GPU (and say so)
+//! → `import_blocks`). Then two CUDA engines of an embedded disaggregated deployment, the KV going
+//! GPU to GPU, against an aggregated engine. Skips without a GPU; the two-GPU cases run on the same GPU (and say so)
 //! when only one is visible.
 
 use parking_lot::Mutex;
@@ -12,9 +13,16 @@ use std::time::Duration;
 use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
 use tandem::backend::{Backend, Batch, DeviceSampling, Emit, KvDtype, KvLayout, SeqChunk};
 use tandem::kv::transfer::cuda::plan::{copy_on_host, geometry, head_routes, HeadRoute};
+use futures::StreamExt;
+use tandem::engine::types::{GenerateRequest, SamplingParams};
+use tandem::engine::{Engine, EngineConfig, EngineHandle};
 use tandem::kv::transfer::cuda::{
-    export_ipc, layer_streaming_hook, CudaIpcPool, CudaKvCopier, OwnedKvPool,
+    device_kv_imports, export_ipc, layer_streaming_hook, live_staging_buffers, CudaIpcPool,
+    CudaKvCopier, OwnedKvPool,
 };
+use tandem::worker::decode::DecodeConfig;
+use tandem::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
+use tandem::worker::prefill::PrefillConfig;
 use tandem::kv::transfer::{reshard, KvShards};
 use tandem::model::config::LlamaConfig;
 
@@ -349,4 +357,143 @@ fn ipc_child_holds_a_pool() {
     println!("IPC_HASH {:016x}", xxhash_rust::xxh3::xxh3_64(&raw));
     std::io::stdout().flush().unwrap();
     for _ in lines {} // until the parent closes stdin
+}
+
+fn disagg_engine(device: usize, kv_seed: u64) -> EngineHandle {
+    let config = EngineConfig {
+        max_model_len: Some(256),
+        max_num_batched_tokens: 256,
+        max_num_seqs: 8,
+        ..Default::default()
+    };
+    Engine::start(Box::new(backend(device, 64, kv_seed)), None, config)
+}
+
+fn greedy_request(id: &str, prompt: Vec<u32>) -> GenerateRequest {
+    GenerateRequest {
+        id: id.into(),
+        prompt_tokens: prompt,
+        params: SamplingParams {
+            max_tokens: 8,
+            ignore_eos: true,
+            ..Default::default()
+        },
+    }
+}
+
+async fn collect_tokens(
+    stream: Result<tandem::worker::OutputStream, tandem::engine::types::EngineError>,
+) -> Vec<u32> {
+    let mut stream = stream.expect("request accepted");
+    let mut tokens = Vec::new();
+    while let Some(piece) = tokio::time::timeout(Duration::from_secs(60), stream.next())
+        .await
+        .expect("no output in 60 s")
+    {
+        tokens.extend(piece.expect("no error").token_ids);
+    }
+    tokens
+}
+
+fn assert_no_kv_left(engines: &[(&str, &EngineHandle)]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for (name, e) in engines {
+        while e.metrics().kv_blocks_active != 0 || e.metrics().running != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} engine leaked KV blocks: {:?}",
+                e.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    while live_staging_buffers() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} KV staging buffers were never freed",
+            live_staging_buffers()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The embedded disaggregated deployment with two CUDA engines (prefill on GPU 0, decode on GPU 1)
+/// gives the greedy tokens of an aggregated engine, the KV going GPU to GPU (staged on the prefill
+/// GPU, pulled by the decode GPU): a prompt of its own, then two sharing two blocks, the second
+/// of which the decode engine finds in its prefix cache (a partial import of staged blocks 2..).
+/// Requests run one at a time, so every engine's steps have the same shapes (bitwise equal maths).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_disagg_moves_kv_gpu_to_gpu_and_matches_aggregated() {
+    let n = gpus();
+    if n == 0 {
+        return;
+    }
+    let d = second_gpu(n);
+    let agg = disagg_engine(0, 7);
+    let (prefill, decode) = (disagg_engine(0, 8), disagg_engine(d, 9));
+    assert!(prefill.has_device_kv() && decode.has_device_kv());
+    let deployment = start_embedded(EmbeddedSpec {
+        agg: vec![],
+        prefill: vec![prefill.clone()],
+        decode: vec![decode.clone()],
+        decode_config: DecodeConfig {
+            conditional_disagg: false,
+            ..Default::default()
+        },
+        prefill_config: PrefillConfig::default(),
+        transport: EmbeddedTransport::InProcess,
+    })
+    .await
+    .unwrap();
+    let worker = deployment.workers[0].clone();
+    let tokens = |n: usize, seed: u32| -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 37 + seed * 101 + 11) % 1000).collect()
+    };
+    let shared = tokens(2 * BS, 1);
+    let prompts = [
+        tokens(45, 2),
+        [shared.clone(), tokens(13, 3)].concat(),
+        [shared.clone(), tokens(20, 4)].concat(),
+    ];
+    let imports_before = device_kv_imports();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let want = collect_tokens(agg.generate(greedy_request(&format!("a{i}"), prompt.clone())))
+            .await;
+        let got = collect_tokens(
+            worker
+                .generate(greedy_request(&format!("d{i}"), prompt.clone()))
+                .await,
+        )
+        .await;
+        assert_eq!(want.len(), 8, "prompt {i}: aggregated output {want:?}");
+        assert_eq!(got, want, "prompt {i}: disaggregated tokens differ");
+    }
+    assert_eq!(
+        device_kv_imports() - imports_before,
+        prompts.len(),
+        "not every remote prefill took the device path"
+    );
+    assert!(prefill.metrics().steps > 0, "the prefill engine never ran");
+    drop(deployment);
+    assert_no_kv_left(&[("prefill", &prefill), ("decode", &decode), ("agg", &agg)]);
+
+    // Straight through the handles: a staged export, and an import for a request that is not
+    // parked, which must be refused without touching any block.
+    let export = prefill
+        .prefill_and_export_on_device(greedy_request("x", tokens(40, 5)))
+        .await
+        .unwrap();
+    let staged = export.device.clone().expect("the export was staged on the GPU");
+    assert!(export.kv.is_empty());
+    assert_eq!(staged.num_blocks(), 3);
+    assert_eq!(staged.device(), 0);
+    let refused = decode
+        .import_kv_device("nobody", vec![0, 1, 2], staged.clone(), 0)
+        .await;
+    assert!(refused.is_err(), "an import for no parked request was accepted");
+    drop((export, staged));
+    assert_no_kv_left(&[("prefill", &prefill), ("decode", &decode)]);
+    for e in [agg, prefill, decode] {
+        e.shutdown();
+    }
 }

@@ -142,4 +142,9 @@ pub trait Backend: Send {
     fn cuda_kv_pool(&self) -> Option<CudaKvPool> {
         None
     }
+    /// The device KV pools of every tensor-parallel rank, rank order (rank `r` holds its share of
+    /// the heads); empty when there is none. A single-GPU backend has its one pool.
+    fn cuda_kv_pools(&self) -> Vec<CudaKvPool> {
+        self.cuda_kv_pool().into_iter().collect()
+    }
 }

@@ -2,10 +2,12 @@
 
 use crate::backend::{Backend, Batch, Emit, KvLayout, SeqChunk, SeqOutput};
 use crate::engine::detokenize::TokenDecoder;
+use crate::engine::device_kv::DeviceKvState;
 use crate::engine::remote::{PrefillExport, RemotePrefillTicket};
 use crate::engine::scheduler::Scheduler;
 use crate::engine::sequence::{OutputSender, SeqId, SeqState, Sequence, Sink};
 use crate::engine::types::{EngineError, EngineMetrics, GenerateOutput, TokenLogprob};
+use crate::kv::transfer::cuda::DeviceKv;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
@@ -20,10 +22,19 @@ pub enum Command {
     Add(Box<Sequence>),
     Cancel(SeqId),
     RemotePrefill(Box<Sequence>, Reply<RemotePrefillTicket>),
+    /// A prefill-only request whose KV is wanted staged on the device (`Add` otherwise).
+    AddDeviceExport(Box<Sequence>),
     ImportKv {
         request_id: String,
         block_ids: Vec<u32>,
         data: Vec<u8>,
+        reply: Reply<()>,
+    },
+    ImportDeviceKv {
+        request_id: String,
+        block_ids: Vec<u32>,
+        kv: Arc<DeviceKv>,
+        from: usize,
         reply: Reply<()>,
     },
     CompleteRemote {
@@ -45,6 +56,8 @@ pub struct Shared {
     pub queued: Arc<AtomicUsize>,
     /// Set when the step thread has stopped; new requests are refused with this reason.
     pub stopped: Mutex<Option<String>>,
+    /// The backend has device KV pools (it can stage exports and import device payloads).
+    pub cuda_kv: std::sync::atomic::AtomicBool,
 }
 
 pub struct Core {
@@ -65,6 +78,8 @@ pub struct Core {
     pub stalled: bool,
     /// Outputs of this step, delivered by `publish_metrics`.
     pub outbox: Vec<(OutputSender, GenerateOutput)>,
+    /// Copiers and device-export requests of the GPU KV path (`device_kv`).
+    pub device_kv: DeviceKvState,
 }
 
 impl Core {
@@ -184,7 +199,12 @@ impl Core {
                 seq.counted_in_queue = true;
                 self.sched.insert(*seq);
             }
+            Command::AddDeviceExport(seq) => {
+                self.device_kv.exports.insert(seq.id);
+                return self.apply(Command::Add(seq));
+            }
             Command::Cancel(id) => {
+                self.device_kv.exports.remove(&id);
                 if let Some(seq) = self.sched.remove(id) {
                     self.parked.remove(&seq.request_id);
                 }
@@ -197,6 +217,19 @@ impl Core {
                 reply,
             } => {
                 let _ = reply.send(self.import_kv(&request_id, &block_ids, &data));
+            }
+            Command::ImportDeviceKv {
+                request_id,
+                block_ids,
+                kv,
+                from,
+                reply,
+            } => {
+                let result = self.import_kv_device(&request_id, &block_ids, &kv, from);
+                // This thread's reference goes before the reply, so the staging buffer is
+                // released (on a thread of its own) as soon as the sender lets go too.
+                drop(kv);
+                let _ = reply.send(result);
             }
             Command::CompleteRemote {
                 request_id,
@@ -221,6 +254,7 @@ impl Core {
             .map(|s| s.id)
             .collect();
         for id in gone {
+            self.device_kv.exports.remove(&id);
             if let Some(seq) = self.sched.remove(id) {
                 self.parked.remove(&seq.request_id);
             }
@@ -292,16 +326,26 @@ impl Core {
     pub(crate) fn on_token(&mut self, id: SeqId, token: u32, logprob: Option<TokenLogprob>) {
         let seq = self.sched.seqs.get_mut(&id).expect("live sequence");
         if let Sink::Export(_) = seq.sink {
-            let result = self
-                .backend
-                .export_blocks(&seq.blocks)
+            let (blocks, prompt_tokens, cached_tokens) =
+                (seq.blocks.clone(), seq.prompt_len, seq.cached_tokens);
+            let device = if self.device_kv.exports.remove(&id) {
+                self.stage_on_device(&blocks)
+            } else {
+                None
+            };
+            let kv = match device {
+                Some(_) => Ok(vec![]),
+                None => self.backend.export_blocks(&blocks),
+            };
+            let result = kv
                 .map(|kv| PrefillExport {
                     first_token: token,
                     kv,
-                    num_blocks: seq.blocks.len(),
+                    device,
+                    num_blocks: blocks.len(),
                     layout: self.layout,
-                    prompt_tokens: seq.prompt_len,
-                    cached_tokens: seq.cached_tokens,
+                    prompt_tokens,
+                    cached_tokens,
                 })
                 .map_err(|e| EngineError::Internal(format!("KV export failed: {e:#}")));
             let mut seq = self.sched.remove(id).expect("live sequence");

@@ -6,6 +6,7 @@ use crate::engine::remote::{PrefillExport, RemotePrefillTicket};
 use crate::engine::sampler::SeqSampler;
 use crate::engine::sequence::{SeqId, Sequence, Sink};
 use crate::engine::types::{EngineError, EngineMetrics, GenerateOutput, GenerateRequest};
+use crate::kv::transfer::cuda::DeviceKv;
 use crate::worker::OutputStream;
 use futures::future::BoxFuture;
 use futures::Stream;
@@ -90,11 +91,24 @@ impl EngineHandle {
         &self,
         req: GenerateRequest,
     ) -> BoxFuture<'static, Result<PrefillExport, EngineError>> {
+        self.export(req, false)
+    }
+
+    fn export(
+        &self,
+        req: GenerateRequest,
+        on_device: bool,
+    ) -> BoxFuture<'static, Result<PrefillExport, EngineError>> {
         let started = self.validate(&req).and_then(|()| {
             let (tx, rx) = oneshot::channel();
-            let seq = self.new_seq(req, Sink::Export(Some(tx)));
+            let seq = Box::new(self.new_seq(req, Sink::Export(Some(tx))));
             let id = seq.id;
-            let guard = self.enqueue(Command::Add(Box::new(seq)), id)?;
+            let cmd = if on_device {
+                Command::AddDeviceExport(seq)
+            } else {
+                Command::Add(seq)
+            };
+            let guard = self.enqueue(cmd, id)?;
             Ok((rx, guard))
         });
         Box::pin(async move {
@@ -103,6 +117,21 @@ impl EngineHandle {
             guard.done = true;
             result
         })
+    }
+
+    /// `prefill_and_export`, the blocks staged on this engine's GPU instead of copied to the host
+    /// (`PrefillExport::device`; host bytes when the backend has no device pool or staging fails).
+    /// For a decode engine of this process that can `import_kv_device`.
+    pub fn prefill_and_export_on_device(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<PrefillExport, EngineError>> {
+        self.export(req, true)
+    }
+
+    /// Whether the backend keeps its KV in device pools (`import_kv_device` copies GPU to GPU).
+    pub fn has_device_kv(&self) -> bool {
+        self.inner.shared.cuda_kv.load(Ordering::Relaxed)
     }
 
     /// Decode side of disaggregation: allocates KV blocks for the prompt and parks the request
@@ -138,6 +167,26 @@ impl EngineHandle {
             request_id,
             block_ids,
             data,
+            reply,
+        })
+        .await
+    }
+
+    /// Copies staged device KV (blocks `from..` of `kv`) into blocks of a parked request, GPU to
+    /// GPU on the step thread (through the host when this backend has no device pool).
+    pub async fn import_kv_device(
+        &self,
+        request_id: &str,
+        block_ids: Vec<u32>,
+        kv: Arc<DeviceKv>,
+        from: usize,
+    ) -> Result<(), EngineError> {
+        let request_id = request_id.to_string();
+        self.call(|reply| Command::ImportDeviceKv {
+            request_id,
+            block_ids,
+            kv,
+            from,
             reply,
         })
         .await

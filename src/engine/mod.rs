@@ -36,6 +36,7 @@
 pub mod config;
 pub mod core;
 pub mod detokenize;
+pub mod device_kv;
 pub mod handle;
 pub mod mock_backend;
 pub mod output;
@@ -108,6 +109,10 @@ impl Engine {
             kv_layout: layout,
         };
         let shared = Arc::new(Shared::default());
+        let has_pools = !backend.cuda_kv_pools().is_empty();
+        shared
+            .cuda_kv
+            .store(has_pools, std::sync::atomic::Ordering::Relaxed);
         let pool = BlockPool::new(num_blocks, layout.block_size, config.enable_prefix_caching);
         let sched = Scheduler::new(
             pool,
@@ -132,6 +137,7 @@ impl Engine {
             recent: VecDeque::new(),
             stalled: false,
             outbox: vec![],
+            device_kv: Default::default(),
         };
         core.publish_initial_metrics();
         let thread = std::thread::Builder::new()

@@ -69,17 +69,7 @@ impl Core {
         block_ids: &[u32],
         data: &[u8],
     ) -> Result<(), EngineError> {
-        let id = *self
-            .parked
-            .get(request_id)
-            .ok_or_else(|| not_parked(request_id))?;
-        let seq = &self.sched.seqs[&id];
-        let writable = &seq.blocks[seq.num_computed / self.layout.block_size..];
-        if let Some(b) = block_ids.iter().find(|b| !writable.contains(b)) {
-            return Err(EngineError::InvalidRequest(format!(
-                "block {b} is not a block of request {request_id} awaiting KV"
-            )));
-        }
+        self.check_import(request_id, block_ids)?;
         let expected = block_ids.len() * self.layout.block_bytes();
         if data.len() != expected {
             return Err(EngineError::InvalidRequest(format!(
@@ -91,6 +81,27 @@ impl Core {
         self.backend
             .import_blocks(block_ids, data)
             .map_err(|e| EngineError::Internal(format!("KV import failed: {e:#}")))
+    }
+
+    /// Refuses an import unless the request is parked and every block is one of its blocks
+    /// awaiting KV (a late write must not touch blocks that may belong to another request now).
+    pub(crate) fn check_import(
+        &self,
+        request_id: &str,
+        block_ids: &[u32],
+    ) -> Result<(), EngineError> {
+        let id = *self
+            .parked
+            .get(request_id)
+            .ok_or_else(|| not_parked(request_id))?;
+        let seq = &self.sched.seqs[&id];
+        let writable = &seq.blocks[seq.num_computed / self.layout.block_size..];
+        if let Some(b) = block_ids.iter().find(|b| !writable.contains(b)) {
+            return Err(EngineError::InvalidRequest(format!(
+                "block {b} is not a block of request {request_id} awaiting KV"
+            )));
+        }
+        Ok(())
     }
 
     /// A remote prefill failed or timed out: free the blocks and prefill locally.

@@ -1,7 +1,10 @@
 //! What disaggregated prefill/decode exchanges with an engine (see the module doc of `engine`).
 
 use crate::backend::KvLayout;
+use crate::kv::transfer::cuda::DeviceKv;
+use crate::kv::transfer::KvPayload;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Given by the decode side's `generate_remote_prefill`: where the prompt's KV must be written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,8 +29,11 @@ impl RemotePrefillTicket {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefillExport {
     pub first_token: u32,
-    /// The prompt's KV blocks in `Backend::export_blocks` wire format, `num_blocks` of them.
+    /// The prompt's KV blocks in `Backend::export_blocks` wire format, `num_blocks` of them
+    /// (empty when `device` holds them).
     pub kv: Vec<u8>,
+    /// The blocks staged on the prefill GPU, for `prefill_and_export_on_device`.
+    pub device: Option<Arc<DeviceKv>>,
     pub num_blocks: usize,
     pub layout: KvLayout,
     pub prompt_tokens: usize,
@@ -36,7 +42,19 @@ pub struct PrefillExport {
 }
 
 impl PrefillExport {
-    /// The bytes of blocks `from..` (to skip the decode side's cached blocks).
+    /// Blocks `from..` (to skip the decode side's cached blocks), wherever they are.
+    pub fn into_payload(self, from: usize) -> KvPayload {
+        match self.device {
+            Some(kv) => KvPayload::Device { kv, from },
+            None => {
+                let mut kv = self.kv;
+                kv.drain(..(from * self.layout.block_bytes()).min(kv.len()));
+                KvPayload::Host(kv)
+            }
+        }
+    }
+
+    /// The bytes of blocks `from..` of a host export (empty for a device one).
     pub fn blocks_from(&self, from: usize) -> &[u8] {
         let bb = self.layout.block_bytes();
         &self.kv[(from * bb).min(self.kv.len())..]

@@ -6,7 +6,9 @@ use super::{OutputStream, WorkerClient};
 use crate::backend::KvLayout;
 use crate::engine::types::{EngineError, EngineMetrics, GenerateRequest};
 use crate::engine::EngineHandle;
-use crate::kv::transfer::{reshard, BlockWrite, KvDestination, KvEndpoint, KvShards, KvSink};
+use crate::kv::transfer::{
+    reshard, BlockWrite, DeviceWrite, KvDestination, KvEndpoint, KvShards, KvSink,
+};
 use crate::runtime::Runtime;
 use anyhow::{anyhow, Result};
 use futures::future::BoxFuture;
@@ -268,6 +270,25 @@ impl KvSink for EngineSink {
 
     fn tp(&self) -> usize {
         self.ranks
+    }
+
+    fn accepts_device(&self) -> bool {
+        self.engine.has_device_kv()
+    }
+
+    /// Device KV from a prefill engine of this process: copied GPU to GPU by the engine (whole,
+    /// whatever `ranks` is: the engine routes heads to its own ranks' pools).
+    fn write_device(&self, write: DeviceWrite) -> Option<BoxFuture<'static, Result<()>>> {
+        if !self.engine.has_device_kv() {
+            return None;
+        }
+        let engine = self.engine.clone();
+        Some(Box::pin(async move {
+            engine
+                .import_kv_device(&write.request_id, write.block_ids, write.kv, write.from)
+                .await
+                .map_err(|e| anyhow!("{e}"))
+        }))
     }
 
     fn write_blocks(&self, write: BlockWrite) -> BoxFuture<'static, Result<()>> {

@@ -5,7 +5,7 @@
 
 use super::protocol::{kv_ready_subject, KvReady, RemotePrefillRequest, PREFILL_QUEUE};
 use crate::engine::EngineHandle;
-use crate::kv::transfer::{send_kv, KvShards, KvTransfer};
+use crate::kv::transfer::{accepts_device, send_payload, KvTransfer};
 use crate::runtime::{QueueMessage, Runtime};
 use anyhow::{anyhow, Result};
 use std::sync::Arc;
@@ -151,24 +151,27 @@ impl PrefillWorker {
     }
 
     /// Computes the prompt and writes its KV into the decode worker's blocks; the first token.
+    /// The KV stays on the GPU when the transfer hands it to a CUDA engine of this process as it is.
     async fn prefill_and_write(&self, job: &RemotePrefillRequest) -> Result<u32> {
-        let export = self
-            .engine
-            .prefill_and_export(job.request.clone())
-            .await
-            .map_err(|e| anyhow!("prefill: {e}"))?;
-        let skip = job.ticket.num_cached_blocks;
-        let mut kv = export.kv;
-        kv.drain(..(skip * export.layout.block_bytes()).min(kv.len()));
-        let shards = KvShards::single(export.layout, kv);
-        send_kv(
+        let on_device =
+            self.engine.has_device_kv() && accepts_device(&self.transfers, &job.destination);
+        let export = if on_device {
+            self.engine.prefill_and_export_on_device(job.request.clone())
+        } else {
+            self.engine.prefill_and_export(job.request.clone())
+        };
+        let export = export.await.map_err(|e| anyhow!("prefill: {e}"))?;
+        let (first_token, layout) = (export.first_token, export.layout);
+        let payload = export.into_payload(job.ticket.num_cached_blocks);
+        send_payload(
             &self.transfers,
             &job.destination,
             &job.request.id,
             job.ticket.blocks_to_write(),
-            shards,
+            layout,
+            payload,
         )
         .await?;
-        Ok(export.first_token)
+        Ok(first_token)
     }
 }

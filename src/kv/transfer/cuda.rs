@@ -9,8 +9,10 @@
 
 pub mod plan;
 pub mod pool;
+pub mod staged;
 
 pub use pool::{device_by_uuid, device_uuid, export_ipc, read_blocks, CudaIpcPool, OwnedKvPool};
+pub use staged::{device_kv_imports, live_staging_buffers, DeviceKv};
 
 use crate::backend::cuda::backend::LayerKvHook;
 use crate::backend::cuda::device::DeviceBuffer;
@@ -212,9 +214,10 @@ impl CudaKvCopier {
         layers: Range<usize>,
     ) -> Result<()> {
         let g = geometry(src, dst, route)?;
+        // The source may be a peer's too: a decode engine pulls staged KV onto its own GPU.
         ensure!(
-            src.device == self.device(),
-            "the source pool is on GPU {}, the copier on {}",
+            self.reachable(src),
+            "the source pool is on GPU {}, which the copier's GPU {} cannot reach",
             src.device,
             self.device()
         );

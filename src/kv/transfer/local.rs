@@ -1,6 +1,7 @@
-//! The in-process transfer: the destination's sink is called directly (one host copy at most).
+//! The in-process transfer: the destination's sink is called directly (one host copy at most, or
+//! none: a device payload is handed over as it is).
 
-use super::{check_write, BlockWrite, KvEndpoint, KvSink, KvTransfer};
+use super::{check_write, BlockWrite, DeviceWrite, KvEndpoint, KvSink, KvTransfer};
 use anyhow::{anyhow, Result};
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
@@ -67,5 +68,29 @@ impl KvTransfer for InProcessTransfer {
             check_write(&sink.rank_layout(), sink.tp(), &write)?;
             sink.write_blocks(write).await
         })
+    }
+
+    fn accepts_device(&self, endpoint: &KvEndpoint) -> bool {
+        match endpoint {
+            KvEndpoint::InProcess { key } => self
+                .sinks
+                .lock()
+                .get(key)
+                .is_some_and(|s| s.accepts_device()),
+            _ => false,
+        }
+    }
+
+    /// Hands the staged device KV to the sink unchanged (its engine copies it GPU to GPU).
+    fn write_device(
+        &self,
+        endpoint: &KvEndpoint,
+        write: &DeviceWrite,
+    ) -> Option<BoxFuture<'static, Result<()>>> {
+        let sink = match endpoint {
+            KvEndpoint::InProcess { key } => self.sinks.lock().get(key).cloned(),
+            _ => None,
+        }?;
+        sink.write_device(write.clone())
     }
 }

@@ -3,8 +3,8 @@
 //! One interface, [`KvTransfer`], block-granular, with one implementation per way of reaching the
 //! destination: [`local::InProcessTransfer`] (a copy inside one process), [`tcp::TcpTransfer`]
 //! (host-staged bytes over a TCP stream, any two machines). [`cuda`] moves blocks device to device
-//! on one node (peer access or CUDA IPC, TP split/merge by head offsets); it is not yet reachable
-//! through this trait from the workers. An RDMA path (NIXL, UCX) would be a further implementation,
+//! on one node (peer access or CUDA IPC, TP split/merge by head offsets); the in-process transfer
+//! uses it for device payloads ([`payload`]) between CUDA engines of one process. An RDMA path (NIXL, UCX) would be a further implementation,
 //! chosen by the [`KvEndpoint`] a decode worker advertises; `docs/kv-transfer.md` describes both.
 //!
 //! Data travels in the backend's export wire format (`Backend::export_blocks`): for each block,
@@ -14,6 +14,7 @@
 
 pub mod cuda;
 pub mod local;
+pub mod payload;
 pub mod reshard;
 pub mod tcp;
 
@@ -23,6 +24,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+pub use payload::{send_payload, DeviceWrite, KvPayload};
 pub use reshard::reshard;
 
 /// One way to reach a decode worker's KV pool. A decode worker offers several, best first; the
@@ -100,6 +102,14 @@ pub trait KvSink: Send + Sync {
     fn rank_layout(&self) -> KvLayout;
     fn tp(&self) -> usize;
     fn write_blocks(&self, write: BlockWrite) -> BoxFuture<'static, Result<()>>;
+    /// Whether `write_device` can take a device payload (a CUDA engine of this process).
+    fn accepts_device(&self) -> bool {
+        false
+    }
+    /// Takes a device payload as it is (`None`: this sink needs host bytes).
+    fn write_device(&self, _write: DeviceWrite) -> Option<BoxFuture<'static, Result<()>>> {
+        None
+    }
 }
 
 /// A way of moving one rank's blocks to a destination.
@@ -107,6 +117,19 @@ pub trait KvTransfer: Send + Sync {
     fn name(&self) -> &'static str;
     fn supports(&self, endpoint: &KvEndpoint) -> bool;
     fn write(&self, endpoint: &KvEndpoint, write: BlockWrite) -> BoxFuture<'static, Result<()>>;
+    /// Whether a device payload reaches `endpoint` without host staging (worth staging on device).
+    fn accepts_device(&self, _endpoint: &KvEndpoint) -> bool {
+        false
+    }
+    /// Moves a device payload without host staging, when this transfer and the destination can
+    /// (`None`: send host bytes instead).
+    fn write_device(
+        &self,
+        _endpoint: &KvEndpoint,
+        _write: &DeviceWrite,
+    ) -> Option<BoxFuture<'static, Result<()>>> {
+        None
+    }
 }
 
 /// Sends the KV of `src` into `dst_blocks` of a destination, resharding the heads to its TP size
@@ -157,6 +180,11 @@ pub async fn send_kv(
         })?;
     }
     Ok(())
+}
+
+/// Whether the transfer [`send_kv`] would pick for `dest` takes device payloads as they are.
+pub fn accepts_device(transfers: &[Arc<dyn KvTransfer>], dest: &KvDestination) -> bool {
+    pick(transfers, &dest.endpoints).is_ok_and(|(t, e)| t.accepts_device(&e))
 }
 
 fn pick(
