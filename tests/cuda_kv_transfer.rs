@@ -5,6 +5,7 @@
 //! GPU to GPU, against an aggregated engine. Skips without a GPU; the two-GPU cases run on the same GPU (and say so)
 //! when only one is visible.
 
+use futures::StreamExt;
 use parking_lot::Mutex;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -12,19 +13,18 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
 use tandem::backend::{Backend, Batch, DeviceSampling, Emit, KvDtype, KvLayout, SeqChunk};
-use tandem::kv::transfer::cuda::plan::{copy_on_host, geometry, head_routes, HeadRoute};
-use futures::StreamExt;
 use tandem::engine::types::{GenerateRequest, SamplingParams};
 use tandem::engine::{Engine, EngineConfig, EngineHandle};
+use tandem::kv::transfer::cuda::plan::{copy_on_host, geometry, head_routes, HeadRoute};
 use tandem::kv::transfer::cuda::{
     device_kv_imports, export_ipc, layer_streaming_hook, live_staging_buffers, CudaIpcPool,
     CudaKvCopier, OwnedKvPool,
 };
+use tandem::kv::transfer::{reshard, KvShards};
+use tandem::model::config::LlamaConfig;
 use tandem::worker::decode::DecodeConfig;
 use tandem::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
 use tandem::worker::prefill::PrefillConfig;
-use tandem::kv::transfer::{reshard, KvShards};
-use tandem::model::config::LlamaConfig;
 
 const BS: usize = 16;
 const HEADS: usize = 4;
@@ -447,7 +447,9 @@ async fn embedded_disagg_moves_kv_gpu_to_gpu_and_matches_aggregated() {
     .unwrap();
     let worker = deployment.workers[0].clone();
     let tokens = |n: usize, seed: u32| -> Vec<u32> {
-        (0..n as u32).map(|i| (i * 37 + seed * 101 + 11) % 1000).collect()
+        (0..n as u32)
+            .map(|i| (i * 37 + seed * 101 + 11) % 1000)
+            .collect()
     };
     let shared = tokens(2 * BS, 1);
     let prompts = [
@@ -457,8 +459,8 @@ async fn embedded_disagg_moves_kv_gpu_to_gpu_and_matches_aggregated() {
     ];
     let imports_before = device_kv_imports();
     for (i, prompt) in prompts.iter().enumerate() {
-        let want = collect_tokens(agg.generate(greedy_request(&format!("a{i}"), prompt.clone())))
-            .await;
+        let want =
+            collect_tokens(agg.generate(greedy_request(&format!("a{i}"), prompt.clone()))).await;
         let got = collect_tokens(
             worker
                 .generate(greedy_request(&format!("d{i}"), prompt.clone()))
@@ -483,14 +485,20 @@ async fn embedded_disagg_moves_kv_gpu_to_gpu_and_matches_aggregated() {
         .prefill_and_export_on_device(greedy_request("x", tokens(40, 5)))
         .await
         .unwrap();
-    let staged = export.device.clone().expect("the export was staged on the GPU");
+    let staged = export
+        .device
+        .clone()
+        .expect("the export was staged on the GPU");
     assert!(export.kv.is_empty());
     assert_eq!(staged.num_blocks(), 3);
     assert_eq!(staged.device(), 0);
     let refused = decode
         .import_kv_device("nobody", vec![0, 1, 2], staged.clone(), 0)
         .await;
-    assert!(refused.is_err(), "an import for no parked request was accepted");
+    assert!(
+        refused.is_err(),
+        "an import for no parked request was accepted"
+    );
     drop((export, staged));
     assert_no_kv_left(&[("prefill", &prefill), ("decode", &decode)]);
     for e in [agg, prefill, decode] {

@@ -28,7 +28,10 @@ impl Core {
             std::collections::hash_map::Entry::Vacant(e) => match CudaKvCopier::new(pool.device) {
                 Ok(c) => e.insert(c),
                 Err(err) => {
-                    tracing::warn!("KV copier on GPU {}: {err:#}; exporting via host", pool.device);
+                    tracing::warn!(
+                        "KV copier on GPU {}: {err:#}; exporting via host",
+                        pool.device
+                    );
                     return None;
                 }
             },
@@ -36,7 +39,10 @@ impl Core {
         match DeviceKv::stage(copier, &pool, blocks) {
             Ok(kv) => Some(Arc::new(kv)),
             Err(err) => {
-                tracing::warn!("staging KV on GPU {}: {err:#}; exporting via host", pool.device);
+                tracing::warn!(
+                    "staging KV on GPU {}: {err:#}; exporting via host",
+                    pool.device
+                );
                 None
             }
         }
@@ -73,7 +79,64 @@ impl Core {
                 .map_err(|e| EngineError::Internal(format!("reading staged KV: {e:#}")))?;
             return self.import_kv(request_id, block_ids, &data);
         }
-        kv.copy_into(&mut self.device_kv.copiers, from, &pools, block_ids)
-            .map_err(|e| EngineError::Internal(format!("device KV import failed: {e:#}")))
+        match kv.copy_into(&mut self.device_kv.copiers, from, &pools, block_ids) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // E.g. GPUs without peer access: the host path still works (it rewrites every block).
+                tracing::warn!("device KV import failed ({e:#}); importing through the host");
+                let data = kv
+                    .to_host(from)
+                    .map_err(|e| EngineError::Internal(format!("reading staged KV: {e:#}")))?;
+                self.import_kv(request_id, block_ids, &data)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::mock_backend::MockBackend;
+    use crate::engine::types::{GenerateRequest, SamplingParams};
+    use crate::engine::{Engine, EngineConfig};
+    use crate::kv::transfer::KvPayload;
+
+    fn request(id: &str) -> GenerateRequest {
+        GenerateRequest {
+            id: id.into(),
+            prompt_tokens: (1..=10).collect(),
+            params: SamplingParams {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Without a device pool (mock, CPU) an export asked on the device comes back as the host
+    /// bytes `prefill_and_export` gives, and the payload of blocks `1..` is their tail.
+    #[tokio::test]
+    async fn device_export_without_a_device_pool_gives_host_bytes() {
+        let engine = Engine::start(
+            Box::new(MockBackend::new(64, 4, 32)),
+            None,
+            EngineConfig::default(),
+        );
+        assert!(!engine.has_device_kv());
+        let host = engine.prefill_and_export(request("h")).await.unwrap();
+        let dev = engine
+            .prefill_and_export_on_device(request("d"))
+            .await
+            .unwrap();
+        assert!(dev.device.is_none());
+        assert_eq!(dev.num_blocks, 3);
+        assert_eq!(dev.first_token, host.first_token);
+        assert!(!host.kv.is_empty());
+        assert_eq!(dev.kv, host.kv);
+        let bb = dev.layout.block_bytes();
+        match dev.into_payload(1) {
+            KvPayload::Host(bytes) => assert_eq!(bytes, host.kv[bb..].to_vec()),
+            other => panic!("expected host bytes, got {other:?}"),
+        }
+        assert_eq!(engine.metrics().kv_blocks_active, 0);
+        engine.shutdown();
     }
 }

@@ -156,7 +156,8 @@ impl PrefillWorker {
         let on_device =
             self.engine.has_device_kv() && accepts_device(&self.transfers, &job.destination);
         let export = if on_device {
-            self.engine.prefill_and_export_on_device(job.request.clone())
+            self.engine
+                .prefill_and_export_on_device(job.request.clone())
         } else {
             self.engine.prefill_and_export(job.request.clone())
         };

@@ -94,3 +94,82 @@ impl KvTransfer for InProcessTransfer {
         sink.write_device(write.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{KvDtype, KvLayout};
+    use crate::kv::transfer::{accepts_device, send_payload, KvDestination, KvPayload};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const LAYOUT: KvLayout = KvLayout {
+        num_layers: 2,
+        num_kv_heads: 2,
+        head_dim: 4,
+        block_size: 2,
+        dtype: KvDtype::F32,
+    };
+
+    /// Counts host writes; takes device payloads when `device` is set.
+    struct Sink {
+        device: bool,
+        host_writes: AtomicUsize,
+    }
+
+    impl KvSink for Sink {
+        fn rank_layout(&self) -> KvLayout {
+            LAYOUT
+        }
+        fn tp(&self) -> usize {
+            1
+        }
+        fn accepts_device(&self) -> bool {
+            self.device
+        }
+        fn write_blocks(&self, write: BlockWrite) -> BoxFuture<'static, Result<()>> {
+            assert_eq!(write.block_ids, vec![5, 6]);
+            self.host_writes.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn dest(key: &str) -> KvDestination {
+        KvDestination {
+            endpoints: vec![
+                KvEndpoint::InProcess { key: key.into() },
+                KvEndpoint::Tcp {
+                    addr: "127.0.0.1:1".into(),
+                },
+            ],
+            rank_layout: LAYOUT,
+            tp: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn device_payloads_are_offered_only_to_sinks_that_take_them() {
+        let registry = InProcessTransfer::new();
+        let gpu = Arc::new(Sink {
+            device: true,
+            host_writes: AtomicUsize::new(0),
+        });
+        let host = Arc::new(Sink {
+            device: false,
+            host_writes: AtomicUsize::new(0),
+        });
+        let (_, _g) = registry.register("gpu", gpu.clone());
+        let (_, _h) = registry.register("host", host.clone());
+        let transfers: Vec<Arc<dyn KvTransfer>> = vec![Arc::new(registry.clone())];
+        assert!(accepts_device(&transfers, &dest("gpu")));
+        assert!(!accepts_device(&transfers, &dest("host")));
+        assert!(!accepts_device(&transfers, &dest("gone")));
+        // Host payloads still go as bytes, whatever the sink takes.
+        for (key, sink) in [("gpu", &gpu), ("host", &host)] {
+            let payload = KvPayload::Host(vec![0; 2 * LAYOUT.block_bytes()]);
+            send_payload(&transfers, &dest(key), "r", &[5, 6, 7], LAYOUT, payload)
+                .await
+                .unwrap();
+            assert_eq!(sink.host_writes.load(Ordering::SeqCst), 1, "{key}");
+        }
+    }
+}
