@@ -22,7 +22,11 @@ impl Core {
     /// Stages `blocks` on this engine's GPU; `None` (the caller exports host bytes) when the
     /// backend has no device pool or staging fails (e.g. no memory for it).
     pub(crate) fn stage_on_device(&mut self, blocks: &[u32]) -> Option<Arc<DeviceKv>> {
-        let pool = self.backend.cuda_kv_pool()?;
+        // A backend whose pool holds only some heads (a TP rank's) exports through the host.
+        let pool = self
+            .backend
+            .cuda_kv_pool()
+            .filter(|p| p.layout == self.layout)?;
         let copier = match self.device_kv.copiers.entry(pool.device) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => match CudaKvCopier::new(pool.device) {

@@ -5,7 +5,8 @@
 //! A [`CudaKvCopier`] lives on the source GPU and pushes: one `kv_copy_blocks` launch moves every
 //! (source block, destination block) pair for all layers, K and V, of one [`HeadRoute`] (a run of
 //! heads; TP1 → TP2 is two routes, TP2 → TP1 two, see [`plan::head_routes`]). The kernel writes
-//! through NVLink into the peer's memory. `docs/kv-transfer.md` has the measured rates.
+//! through NVLink into the peer's memory (or, for [`staged::DeviceKv::copy_into`], a copier on the
+//! destination GPU pulls from the source). `docs/kv-transfer.md` has the measured rates.
 
 pub mod plan;
 pub mod pool;
