@@ -18,8 +18,9 @@
 //! 2. The transfer writes the KV: `EngineHandle::import_kv(request_id, block_ids, bytes)` runs
 //!    `Backend::import_blocks` on the step thread, and only into the parked request's own
 //!    writable blocks (so a late transfer can never scribble over blocks reused by another
-//!    request after a timeout). Any transfer backend that writes device memory directly must
-//!    equally finish before step 3.
+//!    request after a timeout). `import_kv_device(request_id, block_ids, staged, from)` does the
+//!    same GPU to GPU from a prefill engine's staged blocks (`device_kv`). Any transfer backend
+//!    that writes device memory directly must equally finish before step 3.
 //! 3. `EngineHandle::complete_remote_prefill(request_id, first_token)` marks the prompt's KV as
 //!    computed, streams `first_token` and decodes on. `fail_remote_prefill(request_id)` (or
 //!    `EngineConfig::remote_prefill_timeout` passing) frees the blocks and queues the request
@@ -31,7 +32,9 @@
 //! samples the first token, exports the prompt's blocks (`Backend::export_blocks` wire format,
 //! `ceil(prompt_len / block_size)` blocks) and frees them: `PrefillExport { first_token, kv,
 //! num_blocks, layout, .. }`. `PrefillExport::blocks_from(num_cached_blocks)` gives the bytes
-//! for the decode side's `blocks_to_write()`.
+//! for the decode side's `blocks_to_write()`. `prefill_and_export_on_device(req)` keeps the
+//! blocks on the GPU instead (`PrefillExport::device`, a CUDA backend; host bytes otherwise), and
+//! `PrefillExport::into_payload(num_cached_blocks)` gives either as a `KvPayload`.
 
 pub mod config;
 pub mod core;
