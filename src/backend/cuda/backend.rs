@@ -332,8 +332,19 @@ impl CudaBackend {
                 };
                 ops.quantize_fp8(xq, xs, x, m, *k)?;
                 self.profiler.mark("quantize fp8", stream)?;
-                self.gemm
-                    .fp8(m, *n, *k, xq, xs, w.ptr, scale.ptr, out, f32_out, stream)?;
+                self.gemm.fp8_linear(
+                    &self.kernels,
+                    m,
+                    *n,
+                    *k,
+                    xq,
+                    xs,
+                    w.ptr,
+                    scale.ptr,
+                    out,
+                    f32_out,
+                    stream,
+                )?;
             }
         }
         self.mark(label)

@@ -22,6 +22,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("attention", include_str!("../../../kernels/attention.cu")),
     ("sampling", include_str!("../../../kernels/sampling.cu")),
+    ("gemm_fp8", include_str!("../../../kernels/gemm_fp8.cu")),
 ];
 
 /// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
@@ -53,6 +54,20 @@ const PLAIN: &[(&str, &[&str])] = &[
         ],
     ),
     ("sampling", &["sample_tokens"]),
+    (
+        "gemm_fp8",
+        &[
+            "gemm_fp8_stream_t1_bf16",
+            "gemm_fp8_stream_t2_bf16",
+            "gemm_fp8_stream_t4_bf16",
+            "gemm_fp8_stream_t8_bf16",
+            "gemm_fp8_stream_t1_f32",
+            "gemm_fp8_stream_t2_f32",
+            "gemm_fp8_stream_t4_f32",
+            "gemm_fp8_stream_t8_f32",
+            "scale_rows_cols_bf16",
+        ],
+    ),
 ];
 
 /// Every kernel name of a module.
@@ -305,8 +320,17 @@ mod tests {
             for name in kernel_names(module) {
                 let base = name.trim_end_matches("_bf16").trim_end_matches("_f32");
                 let direct = src.contains(&format!(" {name}("));
+                // GEMM_FP8_STREAM(MT, type, suffix) instantiations.
+                let stream_macro = name.strip_prefix("gemm_fp8_stream_t").is_some_and(|rest| {
+                    let (mt, suffix) = rest.split_once('_').unwrap();
+                    src.contains(&format!("GEMM_FP8_STREAM({mt}, "))
+                        && src.contains(&format!(", {suffix})"))
+                });
                 let templated = src.contains(&format!(" {base}_##SUFFIX("));
-                assert!(direct || templated, "{name} not found in {module}.cu");
+                assert!(
+                    direct || templated || stream_macro,
+                    "{name} not found in {module}.cu"
+                );
             }
         }
         assert!(kernel_names("attention").contains(&"paged_attention_f32".to_string()));
