@@ -594,6 +594,84 @@ fn cublaslt_fp8_outer_vector_scales() {
     }
 }
 
+/// The fused norm/silu + quantize kernels give exactly the bytes of the unfused kernel followed by
+/// quantize_fp8 (BF16 and F32 activations), and the same residual.
+#[test]
+fn fused_norm_and_silu_quantize_match_unfused() {
+    let Some((e, mut rng)) = env() else { return };
+    for act in [Precision::Bf16, Precision::F32] {
+        let ops = Ops {
+            k: &e.kernels,
+            stream: e.gpu.cu_stream(),
+            act,
+        };
+        let a = act.bytes();
+        for (n, h) in [(1, 8192), (6, 1000), (3, 16384)] {
+            let res: Vec<f32> = (0..n * h).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let delta: Vec<f32> = (0..n * h).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let delta_dev = match act {
+                Precision::Bf16 => e
+                    .gpu
+                    .upload(&delta.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()),
+                Precision::F32 => e.gpu.upload(&delta),
+            }
+            .unwrap();
+            let w = rand_bf16(&mut rng, h, 1.5);
+            let dw = e.gpu.upload(&w).unwrap();
+            let (r1, r2) = (e.gpu.upload(&res).unwrap(), e.gpu.upload(&res).unwrap());
+            // Unfused: norm to xn, then quantize.
+            let xn = e.poisoned(n * h * a);
+            let (q1, s1) = (e.poisoned(n * h), e.poisoned(n * 4));
+            ops.add_rmsnorm(r1.ptr, delta_dev.ptr, dw.ptr, xn.ptr, n, h, 1e-5)
+                .unwrap();
+            ops.quantize_fp8(q1.ptr, s1.ptr, xn.ptr, n, h).unwrap();
+            let (q2, s2) = (e.poisoned(n * h), e.poisoned(n * 4));
+            ops.add_rmsnorm_fp8(r2.ptr, delta_dev.ptr, dw.ptr, q2.ptr, s2.ptr, n, h, 1e-5)
+                .unwrap();
+            let what = format!("add_rmsnorm_fp8 {act:?} {n}x{h}");
+            let bytes =
+                |b: &DeviceBuffer, len: usize| -> Vec<u8> { e.gpu.download(b, len).unwrap() };
+            assert_eq!(
+                bytes(&r1, n * h * 4),
+                bytes(&r2, n * h * 4),
+                "{what}: residual"
+            );
+            assert_eq!(bytes(&s1, n * 4), bytes(&s2, n * 4), "{what}: scales");
+            assert_eq!(bytes(&q1, n * h), bytes(&q2, n * h), "{what}: values");
+            assert!(e.f32s(&s2, n).iter().all(|s| s.is_finite() && *s > 0.0));
+        }
+        for (n, inter) in [(1, 28672), (5, 1000), (2, 32768)] {
+            let gu: Vec<f32> = (0..n * 2 * inter)
+                .map(|_| rng.random_range(-4.0..4.0))
+                .collect();
+            let gu_dev = match act {
+                Precision::Bf16 => e
+                    .gpu
+                    .upload(&gu.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()),
+                Precision::F32 => e.gpu.upload(&gu),
+            }
+            .unwrap();
+            let actbuf = e.poisoned(n * inter * a);
+            let (q1, s1) = (e.poisoned(n * inter), e.poisoned(n * 4));
+            ops.silu_mul(actbuf.ptr, gu_dev.ptr, n, inter).unwrap();
+            ops.quantize_fp8(q1.ptr, s1.ptr, actbuf.ptr, n, inter)
+                .unwrap();
+            let (q2, s2) = (e.poisoned(n * inter), e.poisoned(n * 4));
+            ops.silu_mul_fp8(q2.ptr, s2.ptr, gu_dev.ptr, n, inter)
+                .unwrap();
+            let what = format!("silu_mul_fp8 {act:?} {n}x{inter}");
+            let bytes =
+                |b: &DeviceBuffer, len: usize| -> Vec<u8> { e.gpu.download(b, len).unwrap() };
+            assert_eq!(bytes(&s1, n * 4), bytes(&s2, n * 4), "{what}: scales");
+            assert_eq!(
+                bytes(&q1, n * inter),
+                bytes(&q2, n * inter),
+                "{what}: values"
+            );
+        }
+    }
+}
+
 /// Random e4m3 weights (bytes), per-channel scales, and quantized activations with their
 /// per-token scales, plus the host reference of the scaled product from exactly those operands.
 struct Fp8Case {

@@ -35,6 +35,8 @@ const TYPED: &[(&str, &[&str])] = &[
             "rope",
             "silu_mul",
             "quantize_fp8",
+            "add_rmsnorm_fp8",
+            "silu_mul_fp8",
             "kv_write",
         ],
     ),
