@@ -29,11 +29,16 @@ case " $STAGES " in *" backend "*)
   done ;;
 esac
 case " $STAGES " in *" step "*)
-  t bench-step
-  timeout 150 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic --load-format dummy --batch 1,32 \
-    --context 3000 --prompt-len 3000 --prefill-batch 1 --gpu-memory-utilization 0.95 --iters 10 \
-    > "$OUT/bench_step.json" 2> "$OUT/bench_step.log"
-  echo "bench-step rc $?"
-  grep -E "decode|prefill|profile|rror" "$OUT/bench_step.log" | cut -c1-1500 ;;
+  # The default policy, then the outer-vector cuBLASLt product alone (the previous path), then the
+  # streaming kernel at M = 1 (decode only for the comparisons: a 9000-token prompt is skipped).
+  for v in default:prefill "outer:TANDEM_FP8_UNSCALED_MAX_M=0" "stream1:TANDEM_FP8_STREAM_MAX_M=1"; do
+    name=${v%%:*}; envs=${v#*:}; [ "$envs" = prefill ] && envs="" plen=3000 || plen=9000
+    t "bench-step $name"
+    env $envs timeout 100 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic --load-format dummy \
+      --batch 1,32 --context 3000 --prompt-len $plen --prefill-batch 1 --gpu-memory-utilization 0.95 \
+      --iters 10 > "$OUT/bench_step_$name.json" 2> "$OUT/bench_step_$name.log"
+    echo "bench-step $name rc $?"
+    grep -E "decode|prefill|profile|rror" "$OUT/bench_step_$name.log" | cut -c1-700
+  done ;;
 esac
 t done
