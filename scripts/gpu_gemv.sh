@@ -26,7 +26,12 @@ case " $STAGES " in *" backend "*)
     t $x
     timeout 60 "$D/tests/$x" --test-threads=1 > "$OUT/$x.log" 2>&1
     echo "$x rc $?"; grep -E "test result|panicked|FAILED" "$OUT/$x.log" | head -8
-  done ;;
+  done
+  # Does a batch-size path switch (streaming kernel at M = 1, cuBLASLt above) keep batches consistent?
+  t "cuda_backend stream at M=1"
+  TANDEM_FP8_STREAM_MAX_M=1 timeout 60 "$D/tests/cuda_backend" --test-threads=1 --nocapture \
+    > "$OUT/cuda_backend_stream1.log" 2>&1
+  echo "cuda_backend (stream at M=1) rc $?"; grep -E "test result|panicked|rel " "$OUT/cuda_backend_stream1.log" | head -30 ;;
 esac
 case " $STAGES " in *" step "*)
   # The default policy, then the outer-vector cuBLASLt product alone (the previous path), then the
