@@ -41,7 +41,7 @@ impl StreamScratch {
 
 /// Can the streaming kernel run this shape? (16-byte rows; enough counters for its row blocks.)
 pub fn supports(n: usize, k: usize) -> bool {
-    n > 0 && k > 0 && k % 16 == 0 && n.div_ceil(ROWS_PER_BLOCK) <= COUNTERS
+    n > 0 && k > 0 && k.is_multiple_of(16) && n.div_ceil(ROWS_PER_BLOCK) <= COUNTERS
 }
 
 /// K splits for `m` tokens: enough CTAs for `target_blocks`, each split at least

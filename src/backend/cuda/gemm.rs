@@ -217,6 +217,7 @@ impl Gemm {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         kind: GemmKind,
@@ -321,8 +322,8 @@ impl Gemm {
                 splits: fp8_stream::auto_splits(m, n, k, p.target_blocks, bytes),
             }
         } else if m <= p.unscaled_max_m
-            && n % 16 == 0
-            && k % 16 == 0
+            && n.is_multiple_of(16)
+            && k.is_multiple_of(16)
             && m * n * 4 <= self.scratch.partial.bytes
         {
             Fp8Path::Unscaled
