@@ -40,6 +40,10 @@ pub struct Args {
     /// Also time each decode batch with split-K attention off (`_nosplit` keys).
     #[arg(long)]
     pub compare_no_split: bool,
+    /// Also time each decode batch with split-K attention aiming at this many blocks per
+    /// multiprocessor instead of 4 (`_split<N>` keys).
+    #[arg(long)]
+    pub compare_split_blocks_per_sm: Option<usize>,
     /// Timed repetitions per measurement (after 3 warm-ups); the median is reported.
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
@@ -175,6 +179,18 @@ pub fn run(args: Args) -> Result<()> {
             );
             results.insert(plain_key, plain.into());
             b.set_split_min_keys(default_keys);
+        }
+        if let Some(per_sm) = args.compare_split_blocks_per_sm {
+            b.set_attention_blocks_per_sm(per_sm);
+            let other = time_steps(&mut b, &batch, args.iters)?;
+            eprintln!("  split-K aiming at {per_sm} blocks per SM: {other:.3} ms/step");
+            let other_key = format!("{key}_split{per_sm}");
+            results.insert(
+                format!("profile_{other_key}"),
+                profile_step(&mut b, &batch, &other_key)?,
+            );
+            results.insert(other_key, other.into());
+            b.set_attention_blocks_per_sm(4);
         }
         results.insert(key, ms.into());
     }
