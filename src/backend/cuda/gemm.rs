@@ -46,7 +46,7 @@ struct Plan {
 ///
 /// Measured on the H200 at the 70B shapes (`tandem bench-gemm`; benchmarks/results/gemm_fp8_h200.json): cuBLASLt without
 /// scales plus the epilogue is 1.1-1.7x faster than the outer-vector product for M <= 64 on o_proj,
-/// gate_up and down, and within 10% of it on qkv; the outer-vector product wins at M = 128 on
+/// gate_up and down, and within 12% of it on qkv; the outer-vector product wins at M = 128 on
 /// three of the four shapes. The streaming kernel matches the unscaled path at M = 1 (qkv 1.8 us
 /// faster, down 2.6 us slower) and falls behind from M = 2, so it is off by default: a path switch
 /// by batch size also changes a sequence's numerics with the batch it runs in.
