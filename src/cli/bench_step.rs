@@ -49,7 +49,7 @@ pub struct Args {
     pub iters: usize,
 }
 
-fn config_path(model: &str) -> PathBuf {
+pub(crate) fn config_path(model: &str) -> PathBuf {
     let direct = PathBuf::from(model);
     if direct.join("config.json").exists() {
         return direct.join("config.json");

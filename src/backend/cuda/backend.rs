@@ -13,7 +13,7 @@ use super::device::{DeviceBuffer, Gpu, Profiler};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::meta::{plan_step, SplitPolicy, StepPlan};
-use super::ops::{AttentionArgs, Ops, Precision};
+use super::ops::{AttentionArgs, Ops, Precision, FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS};
 use super::weights::{GpuLinear, GpuWeights};
 use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
@@ -307,7 +307,6 @@ impl CudaBackend {
     fn linear(&mut self, lin: Lin, x: u64, m: usize, out: u64) -> Result<()> {
         let stream = self.gpu.cu_stream();
         let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
-        let f32_out = self.opts.precision == Precision::F32;
         let layer = match lin {
             Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
         };
@@ -334,7 +333,7 @@ impl CudaBackend {
                 }
                 self.gemm.f32(m, *n, *k, x, w.ptr, out, stream)?
             }
-            GpuLinear::Fp8 { w, scale, n, k } => {
+            GpuLinear::Fp8 { k, .. } => {
                 let ops = Ops {
                     k: &self.kernels,
                     stream,
@@ -342,10 +341,56 @@ impl CudaBackend {
                 };
                 ops.quantize_fp8(xq, xs, x, m, *k)?;
                 self.profiler.mark("quantize fp8", stream)?;
-                self.gemm
-                    .fp8(m, *n, *k, xq, xs, w.ptr, scale.ptr, out, f32_out, stream)?;
+                return self.linear_quantized(lin, m, out);
             }
         }
+        self.mark(label)
+    }
+
+    /// Is `lin` an FP8 linear whose input a fused kernel may quantize (rows of `cols` <= `max`)?
+    fn fp8_fusable(&self, lin: Lin, cols: usize, max: usize) -> bool {
+        let layer = match lin {
+            Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
+        };
+        let l = match lin {
+            Lin::Qkv(_) => &layer.qkv,
+            Lin::O(_) => &layer.o,
+            Lin::GateUp(_) => &layer.gate_up,
+            Lin::Down(_) => &layer.down,
+        };
+        matches!(l, GpuLinear::Fp8 { .. }) && cols <= max
+    }
+
+    /// The FP8 linear `lin` of the input already quantized in `ws.xq` / `ws.xs`.
+    fn linear_quantized(&mut self, lin: Lin, m: usize, out: u64) -> Result<()> {
+        let stream = self.gpu.cu_stream();
+        let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
+        let f32_out = self.opts.precision == Precision::F32;
+        let layer = match lin {
+            Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
+        };
+        let (l, label) = match lin {
+            Lin::Qkv(_) => (&layer.qkv, "gemm qkv"),
+            Lin::O(_) => (&layer.o, "gemm o"),
+            Lin::GateUp(_) => (&layer.gate_up, "gemm gate_up"),
+            Lin::Down(_) => (&layer.down, "gemm down"),
+        };
+        let GpuLinear::Fp8 { w, scale, n, k } = l else {
+            bail!("a quantized input for a linear that is not FP8");
+        };
+        self.gemm.fp8_linear(
+            &self.kernels,
+            m,
+            *n,
+            *k,
+            xq,
+            xs,
+            w.ptr,
+            scale.ptr,
+            out,
+            f32_out,
+            stream,
+        )?;
         self.mark(label)
     }
 
@@ -375,6 +420,7 @@ impl CudaBackend {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qkv_n = c.q_size() + 2 * c.kv_size();
         let ws = &self.ws;
+        let (xq, xs) = (ws.xq.ptr, ws.xs.ptr);
         let (residual, xn, qkv, attn, delta, gate_up, act) = (
             ws.residual.ptr,
             ws.xn.ptr,
@@ -390,17 +436,18 @@ impl CudaBackend {
         self.mark("embed")?;
         for i in 0..c.num_hidden_layers {
             let prev = if i == 0 { 0 } else { delta };
-            self.ops().add_rmsnorm(
-                residual,
-                prev,
-                self.weights.layers[i].input_norm.ptr,
-                xn,
-                n,
-                h,
-                eps,
-            )?;
-            self.mark("add_rmsnorm")?;
-            self.linear(Lin::Qkv(i), xn, n, qkv)?;
+            let norm_w = self.weights.layers[i].input_norm.ptr;
+            if self.fp8_fusable(Lin::Qkv(i), h, FUSED_NORM_MAX_COLS) {
+                self.ops()
+                    .add_rmsnorm_fp8(residual, prev, norm_w, xq, xs, n, h, eps)?;
+                self.mark("add_rmsnorm fp8")?;
+                self.linear_quantized(Lin::Qkv(i), n, qkv)?;
+            } else {
+                self.ops()
+                    .add_rmsnorm(residual, prev, norm_w, xn, n, h, eps)?;
+                self.mark("add_rmsnorm")?;
+                self.linear(Lin::Qkv(i), xn, n, qkv)?;
+            }
             self.ops().rope(
                 qkv,
                 m(at.positions),
@@ -475,20 +522,28 @@ impl CudaBackend {
                 self.mark("attention combine")?;
             }
             self.linear(Lin::O(i), attn, n, delta)?;
-            self.ops().add_rmsnorm(
-                residual,
-                delta,
-                self.weights.layers[i].post_norm.ptr,
-                xn,
-                n,
-                h,
-                eps,
-            )?;
-            self.mark("add_rmsnorm")?;
-            self.linear(Lin::GateUp(i), xn, n, gate_up)?;
-            self.ops().silu_mul(act, gate_up, n, c.intermediate_size)?;
-            self.mark("silu_mul")?;
-            self.linear(Lin::Down(i), act, n, delta)?;
+            let norm_w = self.weights.layers[i].post_norm.ptr;
+            if self.fp8_fusable(Lin::GateUp(i), h, FUSED_NORM_MAX_COLS) {
+                self.ops()
+                    .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, n, h, eps)?;
+                self.mark("add_rmsnorm fp8")?;
+                self.linear_quantized(Lin::GateUp(i), n, gate_up)?;
+            } else {
+                self.ops()
+                    .add_rmsnorm(residual, delta, norm_w, xn, n, h, eps)?;
+                self.mark("add_rmsnorm")?;
+                self.linear(Lin::GateUp(i), xn, n, gate_up)?;
+            }
+            let inter = c.intermediate_size;
+            if self.fp8_fusable(Lin::Down(i), inter, FUSED_SILU_MAX_COLS) {
+                self.ops().silu_mul_fp8(xq, xs, gate_up, n, inter)?;
+                self.mark("silu_mul fp8")?;
+                self.linear_quantized(Lin::Down(i), n, delta)?;
+            } else {
+                self.ops().silu_mul(act, gate_up, n, inter)?;
+                self.mark("silu_mul")?;
+                self.linear(Lin::Down(i), act, n, delta)?;
+            }
         }
         if ne == 0 {
             self.gpu.sync()?;
