@@ -354,6 +354,26 @@ mod tests {
     }
 
     #[test]
+    fn tensor_parallel_replicas_take_consecutive_gpus() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tp.yaml");
+        std::fs::write(
+            &path,
+            "model: m\nworkers:\n  - role: agg\n    replicas: 2\n    tp: 2\n  - role: agg\n    tensor_parallel_size: 4\n",
+        )
+        .unwrap();
+        let p = parse(&["-f", path.to_str().unwrap()]).unwrap();
+        let gpus: Vec<_> = p.workers.iter().map(|w| w.gpu).collect();
+        assert_eq!(gpus, [0, 2, 4]);
+        let tps: Vec<_> = p
+            .workers
+            .iter()
+            .map(|w| w.engine.tensor_parallel_size)
+            .collect();
+        assert_eq!(tps, [2, 2, 4]);
+    }
+
+    #[test]
     fn refuses_what_it_cannot_do() {
         assert!(parse(&["--block-size", "16"])
             .unwrap_err()
