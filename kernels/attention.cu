@@ -190,28 +190,27 @@ __device__ __forceinline__ void paged_attention_t(
     }
 }
 
-// Merges the partial softmax states of a split decode tile: grid (groups, kv heads).
+// Merges the partial softmax states of a split decode tile: grid (groups, q heads), one thread per
+// head dimension (a block per kv head was too few blocks at batch 1: 8 for the 70B).
 template <typename A>
 __device__ void attention_combine_t(A* out, const float* part_ml, const float* part_acc, const int* group_part0,
                                     const int* group_nparts, const int* group_q0, int num_q_heads, int num_kv_heads,
                                     int head_dim) {
-    int g = blockIdx.x, kvh = blockIdx.y;
-    int G = num_q_heads / num_kv_heads;
+    int g = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    int G = num_q_heads / num_kv_heads, kvh = h / G, r = h % G;
+    if (d >= head_dim) return;
     int p0 = group_part0[g], np = group_nparts[g], q0 = group_q0[g];
-    for (int idx = threadIdx.x; idx < G * head_dim; idx += blockDim.x) {
-        int r = idx / head_dim, d = idx % head_dim;
-        float mx = NEG_INF;
-        for (int p = 0; p < np; p++) mx = fmaxf(mx, part_ml[2 * (((u64)(p0 + p) * num_kv_heads + kvh) * G + r)]);
-        float sum = 0.0f, acc = 0.0f;
-        for (int p = 0; p < np; p++) {
-            u64 row = ((u64)(p0 + p) * num_kv_heads + kvh) * G + r;
-            float l = part_ml[2 * row + 1];
-            float w = l > 0.0f ? __expf(part_ml[2 * row] - mx) : 0.0f;
-            sum += l * w;
-            acc += part_acc[row * head_dim + d] * w;
-        }
-        st(out, (u64)q0 * num_q_heads * head_dim + (u64)(kvh * G + r) * head_dim + d, acc / sum);
+    float mx = NEG_INF;
+    for (int p = 0; p < np; p++) mx = fmaxf(mx, part_ml[2 * (((u64)(p0 + p) * num_kv_heads + kvh) * G + r)]);
+    float sum = 0.0f, acc = 0.0f;
+    for (int p = 0; p < np; p++) {
+        u64 row = ((u64)(p0 + p) * num_kv_heads + kvh) * G + r;
+        float l = part_ml[2 * row + 1];
+        float w = l > 0.0f ? __expf(part_ml[2 * row] - mx) : 0.0f;
+        sum += l * w;
+        acc += part_acc[row * head_dim + d] * w;
     }
+    st(out, (u64)q0 * num_q_heads * head_dim + (u64)h * head_dim + d, acc / sum);
 }
 
 #define ATTENTION_KERNEL(A, SUFFIX)                                                                          \

@@ -23,5 +23,5 @@ done
 strip "$D/tandem" "$D"/tests/*
 cp -r "$FIX"/llama-bf16 "$FIX"/llama-fp8 "$D/fixtures/"
 cp -r "$MODELS"/. "$D/models/"
-cp scripts/gpu_check.sh "$D/"
+cp scripts/gpu_check.sh scripts/gpu_compare.sh "$D/"
 du -sh "$D"

@@ -366,134 +366,256 @@ fn ref_attention(
         .collect()
 }
 
+/// One attention shape: heads, head_dim, block size, pool blocks, and the sequences of the batch
+/// as (first position of the chunk, chunk length, block table).
+struct AttentionCase {
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    bs: usize,
+    num_blocks: usize,
+    seqs: Vec<(usize, usize, Vec<u32>)>,
+}
+
+/// Runs `case` on random inputs against [`ref_attention`]: whole tiles, decode tiles split into
+/// key ranges (merged by attention_combine) at the tightest and at the serving split policy, with
+/// the kernel `paged_attention` picks for BF16 (tensor cores when `flash`) or the CUDA-core one.
+fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
+    let (nh, nkv, hd, bs) = (c.nh, c.nkv, c.hd, c.bs);
+    let stride = (nh + 2 * nkv) * hd;
+    let cache_elems = c.num_blocks * nkv * bs * hd;
+    let kc = rand_bf16(rng, cache_elems, 1.0);
+    let vc = rand_bf16(rng, cache_elems, 1.0);
+    let batch = Batch {
+        seqs: c
+            .seqs
+            .iter()
+            .map(|(start, len, table)| SeqChunk {
+                tokens: vec![0; *len],
+                start_pos: *start,
+                block_table: table.clone(),
+                emit: Emit::Nothing,
+            })
+            .collect(),
+    };
+    let n = batch.num_tokens();
+    // Large enough queries that the softmax is far from uniform.
+    let qkv = rand_bf16(rng, n * stride, 2.0);
+    let (dk, dv, dq) = (
+        e.gpu.upload(&kc).unwrap(),
+        e.gpu.upload(&vc).unwrap(),
+        e.gpu.upload(&qkv).unwrap(),
+    );
+    let mut want = Vec::with_capacity(n * nh * hd);
+    let mut t = 0;
+    for (start, len, table) in &c.seqs {
+        for i in 0..*len {
+            for h in 0..nh {
+                let q: Vec<f64> = (0..hd)
+                    .map(|d| qkv[t * stride + h * hd + d].to_f64())
+                    .collect();
+                want.extend(ref_attention(
+                    &q,
+                    &kc,
+                    &vc,
+                    table,
+                    start + i,
+                    h / (nh / nkv),
+                    nkv,
+                    bs,
+                    hd,
+                ));
+            }
+            t += 1;
+        }
+    }
+    let tight = SplitPolicy {
+        target_blocks: 10_000,
+        kv_heads: nkv,
+        max_parts: 256,
+        min_keys: 32,
+    };
+    let serving = SplitPolicy {
+        target_blocks: 4 * 132,
+        min_keys: 128,
+        ..tight
+    };
+    // Output rows (as f32) and, per token, whether its tile had more than one query.
+    let run = |flash: bool, q_per_tile: usize, policy: Option<SplitPolicy>| {
+        let plan = plan_step(&batch, bs, c.num_blocks, 1, q_per_tile, policy).unwrap();
+        let meta = e.gpu.upload(&plan.packed).unwrap();
+        let m = |off: usize| meta.ptr + 4 * off as u64;
+        let at = &plan.at;
+        let part_ml = e.poisoned(256 * nh * 2 * 4);
+        let part_acc = e.poisoned(256 * nh * hd * 4);
+        let out = e.poisoned(n * nh * hd * 2);
+        let args = AttentionArgs {
+            out: out.ptr,
+            qkv: dq.ptr,
+            k_cache: dk.ptr,
+            v_cache: dv.ptr,
+            positions: m(at.positions),
+            tile_seq: m(at.tile_seq),
+            tile_q_start: m(at.tile_q_start),
+            tile_q_len: m(at.tile_q_len),
+            block_tables: m(at.block_tables),
+            block_table_start: m(at.block_table_start),
+            tile_kbeg: m(at.tile_kbeg),
+            tile_kend: m(at.tile_kend),
+            tile_part: m(at.tile_part),
+            part_ml: part_ml.ptr,
+            part_acc: part_acc.ptr,
+            num_tiles: plan.num_tiles,
+            row_stride: stride,
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+            scale: 1.0 / (hd as f32).sqrt(),
+            q_per_tile,
+        };
+        if flash {
+            e.ops().flash_attention(&args).unwrap();
+        } else {
+            e.ops().paged_attention_cuda_cores(&args).unwrap();
+        }
+        if plan.num_groups > 0 {
+            let (g0, gn, gq) = (m(at.group_part0), m(at.group_nparts), m(at.group_q0));
+            e.ops()
+                .attention_combine(
+                    out.ptr,
+                    part_ml.ptr,
+                    part_acc.ptr,
+                    g0,
+                    gn,
+                    gq,
+                    plan.num_groups,
+                    nh,
+                    nkv,
+                    hd,
+                )
+                .unwrap();
+        }
+        let mut multi = vec![false; n];
+        for t in 0..plan.num_tiles {
+            let (q0, qn) = (
+                plan.packed[at.tile_q_start + t] as usize,
+                plan.packed[at.tile_q_len + t] as usize,
+            );
+            multi[q0..q0 + qn].iter_mut().for_each(|x| *x = qn > 1);
+        }
+        (e.bf16s(&out, n * nh * hd), multi, plan.num_parts)
+    };
+    for flash in [true, false] {
+        let precision = if flash {
+            Precision::Bf16
+        } else {
+            Precision::F32 // only picks the CUDA-core tile size; the data stays BF16
+        };
+        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv, hd, precision);
+        for policy in [None, Some(tight), Some(serving)] {
+            let (out, _, parts) = run(flash, q_per_tile, policy);
+            let what = format!(
+                "{} nh={nh} nkv={nkv} hd={hd} bs={bs} q_per_tile={q_per_tile} parts={parts}",
+                if flash { "flash" } else { "cuda-cores" },
+            );
+            check(&what, &out, &want, 1e-2);
+        }
+    }
+    // Tensor cores: a token of a multi-query tile gets the same bits whatever else shares its
+    // tile (so chunked and whole prefills agree exactly).
+    let (big, big_multi, _) = run(
+        true,
+        Ops::attention_tokens_per_tile(nh / nkv, hd, Precision::Bf16),
+        None,
+    );
+    let (small, small_multi, _) = run(true, 2, None);
+    let row = nh * hd;
+    let mut compared = 0;
+    for t in 0..n {
+        if big_multi[t] && small_multi[t] {
+            compared += 1;
+            let (x, y) = (&big[t * row..(t + 1) * row], &small[t * row..(t + 1) * row]);
+            assert!(
+                x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "token {t}: tiles of 2 queries differ from whole tiles (nh={nh} nkv={nkv} hd={hd} bs={bs})"
+            );
+        }
+    }
+    assert!(compared > 0, "no token in multi-query tiles both ways");
+}
+
 #[test]
 fn paged_attention_prefill_chunks_decode_and_shared_prefix() {
     let Some((e, mut rng)) = env() else { return };
-    for (nh, nkv, hd) in [(8, 1, 128), (4, 2, 64), (64, 8, 128)] {
-        let (bs, num_blocks) = (16, 40);
-        let stride = (nh + 2 * nkv) * hd;
-        let cache_elems = num_blocks * nkv * bs * hd;
-        let kc = rand_bf16(&mut rng, cache_elems, 1.0);
-        let vc = rand_bf16(&mut rng, cache_elems, 1.0);
+    for (nh, nkv, hd) in [
+        (8, 1, 128),
+        (4, 2, 64),
+        (64, 8, 128),
+        (6, 2, 16),
+        (4, 2, 16),
+    ] {
         // seq 0: prefill chunk at 21..61 (earlier chunk in cache); seq 1: decode at 70;
         // seq 2: shares seq 0's first two blocks (prefix cache), chunk at 32..35; seq 3: fresh
         // prompt 0..5; seq 4: decode at 150 (long enough to split).
-        let seqs: Vec<(usize, usize, Vec<u32>)> = vec![
-            (21, 40, vec![3, 7, 1, 9]),
-            (70, 1, vec![10, 11, 12, 13, 14]),
-            (32, 3, vec![3, 7, 20]),
-            (0, 5, vec![30]),
-            (150, 1, (21..31).collect()),
-        ];
-        let batch = Batch {
-            seqs: seqs
-                .iter()
-                .map(|(start, len, table)| SeqChunk {
-                    tokens: vec![0; *len],
-                    start_pos: *start,
-                    block_table: table.clone(),
-                    emit: Emit::Nothing,
-                })
-                .collect(),
+        let case = AttentionCase {
+            nh,
+            nkv,
+            hd,
+            bs: 16,
+            num_blocks: 40,
+            seqs: vec![
+                (21, 40, vec![3, 7, 1, 9]),
+                (70, 1, vec![10, 11, 12, 13, 14]),
+                (32, 3, vec![3, 7, 20]),
+                (0, 5, vec![30]),
+                (150, 1, (21..31).collect()),
+            ],
         };
-        let n = batch.num_tokens();
-        let qkv = rand_bf16(&mut rng, n * stride, 1.0);
-        let (dk, dv, dq) = (
-            e.gpu.upload(&kc).unwrap(),
-            e.gpu.upload(&vc).unwrap(),
-            e.gpu.upload(&qkv).unwrap(),
-        );
-        let mut want = Vec::with_capacity(n * nh * hd);
-        let mut t = 0;
-        for (start, len, table) in &seqs {
-            for i in 0..*len {
-                for h in 0..nh {
-                    let q: Vec<f64> = (0..hd)
-                        .map(|d| qkv[t * stride + h * hd + d].to_f64())
-                        .collect();
-                    want.extend(ref_attention(
-                        &q,
-                        &kc,
-                        &vc,
-                        table,
-                        start + i,
-                        h / (nh / nkv),
-                        nkv,
-                        bs,
-                        hd,
-                    ));
-                }
-                t += 1;
-            }
-        }
-        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
-        // Whole tiles, then decode tiles split into 32-key parts merged by attention_combine.
-        let split = SplitPolicy {
-            target_blocks: 10_000,
-            kv_heads: nkv,
-            max_parts: 64,
-            min_keys: 32,
-        };
-        for policy in [None, Some(split)] {
-            let plan = plan_step(&batch, bs, num_blocks, 1, q_per_tile, policy).unwrap();
-            assert_eq!(plan.num_groups > 0, policy.is_some());
-            let meta = e.gpu.upload(&plan.packed).unwrap();
-            let m = |off: usize| meta.ptr + 4 * off as u64;
-            let at = &plan.at;
-            let part_ml = e.poisoned(64 * nh * 2 * 4);
-            let part_acc = e.poisoned(64 * nh * hd * 4);
-            let out = e.poisoned(n * nh * hd * 2);
-            e.ops()
-                .paged_attention(&AttentionArgs {
-                    out: out.ptr,
-                    qkv: dq.ptr,
-                    k_cache: dk.ptr,
-                    v_cache: dv.ptr,
-                    positions: m(at.positions),
-                    tile_seq: m(at.tile_seq),
-                    tile_q_start: m(at.tile_q_start),
-                    tile_q_len: m(at.tile_q_len),
-                    block_tables: m(at.block_tables),
-                    block_table_start: m(at.block_table_start),
-                    tile_kbeg: m(at.tile_kbeg),
-                    tile_kend: m(at.tile_kend),
-                    tile_part: m(at.tile_part),
-                    part_ml: part_ml.ptr,
-                    part_acc: part_acc.ptr,
-                    num_tiles: plan.num_tiles,
-                    row_stride: stride,
-                    q_heads: nh,
-                    kv_heads: nkv,
-                    head_dim: hd,
-                    block_size: bs,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                    q_per_tile,
-                })
-                .unwrap();
-            if plan.num_groups > 0 {
-                let (g0, gn, gq) = (m(at.group_part0), m(at.group_nparts), m(at.group_q0));
-                e.ops()
-                    .attention_combine(
-                        out.ptr,
-                        part_ml.ptr,
-                        part_acc.ptr,
-                        g0,
-                        gn,
-                        gq,
-                        plan.num_groups,
-                        nh,
-                        nkv,
-                        hd,
-                    )
-                    .unwrap();
-            }
-            let what = format!(
-                "paged_attention nh={nh} nkv={nkv} hd={hd} parts={}",
-                plan.num_parts
-            );
-            check(&what, &e.bf16s(&out, n * nh * hd), &want, 1e-2);
-        }
+        check_attention(&e, &mut rng, &case);
     }
+}
+
+/// Block sizes that are not a multiple of the key tile (7), and the serving one (128) at the 70B's
+/// shape (64 query heads, 8 kv heads, head_dim 128) with long decodes and multi-tile chunks.
+#[test]
+fn paged_attention_odd_and_serving_block_sizes() {
+    let Some((e, mut rng)) = env() else { return };
+    // Block size 7: a chunk 50..190 over 28 blocks, a shared prefix, a decode at 300.
+    for (nh, nkv, hd) in [(6, 2, 16), (2, 2, 32), (16, 2, 64)] {
+        let case = AttentionCase {
+            nh,
+            nkv,
+            hd,
+            bs: 7,
+            num_blocks: 110,
+            seqs: vec![
+                (50, 140, (0..28).collect()),
+                (300, 1, (30..73).collect()),
+                (14, 9, vec![0, 1, 80, 81]),
+                (0, 1, vec![90]),
+            ],
+        };
+        check_attention(&e, &mut rng, &case);
+    }
+    // Block size 128: a 150-token chunk at 200..350, a decode at 2100, a shared-prefix chunk, a
+    // fresh 70-token prompt, and decodes at the edges of a block.
+    let case = AttentionCase {
+        nh: 64,
+        nkv: 8,
+        hd: 128,
+        bs: 128,
+        num_blocks: 40,
+        seqs: vec![
+            (200, 150, vec![5, 6, 7]),
+            (2100, 1, (10..27).collect()),
+            (256, 20, vec![5, 6, 30]),
+            (0, 70, vec![31]),
+            (127, 1, vec![32]),
+            (128, 1, vec![33, 34]),
+        ],
+    };
+    check_attention(&e, &mut rng, &case);
 }
 
 fn host_gemm(x: &[f64], w: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {

@@ -44,6 +44,10 @@ pub struct Args {
     /// Also time each decode batch with split-K attention off (`_nosplit` keys).
     #[arg(long)]
     pub compare_no_split: bool,
+    /// Also time each decode batch with split-K attention aiming at this many blocks per
+    /// multiprocessor instead of 4 (`_split<N>` keys).
+    #[arg(long)]
+    pub compare_split_blocks_per_sm: Option<usize>,
     /// Timed repetitions per measurement (after 3 warm-ups); the median is reported.
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
@@ -71,6 +75,7 @@ trait Bench: Backend {
     fn weight_bytes(&self) -> usize;
     fn split_min_keys(&mut self) -> Result<usize>;
     fn set_split_min_keys(&mut self, keys: usize) -> Result<()>;
+    fn set_attention_blocks_per_sm(&mut self, blocks: usize) -> Result<()>;
     fn set_profiling(&mut self, on: bool) -> Result<()>;
     fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>>;
 }
@@ -87,6 +92,10 @@ impl Bench for CudaBackend {
     }
     fn set_split_min_keys(&mut self, keys: usize) -> Result<()> {
         CudaBackend::set_split_min_keys(self, keys);
+        Ok(())
+    }
+    fn set_attention_blocks_per_sm(&mut self, blocks: usize) -> Result<()> {
+        CudaBackend::set_attention_blocks_per_sm(self, blocks);
         Ok(())
     }
     fn set_profiling(&mut self, on: bool) -> Result<()> {
@@ -110,6 +119,9 @@ impl Bench for TpBackend {
     }
     fn set_split_min_keys(&mut self, keys: usize) -> Result<()> {
         TpBackend::set_split_min_keys(self, keys)
+    }
+    fn set_attention_blocks_per_sm(&mut self, blocks: usize) -> Result<()> {
+        TpBackend::set_attention_blocks_per_sm(self, blocks)
     }
     fn set_profiling(&mut self, on: bool) -> Result<()> {
         TpBackend::set_profiling(self, on)
@@ -246,6 +258,18 @@ pub fn run(args: Args) -> Result<()> {
             );
             results.insert(plain_key, plain.into());
             b.set_split_min_keys(default_keys)?;
+        }
+        if let Some(per_sm) = args.compare_split_blocks_per_sm {
+            b.set_attention_blocks_per_sm(per_sm)?;
+            let other = time_steps(b, &batch, args.iters)?;
+            eprintln!("  split-K aiming at {per_sm} blocks per SM: {other:.3} ms/step");
+            let other_key = format!("{key}_split{per_sm}");
+            results.insert(
+                format!("profile_{other_key}"),
+                profile_step(b, &batch, &other_key)?,
+            );
+            results.insert(other_key, other.into());
+            b.set_attention_blocks_per_sm(4)?;
         }
         results.insert(key, ms.into());
     }

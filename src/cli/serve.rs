@@ -371,6 +371,20 @@ mod tests {
             .map(|w| w.engine.tensor_parallel_size)
             .collect();
         assert_eq!(tps, [2, 2, 4]);
+        // The 4-GPU comparison files: two TP2 replicas; two TP1 prefills and a TP2 decode.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/h200x4");
+        for (file, want) in [
+            ("agg-tp2x2.yaml", vec![(0, 2), (2, 2)]),
+            ("disagg-p2-d1tp2.yaml", vec![(0, 1), (1, 1), (2, 2)]),
+        ] {
+            let p = parse(&["-f", &format!("{dir}/{file}")]).unwrap();
+            let got: Vec<_> = p
+                .workers
+                .iter()
+                .map(|w| (w.gpu, w.engine.tensor_parallel_size))
+                .collect();
+            assert_eq!(got, want, "{file}");
+        }
     }
 
     #[test]

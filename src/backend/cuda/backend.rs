@@ -120,6 +120,7 @@ pub struct CudaBackend {
     kernels: Kernels,
     gpu: Gpu,
     num_blocks: usize,
+    multiprocessors: usize,
     /// Blocks an attention launch should have to fill the GPU (4 per multiprocessor).
     attention_target_blocks: usize,
 }
@@ -246,6 +247,7 @@ impl CudaBackend {
             kernels,
             gpu,
             num_blocks,
+            multiprocessors: sms,
             attention_target_blocks,
         })
     }
@@ -315,6 +317,11 @@ impl CudaBackend {
     /// Changes the fewest keys per split-decode part (benchmarks compare settings).
     pub fn set_split_min_keys(&mut self, keys: usize) {
         self.opts.split_min_keys = keys.max(32);
+    }
+
+    /// Changes how many attention blocks per multiprocessor split decode aims for.
+    pub fn set_attention_blocks_per_sm(&mut self, blocks: usize) {
+        self.attention_target_blocks = blocks.max(1) * self.multiprocessors;
     }
 
     /// Times every kernel of later steps with CUDA events (see [`Self::take_profile`]).
@@ -421,7 +428,7 @@ impl CudaBackend {
             ws.gate_up.ptr,
             ws.act.ptr,
         );
-        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv);
+        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv, hd, self.opts.precision);
         self.ops()
             .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
         self.mark("embed")?;
@@ -627,7 +634,7 @@ impl Backend for CudaBackend {
             self.opts.block_size,
             self.num_blocks,
             vocab,
-            Ops::attention_tokens_per_tile(group),
+            Ops::attention_tokens_per_tile(group, self.config.head_dim, self.opts.precision),
             Some(SplitPolicy {
                 target_blocks: self.attention_target_blocks,
                 kv_heads: self.config.num_key_value_heads,

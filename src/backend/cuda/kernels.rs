@@ -21,6 +21,10 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../kernels/elementwise.cu"),
     ),
     ("attention", include_str!("../../../kernels/attention.cu")),
+    (
+        "flash_attention",
+        include_str!("../../../kernels/flash_attention.cu"),
+    ),
     ("sampling", include_str!("../../../kernels/sampling.cu")),
 ];
 
@@ -53,6 +57,19 @@ const PLAIN: &[(&str, &[&str])] = &[
         ],
     ),
     ("sampling", &["sample_tokens"]),
+    ("flash_attention", FLASH_ATTENTION),
+];
+
+/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`).
+pub const FLASH_ATTENTION: &[&str] = &[
+    "flash_attention_hd16",
+    "flash_attention_hd32",
+    "flash_attention_hd48",
+    "flash_attention_hd64",
+    "flash_attention_hd80",
+    "flash_attention_hd96",
+    "flash_attention_hd112",
+    "flash_attention_hd128",
 ];
 
 /// Every kernel name of a module.
@@ -192,6 +209,14 @@ pub struct Kernels {
 const BIG_SHARED: &[(&str, i32)] = &[
     ("paged_attention_bf16", 96 * 1024),
     ("paged_attention_f32", 96 * 1024),
+    ("flash_attention_hd16", 96 * 1024),
+    ("flash_attention_hd32", 96 * 1024),
+    ("flash_attention_hd48", 96 * 1024),
+    ("flash_attention_hd64", 96 * 1024),
+    ("flash_attention_hd80", 96 * 1024),
+    ("flash_attention_hd96", 96 * 1024),
+    ("flash_attention_hd112", 96 * 1024),
+    ("flash_attention_hd128", 96 * 1024),
 ];
 
 impl Kernels {

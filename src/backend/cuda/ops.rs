@@ -12,6 +12,17 @@ const ROW_THREADS: u32 = 1024;
 pub const ATTENTION_ROWS: usize = 32;
 const ATTENTION_KEYS_PER_TILE: usize = 32;
 pub const MAX_HEAD_DIM: usize = 128;
+/// Query tokens × heads per block of the tensor-core attention (4 warps × 16 rows).
+pub const FLASH_ROWS: usize = 64;
+const FLASH_KEYS_PER_TILE: usize = 64;
+
+/// Whether the tensor-core attention takes this shape.
+pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
+    act == Precision::Bf16
+        && head_dim.is_multiple_of(16)
+        && (16..=MAX_HEAD_DIM).contains(&head_dim)
+        && (1..=FLASH_ROWS).contains(&group)
+}
 
 /// Storage type of activations (and of the KV cache): BF16 for serving, F32 for the
 /// reference-precision mode that matches an f32 implementation token for token.
@@ -266,13 +277,80 @@ impl Ops<'_> {
         )
     }
 
-    /// Query tokens per attention tile for a model with `group` query heads per kv head.
-    pub fn attention_tokens_per_tile(group: usize) -> usize {
-        (ATTENTION_ROWS / group).max(1)
+    /// Query tokens per attention tile for a model with `group` query heads per kv head: as many
+    /// as the kernel that [`Self::paged_attention`] picks takes rows.
+    pub fn attention_tokens_per_tile(group: usize, head_dim: usize, act: Precision) -> usize {
+        let rows = if flash_supported(group, head_dim, act) {
+            FLASH_ROWS
+        } else {
+            ATTENTION_ROWS
+        };
+        (rows / group).max(1)
     }
 
     /// Causal paged attention; `meta` holds device pointers to the tile and block-table arrays.
+    /// BF16 with a head_dim of 16..=128 (multiple of 16) runs on tensor cores
+    /// (`flash_attention.cu`); everything else on CUDA cores (`attention.cu`).
     pub fn paged_attention(&self, a: &AttentionArgs) -> Result<()> {
+        let group = a.q_heads / a.kv_heads;
+        if flash_supported(group, a.head_dim, self.act) && a.q_per_tile * group <= FLASH_ROWS {
+            self.flash_attention(a)
+        } else {
+            self.paged_attention_cuda_cores(a)
+        }
+    }
+
+    /// The tensor-core kernel: one block of 4 warps per (work item, kv head).
+    pub fn flash_attention(&self, a: &AttentionArgs) -> Result<()> {
+        let group = a.q_heads / a.kv_heads;
+        ensure!(
+            flash_supported(group, a.head_dim, self.act),
+            "flash attention takes BF16, head_dim 16..=128 in steps of 16 and at most {FLASH_ROWS} \
+             query heads per kv head (got {:?}, head_dim {}, group {group})",
+            self.act,
+            a.head_dim
+        );
+        let r = a.q_per_tile * group;
+        ensure!(
+            r <= FLASH_ROWS,
+            "flash attention tile of {r} rows (at most {FLASH_ROWS})"
+        );
+        let (hd, keys) = (a.head_dim, FLASH_KEYS_PER_TILE);
+        // Double-buffered K and V tiles (rows padded by 8), reused by the final merge of 4 warps.
+        let stages = 2 * 2 * keys * (hd + 8) * 2;
+        let merge = (4 * 16 * (hd + 4) + 4 * 16 * 2) * 4;
+        self.go(
+            &format!("flash_attention_hd{hd}"),
+            (a.num_tiles as u32, a.kv_heads as u32, 1),
+            128,
+            stages.max(merge) as u32,
+            &[
+                Arg::Ptr(a.out),
+                Arg::Ptr(a.qkv),
+                Arg::Ptr(a.k_cache),
+                Arg::Ptr(a.v_cache),
+                Arg::Ptr(a.positions),
+                Arg::Ptr(a.tile_seq),
+                Arg::Ptr(a.tile_q_start),
+                Arg::Ptr(a.tile_q_len),
+                Arg::Ptr(a.block_tables),
+                Arg::Ptr(a.block_table_start),
+                Arg::Ptr(a.tile_kbeg),
+                Arg::Ptr(a.tile_kend),
+                Arg::Ptr(a.tile_part),
+                Arg::Ptr(a.part_ml),
+                Arg::Ptr(a.part_acc),
+                Arg::I32(a.row_stride as i32),
+                Arg::I32(a.q_heads as i32),
+                Arg::I32(a.kv_heads as i32),
+                Arg::I32(a.block_size as i32),
+                Arg::F32(a.scale),
+            ],
+        )
+    }
+
+    /// The CUDA-core kernel (F32 reference precision, and shapes the tensor-core one does not take).
+    pub fn paged_attention_cuda_cores(&self, a: &AttentionArgs) -> Result<()> {
         let group = a.q_heads / a.kv_heads;
         ensure!(
             group <= ATTENTION_ROWS,
@@ -280,7 +358,7 @@ impl Ops<'_> {
         );
         // 16-byte loads of the cache: head_dim * element size must be a multiple of 16 bytes.
         ensure!(
-            a.head_dim <= MAX_HEAD_DIM && (a.head_dim * self.act.bytes()) % 16 == 0,
+            a.head_dim <= MAX_HEAD_DIM && (a.head_dim * self.act.bytes()).is_multiple_of(16),
             "head_dim {} is not supported (a multiple of {} up to {MAX_HEAD_DIM})",
             a.head_dim,
             16 / self.act.bytes()
@@ -340,8 +418,8 @@ impl Ops<'_> {
     ) -> Result<()> {
         self.go(
             &self.typed("attention_combine"),
-            (groups as u32, kv_heads as u32, 1),
-            256,
+            (groups as u32, q_heads as u32, 1),
+            head_dim.next_multiple_of(32) as u32,
             0,
             &[
                 Arg::Ptr(out),

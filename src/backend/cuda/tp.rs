@@ -231,6 +231,14 @@ impl TpBackend {
         Ok(())
     }
 
+    pub fn set_attention_blocks_per_sm(&mut self, blocks: usize) -> Result<()> {
+        self.on_ranks(move |_, b| {
+            b.set_attention_blocks_per_sm(blocks);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     pub fn split_min_keys(&mut self) -> Result<usize> {
         Ok(self.on_ranks(|_, b| Ok(b.options().split_min_keys))?[0])
     }

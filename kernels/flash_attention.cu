@@ -1,0 +1,347 @@
+// Tensor-core (mma.sync m16n8k16, BF16 in, F32 accumulate) causal attention over the paged KV
+// cache, for prefill chunks and decode alike. Same work items and arguments as paged_attention
+// in attention.cu (which stays for F32 and for shapes this kernel does not take).
+//
+// One block (4 warps) per (work item, kv head). Rows are the item's query tokens x the G query
+// heads of the kv head (row r = token r / G, head r % G), at most 64: MT = ceil(rows / 16) row
+// tiles of 16. Keys stream through shared memory 64 at a time (cp.async, double-buffered; each key
+// row is gathered through the block table, so any block size works and each K/V element is read
+// once per block). Warp w takes row tile w % MT and, when there are fewer than 4 row tiles, the
+// key slice w / MT of each 64-key tile (KS = 4 / MT slices) for a decode item (one query), so
+// G <= 16 rows keep all 4 warps busy. The warps' online-softmax states are merged through shared memory at the end.
+// Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
+
+#define FA_KT 64
+#define FA_WARPS 4
+#define FA_LN2 0.6931471805599453f
+#define FA_LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16 bytes global -> shared, asynchronously; zero-filled when !valid (src must still be mapped).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm4_t(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// c += a (16x16, row-major) * b (16x8, column-major).
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as BF16x2: `lo` in the low half (the lower column).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// (lo, hi) as BF16x2 `h` plus the BF16x2 `l` of what rounding left over.
+__device__ __forceinline__ void split_bf16(float lo, float hi, unsigned& h, unsigned& l) {
+    h = pack_bf16(lo, hi);
+    l = pack_bf16(lo - __uint_as_float(h << 16), hi - __uint_as_float(h & 0xffff0000u));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+struct FlashArgs {
+    bf16* out;
+    const bf16 *qkv, *k_cache, *v_cache;
+    const int *positions, *tile_seq, *tile_q_start, *tile_q_len, *block_tables, *block_table_start;
+    const int *tile_kbeg, *tile_kend, *tile_part;
+    float *part_ml, *part_acc;
+    int row_stride, num_q_heads, num_kv_heads, block_size;
+    float scale;
+};
+
+// Shared memory: max(K and V stages: 2 * 2 * FA_KT * (D + 8) BF16, merge: 4 * 16 * (D + 4) + 4 * 16 * 2 F32).
+template <int D, int KS>
+__device__ __forceinline__ void flash_body(const FlashArgs& a, int MT) {
+    constexpr int STR = D + 8;      // shared row stride (BF16): odd number of 16-byte chunks, no bank conflicts
+    constexpr int KW = FA_KT / KS;  // keys per warp per tile
+    constexpr int NB = KW / 16;     // 16-key blocks per warp per tile
+    constexpr int DK = D / 16;      // k-steps of Q K^T
+    constexpr int DN = D / 8;       // 8-wide column tiles of the output
+    constexpr int CH = D / 8;       // 16-byte chunks per key row
+    constexpr int OSTR = D + 4;     // merge buffer row stride (F32)
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16* Ks = (bf16*)fa_smem;       // [2][FA_KT][STR]
+    bf16* Vs = Ks + 2 * FA_KT * STR;  // [2][FA_KT][STR]
+
+    // Last items first: a prefill's late tiles see the most keys, so they should not form the tail.
+    int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, tid = threadIdx.x;
+    int G = a.num_q_heads / a.num_kv_heads;
+    int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
+    int R = qn * G;
+    int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    int mt = warp % MT, ks = warp / MT;
+    bool active = ks < KS;
+    int r0 = mt * 16 + g, r1 = r0 + 8;
+    int pos0 = r0 < R ? a.positions[q0 + r0 / G] : -1;
+    int pos1 = r1 < R ? a.positions[q0 + r1 / G] : -1;
+    int wpos = max(pos0, pos1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) wpos = max(wpos, __shfl_xor_sync(0xffffffffu, wpos, o));
+
+    // Q fragments (A operand): rows r0 / r1, dims 2t, 2t + 1 (+8) of each 16-dim step.
+    unsigned qf[DK][4];
+    auto qword = [&](int r, int d) -> unsigned {
+        if (r >= R) return 0u;
+        int i = r / G, h = kvh * G + r % G;
+        return *(const unsigned*)(a.qkv + (u64)(q0 + i) * a.row_stride + h * D + d);
+    };
+#pragma unroll
+    for (int kk = 0; kk < DK; kk++) {
+        qf[kk][0] = qword(r0, kk * 16 + 2 * t);
+        qf[kk][1] = qword(r1, kk * 16 + 2 * t);
+        qf[kk][2] = qword(r0, kk * 16 + 2 * t + 8);
+        qf[kk][3] = qword(r1, kk * 16 + 2 * t + 8);
+    }
+
+    float o[DN][4];
+#pragma unroll
+    for (int n = 0; n < DN; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    float c = a.scale * FA_LOG2E;
+
+    int kbeg = a.tile_kbeg[tile];
+    int kend = min(a.positions[q0 + qn - 1] + 1, a.tile_kend[tile]);  // exclusive
+    const int* bt = a.block_tables + a.block_table_start[seq];
+    int bs = a.block_size, nkv = a.num_kv_heads;
+    auto load = [&](int stage, int k0) {
+#pragma unroll
+        for (int u = 0; u < (FA_KT * CH + 127) / 128; u++) {
+            int idx = tid + u * 128;
+            if (FA_KT * CH % 128 == 0 || idx < FA_KT * CH) {
+                int j = idx / CH, ch = idx % CH, key = k0 + j;
+                bool ok = key < kend;
+                u64 src = 0;
+                if (ok) src = (((u64)bt[key / bs] * nkv + kvh) * bs + key % bs) * D + ch * 8;
+                int dst = (stage * FA_KT + j) * STR + ch * 8;
+                cp_async16(smem_u32(Ks + dst), a.k_cache + src, ok);
+                cp_async16(smem_u32(Vs + dst), a.v_cache + src, ok);
+            }
+        }
+    };
+
+    int ntiles = kend > kbeg ? (kend - kbeg + FA_KT - 1) / FA_KT : 0;
+    if (ntiles > 0) load(0, kbeg);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        int k0 = kbeg + it * FA_KT;
+        if (it + 1 < ntiles) load((it + 1) & 1, k0 + FA_KT);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        int kw0 = k0 + ks * KW;
+        if (active && kw0 <= wpos && kw0 < kend) {
+            const bf16* Kt = Ks + ((it & 1) * FA_KT + ks * KW) * STR;
+            const bf16* Vt = Vs + ((it & 1) * FA_KT + ks * KW) * STR;
+            int mi = lane >> 3, rr = lane & 7;
+            float s[2 * NB][4];
+#pragma unroll
+            for (int n = 0; n < 2 * NB; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+                // x4: keys +0..7 / +8..15 (matrix bit 1) x dims +0..7 / +8..15 (matrix bit 0).
+                unsigned base = smem_u32(Kt + (nb * 16 + (mi >> 1) * 8 + rr) * STR + (mi & 1) * 8);
+#pragma unroll
+                for (int kk = 0; kk < DK; kk++) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm4(base + kk * 32, b0, b1, b2, b3);
+                    mma_bf16(s[2 * nb], qf[kk], b0, b1);
+                    mma_bf16(s[2 * nb + 1], qf[kk], b2, b3);
+                }
+            }
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < 2 * NB; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = kw0 + n * 8 + 2 * t + (e & 1);
+                    int pos = e < 2 ? pos0 : pos1;
+                    s[n][e] = (key <= pos && key < kend) ? s[n][e] * c : NEG_INF;
+                }
+                mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+            }
+#pragma unroll
+            for (int x = 1; x <= 2; x <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+            }
+            float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            // A row with no visible key yet keeps m = -inf; subtract 0 then (exponentials are 0).
+            float b0 = mn0 == NEG_INF ? 0.0f : mn0, b1 = mn1 == NEG_INF ? 0.0f : mn1;
+            float corr0 = ex2(m0 - b0), corr1 = ex2(m1 - b1);
+            m0 = mn0;
+            m1 = mn1;
+            float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 2 * NB; n++) {
+                s[n][0] = ex2(s[n][0] - b0);
+                s[n][1] = ex2(s[n][1] - b0);
+                s[n][2] = ex2(s[n][2] - b1);
+                s[n][3] = ex2(s[n][3] - b1);
+                ps0 += s[n][0] + s[n][1];
+                ps1 += s[n][2] + s[n][3];
+            }
+            l0 = l0 * corr0 + ps0;  // per-thread partial row sums; the quad is summed at the end
+            l1 = l1 * corr1 + ps1;
+#pragma unroll
+            for (int n = 0; n < DN; n++) {
+                o[n][0] *= corr0;
+                o[n][1] *= corr0;
+                o[n][2] *= corr1;
+                o[n][3] *= corr1;
+            }
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+                // P = hi + lo, both BF16 (16 mantissa bits together): P V is as exact as the F32 kernel's,
+                // so the order in which keys are visited (splits, chunks) stays invisible after rounding.
+                unsigned ph[4], pl[4];
+                split_bf16(s[2 * nb][0], s[2 * nb][1], ph[0], pl[0]);
+                split_bf16(s[2 * nb][2], s[2 * nb][3], ph[1], pl[1]);
+                split_bf16(s[2 * nb + 1][0], s[2 * nb + 1][1], ph[2], pl[2]);
+                split_bf16(s[2 * nb + 1][2], s[2 * nb + 1][3], ph[3], pl[3]);
+                // x4 trans: keys +0..7 / +8..15 (matrix bit 0) x dims +0..7 / +8..15 (matrix bit 1).
+                unsigned base = smem_u32(Vt + (nb * 16 + (mi & 1) * 8 + rr) * STR + (mi >> 1) * 8);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; dp++) {
+                    unsigned v0, v1, v2, v3;
+                    ldsm4_t(base + dp * 32, v0, v1, v2, v3);
+                    mma_bf16(o[2 * dp], ph, v0, v1);
+                    mma_bf16(o[2 * dp + 1], ph, v2, v3);
+                    mma_bf16(o[2 * dp], pl, v0, v1);
+                    mma_bf16(o[2 * dp + 1], pl, v2, v3);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Merge the warps' states: each warp stores its unnormalized rows, then all threads combine.
+    float* Os = (float*)fa_smem;           // [4 warps][16][OSTR]
+    float* ML = Os + FA_WARPS * 16 * OSTR;  // [4 warps][16][2]
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    if (active) {
+        float* row0 = Os + (warp * 16 + g) * OSTR + 2 * t;
+        float* row1 = row0 + 8 * OSTR;
+#pragma unroll
+        for (int n = 0; n < DN; n++) {
+            row0[n * 8] = o[n][0];
+            row0[n * 8 + 1] = o[n][1];
+            row1[n * 8] = o[n][2];
+            row1[n * 8 + 1] = o[n][3];
+        }
+        if (t == 0) {
+            ML[(warp * 16 + g) * 2] = m0;
+            ML[(warp * 16 + g) * 2 + 1] = l0;
+            ML[(warp * 16 + g + 8) * 2] = m1;
+            ML[(warp * 16 + g + 8) * 2 + 1] = l1;
+        }
+    }
+    __syncthreads();
+    int part = a.tile_part[tile];
+    for (int idx = tid; idx < R * D; idx += FA_WARPS * 32) {
+        int r = idx / D, d = idx % D;
+        int rt = r >> 4, rl = r & 15;
+        float M = NEG_INF;
+#pragma unroll
+        for (int k = 0; k < KS; k++) M = fmaxf(M, ML[((k * MT + rt) * 16 + rl) * 2]);
+        float base = M == NEG_INF ? 0.0f : M;
+        float L = 0.0f, acc = 0.0f;
+#pragma unroll
+        for (int k = 0; k < KS; k++) {
+            int w = k * MT + rt;
+            float sc = ex2(ML[(w * 16 + rl) * 2] - base);
+            L += ML[(w * 16 + rl) * 2 + 1] * sc;
+            acc += Os[(w * 16 + rl) * OSTR + d] * sc;
+        }
+        if (part >= 0) {  // a split decode item (one query, rows r < G): natural-log partials
+            u64 row = ((u64)part * a.num_kv_heads + kvh) * G + r;
+            if (d == 0) {
+                a.part_ml[2 * row] = M * FA_LN2;
+                a.part_ml[2 * row + 1] = L;
+            }
+            a.part_acc[row * D + d] = acc;
+        } else {
+            int i = r / G, h = kvh * G + r % G;
+            a.out[(u64)(q0 + i) * a.num_q_heads * D + h * D + d] = f2bf(acc / L);
+        }
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
+    int qn = a.tile_q_len[gridDim.x - 1 - blockIdx.x];
+    int rows = qn * (a.num_q_heads / a.num_kv_heads);
+    int MT = (rows + 15) / 16;
+    // Chunks: one warp per 16 rows over all keys, so a row's result does not depend on how many
+    // tokens share its tile (chunked and whole prefills agree bit for bit). A decode item splits
+    // its keys over the warps left over.
+    if (qn > 1)
+        flash_body<D, 1>(a, MT);
+    else if (MT == 1)
+        flash_body<D, 4>(a, 1);
+    else if (MT == 2)
+        flash_body<D, 2>(a, 2);
+    else
+        flash_body<D, 1>(a, MT);
+}
+
+#define FLASH_PARAMS                                                                                           \
+    bf16 *out, const bf16 *qkv, const bf16 *k_cache, const bf16 *v_cache, const int *positions,                \
+        const int *tile_seq, const int *tile_q_start, const int *tile_q_len, const int *block_tables,          \
+        const int *block_table_start, const int *tile_kbeg, const int *tile_kend, const int *tile_part,        \
+        float *part_ml, float *part_acc, int row_stride, int num_q_heads, int num_kv_heads, int block_size,    \
+        float scale
+#define FLASH_ARGS                                                                                             \
+    FlashArgs {                                                                                                \
+        out, qkv, k_cache, v_cache, positions, tile_seq, tile_q_start, tile_q_len, block_tables,               \
+            block_table_start, tile_kbeg, tile_kend, tile_part, part_ml, part_acc, row_stride, num_q_heads,   \
+            num_kv_heads, block_size, scale                                                                    \
+    }
+
+// One kernel per head_dim (16..128, multiples of 16); 4 warps per block.
+extern "C" __global__ void __launch_bounds__(128) flash_attention_hd16(FLASH_PARAMS) { flash_attention_t<16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) flash_attention_hd32(FLASH_PARAMS) { flash_attention_t<32>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) flash_attention_hd48(FLASH_PARAMS) { flash_attention_t<48>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) flash_attention_hd64(FLASH_PARAMS) { flash_attention_t<64>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) flash_attention_hd80(FLASH_PARAMS) { flash_attention_t<80>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) flash_attention_hd96(FLASH_PARAMS) { flash_attention_t<96>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) flash_attention_hd112(FLASH_PARAMS) { flash_attention_t<112>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) flash_attention_hd128(FLASH_PARAMS) { flash_attention_t<128>(FLASH_ARGS); }
