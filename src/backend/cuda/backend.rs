@@ -567,7 +567,7 @@ impl CudaBackend {
         }
         self.mark("lm_head")?;
         let (logits, vocab) = match &self.tp {
-            Some(tp) => (tp.gather_logits(logits, ne, stream)?.ptr, tp.vocab),
+            Some(tp) => (tp.gather_logits(logits, ne, &self.gpu)?.ptr, tp.vocab),
             None => (logits, c.vocab_size),
         };
         if self.tp.is_some() {

@@ -164,12 +164,8 @@ impl TpRank {
 
     /// All-gathers every rank's `[rows, vocab_per_rank]` F32 logits and lays them out as
     /// `[rows, vocab]` (padding columns dropped); returns the full logits buffer.
-    pub fn gather_logits(
-        &self,
-        local: u64,
-        rows: usize,
-        stream: cu::CUstream,
-    ) -> Result<&DeviceBuffer> {
+    pub fn gather_logits(&self, local: u64, rows: usize, gpu: &Gpu) -> Result<&DeviceBuffer> {
+        let stream = gpu.cu_stream();
         let per = self.shard.vocab_per_rank(self.vocab);
         if rows * self.vocab * 4 > self.full_logits.bytes {
             bail!(

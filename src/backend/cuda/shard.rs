@@ -36,12 +36,13 @@ impl Shard {
     pub fn check(config: &LlamaConfig, world: usize) -> Result<()> {
         ensure!(world >= 1, "--tensor-parallel-size must be at least 1");
         ensure!(
-            config.num_key_value_heads % world == 0,
+            config.num_key_value_heads.is_multiple_of(world),
             "--tensor-parallel-size {world} does not divide the model's {} KV heads",
             config.num_key_value_heads
         );
         ensure!(
-            config.num_attention_heads % world == 0 && config.intermediate_size % world == 0,
+            config.num_attention_heads.is_multiple_of(world)
+                && config.intermediate_size.is_multiple_of(world),
             "--tensor-parallel-size {world} does not divide {} attention heads / intermediate size {}",
             config.num_attention_heads,
             config.intermediate_size
