@@ -11,7 +11,7 @@ set -uo pipefail
 D=${DIST:-$(cd "$(dirname "$0")" && pwd)}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"kernels tests generate bench kvgpu serve"}
+STAGES=${STAGES:-"kernels tests generate bench kvgpu serve tp"}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/nccl
 NCCL_LIB=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2
@@ -44,6 +44,7 @@ esac
 case " $STAGES " in *" tests "*)
   for t in "$D"/tests/*; do
     [ -x "$t" ] || continue
+    [ "$(basename "$t")" = cuda_tp ] && continue # the tp stage runs it
     step "$(basename "$t")" 180 "$t" --test-threads=1 --nocapture
   done ;;
 esac
@@ -100,8 +101,23 @@ case " $STAGES " in *" serve "*)
   tail -n 20 "$OUT/serve.log" ;;
 esac
 
+case " $STAGES " in *" tp "*)
+  # Tensor parallelism over 2 GPUs: TP2 against TP1 on the fixtures, then the 70B dummy's decode step.
+  GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
+  if [ "$GPUS" -lt 2 ]; then
+    echo "tp stage skipped: $GPUS GPU(s) visible, TP2 needs 2" | tee -a "$LOG"
+  else
+    step "cuda_tp (TP2 vs TP1, fixtures)" 180 "$D/tests/cuda_tp" --test-threads=1 --nocapture
+    step "bench-step 70B fp8 dummy TP2" 300 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
+      --load-format dummy --tensor-parallel-size 2 --batch 1,32 --context 3000 --prompt-len 3000 \
+      --prefill-batch 1 --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+    sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_tp2.json"
+  fi ;;
+esac
+
 echo
 echo "================ summary ================"
 for r in "${ROWS[@]}"; do echo "$r"; done
 [ -s "$OUT/bench_step.json" ] && cat "$OUT/bench_step.json"
 [ -s "$OUT/kv_transfer.json" ] && cat "$OUT/kv_transfer.json"
+[ -s "$OUT/bench_step_tp2.json" ] && cat "$OUT/bench_step_tp2.json"

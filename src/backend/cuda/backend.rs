@@ -13,7 +13,9 @@ use super::device::{DeviceBuffer, Gpu, Profiler};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::meta::{plan_step, SplitPolicy, StepPlan};
+use super::nccl::{TpRank, TpSetup};
 use super::ops::{AttentionArgs, Ops, Precision, FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS};
+use super::shard::Shard;
 use super::weights::{GpuLinear, GpuWeights};
 use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
@@ -112,6 +114,8 @@ pub struct CudaBackend {
     ws: Workspace,
     kv: DeviceBuffer,
     weights: GpuWeights,
+    /// Tensor parallelism: this backend is one rank's shard (see `tp.rs`).
+    tp: Option<TpRank>,
     gemm: Gemm,
     kernels: Kernels,
     gpu: Gpu,
@@ -136,6 +140,20 @@ pub fn num_blocks_for(utilization: f64, free: usize, total: usize, block_bytes: 
 
 impl CudaBackend {
     pub fn new(config: &LlamaConfig, source: WeightSource, opts: CudaOptions) -> Result<Self> {
+        Self::new_rank(config, source, opts, None)
+    }
+
+    /// One tensor-parallel rank of the model `full` (host weights already cut to the shard), or
+    /// the whole model when `tp` is `None`. Joins the NCCL group first, before anything can fail
+    /// on one rank only.
+    pub fn new_rank(
+        full: &LlamaConfig,
+        source: WeightSource,
+        opts: CudaOptions,
+        tp: Option<TpSetup>,
+    ) -> Result<Self> {
+        let shard = tp.map(|t| t.shard).unwrap_or(Shard::WHOLE);
+        let config = &shard.local_config(full)?;
         ensure!(
             opts.block_size > 0 && opts.max_num_batched_tokens > 0 && opts.max_num_seqs > 0,
             "bad CUDA options {opts:?}"
@@ -146,11 +164,29 @@ impl CudaBackend {
             opts.gpu_memory_utilization
         );
         let gpu = Gpu::new(opts.device)?;
+        let tp = match tp {
+            Some(setup) => Some(TpRank::new(
+                setup,
+                &gpu,
+                full.vocab_size,
+                opts.max_num_seqs,
+            )?),
+            None => None,
+        };
         let kernels = Kernels::load().context("loading the CUDA kernels")?;
         let gemm = Gemm::new()?;
         let p = opts.precision;
         let weights = match source {
-            WeightSource::Host(w) => GpuWeights::upload(&gpu, config, w, p)?,
+            WeightSource::Host(w) => {
+                let rows = shard.embed_rows(full.vocab_size);
+                ensure!(
+                    w.embed_tokens.dims().first() == Some(&rows),
+                    "rank {} of {}: host weights are not cut to the shard ({rows} embedding rows expected)",
+                    shard.rank,
+                    shard.world
+                );
+                GpuWeights::upload(&gpu, config, w, p)?
+            }
             WeightSource::Dummy { seed } => {
                 ensure!(
                     p == Precision::Bf16,
@@ -161,7 +197,7 @@ impl CudaBackend {
                     stream: gpu.cu_stream(),
                     act: p,
                 };
-                GpuWeights::dummy(&gpu, &ops, config, seed)?
+                GpuWeights::dummy(&gpu, &ops, config, shard.embed_rows(full.vocab_size), seed)?
             }
         };
         let ws = Workspace::new(
@@ -208,6 +244,7 @@ impl CudaBackend {
             ws,
             kv,
             weights,
+            tp,
             gemm,
             kernels,
             gpu,
@@ -302,6 +339,16 @@ impl CudaBackend {
 
     fn mark(&mut self, label: &'static str) -> Result<()> {
         self.profiler.mark(label, self.gpu.cu_stream())
+    }
+
+    /// Tensor parallelism: sums a row-parallel output (or the vocab-parallel embedding) over the
+    /// ranks, in place. Nothing on one GPU.
+    fn tp_all_reduce(&mut self, ptr: u64, count: usize, p: Precision) -> Result<()> {
+        if let Some(tp) = &self.tp {
+            tp.all_reduce(ptr, count, p, self.gpu.cu_stream())?;
+            self.mark("all_reduce")?;
+        }
+        Ok(())
     }
 
     fn linear(&mut self, lin: Lin, x: u64, m: usize, out: u64) -> Result<()> {
@@ -434,6 +481,7 @@ impl CudaBackend {
         self.ops()
             .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
         self.mark("embed")?;
+        self.tp_all_reduce(residual, n * h, Precision::F32)?;
         for i in 0..c.num_hidden_layers {
             let prev = if i == 0 { 0 } else { delta };
             let norm_w = self.weights.layers[i].input_norm.ptr;
@@ -522,6 +570,7 @@ impl CudaBackend {
                 self.mark("attention combine")?;
             }
             self.linear(Lin::O(i), attn, n, delta)?;
+            self.tp_all_reduce(delta, n * h, self.opts.precision)?;
             let norm_w = self.weights.layers[i].post_norm.ptr;
             if self.fp8_fusable(Lin::GateUp(i), h, FUSED_NORM_MAX_COLS) {
                 self.ops()
@@ -544,6 +593,7 @@ impl CudaBackend {
                 self.mark("silu_mul")?;
                 self.linear(Lin::Down(i), act, n, delta)?;
             }
+            self.tp_all_reduce(delta, n * h, self.opts.precision)?;
         }
         if ne == 0 {
             self.gpu.sync()?;
@@ -577,8 +627,15 @@ impl CudaBackend {
             GpuLinear::Fp8 { .. } => bail!("lm_head is dequantized at upload"),
         }
         self.mark("lm_head")?;
+        let (logits, vocab) = match &self.tp {
+            Some(tp) => (tp.gather_logits(logits, ne, &self.gpu)?.ptr, tp.vocab),
+            None => (logits, c.vocab_size),
+        };
+        if self.tp.is_some() {
+            self.mark("gather logits")?;
+        }
         self.ops()
-            .sample_tokens(tokens_out, logits, m(at.sample_params), ne, c.vocab_size)?;
+            .sample_tokens(tokens_out, logits, m(at.sample_params), ne, vocab)?;
         self.mark("sample")?;
         let mut tokens = vec![0i32; ne];
         self.gpu.copy_from(&self.ws.tokens_out, 0, &mut tokens)?;
@@ -588,11 +645,14 @@ impl CudaBackend {
 
     fn collect(&self, plan: &StepPlan, tokens: &[i32]) -> Result<Vec<SeqOutput>> {
         let mut out = vec![SeqOutput::Nothing; plan.num_seqs];
-        let v = self.config.vocab_size;
+        let (logits, v) = match &self.tp {
+            Some(tp) => (tp.full_logits(), tp.vocab),
+            None => (&self.ws.logits, self.config.vocab_size),
+        };
         for (r, &s) in plan.emit_seqs.iter().enumerate() {
             out[s] = if plan.emit_logits[r] {
                 let mut row = vec![0f32; v];
-                self.gpu.copy_from(&self.ws.logits, r * v * 4, &mut row)?;
+                self.gpu.copy_from(logits, r * v * 4, &mut row)?;
                 SeqOutput::Logits(row)
             } else {
                 SeqOutput::Token(tokens[r] as u32)
@@ -629,11 +689,12 @@ impl Backend for CudaBackend {
         }
         self.gpu.bind()?;
         let group = self.config.num_attention_heads / self.config.num_key_value_heads;
-        let plan = plan_step(
+        let vocab = self.tp.as_ref().map_or(self.config.vocab_size, |t| t.vocab);
+        let mut plan = plan_step(
             batch,
             self.opts.block_size,
             self.num_blocks,
-            self.config.vocab_size,
+            vocab,
             Ops::attention_tokens_per_tile(group, self.config.head_dim, self.opts.precision),
             Some(SplitPolicy {
                 target_blocks: self.attention_target_blocks,
@@ -642,6 +703,10 @@ impl Backend for CudaBackend {
                 min_keys: self.opts.split_min_keys,
             }),
         )?;
+        if let Some(tp) = &self.tp {
+            let at = plan.at.tokens;
+            tp.localize_tokens(&mut plan.packed[at..at + plan.num_tokens]);
+        }
         self.forward(&plan)
     }
 
