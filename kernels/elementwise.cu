@@ -98,6 +98,25 @@ __device__ void quantize_fp8_t(fp8* out, float* scales, const A* in, int cols) {
     if (threadIdx.x == 0) scales[t] = scale;
 }
 
+// The two halves of quantize_fp8, for tensor-parallel row-parallel linears whose per-token scale
+// must cover the whole row across ranks (the ranks' scales are max-reduced in between).
+template <typename A>
+__device__ void fp8_row_scale_t(float* scales, const A* in, int cols) {
+    __shared__ float scratch[32];
+    u64 row = (u64)blockIdx.x * cols;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(ld(in, row + i)));
+    amax = block_max(amax, scratch);
+    if (threadIdx.x == 0) scales[blockIdx.x] = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+}
+
+template <typename A>
+__device__ void quantize_fp8_scaled_t(fp8* out, const float* scales, const A* in, int cols) {
+    u64 row = (u64)blockIdx.x * cols;
+    float scale = scales[blockIdx.x];
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[row + i] = f2e4m3(ld(in, row + i) / scale);
+}
+
 // ---- Fusions that write an FP8 linear's quantized input directly (the same values, bit for bit,
 // as the unfused kernel followed by quantize_fp8). A row lives in registers, blockDim.x = 1024:
 // at most NORM_VALS * 1024 columns for the norm, SILU_VALS * 1024 for silu_mul.
@@ -220,6 +239,13 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
     extern "C" __global__ void quantize_fp8_##SUFFIX(fp8* out, float* scales, const A* in, int cols) {        \
         quantize_fp8_t<A>(out, scales, in, cols);                                                             \
     }                                                                                                         \
+    extern "C" __global__ void fp8_row_scale_##SUFFIX(float* scales, const A* in, int cols) {                 \
+        fp8_row_scale_t<A>(scales, in, cols);                                                                 \
+    }                                                                                                         \
+    extern "C" __global__ void quantize_fp8_scaled_##SUFFIX(fp8* out, const float* scales, const A* in,       \
+                                                            int cols) {                                       \
+        quantize_fp8_scaled_t<A>(out, scales, in, cols);                                                      \
+    }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_fp8_##SUFFIX(float* residual, const A* delta, const bf16* weight,      \
                                                         fp8* xq, float* xs, int hidden, float eps) {             \
         add_rmsnorm_fp8_t<A>(residual, delta, weight, xq, xs, hidden, eps);                                     \
@@ -247,6 +273,13 @@ extern "C" __global__ void fake_quant_fp8_f32(float* x, int cols) {
     for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(x[row + i]));
     amax = block_max(amax, scratch);
     float scale = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) x[row + i] = e4m32f(f2e4m3(x[row + i] / scale)) * scale;
+}
+
+// fake_quant_fp8_f32 with given per-row scales (see fp8_row_scale).
+extern "C" __global__ void fake_quant_fp8_f32_scaled(float* x, const float* scales, int cols) {
+    u64 row = (u64)blockIdx.x * cols;
+    float scale = scales[blockIdx.x];
     for (int i = threadIdx.x; i < cols; i += blockDim.x) x[row + i] = e4m32f(f2e4m3(x[row + i] / scale)) * scale;
 }
 

@@ -58,7 +58,11 @@ fn tp1(f: &Fixture, p: Precision) -> CudaBackend {
 }
 
 fn tp2(f: &Fixture, p: Precision) -> TpBackend {
-    TpBackend::new(&f.config, TpWeights::Host(&f.weights), options(p), 2).unwrap()
+    tp2_with(f, options(p))
+}
+
+fn tp2_with(f: &Fixture, opts: CudaOptions) -> TpBackend {
+    TpBackend::new(&f.config, TpWeights::Host(&f.weights), opts, 2).unwrap()
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -211,12 +215,22 @@ struct Comparison {
 
 /// One sequence, chunked prefill, logits every step: TP2 against TP1.
 fn compare(name: &str, p: Precision) -> Comparison {
+    compare_with(name, p, false)
+}
+
+fn compare_with(name: &str, p: Precision, whole_row_scales: bool) -> Comparison {
     let f = fixture(name);
     let steps = f.tokens.len();
     let prompts = [f.prompt.as_slice()];
     let tables = [table(0, &f)];
     let one = generate(&mut tp1(&f, p), &prompts, &tables, 25, steps, Emit::Logits);
-    let mut two_b = tp2(&f, p);
+    let mut two_b = tp2_with(
+        &f,
+        CudaOptions {
+            tp_whole_row_fp8_scales: whole_row_scales,
+            ..options(p)
+        },
+    );
     let two = generate(&mut two_b, &prompts, &tables, 25, steps, Emit::Logits);
     let tp1_tokens = one[0].0.clone();
     let forced = forced_logits(&mut two_b, &f, &tp1_tokens);
@@ -289,6 +303,26 @@ fn tp2_stays_close_to_tp1_in_f32_on_the_fp8_fixture() {
         c.same_argmax >= c.tp1.len() * 3 / 4,
         "TP2 picks TP1's token at only {} steps",
         c.same_argmax
+    );
+}
+
+/// With the row-parallel inputs scaled over the whole row (a max all-reduce of the per-token
+/// scales), TP2 rounds exactly as TP1 does: the same greedy tokens as TP1 and as transformers.
+#[test]
+fn tp2_with_whole_row_fp8_scales_equals_tp1_in_f32_on_the_fp8_fixture() {
+    if !two_gpus() {
+        return;
+    }
+    let c = compare_with("llama-fp8", Precision::F32, true);
+    assert_eq!(c.tp2, c.tp1, "TP2 greedy tokens differ from TP1's");
+    assert_eq!(
+        c.tp2, c.f.tokens,
+        "TP2 greedy tokens differ from the reference"
+    );
+    assert!(
+        c.worst < 1e-2,
+        "TP2 logits differ from TP1's by {}",
+        c.worst
     );
 }
 

@@ -35,6 +35,10 @@ pub struct CudaOptions {
     pub precision: Precision,
     /// Fewest keys per part when a decode tile's keys are split across blocks (flash-decoding).
     pub split_min_keys: usize,
+    /// Tensor parallelism: quantize the inputs of row-parallel FP8 linears (o_proj, down_proj) with
+    /// the per-token scale of the whole row (a max all-reduce over ranks), so TP gives TP1's numbers;
+    /// off, each rank scales its own slice, as vLLM does (one all-reduce fewer per linear).
+    pub tp_whole_row_fp8_scales: bool,
 }
 
 impl Default for CudaOptions {
@@ -48,6 +52,7 @@ impl Default for CudaOptions {
             max_num_seqs: 256,
             precision: Precision::Bf16,
             split_min_keys: 128,
+            tp_whole_row_fp8_scales: false,
         }
     }
 }
@@ -370,12 +375,18 @@ impl CudaBackend {
             GpuLinear::F32 { w, n, k, fp8_input } => {
                 if *fp8_input {
                     // Inputs are this linear's alone (xn, attn, act), so rounding in place is safe.
-                    Ops {
+                    let ops = Ops {
                         k: &self.kernels,
                         stream,
                         act: self.opts.precision,
+                    };
+                    if self.whole_row_scales(lin) {
+                        ops.fp8_row_scale(xs, x, m, *k)?;
+                        self.tp_max_scales(xs, m)?;
+                        ops.fake_quant_fp8_f32_scaled(x, xs, m, *k)?;
+                    } else {
+                        ops.fake_quant_fp8_f32(x, m, *k)?;
                     }
-                    .fake_quant_fp8_f32(x, m, *k)?;
                     self.profiler.mark("quantize fp8", stream)?;
                 }
                 self.gemm.f32(m, *n, *k, x, w.ptr, out, stream)?
@@ -386,7 +397,13 @@ impl CudaBackend {
                     stream,
                     act: self.opts.precision,
                 };
-                ops.quantize_fp8(xq, xs, x, m, *k)?;
+                if self.whole_row_scales(lin) {
+                    ops.fp8_row_scale(xs, x, m, *k)?;
+                    self.tp_max_scales(xs, m)?;
+                    ops.quantize_fp8_scaled(xq, xs, x, m, *k)?;
+                } else {
+                    ops.quantize_fp8(xq, xs, x, m, *k)?;
+                }
                 self.profiler.mark("quantize fp8", stream)?;
                 return self.linear_quantized(lin, m, out);
             }
@@ -394,8 +411,27 @@ impl CudaBackend {
         self.mark(label)
     }
 
+    /// Does `lin` take its FP8 input scales over the whole row of all ranks?
+    fn whole_row_scales(&self, lin: Lin) -> bool {
+        self.tp.is_some()
+            && self.opts.tp_whole_row_fp8_scales
+            && matches!(lin, Lin::O(_) | Lin::Down(_))
+    }
+
+    /// Max-reduces `m` per-token scales over the ranks (profiled with the quantization).
+    fn tp_max_scales(&self, scales: u64, m: usize) -> Result<()> {
+        match &self.tp {
+            Some(tp) => tp.all_reduce_max_f32(scales, m, self.gpu.cu_stream()),
+            None => Ok(()),
+        }
+    }
+
     /// Is `lin` an FP8 linear whose input a fused kernel may quantize (rows of `cols` <= `max`)?
+    /// Not when its scales span the ranks (the fused kernels scale the rank's slice).
     fn fp8_fusable(&self, lin: Lin, cols: usize, max: usize) -> bool {
+        if self.whole_row_scales(lin) {
+            return false;
+        }
         let layer = match lin {
             Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
         };

@@ -40,6 +40,8 @@ const TYPED: &[(&str, &[&str])] = &[
             "rope",
             "silu_mul",
             "quantize_fp8",
+            "fp8_row_scale",
+            "quantize_fp8_scaled",
             "add_rmsnorm_fp8",
             "silu_mul_fp8",
             "kv_write",
@@ -55,6 +57,7 @@ const PLAIN: &[(&str, &[&str])] = &[
         &[
             "embed",
             "fake_quant_fp8_f32",
+            "fake_quant_fp8_f32_scaled",
             "fill_uniform_bf16",
             "fill_uniform_fp8",
             "fill_uniform_f32",

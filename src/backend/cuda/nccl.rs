@@ -71,6 +71,28 @@ impl NcclComm {
         p: Precision,
         stream: cu::CUstream,
     ) -> Result<()> {
+        self.all_reduce_op(ptr, count, p, sys::ncclRedOp_t::ncclSum, stream)
+    }
+
+    /// In-place maximum of `count` F32 values over all ranks, queued on `stream`.
+    pub fn all_reduce_max_f32(&self, ptr: u64, count: usize, stream: cu::CUstream) -> Result<()> {
+        self.all_reduce_op(
+            ptr,
+            count,
+            Precision::F32,
+            sys::ncclRedOp_t::ncclMax,
+            stream,
+        )
+    }
+
+    fn all_reduce_op(
+        &self,
+        ptr: u64,
+        count: usize,
+        p: Precision,
+        op: sys::ncclRedOp_t,
+        stream: cu::CUstream,
+    ) -> Result<()> {
         // SAFETY: `ptr` holds `count` values of `p` on this rank's GPU (callers' buffers).
         check("all-reduce", unsafe {
             result::all_reduce(
@@ -78,7 +100,7 @@ impl NcclComm {
                 ptr as *mut c_void,
                 count,
                 Self::dtype(p),
-                sys::ncclRedOp_t::ncclSum,
+                op,
                 self.comm,
                 stream as sys::cudaStream_t,
             )
@@ -160,6 +182,10 @@ impl TpRank {
         stream: cu::CUstream,
     ) -> Result<()> {
         self.comm.all_reduce_sum(ptr, count, p, stream)
+    }
+
+    pub fn all_reduce_max_f32(&self, ptr: u64, count: usize, stream: cu::CUstream) -> Result<()> {
+        self.comm.all_reduce_max_f32(ptr, count, stream)
     }
 
     /// All-gathers every rank's `[rows, vocab_per_rank]` F32 logits and lays them out as

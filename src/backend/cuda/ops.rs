@@ -297,6 +297,57 @@ impl Ops<'_> {
     }
 
     /// In place on F32 rows: `x = e4m3(x / s) * s` with the row's dynamic FP8 scale `s`.
+    /// The per-token FP8 scales [`Self::quantize_fp8`] would use, into `scales[n]`.
+    pub fn fp8_row_scale(&self, scales: u64, input: u64, n: usize, cols: usize) -> Result<()> {
+        self.go(
+            &self.typed("fp8_row_scale"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[Arg::Ptr(scales), Arg::Ptr(input), Arg::I32(cols as i32)],
+        )
+    }
+
+    /// [`Self::quantize_fp8`] with the scales given (from [`Self::fp8_row_scale`]).
+    pub fn quantize_fp8_scaled(
+        &self,
+        out: u64,
+        scales: u64,
+        input: u64,
+        n: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.go(
+            &self.typed("quantize_fp8_scaled"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(scales),
+                Arg::Ptr(input),
+                Arg::I32(cols as i32),
+            ],
+        )
+    }
+
+    /// [`Self::fake_quant_fp8_f32`] with the scales given.
+    pub fn fake_quant_fp8_f32_scaled(
+        &self,
+        x: u64,
+        scales: u64,
+        n: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.go(
+            "fake_quant_fp8_f32_scaled",
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[Arg::Ptr(x), Arg::Ptr(scales), Arg::I32(cols as i32)],
+        )
+    }
+
     pub fn fake_quant_fp8_f32(&self, x: u64, n: usize, cols: usize) -> Result<()> {
         self.go(
             "fake_quant_fp8_f32",
