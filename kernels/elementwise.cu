@@ -98,6 +98,109 @@ __device__ void quantize_fp8_t(fp8* out, float* scales, const A* in, int cols) {
     if (threadIdx.x == 0) scales[t] = scale;
 }
 
+// The two halves of quantize_fp8, for tensor-parallel row-parallel linears whose per-token scale
+// must cover the whole row across ranks (the ranks' scales are max-reduced in between).
+template <typename A>
+__device__ void fp8_row_scale_t(float* scales, const A* in, int cols) {
+    __shared__ float scratch[32];
+    u64 row = (u64)blockIdx.x * cols;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(ld(in, row + i)));
+    amax = block_max(amax, scratch);
+    if (threadIdx.x == 0) scales[blockIdx.x] = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+}
+
+template <typename A>
+__device__ void quantize_fp8_scaled_t(fp8* out, const float* scales, const A* in, int cols) {
+    u64 row = (u64)blockIdx.x * cols;
+    float scale = scales[blockIdx.x];
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[row + i] = f2e4m3(ld(in, row + i) / scale);
+}
+
+// ---- Fusions that write an FP8 linear's quantized input directly (the same values, bit for bit,
+// as the unfused kernel followed by quantize_fp8). A row lives in registers, blockDim.x = 1024:
+// at most NORM_VALS * 1024 columns for the norm, SILU_VALS * 1024 for silu_mul.
+#define NORM_VALS 16
+#define SILU_VALS 32
+
+// The value after a round trip through the activation type (what the unfused kernel stored).
+template <typename A>
+__device__ __forceinline__ float as_act(float v) {
+    A tmp;
+    st(&tmp, 0, v);
+    return ld(&tmp, 0);
+}
+
+// Quantizes the block's row held in v (columns threadIdx.x + j * blockDim.x) like quantize_fp8.
+template <int VALS>
+__device__ __forceinline__ void quantize_row_regs(fp8* out, float* scales, const float* v, int cols,
+                                                  float* scratch) {
+    int t = blockIdx.x;
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VALS; j++)
+        if (threadIdx.x + j * blockDim.x < cols) amax = fmaxf(amax, fabsf(v[j]));
+    amax = block_max(amax, scratch);
+    float scale = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+#pragma unroll
+    for (int j = 0; j < VALS; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < cols) out[(u64)t * cols + i] = f2e4m3(v[j] / scale);
+    }
+    if (threadIdx.x == 0) scales[t] = scale;
+}
+
+// add_rmsnorm, then quantize_fp8 of its output, without storing the BF16 row.
+template <typename A>
+__device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden,
+                                  float eps) {
+    __shared__ float scratch[32];
+    int t = blockIdx.x;
+    float* r = residual + (u64)t * hidden;
+    float v[NORM_VALS];
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NORM_VALS; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        v[j] = 0.0f;
+        if (i < hidden) {
+            float x = r[i];
+            if (delta) {
+                x += ld(delta, (u64)t * hidden + i);
+                r[i] = x;
+            }
+            v[j] = x;
+            ss += x * x;
+        }
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_VALS; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < hidden) v[j] = as_act<A>(v[j] * inv * bf2f(weight[i]));
+    }
+    quantize_row_regs<NORM_VALS>(xq, xs, v, hidden, scratch);
+}
+
+// silu_mul, then quantize_fp8 of its output, without storing the BF16 row. One block per row.
+template <typename A>
+__device__ void silu_mul_fp8_t(fp8* xq, float* xs, const A* gate_up, int inter) {
+    __shared__ float scratch[32];
+    u64 g = (u64)blockIdx.x * 2 * inter;
+    float v[SILU_VALS];
+#pragma unroll
+    for (int j = 0; j < SILU_VALS; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        v[j] = 0.0f;
+        if (i < inter) {
+            float x = ld(gate_up, g + i);
+            float silu = x / (1.0f + expf(-x));
+            v[j] = as_act<A>(silu * ld(gate_up, g + inter + i));
+        }
+    }
+    quantize_row_regs<SILU_VALS>(xq, xs, v, inter, scratch);
+}
+
 // Writes token t's k and v heads (from the fused qkv row) to its cache slot; slot < 0 skips.
 // Cache layout per layer: [num_blocks, num_kv_heads, block_size, head_dim].
 template <typename A, typename C>
@@ -136,6 +239,20 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
     extern "C" __global__ void quantize_fp8_##SUFFIX(fp8* out, float* scales, const A* in, int cols) {        \
         quantize_fp8_t<A>(out, scales, in, cols);                                                             \
     }                                                                                                         \
+    extern "C" __global__ void fp8_row_scale_##SUFFIX(float* scales, const A* in, int cols) {                 \
+        fp8_row_scale_t<A>(scales, in, cols);                                                                 \
+    }                                                                                                         \
+    extern "C" __global__ void quantize_fp8_scaled_##SUFFIX(fp8* out, const float* scales, const A* in,       \
+                                                            int cols) {                                       \
+        quantize_fp8_scaled_t<A>(out, scales, in, cols);                                                      \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_fp8_##SUFFIX(float* residual, const A* delta, const bf16* weight,      \
+                                                        fp8* xq, float* xs, int hidden, float eps) {             \
+        add_rmsnorm_fp8_t<A>(residual, delta, weight, xq, xs, hidden, eps);                                     \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(1024) silu_mul_fp8_##SUFFIX(fp8* xq, float* xs, const A* gate_up, int inter) {       \
+        silu_mul_fp8_t<A>(xq, xs, gate_up, inter);                                                            \
+    }                                                                                                         \
     extern "C" __global__ void kv_write_##SUFFIX(A* k_cache, A* v_cache, const A* qkv, const int* slots,      \
                                                  int row_stride, int k_col, int v_col, int num_kv_heads,      \
                                                  int head_dim, int block_size) {                              \
@@ -156,6 +273,13 @@ extern "C" __global__ void fake_quant_fp8_f32(float* x, int cols) {
     for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(x[row + i]));
     amax = block_max(amax, scratch);
     float scale = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) x[row + i] = e4m32f(f2e4m3(x[row + i] / scale)) * scale;
+}
+
+// fake_quant_fp8_f32 with given per-row scales (see fp8_row_scale).
+extern "C" __global__ void fake_quant_fp8_f32_scaled(float* x, const float* scales, int cols) {
+    u64 row = (u64)blockIdx.x * cols;
+    float scale = scales[blockIdx.x];
     for (int i = threadIdx.x; i < cols; i += blockDim.x) x[row + i] = e4m32f(f2e4m3(x[row + i] / scale)) * scale;
 }
 

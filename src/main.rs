@@ -28,6 +28,9 @@ enum Command {
     /// Time the CUDA backend's decode and prefill steps (prints JSON).
     #[command(hide = true)]
     BenchStep(cli::bench_step::Args),
+    /// Time the FP8 product paths on a model's linear shapes (prints JSON).
+    #[command(hide = true)]
+    BenchGemm(cli::bench_gemm::Args),
     /// Compile the CUDA kernels with NVRTC (a CI check; needs no GPU).
     #[command(hide = true)]
     Kernels(cli::kernels::Args),
@@ -54,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(a) => cli::demo::run(a),
         Command::Kernels(a) => cli::kernels::run(a),
         Command::BenchStep(a) => cli::bench_step::run(a),
+        Command::BenchGemm(a) => cli::bench_gemm::run(a),
         Command::MockServer(a) => cli::mock_server::run(a),
     }
 }

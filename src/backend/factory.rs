@@ -1,12 +1,12 @@
 //! Builds the backend a `--device` flag asks for.
 
 use super::cpu::CpuBackend;
-use super::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
+use super::cuda::{gpu_available, CudaBackend, CudaOptions, TpBackend, TpWeights, WeightSource};
 use super::{Backend, DeviceKind};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use crate::model::{load_weights, LoadFormat, ModelFiles};
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 /// `Auto` is CUDA when a GPU is found, else the CPU.
 pub fn resolve_device(device: DeviceKind) -> DeviceKind {
@@ -47,8 +47,10 @@ pub fn create_backend(
 /// What a backend is sized for (vLLM's flag names).
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
-    /// CUDA device ordinal (ignored on the CPU).
+    /// CUDA device ordinal (ignored on the CPU); the first of `tensor_parallel_size` GPUs.
     pub gpu: usize,
+    /// GPUs one model is split over (tensor parallelism, CUDA only).
+    pub tensor_parallel_size: usize,
     pub block_size: usize,
     /// KV pool size; when `None`, CUDA sizes it from `gpu_memory_utilization` and the CPU
     /// uses `cpu_default_blocks`.
@@ -68,17 +70,23 @@ pub fn build_backend(
     seed: u64,
     opts: &BackendOptions,
 ) -> Result<Box<dyn Backend>> {
+    let tp = opts.tensor_parallel_size.max(1);
     match resolve_device(device) {
-        DeviceKind::Cuda => {
-            let cuda = CudaOptions {
-                device: opts.gpu,
-                block_size: opts.block_size,
-                num_blocks: opts.num_kv_blocks,
-                gpu_memory_utilization: opts.gpu_memory_utilization,
-                max_num_batched_tokens: opts.max_num_batched_tokens,
-                max_num_seqs: opts.max_num_seqs,
-                ..Default::default()
+        DeviceKind::Cuda if tp > 1 => {
+            let cuda = cuda_options(opts);
+            let backend = match format {
+                LoadFormat::Dummy => {
+                    TpBackend::new(&files.config, TpWeights::Dummy { seed }, cuda, tp)?
+                }
+                LoadFormat::Safetensors => {
+                    let weights = load_weights(files, format, seed)?;
+                    TpBackend::new(&files.config, TpWeights::Host(&weights), cuda, tp)?
+                }
             };
+            Ok(Box::new(backend))
+        }
+        DeviceKind::Cuda => {
+            let cuda = cuda_options(opts);
             let backend = match format {
                 LoadFormat::Dummy => {
                     CudaBackend::new(&files.config, WeightSource::Dummy { seed }, cuda)?
@@ -90,6 +98,9 @@ pub fn build_backend(
             };
             Ok(Box::new(backend))
         }
+        _ if tp > 1 => bail!(
+            "--tensor-parallel-size {tp} needs CUDA GPUs (--device cuda); the CPU backend runs one model on one device"
+        ),
         _ => {
             let weights = load_weights(files, format, seed)?;
             let blocks = opts.num_kv_blocks.unwrap_or(opts.cpu_default_blocks);
@@ -100,5 +111,17 @@ pub fn build_backend(
                 blocks,
             )?))
         }
+    }
+}
+
+fn cuda_options(opts: &BackendOptions) -> CudaOptions {
+    CudaOptions {
+        device: opts.gpu,
+        block_size: opts.block_size,
+        num_blocks: opts.num_kv_blocks,
+        gpu_memory_utilization: opts.gpu_memory_utilization,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        max_num_seqs: opts.max_num_seqs,
+        ..Default::default()
     }
 }

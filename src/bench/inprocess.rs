@@ -151,6 +151,7 @@ pub fn start_engines(d: &LocalDeployment, n: usize) -> Result<(Vec<EngineHandle>
     let files = ModelFiles::resolve(&d.model)?;
     let opts = BackendOptions {
         gpu: 0,
+        tensor_parallel_size: 1,
         block_size: d.block_size,
         num_kv_blocks: d.num_kv_blocks,
         gpu_memory_utilization: d.gpu_memory_utilization / n as f64,

@@ -2,9 +2,10 @@
 //! JSON: KV capacity, decode step latency at given batch sizes and context, prefill tokens/s.
 //!
 //! Decode steps run over a KV pool filled with random values (so a batch of long contexts needs
-//! no prefill first); prefill runs whole prompts of `--prompt-len` tokens.
+//! no prefill first); prefill runs whole prompts of `--prompt-len` tokens. With
+//! `--tensor-parallel-size N` the model is split over GPUs 0..N (profiles are rank 0's).
 
-use crate::backend::cuda::{CudaBackend, CudaOptions, WeightSource};
+use crate::backend::cuda::{CudaBackend, CudaOptions, TpBackend, TpWeights, WeightSource};
 use crate::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk};
 use crate::model::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
@@ -37,6 +38,9 @@ pub struct Args {
     pub max_num_batched_tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub block_size: usize,
+    /// GPUs to split the model over (tensor parallelism).
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
     /// Also time each decode batch with split-K attention off (`_nosplit` keys).
     #[arg(long)]
     pub compare_no_split: bool,
@@ -49,7 +53,7 @@ pub struct Args {
     pub iters: usize,
 }
 
-fn config_path(model: &str) -> PathBuf {
+pub(crate) fn config_path(model: &str) -> PathBuf {
     let direct = PathBuf::from(model);
     if direct.join("config.json").exists() {
         return direct.join("config.json");
@@ -65,7 +69,69 @@ fn median_ms(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time_steps(b: &mut CudaBackend, batch: &Batch, iters: usize) -> Result<f64> {
+/// What bench-step needs beyond [`Backend`], from one GPU or from a tensor-parallel group.
+trait Bench: Backend {
+    fn fill_kv_random(&mut self, seed: u64) -> Result<()>;
+    fn weight_bytes(&self) -> usize;
+    fn split_min_keys(&mut self) -> Result<usize>;
+    fn set_split_min_keys(&mut self, keys: usize) -> Result<()>;
+    fn set_attention_blocks_per_sm(&mut self, blocks: usize) -> Result<()>;
+    fn set_profiling(&mut self, on: bool) -> Result<()>;
+    fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>>;
+}
+
+impl Bench for CudaBackend {
+    fn fill_kv_random(&mut self, seed: u64) -> Result<()> {
+        CudaBackend::fill_kv_random(self, seed)
+    }
+    fn weight_bytes(&self) -> usize {
+        CudaBackend::weight_bytes(self)
+    }
+    fn split_min_keys(&mut self) -> Result<usize> {
+        Ok(self.options().split_min_keys)
+    }
+    fn set_split_min_keys(&mut self, keys: usize) -> Result<()> {
+        CudaBackend::set_split_min_keys(self, keys);
+        Ok(())
+    }
+    fn set_attention_blocks_per_sm(&mut self, blocks: usize) -> Result<()> {
+        CudaBackend::set_attention_blocks_per_sm(self, blocks);
+        Ok(())
+    }
+    fn set_profiling(&mut self, on: bool) -> Result<()> {
+        CudaBackend::set_profiling(self, on);
+        Ok(())
+    }
+    fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>> {
+        Ok(CudaBackend::take_profile(self))
+    }
+}
+
+impl Bench for TpBackend {
+    fn fill_kv_random(&mut self, seed: u64) -> Result<()> {
+        TpBackend::fill_kv_random(self, seed)
+    }
+    fn weight_bytes(&self) -> usize {
+        TpBackend::weight_bytes(self)
+    }
+    fn split_min_keys(&mut self) -> Result<usize> {
+        TpBackend::split_min_keys(self)
+    }
+    fn set_split_min_keys(&mut self, keys: usize) -> Result<()> {
+        TpBackend::set_split_min_keys(self, keys)
+    }
+    fn set_attention_blocks_per_sm(&mut self, blocks: usize) -> Result<()> {
+        TpBackend::set_attention_blocks_per_sm(self, blocks)
+    }
+    fn set_profiling(&mut self, on: bool) -> Result<()> {
+        TpBackend::set_profiling(self, on)
+    }
+    fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>> {
+        TpBackend::take_profile(self)
+    }
+}
+
+fn time_steps(b: &mut dyn Bench, batch: &Batch, iters: usize) -> Result<f64> {
     for _ in 0..3 {
         b.step(batch)?;
     }
@@ -79,13 +145,13 @@ fn time_steps(b: &mut CudaBackend, batch: &Batch, iters: usize) -> Result<f64> {
 }
 
 /// One more step with CUDA-event timing of every kernel: {kernel: {ms, launches}}.
-fn profile_step(b: &mut CudaBackend, batch: &Batch, what: &str) -> Result<serde_json::Value> {
-    b.set_profiling(true);
+fn profile_step(b: &mut dyn Bench, batch: &Batch, what: &str) -> Result<serde_json::Value> {
+    b.set_profiling(true)?;
     b.step(batch)?;
-    b.set_profiling(false);
+    b.set_profiling(false)?;
     let mut map = serde_json::Map::new();
     let mut line = format!("profile {what}:");
-    for (label, ms, n) in b.take_profile() {
+    for (label, ms, n) in b.take_profile()? {
         line += &format!(" {label} {ms:.3}ms/{n}");
         map.insert(
             label.to_string(),
@@ -121,7 +187,22 @@ pub fn run(args: Args) -> Result<()> {
         max_num_seqs: max_batch.max(256),
         ..Default::default()
     };
-    let mut b = CudaBackend::new(&config, WeightSource::Dummy { seed: 0 }, opts)?;
+    let tp = args.tensor_parallel_size.max(1);
+    let mut b: Box<dyn Bench> = if tp > 1 {
+        Box::new(TpBackend::new(
+            &config,
+            TpWeights::Dummy { seed: 0 },
+            opts,
+            tp,
+        )?)
+    } else {
+        Box::new(CudaBackend::new(
+            &config,
+            WeightSource::Dummy { seed: 0 },
+            opts,
+        )?)
+    };
+    let b = b.as_mut();
     let load_s = t0.elapsed().as_secs_f64();
     let num_blocks = b.num_kv_blocks();
     b.fill_kv_random(1)?;
@@ -132,6 +213,7 @@ pub fn run(args: Args) -> Result<()> {
         "weight_gib".into(),
         (b.weight_bytes() as f64 / (1u64 << 30) as f64).into(),
     );
+    results.insert("tensor_parallel_size".into(), tp.into());
     results.insert("kv_blocks".into(), num_blocks.into());
     results.insert("kv_capacity_tokens".into(), (num_blocks * bs).into());
     results.insert(
@@ -157,40 +239,37 @@ pub fn run(args: Args) -> Result<()> {
             })
             .collect();
         let batch = Batch { seqs };
-        let ms = time_steps(&mut b, &batch, args.iters)?;
+        let ms = time_steps(b, &batch, args.iters)?;
         eprintln!(
             "decode batch {batch_size} context {}: {ms:.3} ms/step",
             args.context
         );
         let key = format!("decode_step_ms_batch{batch_size}_ctx{}", args.context);
-        results.insert(
-            format!("profile_{key}"),
-            profile_step(&mut b, &batch, &key)?,
-        );
+        results.insert(format!("profile_{key}"), profile_step(b, &batch, &key)?);
         if args.compare_no_split {
-            let default_keys = b.options().split_min_keys;
-            b.set_split_min_keys(usize::MAX / 2);
-            let plain = time_steps(&mut b, &batch, args.iters)?;
+            let default_keys = b.split_min_keys()?;
+            b.set_split_min_keys(usize::MAX / 2)?;
+            let plain = time_steps(b, &batch, args.iters)?;
             eprintln!("  without split-K attention: {plain:.3} ms/step");
             let plain_key = format!("{key}_nosplit");
             results.insert(
                 format!("profile_{plain_key}"),
-                profile_step(&mut b, &batch, &plain_key)?,
+                profile_step(b, &batch, &plain_key)?,
             );
             results.insert(plain_key, plain.into());
-            b.set_split_min_keys(default_keys);
+            b.set_split_min_keys(default_keys)?;
         }
         if let Some(per_sm) = args.compare_split_blocks_per_sm {
-            b.set_attention_blocks_per_sm(per_sm);
-            let other = time_steps(&mut b, &batch, args.iters)?;
+            b.set_attention_blocks_per_sm(per_sm)?;
+            let other = time_steps(b, &batch, args.iters)?;
             eprintln!("  split-K aiming at {per_sm} blocks per SM: {other:.3} ms/step");
             let other_key = format!("{key}_split{per_sm}");
             results.insert(
                 format!("profile_{other_key}"),
-                profile_step(&mut b, &batch, &other_key)?,
+                profile_step(b, &batch, &other_key)?,
             );
             results.insert(other_key, other.into());
-            b.set_attention_blocks_per_sm(4);
+            b.set_attention_blocks_per_sm(4)?;
         }
         results.insert(key, ms.into());
     }
@@ -214,13 +293,10 @@ pub fn run(args: Args) -> Result<()> {
             })
             .collect();
         let batch = Batch { seqs };
-        let ms = time_steps(&mut b, &batch, args.iters.min(10))?;
+        let ms = time_steps(b, &batch, args.iters.min(10))?;
         let tps = (prompts * args.prompt_len) as f64 / (ms / 1e3);
         let key = format!("prefill_{prompts}x{}", args.prompt_len);
-        results.insert(
-            format!("profile_{key}"),
-            profile_step(&mut b, &batch, &key)?,
-        );
+        results.insert(format!("profile_{key}"), profile_step(b, &batch, &key)?);
         eprintln!(
             "prefill {prompts} x {} tokens: {ms:.1} ms/step, {tps:.0} tokens/s",
             args.prompt_len

@@ -47,9 +47,13 @@ pub struct EngineArgs {
     /// KV pool size in blocks; overrides the size derived from `--gpu-memory-utilization`.
     #[arg(long)]
     pub num_kv_blocks: Option<usize>,
-    /// Fraction of GPU memory for weights, activations and the KV pool.
+    /// Fraction of GPU memory for weights, activations and the KV pool (of each GPU).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
+    /// GPUs one model is split over (tensor parallelism, `--device cuda`): a worker whose first
+    /// GPU is `g` uses GPUs `g .. g + N`. N must divide the model's KV heads.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
     /// Requests waiting to start beyond which new ones are refused (HTTP 429).
     #[arg(long, default_value_t = 4096)]
     pub max_queue_len: usize,
@@ -89,6 +93,7 @@ impl EngineArgs {
         let whole_prompt = self.max_model_len.unwrap_or(config.max_position_embeddings);
         BackendOptions {
             gpu,
+            tensor_parallel_size: self.tensor_parallel_size.max(1),
             block_size,
             num_kv_blocks: self.num_kv_blocks,
             gpu_memory_utilization: self.gpu_memory_utilization,
@@ -147,17 +152,24 @@ mod tests {
             (opts.gpu, opts.block_size, opts.num_kv_blocks),
             (1, 16, None)
         );
+        assert_eq!(opts.tensor_parallel_size, 1);
         let cli = Cli::parse_from([
             "t",
             "--num-kv-blocks",
             "7",
             "--max-num-batched-tokens",
             "64",
+            "--tensor-parallel-size",
+            "2",
         ]);
         let opts = cli.engine.backend_options(16, 0, &config);
         assert_eq!(
-            (opts.num_kv_blocks, opts.max_num_batched_tokens),
-            (Some(7), 64)
+            (
+                opts.num_kv_blocks,
+                opts.max_num_batched_tokens,
+                opts.tensor_parallel_size
+            ),
+            (Some(7), 64, 2)
         );
     }
 }

@@ -1,6 +1,7 @@
 //! One file per subcommand of the `tandem` binary; `common` holds the flags they share.
 
 pub mod bench;
+pub mod bench_gemm;
 pub mod bench_step;
 pub mod common;
 pub mod demo;

@@ -35,9 +35,6 @@ pub struct Args {
     /// Port to listen on (0: any free port; the address is printed once ready).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// GPUs per worker (only 1 until tensor parallelism lands).
-    #[arg(long, default_value_t = 1)]
-    pub tensor_parallel_size: usize,
     /// Workers (engines, each with its own KV pool) in this process.
     #[arg(long, visible_alias = "num-workers", default_value_t = 1)]
     pub data_parallel_size: usize,
@@ -89,16 +86,16 @@ fn plan(args: &Args) -> Result<Plan> {
         engine: args.engine.clone(),
         gpu: 0,
     };
-    check_tp(args.tensor_parallel_size)?;
+    let tp = args.engine.tensor_parallel_size.max(1);
     let mut plan = Plan {
         model: args.model.model.clone(),
         served_model_name: args.served_model_name.clone(),
         load_format: args.model.load_format,
         router_mode: args.router_mode,
-        // Worker i on GPU i.
+        // Worker i on GPUs i·tp ..
         workers: (0..args.data_parallel_size.max(1))
-            .map(|gpu| WorkerPlan {
-                gpu,
+            .map(|i| WorkerPlan {
+                gpu: i * tp,
                 ..base.clone()
             })
             .collect(),
@@ -122,8 +119,9 @@ fn plan(args: &Args) -> Result<Plan> {
         plan.workers.clear();
         let mut next_gpu = 0;
         for g in &d.workers {
-            check_tp(g.tensor_parallel_size.unwrap_or(1))?;
             let mut w = base.clone();
+            let tp = g.tensor_parallel_size.unwrap_or(tp).max(1);
+            w.engine.tensor_parallel_size = tp;
             w.role = g.role;
             if g.role == Role::Decode {
                 let c = &mut plan.decode;
@@ -147,24 +145,20 @@ fn plan(args: &Args) -> Result<Plan> {
                 .gpu_memory_utilization
                 .map(f64::from)
                 .unwrap_or(e.gpu_memory_utilization);
-            // Replicas take consecutive GPUs from `first_gpu` (default: after the last group's).
+            // Replicas take `tp` consecutive GPUs each from `first_gpu` (default: after the last
+            // group's).
             let first = g.first_gpu.unwrap_or(next_gpu);
-            next_gpu = first + g.replicas;
-            plan.workers
-                .extend((first..next_gpu).map(|gpu| WorkerPlan { gpu, ..w.clone() }));
+            next_gpu = first + g.replicas * tp;
+            plan.workers.extend((0..g.replicas).map(|r| WorkerPlan {
+                gpu: first + r * tp,
+                ..w.clone()
+            }));
         }
     }
     if plan.model.is_empty() {
         bail!("no model: pass --model, or set `model:` in the deployment file");
     }
     Ok(plan)
-}
-
-fn check_tp(tp: usize) -> Result<()> {
-    if tp != 1 {
-        bail!("--tensor-parallel-size {tp} is not supported yet; use 1 (and more workers with --data-parallel-size)");
-    }
-    Ok(())
 }
 
 /// Builds every worker's backend and engine.
@@ -360,12 +354,55 @@ mod tests {
     }
 
     #[test]
+    fn tensor_parallel_replicas_take_consecutive_gpus() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tp.yaml");
+        std::fs::write(
+            &path,
+            "model: m\nworkers:\n  - role: agg\n    replicas: 2\n    tp: 2\n  - role: agg\n    tensor_parallel_size: 4\n",
+        )
+        .unwrap();
+        let p = parse(&["-f", path.to_str().unwrap()]).unwrap();
+        let gpus: Vec<_> = p.workers.iter().map(|w| w.gpu).collect();
+        assert_eq!(gpus, [0, 2, 4]);
+        let tps: Vec<_> = p
+            .workers
+            .iter()
+            .map(|w| w.engine.tensor_parallel_size)
+            .collect();
+        assert_eq!(tps, [2, 2, 4]);
+        // The 4-GPU comparison files: two TP2 replicas; two TP1 prefills and a TP2 decode.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/h200x4");
+        for (file, want) in [
+            ("agg-tp2x2.yaml", vec![(0, 2), (2, 2)]),
+            ("disagg-p2-d1tp2.yaml", vec![(0, 1), (1, 1), (2, 2)]),
+        ] {
+            let p = parse(&["-f", &format!("{dir}/{file}")]).unwrap();
+            let got: Vec<_> = p
+                .workers
+                .iter()
+                .map(|w| (w.gpu, w.engine.tensor_parallel_size))
+                .collect();
+            assert_eq!(got, want, "{file}");
+        }
+    }
+
+    #[test]
     fn refuses_what_it_cannot_do() {
         assert!(parse(&["--block-size", "16"])
             .unwrap_err()
             .to_string()
             .contains("no model"));
-        assert!(parse(&["--model", "m", "--tensor-parallel-size", "2"]).is_err());
+        let tp2 = parse(&[
+            "--model",
+            "m",
+            "--tensor-parallel-size",
+            "2",
+            "--num-workers",
+            "2",
+        ]);
+        let gpus: Vec<_> = tp2.unwrap().workers.iter().map(|w| w.gpu).collect();
+        assert_eq!(gpus, [0, 2], "worker i of TP2 starts at GPU 2i");
         let disagg = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/disagg.yaml");
         let p = parse(&["-f", disagg]).unwrap();
         assert!(p.workers.iter().any(|w| w.role == Role::Prefill));

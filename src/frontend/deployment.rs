@@ -40,6 +40,7 @@ pub struct WorkerGroup {
     pub device: Option<String>,
     /// First GPU of the group; replica r of TP size t uses GPUs `first + r*t ..`.
     pub first_gpu: Option<usize>,
+    #[serde(alias = "tp")]
     pub tensor_parallel_size: Option<usize>,
     pub block_size: Option<usize>,
     pub max_model_len: Option<usize>,

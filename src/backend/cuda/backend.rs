@@ -13,7 +13,9 @@ use super::device::{DeviceBuffer, Gpu, Profiler};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::meta::{plan_step, SplitPolicy, StepPlan};
-use super::ops::{AttentionArgs, Ops, Precision};
+use super::nccl::{TpRank, TpSetup};
+use super::ops::{AttentionArgs, Ops, Precision, FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS};
+use super::shard::Shard;
 use super::weights::{GpuLinear, GpuWeights};
 use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
@@ -33,6 +35,10 @@ pub struct CudaOptions {
     pub precision: Precision,
     /// Fewest keys per part when a decode tile's keys are split across blocks (flash-decoding).
     pub split_min_keys: usize,
+    /// Tensor parallelism: quantize the inputs of row-parallel FP8 linears (o_proj, down_proj) with
+    /// the per-token scale of the whole row (a max all-reduce over ranks), so TP gives TP1's numbers;
+    /// off, each rank scales its own slice, as vLLM does (one all-reduce fewer per linear).
+    pub tp_whole_row_fp8_scales: bool,
 }
 
 impl Default for CudaOptions {
@@ -46,6 +52,7 @@ impl Default for CudaOptions {
             max_num_seqs: 256,
             precision: Precision::Bf16,
             split_min_keys: 128,
+            tp_whole_row_fp8_scales: false,
         }
     }
 }
@@ -112,6 +119,8 @@ pub struct CudaBackend {
     ws: Workspace,
     kv: DeviceBuffer,
     weights: GpuWeights,
+    /// Tensor parallelism: this backend is one rank's shard (see `tp.rs`).
+    tp: Option<TpRank>,
     gemm: Gemm,
     kernels: Kernels,
     gpu: Gpu,
@@ -136,6 +145,20 @@ pub fn num_blocks_for(utilization: f64, free: usize, total: usize, block_bytes: 
 
 impl CudaBackend {
     pub fn new(config: &LlamaConfig, source: WeightSource, opts: CudaOptions) -> Result<Self> {
+        Self::new_rank(config, source, opts, None)
+    }
+
+    /// One tensor-parallel rank of the model `full` (host weights already cut to the shard), or
+    /// the whole model when `tp` is `None`. Joins the NCCL group first, before anything can fail
+    /// on one rank only.
+    pub fn new_rank(
+        full: &LlamaConfig,
+        source: WeightSource,
+        opts: CudaOptions,
+        tp: Option<TpSetup>,
+    ) -> Result<Self> {
+        let shard = tp.map(|t| t.shard).unwrap_or(Shard::WHOLE);
+        let config = &shard.local_config(full)?;
         ensure!(
             opts.block_size > 0 && opts.max_num_batched_tokens > 0 && opts.max_num_seqs > 0,
             "bad CUDA options {opts:?}"
@@ -146,11 +169,29 @@ impl CudaBackend {
             opts.gpu_memory_utilization
         );
         let gpu = Gpu::new(opts.device)?;
+        let tp = match tp {
+            Some(setup) => Some(TpRank::new(
+                setup,
+                &gpu,
+                full.vocab_size,
+                opts.max_num_seqs,
+            )?),
+            None => None,
+        };
         let kernels = Kernels::load().context("loading the CUDA kernels")?;
         let gemm = Gemm::new()?;
         let p = opts.precision;
         let weights = match source {
-            WeightSource::Host(w) => GpuWeights::upload(&gpu, config, w, p)?,
+            WeightSource::Host(w) => {
+                let rows = shard.embed_rows(full.vocab_size);
+                ensure!(
+                    w.embed_tokens.dims().first() == Some(&rows),
+                    "rank {} of {}: host weights are not cut to the shard ({rows} embedding rows expected)",
+                    shard.rank,
+                    shard.world
+                );
+                GpuWeights::upload(&gpu, config, w, p)?
+            }
             WeightSource::Dummy { seed } => {
                 ensure!(
                     p == Precision::Bf16,
@@ -161,7 +202,7 @@ impl CudaBackend {
                     stream: gpu.cu_stream(),
                     act: p,
                 };
-                GpuWeights::dummy(&gpu, &ops, config, seed)?
+                GpuWeights::dummy(&gpu, &ops, config, shard.embed_rows(full.vocab_size), seed)?
             }
         };
         let ws = Workspace::new(
@@ -208,6 +249,7 @@ impl CudaBackend {
             ws,
             kv,
             weights,
+            tp,
             gemm,
             kernels,
             gpu,
@@ -304,10 +346,19 @@ impl CudaBackend {
         self.profiler.mark(label, self.gpu.cu_stream())
     }
 
+    /// Tensor parallelism: sums a row-parallel output (or the vocab-parallel embedding) over the
+    /// ranks, in place. Nothing on one GPU.
+    fn tp_all_reduce(&mut self, ptr: u64, count: usize, p: Precision) -> Result<()> {
+        if let Some(tp) = &self.tp {
+            tp.all_reduce(ptr, count, p, self.gpu.cu_stream())?;
+            self.mark("all_reduce")?;
+        }
+        Ok(())
+    }
+
     fn linear(&mut self, lin: Lin, x: u64, m: usize, out: u64) -> Result<()> {
         let stream = self.gpu.cu_stream();
         let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
-        let f32_out = self.opts.precision == Precision::F32;
         let layer = match lin {
             Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
         };
@@ -324,28 +375,105 @@ impl CudaBackend {
             GpuLinear::F32 { w, n, k, fp8_input } => {
                 if *fp8_input {
                     // Inputs are this linear's alone (xn, attn, act), so rounding in place is safe.
-                    Ops {
+                    let ops = Ops {
                         k: &self.kernels,
                         stream,
                         act: self.opts.precision,
+                    };
+                    if self.whole_row_scales(lin) {
+                        ops.fp8_row_scale(xs, x, m, *k)?;
+                        self.tp_max_scales(xs, m)?;
+                        ops.fake_quant_fp8_f32_scaled(x, xs, m, *k)?;
+                    } else {
+                        ops.fake_quant_fp8_f32(x, m, *k)?;
                     }
-                    .fake_quant_fp8_f32(x, m, *k)?;
                     self.profiler.mark("quantize fp8", stream)?;
                 }
                 self.gemm.f32(m, *n, *k, x, w.ptr, out, stream)?
             }
-            GpuLinear::Fp8 { w, scale, n, k } => {
+            GpuLinear::Fp8 { k, .. } => {
                 let ops = Ops {
                     k: &self.kernels,
                     stream,
                     act: self.opts.precision,
                 };
-                ops.quantize_fp8(xq, xs, x, m, *k)?;
+                if self.whole_row_scales(lin) {
+                    ops.fp8_row_scale(xs, x, m, *k)?;
+                    self.tp_max_scales(xs, m)?;
+                    ops.quantize_fp8_scaled(xq, xs, x, m, *k)?;
+                } else {
+                    ops.quantize_fp8(xq, xs, x, m, *k)?;
+                }
                 self.profiler.mark("quantize fp8", stream)?;
-                self.gemm
-                    .fp8(m, *n, *k, xq, xs, w.ptr, scale.ptr, out, f32_out, stream)?;
+                return self.linear_quantized(lin, m, out);
             }
         }
+        self.mark(label)
+    }
+
+    /// Does `lin` take its FP8 input scales over the whole row of all ranks?
+    fn whole_row_scales(&self, lin: Lin) -> bool {
+        self.tp.is_some()
+            && self.opts.tp_whole_row_fp8_scales
+            && matches!(lin, Lin::O(_) | Lin::Down(_))
+    }
+
+    /// Max-reduces `m` per-token scales over the ranks (profiled with the quantization).
+    fn tp_max_scales(&self, scales: u64, m: usize) -> Result<()> {
+        match &self.tp {
+            Some(tp) => tp.all_reduce_max_f32(scales, m, self.gpu.cu_stream()),
+            None => Ok(()),
+        }
+    }
+
+    /// Is `lin` an FP8 linear whose input a fused kernel may quantize (rows of `cols` <= `max`)?
+    /// Not when its scales span the ranks (the fused kernels scale the rank's slice).
+    fn fp8_fusable(&self, lin: Lin, cols: usize, max: usize) -> bool {
+        if self.whole_row_scales(lin) {
+            return false;
+        }
+        let layer = match lin {
+            Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
+        };
+        let l = match lin {
+            Lin::Qkv(_) => &layer.qkv,
+            Lin::O(_) => &layer.o,
+            Lin::GateUp(_) => &layer.gate_up,
+            Lin::Down(_) => &layer.down,
+        };
+        matches!(l, GpuLinear::Fp8 { .. }) && cols <= max
+    }
+
+    /// The FP8 linear `lin` of the input already quantized in `ws.xq` / `ws.xs`.
+    fn linear_quantized(&mut self, lin: Lin, m: usize, out: u64) -> Result<()> {
+        let stream = self.gpu.cu_stream();
+        let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
+        let f32_out = self.opts.precision == Precision::F32;
+        let layer = match lin {
+            Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
+        };
+        let (l, label) = match lin {
+            Lin::Qkv(_) => (&layer.qkv, "gemm qkv"),
+            Lin::O(_) => (&layer.o, "gemm o"),
+            Lin::GateUp(_) => (&layer.gate_up, "gemm gate_up"),
+            Lin::Down(_) => (&layer.down, "gemm down"),
+        };
+        let GpuLinear::Fp8 { w, scale, n, k } = l else {
+            bail!("a quantized input for a linear that is not FP8");
+        };
+        self.gemm.fp8_linear(
+            &self.kernels,
+            m,
+            *n,
+            *k,
+            xq,
+            xs,
+            w.ptr,
+            scale.ptr,
+            out,
+            f32_out,
+            stream,
+        )?;
         self.mark(label)
     }
 
@@ -375,6 +503,7 @@ impl CudaBackend {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qkv_n = c.q_size() + 2 * c.kv_size();
         let ws = &self.ws;
+        let (xq, xs) = (ws.xq.ptr, ws.xs.ptr);
         let (residual, xn, qkv, attn, delta, gate_up, act) = (
             ws.residual.ptr,
             ws.xn.ptr,
@@ -388,19 +517,21 @@ impl CudaBackend {
         self.ops()
             .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
         self.mark("embed")?;
+        self.tp_all_reduce(residual, n * h, Precision::F32)?;
         for i in 0..c.num_hidden_layers {
             let prev = if i == 0 { 0 } else { delta };
-            self.ops().add_rmsnorm(
-                residual,
-                prev,
-                self.weights.layers[i].input_norm.ptr,
-                xn,
-                n,
-                h,
-                eps,
-            )?;
-            self.mark("add_rmsnorm")?;
-            self.linear(Lin::Qkv(i), xn, n, qkv)?;
+            let norm_w = self.weights.layers[i].input_norm.ptr;
+            if self.fp8_fusable(Lin::Qkv(i), h, FUSED_NORM_MAX_COLS) {
+                self.ops()
+                    .add_rmsnorm_fp8(residual, prev, norm_w, xq, xs, n, h, eps)?;
+                self.mark("add_rmsnorm fp8")?;
+                self.linear_quantized(Lin::Qkv(i), n, qkv)?;
+            } else {
+                self.ops()
+                    .add_rmsnorm(residual, prev, norm_w, xn, n, h, eps)?;
+                self.mark("add_rmsnorm")?;
+                self.linear(Lin::Qkv(i), xn, n, qkv)?;
+            }
             self.ops().rope(
                 qkv,
                 m(at.positions),
@@ -475,20 +606,30 @@ impl CudaBackend {
                 self.mark("attention combine")?;
             }
             self.linear(Lin::O(i), attn, n, delta)?;
-            self.ops().add_rmsnorm(
-                residual,
-                delta,
-                self.weights.layers[i].post_norm.ptr,
-                xn,
-                n,
-                h,
-                eps,
-            )?;
-            self.mark("add_rmsnorm")?;
-            self.linear(Lin::GateUp(i), xn, n, gate_up)?;
-            self.ops().silu_mul(act, gate_up, n, c.intermediate_size)?;
-            self.mark("silu_mul")?;
-            self.linear(Lin::Down(i), act, n, delta)?;
+            self.tp_all_reduce(delta, n * h, self.opts.precision)?;
+            let norm_w = self.weights.layers[i].post_norm.ptr;
+            if self.fp8_fusable(Lin::GateUp(i), h, FUSED_NORM_MAX_COLS) {
+                self.ops()
+                    .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, n, h, eps)?;
+                self.mark("add_rmsnorm fp8")?;
+                self.linear_quantized(Lin::GateUp(i), n, gate_up)?;
+            } else {
+                self.ops()
+                    .add_rmsnorm(residual, delta, norm_w, xn, n, h, eps)?;
+                self.mark("add_rmsnorm")?;
+                self.linear(Lin::GateUp(i), xn, n, gate_up)?;
+            }
+            let inter = c.intermediate_size;
+            if self.fp8_fusable(Lin::Down(i), inter, FUSED_SILU_MAX_COLS) {
+                self.ops().silu_mul_fp8(xq, xs, gate_up, n, inter)?;
+                self.mark("silu_mul fp8")?;
+                self.linear_quantized(Lin::Down(i), n, delta)?;
+            } else {
+                self.ops().silu_mul(act, gate_up, n, inter)?;
+                self.mark("silu_mul")?;
+                self.linear(Lin::Down(i), act, n, delta)?;
+            }
+            self.tp_all_reduce(delta, n * h, self.opts.precision)?;
         }
         if ne == 0 {
             self.gpu.sync()?;
@@ -522,8 +663,15 @@ impl CudaBackend {
             GpuLinear::Fp8 { .. } => bail!("lm_head is dequantized at upload"),
         }
         self.mark("lm_head")?;
+        let (logits, vocab) = match &self.tp {
+            Some(tp) => (tp.gather_logits(logits, ne, &self.gpu)?.ptr, tp.vocab),
+            None => (logits, c.vocab_size),
+        };
+        if self.tp.is_some() {
+            self.mark("gather logits")?;
+        }
         self.ops()
-            .sample_tokens(tokens_out, logits, m(at.sample_params), ne, c.vocab_size)?;
+            .sample_tokens(tokens_out, logits, m(at.sample_params), ne, vocab)?;
         self.mark("sample")?;
         let mut tokens = vec![0i32; ne];
         self.gpu.copy_from(&self.ws.tokens_out, 0, &mut tokens)?;
@@ -533,11 +681,14 @@ impl CudaBackend {
 
     fn collect(&self, plan: &StepPlan, tokens: &[i32]) -> Result<Vec<SeqOutput>> {
         let mut out = vec![SeqOutput::Nothing; plan.num_seqs];
-        let v = self.config.vocab_size;
+        let (logits, v) = match &self.tp {
+            Some(tp) => (tp.full_logits(), tp.vocab),
+            None => (&self.ws.logits, self.config.vocab_size),
+        };
         for (r, &s) in plan.emit_seqs.iter().enumerate() {
             out[s] = if plan.emit_logits[r] {
                 let mut row = vec![0f32; v];
-                self.gpu.copy_from(&self.ws.logits, r * v * 4, &mut row)?;
+                self.gpu.copy_from(logits, r * v * 4, &mut row)?;
                 SeqOutput::Logits(row)
             } else {
                 SeqOutput::Token(tokens[r] as u32)
@@ -574,11 +725,12 @@ impl Backend for CudaBackend {
         }
         self.gpu.bind()?;
         let group = self.config.num_attention_heads / self.config.num_key_value_heads;
-        let plan = plan_step(
+        let vocab = self.tp.as_ref().map_or(self.config.vocab_size, |t| t.vocab);
+        let mut plan = plan_step(
             batch,
             self.opts.block_size,
             self.num_blocks,
-            self.config.vocab_size,
+            vocab,
             Ops::attention_tokens_per_tile(group, self.config.head_dim, self.opts.precision),
             Some(SplitPolicy {
                 target_blocks: self.attention_target_blocks,
@@ -587,6 +739,10 @@ impl Backend for CudaBackend {
                 min_keys: self.opts.split_min_keys,
             }),
         )?;
+        if let Some(tp) = &self.tp {
+            let at = plan.at.tokens;
+            tp.localize_tokens(&mut plan.packed[at..at + plan.num_tokens]);
+        }
         self.forward(&plan)
     }
 

@@ -5,8 +5,14 @@
 //! (A_SCALE, length N) and per-token activation scales (B_SCALE, length M) in one call, through
 //! the OUTER_VEC_32F scale mode (checked on the H200, see shared/docs/device.md). Plans (descriptor,
 //! layouts, algorithm) are made once per shape and reused.
+//!
+//! [`Gemm::fp8_linear`] picks the FP8 path by batch size (see [`Fp8Policy`]): the weight-streaming
+//! kernel ([`super::fp8_stream`], off by default), cuBLASLt without scales plus a scale epilogue
+//! for small M, and the outer-vector cuBLASLt product above.
 
 use super::device::DeviceBuffer;
+use super::fp8_stream::{self, StreamScratch};
+use super::kernels::Kernels;
 use anyhow::{anyhow, Result};
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::sys::CUstream;
@@ -14,11 +20,15 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 
 const WORKSPACE_BYTES: usize = 64 << 20;
+/// Split-K partial sums of the streaming kernel, and the F32 product of the unscaled path.
+const SCRATCH_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GemmKind {
     /// e4m3 x e4m3 with vector scales; BF16 out (fast accumulation) or F32 out (full accumulation).
     Fp8 { f32_out: bool },
+    /// e4m3 x e4m3 without scales, F32 out (fast accumulation); scaled by a separate epilogue.
+    Fp8Unscaled,
     /// BF16 x BF16, BF16 or F32 out.
     Bf16 { f32_out: bool },
     /// F32 x F32, F32 out, no TF32 (the reference-precision mode).
@@ -31,10 +41,72 @@ struct Plan {
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
+/// Which FP8 path runs which batch size (BF16 out; F32 out always takes the cuBLASLt product with
+/// full accumulation, the reference-precision mode).
+///
+/// Measured on the H200 at the 70B shapes (`tandem bench-gemm`; benchmarks/results/gemm_fp8_h200.json): cuBLASLt without
+/// scales plus the epilogue is 1.1-1.7x faster than the outer-vector product for M <= 64 on o_proj,
+/// gate_up and down, and within 12% of it on qkv; the outer-vector product wins at M = 128 on
+/// three of the four shapes. The streaming kernel matches the unscaled path at M = 1 (qkv 1.8 us
+/// faster, down 2.6 us slower) and falls behind from M = 2, so it is off by default: a path switch
+/// by batch size also changes a sequence's numerics with the batch it runs in.
+/// `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the limits (experiments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Policy {
+    /// The streaming kernel for M up to this.
+    pub stream_max_m: usize,
+    /// Then cuBLASLt without scales + epilogue for M up to this; outer-vector cuBLASLt above.
+    pub unscaled_max_m: usize,
+    /// CTAs the streaming kernel aims for when choosing its K splits.
+    pub target_blocks: usize,
+}
+
+impl Default for Fp8Policy {
+    fn default() -> Self {
+        Self {
+            stream_max_m: 0,
+            // The crossover lies between 64 and 128 (measured at both).
+            unscaled_max_m: 96,
+            target_blocks: 4 * 132,
+        }
+    }
+}
+
+impl Fp8Policy {
+    /// The default with the environment's overrides.
+    pub fn from_env() -> Self {
+        let var = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let d = Self::default();
+        Self {
+            stream_max_m: var("TANDEM_FP8_STREAM_MAX_M", d.stream_max_m),
+            unscaled_max_m: var("TANDEM_FP8_UNSCALED_MAX_M", d.unscaled_max_m),
+            target_blocks: d.target_blocks,
+        }
+    }
+}
+
+/// An FP8 product path (for benchmarks that time each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Path {
+    /// Streaming kernel with this many K splits.
+    Stream { splits: usize },
+    /// cuBLASLt without scales, F32 staged, then the scale epilogue.
+    Unscaled,
+    /// cuBLASLt with outer-vector scales.
+    OuterVector,
+}
+
 pub struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: DeviceBuffer,
+    scratch: StreamScratch,
     plans: HashMap<(GemmKind, usize, usize, usize), Plan>,
+    pub fp8_policy: Fp8Policy,
 }
 
 fn err(what: &str) -> impl Fn(lt::CublasError) -> anyhow::Error + '_ {
@@ -67,7 +139,9 @@ impl Gemm {
         Ok(Self {
             handle,
             workspace: DeviceBuffer::new(WORKSPACE_BYTES)?,
+            scratch: StreamScratch::new(SCRATCH_BYTES)?,
             plans: HashMap::new(),
+            fp8_policy: Fp8Policy::from_env(),
         })
     }
 
@@ -85,7 +159,9 @@ impl Gemm {
         use sys::cudaDataType as T;
         let (in_t, out_t) = match kind {
             GemmKind::Fp8 { f32_out: false } => (T::CUDA_R_8F_E4M3, T::CUDA_R_16BF),
-            GemmKind::Fp8 { f32_out: true } => (T::CUDA_R_8F_E4M3, T::CUDA_R_32F),
+            GemmKind::Fp8 { f32_out: true } | GemmKind::Fp8Unscaled => {
+                (T::CUDA_R_8F_E4M3, T::CUDA_R_32F)
+            }
             GemmKind::Bf16 { f32_out: false } => (T::CUDA_R_16BF, T::CUDA_R_16BF),
             GemmKind::Bf16 { f32_out: true } => (T::CUDA_R_16BF, T::CUDA_R_32F),
             GemmKind::F32 => (T::CUDA_R_32F, T::CUDA_R_32F),
@@ -109,6 +185,9 @@ impl Gemm {
                 let dummy = self.workspace.ptr;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &dummy)?;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &dummy)?;
+            }
+            if kind == GemmKind::Fp8Unscaled {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
             }
             let a = lt::create_matrix_layout(in_t, k as u64, n as u64, k as i64)
                 .map_err(err("layout A"))?;
@@ -138,6 +217,7 @@ impl Gemm {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         kind: GemmKind,
@@ -207,6 +287,99 @@ impl Gemm {
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale)?;
         }
         self.run(kind, m, n, k, x, w, out, stream)
+    }
+
+    /// The FP8 linear `out = (x · x_scale) · (w · w_scale)ᵀ` by the path [`Self::fp8_path`] picks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_linear(
+        &mut self,
+        kernels: &Kernels,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        x_scale: u64,
+        w: u64,
+        w_scale: u64,
+        out: u64,
+        f32_out: bool,
+        stream: CUstream,
+    ) -> Result<()> {
+        let path = self.fp8_path(m, n, k, f32_out);
+        self.fp8_by(
+            path, kernels, m, n, k, x, x_scale, w, w_scale, out, f32_out, stream,
+        )
+    }
+
+    /// The path of an FP8 product under [`Self::fp8_policy`].
+    pub fn fp8_path(&self, m: usize, n: usize, k: usize, f32_out: bool) -> Fp8Path {
+        let p = self.fp8_policy;
+        if f32_out {
+            Fp8Path::OuterVector
+        } else if m <= p.stream_max_m && fp8_stream::supports(n, k) {
+            let bytes = self.scratch.partial.bytes;
+            Fp8Path::Stream {
+                splits: fp8_stream::auto_splits(m, n, k, p.target_blocks, bytes),
+            }
+        } else if m <= p.unscaled_max_m
+            && n.is_multiple_of(16)
+            && k.is_multiple_of(16)
+            && m * n * 4 <= self.scratch.partial.bytes
+        {
+            Fp8Path::Unscaled
+        } else {
+            Fp8Path::OuterVector
+        }
+    }
+
+    /// The FP8 linear by a given path (benchmarks compare them; [`Self::fp8_linear`] chooses).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_by(
+        &mut self,
+        path: Fp8Path,
+        kernels: &Kernels,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        x_scale: u64,
+        w: u64,
+        w_scale: u64,
+        out: u64,
+        f32_out: bool,
+        stream: CUstream,
+    ) -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        match path {
+            Fp8Path::Stream { splits } => fp8_stream::run(
+                kernels,
+                &self.scratch,
+                m,
+                n,
+                k,
+                x,
+                x_scale,
+                w,
+                w_scale,
+                out,
+                f32_out,
+                splits,
+                stream,
+            ),
+            Fp8Path::Unscaled => {
+                anyhow::ensure!(
+                    !f32_out && m * n * 4 <= self.scratch.partial.bytes,
+                    "unscaled FP8 path: BF16 out and M*N*4 <= {} bytes only",
+                    self.scratch.partial.bytes
+                );
+                let acc = self.scratch.partial.ptr;
+                self.run(GemmKind::Fp8Unscaled, m, n, k, x, w, acc, stream)?;
+                fp8_stream::scale_rows_cols(kernels, m, n, acc, x_scale, w_scale, out, stream)
+            }
+            Fp8Path::OuterVector => self.fp8(m, n, k, x, x_scale, w, w_scale, out, f32_out, stream),
+        }
     }
 
     /// `out[M,N] = x[M,K] · w[N,K]ᵀ`, BF16 inputs; F32 out when `f32_out`, else BF16.

@@ -27,6 +27,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("sampling", include_str!("../../../kernels/sampling.cu")),
     ("kv_copy", include_str!("../../../kernels/kv_copy.cu")),
+    ("gemm_fp8", include_str!("../../../kernels/gemm_fp8.cu")),
 ];
 
 /// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
@@ -39,6 +40,10 @@ const TYPED: &[(&str, &[&str])] = &[
             "rope",
             "silu_mul",
             "quantize_fp8",
+            "fp8_row_scale",
+            "quantize_fp8_scaled",
+            "add_rmsnorm_fp8",
+            "silu_mul_fp8",
             "kv_write",
         ],
     ),
@@ -52,6 +57,7 @@ const PLAIN: &[(&str, &[&str])] = &[
         &[
             "embed",
             "fake_quant_fp8_f32",
+            "fake_quant_fp8_f32_scaled",
             "fill_uniform_bf16",
             "fill_uniform_fp8",
             "fill_uniform_f32",
@@ -59,6 +65,20 @@ const PLAIN: &[(&str, &[&str])] = &[
     ),
     ("sampling", &["sample_tokens"]),
     ("kv_copy", &["kv_copy_blocks"]),
+    (
+        "gemm_fp8",
+        &[
+            "gemm_fp8_stream_t1_bf16",
+            "gemm_fp8_stream_t2_bf16",
+            "gemm_fp8_stream_t4_bf16",
+            "gemm_fp8_stream_t8_bf16",
+            "gemm_fp8_stream_t1_f32",
+            "gemm_fp8_stream_t2_f32",
+            "gemm_fp8_stream_t4_f32",
+            "gemm_fp8_stream_t8_f32",
+            "scale_rows_cols_bf16",
+        ],
+    ),
     ("flash_attention", FLASH_ATTENTION),
 ];
 
@@ -332,8 +352,17 @@ mod tests {
             for name in kernel_names(module) {
                 let base = name.trim_end_matches("_bf16").trim_end_matches("_f32");
                 let direct = src.contains(&format!(" {name}("));
+                // GEMM_FP8_STREAM(MT, type, suffix) instantiations.
+                let stream_macro = name.strip_prefix("gemm_fp8_stream_t").is_some_and(|rest| {
+                    let (mt, suffix) = rest.split_once('_').unwrap();
+                    src.contains(&format!("GEMM_FP8_STREAM({mt}, "))
+                        && src.contains(&format!(", {suffix})"))
+                });
                 let templated = src.contains(&format!(" {base}_##SUFFIX("));
-                assert!(direct || templated, "{name} not found in {module}.cu");
+                assert!(
+                    direct || templated || stream_macro,
+                    "{name} not found in {module}.cu"
+                );
             }
         }
         assert!(kernel_names("attention").contains(&"paged_attention_f32".to_string()));

@@ -12,6 +12,9 @@ const ROW_THREADS: u32 = 1024;
 pub const ATTENTION_ROWS: usize = 32;
 const ATTENTION_KEYS_PER_TILE: usize = 32;
 pub const MAX_HEAD_DIM: usize = 128;
+/// Widest rows of the fused norm/silu + FP8 quantize kernels (rows held in registers).
+pub const FUSED_NORM_MAX_COLS: usize = 16 * ROW_THREADS as usize;
+pub const FUSED_SILU_MAX_COLS: usize = 32 * ROW_THREADS as usize;
 /// Query tokens × heads per block of the tensor-core attention (4 warps × 16 rows).
 pub const FLASH_ROWS: usize = 64;
 const FLASH_KEYS_PER_TILE: usize = 64;
@@ -230,7 +233,121 @@ impl Ops<'_> {
         )
     }
 
+    /// [`Self::add_rmsnorm`] then [`Self::quantize_fp8`] of its output in one pass: writes the
+    /// residual, `xq` and `xs` (not the normalized row). `hidden` <= [`FUSED_NORM_MAX_COLS`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rmsnorm_fp8(
+        &self,
+        residual: u64,
+        delta: u64,
+        weight: u64,
+        xq: u64,
+        xs: u64,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        ensure!(
+            hidden <= FUSED_NORM_MAX_COLS,
+            "fused norm of {hidden} columns (at most {FUSED_NORM_MAX_COLS})"
+        );
+        self.go(
+            &self.typed("add_rmsnorm_fp8"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(residual),
+                Arg::Ptr(delta),
+                Arg::Ptr(weight),
+                Arg::Ptr(xq),
+                Arg::Ptr(xs),
+                Arg::I32(hidden as i32),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output in one pass (one block per
+    /// row). `inter` <= [`FUSED_SILU_MAX_COLS`].
+    pub fn silu_mul_fp8(
+        &self,
+        xq: u64,
+        xs: u64,
+        gate_up: u64,
+        n: usize,
+        inter: usize,
+    ) -> Result<()> {
+        ensure!(
+            inter <= FUSED_SILU_MAX_COLS,
+            "fused silu_mul of {inter} columns (at most {FUSED_SILU_MAX_COLS})"
+        );
+        self.go(
+            &self.typed("silu_mul_fp8"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(xq),
+                Arg::Ptr(xs),
+                Arg::Ptr(gate_up),
+                Arg::I32(inter as i32),
+            ],
+        )
+    }
+
     /// In place on F32 rows: `x = e4m3(x / s) * s` with the row's dynamic FP8 scale `s`.
+    /// The per-token FP8 scales [`Self::quantize_fp8`] would use, into `scales[n]`.
+    pub fn fp8_row_scale(&self, scales: u64, input: u64, n: usize, cols: usize) -> Result<()> {
+        self.go(
+            &self.typed("fp8_row_scale"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[Arg::Ptr(scales), Arg::Ptr(input), Arg::I32(cols as i32)],
+        )
+    }
+
+    /// [`Self::quantize_fp8`] with the scales given (from [`Self::fp8_row_scale`]).
+    pub fn quantize_fp8_scaled(
+        &self,
+        out: u64,
+        scales: u64,
+        input: u64,
+        n: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.go(
+            &self.typed("quantize_fp8_scaled"),
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(scales),
+                Arg::Ptr(input),
+                Arg::I32(cols as i32),
+            ],
+        )
+    }
+
+    /// [`Self::fake_quant_fp8_f32`] with the scales given.
+    pub fn fake_quant_fp8_f32_scaled(
+        &self,
+        x: u64,
+        scales: u64,
+        n: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.go(
+            "fake_quant_fp8_f32_scaled",
+            rows(n),
+            ROW_THREADS,
+            0,
+            &[Arg::Ptr(x), Arg::Ptr(scales), Arg::I32(cols as i32)],
+        )
+    }
+
     pub fn fake_quant_fp8_f32(&self, x: u64, n: usize, cols: usize) -> Result<()> {
         self.go(
             "fake_quant_fp8_f32",
