@@ -11,25 +11,6 @@ extern "C" __global__ void embed(float* residual, const bf16* table, const int* 
 // Kernels templated on the activation type A (bf16 or float) are instantiated below as
 // `<name>_bf16` and `<name>_f32`.
 
-// residual[t] += delta[t] (when delta is not null); out[t] = rmsnorm(residual[t]) * weight.
-template <typename A>
-__device__ void add_rmsnorm_t(float* residual, const A* delta, const bf16* weight, A* out, int hidden, float eps) {
-    __shared__ float scratch[32];
-    int t = blockIdx.x;
-    float* r = residual + (u64)t * hidden;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = r[i];
-        if (delta) {
-            v += ld(delta, (u64)t * hidden + i);
-            r[i] = v;
-        }
-        ss += v * v;
-    }
-    float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(out, (u64)t * hidden + i, r[i] * inv * bf2f(weight[i]));
-}
-
 // For each selected row s: out[s] = rmsnorm(residual[rows[s]] + delta[rows[s]]) * weight, without
 // writing the residual (the last layer's add is needed only for the tokens that produce logits).
 template <typename A>
@@ -118,10 +99,22 @@ __device__ void quantize_fp8_scaled_t(fp8* out, const float* scales, const A* in
 }
 
 // ---- Fusions that write an FP8 linear's quantized input directly (the same values, bit for bit,
-// as the unfused kernel followed by quantize_fp8). A row lives in registers, blockDim.x = 1024:
-// at most NORM_VALS * 1024 columns for the norm, SILU_VALS * 1024 for silu_mul.
-#define NORM_VALS 16
-#define SILU_VALS 32
+// as the unfused kernel followed by quantize_fp8).
+//
+// Rows are handled in chunks of 4 consecutive columns per lane (one 16- or 8-byte load), 128
+// columns per warp. The RMS norm's sum of squares has one fixed order, whatever the launch shape:
+// each lane sums its 4 squares in column order, a warp butterfly sums a chunk, and the chunk sums
+// are added in chunk order. So the one-block-per-row kernels and the split-row kernels (several
+// blocks per row, partial results in a scratch buffer) give the same bits as add_rmsnorm.
+#define LANE_COLS 4
+#define CHUNK_COLS 128
+// Split kernels: blocks of 4 warps, 512 columns each.
+#define SPLIT_THREADS 128
+#define SPLIT_COLS 512
+// Largest row of add_rmsnorm (chunk sums in shared memory) and of the row-per-block fused norm
+// (held in registers: 8 chunks per warp of 8).
+#define MAX_NORM_CHUNKS 512
+#define ROW_NORM_CHUNKS_PER_WARP 8
 
 // The value after a round trip through the activation type (what the unfused kernel stored).
 template <typename A>
@@ -131,74 +124,265 @@ __device__ __forceinline__ float as_act(float v) {
     return ld(&tmp, 0);
 }
 
-// Quantizes the block's row held in v (columns threadIdx.x + j * blockDim.x) like quantize_fp8.
-template <int VALS>
-__device__ __forceinline__ void quantize_row_regs(fp8* out, float* scales, const float* v, int cols,
-                                                  float* scratch) {
-    int t = blockIdx.x;
+// Whether 4-column vector accesses of rows of `cols` elements starting at p are aligned.
+template <typename T>
+__device__ __forceinline__ bool vec_ok(const T* p, int cols) {
+    return (cols % LANE_COLS) == 0 && ((u64)p % (LANE_COLS * sizeof(T))) == 0;
+}
+
+// v[0..4] = p[c..c+4] (zero past cols); vec: the rows are 4-aligned (vec_ok).
+__device__ __forceinline__ void load4(const float* p, int c, int cols, bool vec, float* v) {
+    if (vec && c + LANE_COLS <= cols) {
+        float4 x = *(const float4*)(p + c);
+        v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+    } else {
+#pragma unroll
+        for (int j = 0; j < LANE_COLS; j++) v[j] = c + j < cols ? p[c + j] : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void load4(const bf16* p, int c, int cols, bool vec, float* v) {
+    if (vec && c + LANE_COLS <= cols) {
+        uint2 x = *(const uint2*)(p + c);
+        v[0] = __uint_as_float(x.x << 16), v[1] = __uint_as_float(x.x & 0xffff0000u);
+        v[2] = __uint_as_float(x.y << 16), v[3] = __uint_as_float(x.y & 0xffff0000u);
+    } else {
+#pragma unroll
+        for (int j = 0; j < LANE_COLS; j++) v[j] = c + j < cols ? bf2f(p[c + j]) : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void store4(float* p, int c, int cols, bool vec, const float* v) {
+    if (vec && c + LANE_COLS <= cols) {
+        *(float4*)(p + c) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int j = 0; j < LANE_COLS; j++)
+            if (c + j < cols) p[c + j] = v[j];
+    }
+}
+
+// out[c..c+4] = e4m3(v / scale).
+__device__ __forceinline__ void store4_e4m3(fp8* p, int c, int cols, bool vec, const float* v, float scale) {
+    fp8 q[LANE_COLS];
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) q[j] = f2e4m3(v[j] / scale);
+    if (vec && c + LANE_COLS <= cols) {
+        *(unsigned*)(p + c) = q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned)q[3] << 24);
+    } else {
+#pragma unroll
+        for (int j = 0; j < LANE_COLS; j++)
+            if (c + j < cols) p[c + j] = q[j];
+    }
+}
+
+// Loads residual row chunk columns (c..c+4), adds delta (if any) and stores the sum back.
+template <typename A>
+__device__ __forceinline__ void residual_add4(float* r, const A* d, int c, int cols, bool vr, bool vd, float* v) {
+    load4(r, c, cols, vr, v);
+    if (d) {
+        float dv[LANE_COLS];
+        load4(d, c, cols, vd, dv);
+#pragma unroll
+        for (int j = 0; j < LANE_COLS; j++) v[j] += dv[j];
+        store4(r, c, cols, vr, v);
+    }
+}
+
+// The chunk's sum of squares (the same in every lane of the warp).
+__device__ __forceinline__ float chunk_ss(const float* v) {
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) s = fmaf(v[j], v[j], s);
+    return warp_sum(s);
+}
+
+// rsqrt(mean square + eps) from the chunk sums, added in chunk order.
+__device__ __forceinline__ float inv_rms(const float* chunk_sums, int nchunks, int hidden, float eps) {
+    float s = 0.0f;
+    for (int c = 0; c < nchunks; c++) s += chunk_sums[c];
+    return rsqrtf(s / hidden + eps);
+}
+
+__device__ __forceinline__ float fp8_scale(float amax) {
+    // The floor keeps all-zero rows finite (the same rule as the CPU backend and the fixtures).
+    return fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+}
+
+__device__ __forceinline__ float silu_mul1(float x, float u) {
+    float silu = x / (1.0f + expf(-x));
+    return silu * u;
+}
+
+// residual[t] += delta[t] (when delta is not null); out[t] = rmsnorm(residual[t]) * weight.
+// One block per row; hidden <= MAX_NORM_CHUNKS * CHUNK_COLS.
+template <typename A>
+__device__ void add_rmsnorm_t(float* residual, const A* delta, const bf16* weight, A* out, int hidden, float eps) {
+    __shared__ float sums[MAX_NORM_CHUNKS];
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    float* r = residual + (u64)t * hidden;
+    const A* d = delta ? delta + (u64)t * hidden : nullptr;
+    bool vr = vec_ok(r, hidden), vd = d && vec_ok(d, hidden);
+    int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
+    for (int c = warp; c < nchunks; c += nwarps) {
+        float v[LANE_COLS];
+        residual_add4(r, d, c * CHUNK_COLS + lane * LANE_COLS, hidden, vr, vd, v);
+        float s = chunk_ss(v);
+        if (lane == 0) sums[c] = s;
+    }
+    __syncthreads();
+    float inv = inv_rms(sums, nchunks, hidden, eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(out, (u64)t * hidden + i, r[i] * inv * bf2f(weight[i]));
+}
+
+// ---- add_rmsnorm then quantize_fp8 of its output, without storing the normalized row.
+
+// One block of 8 warps per row (many rows): the row stays in registers.
+template <typename A>
+__device__ void add_rmsnorm_fp8_rows_t(float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs,
+                                       int hidden, float eps) {
+    __shared__ float sums[8 * ROW_NORM_CHUNKS_PER_WARP];
+    __shared__ float scratch[32];
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* r = residual + (u64)t * hidden;
+    const A* d = delta ? delta + (u64)t * hidden : nullptr;
+    bool vr = vec_ok(r, hidden), vd = d && vec_ok(d, hidden);
+    int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
+    float v[ROW_NORM_CHUNKS_PER_WARP][LANE_COLS];
+#pragma unroll
+    for (int k = 0; k < ROW_NORM_CHUNKS_PER_WARP; k++) {
+        int c = warp + 8 * k;
+        if (c < nchunks) {
+            residual_add4(r, d, c * CHUNK_COLS + lane * LANE_COLS, hidden, vr, vd, v[k]);
+            float s = chunk_ss(v[k]);
+            if (lane == 0) sums[c] = s;
+        }
+    }
+    __syncthreads();
+    float inv = inv_rms(sums, nchunks, hidden, eps);
     float amax = 0.0f;
 #pragma unroll
-    for (int j = 0; j < VALS; j++)
-        if (threadIdx.x + j * blockDim.x < cols) amax = fmaxf(amax, fabsf(v[j]));
-    amax = block_max(amax, scratch);
-    float scale = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+    for (int k = 0; k < ROW_NORM_CHUNKS_PER_WARP; k++) {
+        int c0 = (warp + 8 * k) * CHUNK_COLS + lane * LANE_COLS;
 #pragma unroll
-    for (int j = 0; j < VALS; j++) {
-        int i = threadIdx.x + j * blockDim.x;
-        if (i < cols) out[(u64)t * cols + i] = f2e4m3(v[j] / scale);
-    }
-    if (threadIdx.x == 0) scales[t] = scale;
-}
-
-// add_rmsnorm, then quantize_fp8 of its output, without storing the BF16 row.
-template <typename A>
-__device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden,
-                                  float eps) {
-    __shared__ float scratch[32];
-    int t = blockIdx.x;
-    float* r = residual + (u64)t * hidden;
-    float v[NORM_VALS];
-    float ss = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NORM_VALS; j++) {
-        int i = threadIdx.x + j * blockDim.x;
-        v[j] = 0.0f;
-        if (i < hidden) {
-            float x = r[i];
-            if (delta) {
-                x += ld(delta, (u64)t * hidden + i);
-                r[i] = x;
+        for (int j = 0; j < LANE_COLS; j++) {
+            if (c0 + j < hidden) {
+                v[k][j] = as_act<A>(v[k][j] * inv * bf2f(weight[c0 + j]));
+                amax = fmaxf(amax, fabsf(v[k][j]));
             }
-            v[j] = x;
-            ss += x * x;
         }
     }
-    float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    float scale = fp8_scale(block_max(amax, scratch));
+    fp8* q = xq + (u64)t * hidden;
+    bool vq = vec_ok(q, hidden);
 #pragma unroll
-    for (int j = 0; j < NORM_VALS; j++) {
-        int i = threadIdx.x + j * blockDim.x;
-        if (i < hidden) v[j] = as_act<A>(v[j] * inv * bf2f(weight[i]));
+    for (int k = 0; k < ROW_NORM_CHUNKS_PER_WARP; k++) {
+        int c0 = (warp + 8 * k) * CHUNK_COLS + lane * LANE_COLS;
+        if (c0 < hidden) store4_e4m3(q, c0, hidden, vq, v[k], scale);
     }
-    quantize_row_regs<NORM_VALS>(xq, xs, v, hidden, scratch);
+    if (threadIdx.x == 0) xs[t] = scale;
 }
 
-// silu_mul, then quantize_fp8 of its output, without storing the BF16 row. One block per row.
+// Split rows (few rows): grid (column blocks of SPLIT_COLS, rows), three passes.
+// Pass 1: the residual add and the chunk sums of squares, into ss[t, chunk].
 template <typename A>
-__device__ void silu_mul_fp8_t(fp8* xq, float* xs, const A* gate_up, int inter) {
-    __shared__ float scratch[32];
-    u64 g = (u64)blockIdx.x * 2 * inter;
-    float v[SILU_VALS];
+__device__ void norm_split_ss_t(float* residual, const A* delta, float* ss, int hidden) {
+    int t = blockIdx.y, lane = threadIdx.x & 31;
+    int c = blockIdx.x * (SPLIT_THREADS / 32) + (threadIdx.x >> 5);
+    int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
+    if (c >= nchunks) return;
+    float* r = residual + (u64)t * hidden;
+    const A* d = delta ? delta + (u64)t * hidden : nullptr;
+    float v[LANE_COLS];
+    residual_add4(r, d, c * CHUNK_COLS + lane * LANE_COLS, hidden, vec_ok(r, hidden), d && vec_ok(d, hidden), v);
+    float s = chunk_ss(v);
+    if (lane == 0) ss[(u64)t * nchunks + c] = s;
+}
+
+// This thread's 4 normalized values (as the activation type would store them).
+template <typename A>
+__device__ __forceinline__ int norm_split_values(const float* residual, const bf16* weight, const float* ss,
+                                                 int hidden, float eps, float* v) {
+    int t = blockIdx.y;
+    int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
+    float inv = inv_rms(ss + (u64)t * nchunks, nchunks, hidden, eps);
+    const float* r = residual + (u64)t * hidden;
+    int c0 = blockIdx.x * SPLIT_COLS + threadIdx.x * LANE_COLS;
+    load4(r, c0, hidden, vec_ok(r, hidden), v);
 #pragma unroll
-    for (int j = 0; j < SILU_VALS; j++) {
-        int i = threadIdx.x + j * blockDim.x;
-        v[j] = 0.0f;
-        if (i < inter) {
-            float x = ld(gate_up, g + i);
-            float silu = x / (1.0f + expf(-x));
-            v[j] = as_act<A>(silu * ld(gate_up, g + inter + i));
-        }
-    }
-    quantize_row_regs<SILU_VALS>(xq, xs, v, inter, scratch);
+    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < hidden ? as_act<A>(v[j] * inv * bf2f(weight[c0 + j])) : 0.0f;
+    return c0;
+}
+
+// Pass 2: the column block's max |value| into amax[t, block].
+template <typename A>
+__device__ void norm_split_amax_t(const float* residual, const bf16* weight, const float* ss, float* amax_part,
+                                  int hidden, float eps) {
+    __shared__ float scratch[32];
+    float v[LANE_COLS];
+    norm_split_values<A>(residual, weight, ss, hidden, eps, v);
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
+    amax = block_max(amax, scratch);
+    if (threadIdx.x == 0) amax_part[(u64)blockIdx.y * gridDim.x + blockIdx.x] = amax;
+}
+
+// The row's scale from the column blocks' partial maxima (a max: any order gives the same bits).
+__device__ __forceinline__ float split_scale(const float* amax_part) {
+    const float* p = amax_part + (u64)blockIdx.y * gridDim.x;
+    float amax = 0.0f;
+    for (int b = 0; b < gridDim.x; b++) amax = fmaxf(amax, p[b]);
+    return fp8_scale(amax);
+}
+
+// Pass 3: quantize with the row's scale.
+template <typename A>
+__device__ void norm_split_quant_t(const float* residual, const bf16* weight, const float* ss,
+                                   const float* amax_part, fp8* xq, float* xs, int hidden, float eps) {
+    float v[LANE_COLS];
+    int c0 = norm_split_values<A>(residual, weight, ss, hidden, eps, v);
+    float scale = split_scale(amax_part);
+    fp8* q = xq + (u64)blockIdx.y * hidden;
+    if (c0 < hidden) store4_e4m3(q, c0, hidden, vec_ok(q, hidden), v, scale);
+    if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
+}
+
+// ---- silu_mul then quantize_fp8 of its output: grid (column blocks of SPLIT_COLS, rows), two passes
+// (partial maxima, then quantize from recomputed values).
+template <typename A>
+__device__ __forceinline__ int silu_split_values(const A* gate_up, int inter, float* v) {
+    const A* g = gate_up + (u64)blockIdx.y * 2 * inter;
+    bool vec = vec_ok(g, inter);
+    int c0 = blockIdx.x * SPLIT_COLS + threadIdx.x * LANE_COLS;
+    float u[LANE_COLS];
+    load4(g, c0, inter, vec, v);
+    load4(g + inter, c0, inter, vec, u);
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1(v[j], u[j])) : 0.0f;
+    return c0;
+}
+
+template <typename A>
+__device__ void silu_split_amax_t(const A* gate_up, float* amax_part, int inter) {
+    __shared__ float scratch[32];
+    float v[LANE_COLS];
+    silu_split_values<A>(gate_up, inter, v);
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
+    amax = block_max(amax, scratch);
+    if (threadIdx.x == 0) amax_part[(u64)blockIdx.y * gridDim.x + blockIdx.x] = amax;
+}
+
+template <typename A>
+__device__ void silu_split_quant_t(fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) {
+    float v[LANE_COLS];
+    int c0 = silu_split_values<A>(gate_up, inter, v);
+    float scale = split_scale(amax_part);
+    fp8* q = xq + (u64)blockIdx.y * inter;
+    if (c0 < inter) store4_e4m3(q, c0, inter, vec_ok(q, inter), v, scale);
+    if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
 }
 
 // Writes token t's k and v heads (from the fused qkv row) to its cache slot; slot < 0 skips.
@@ -246,12 +430,30 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
                                                             int cols) {                                       \
         quantize_fp8_scaled_t<A>(out, scales, in, cols);                                                      \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_fp8_##SUFFIX(float* residual, const A* delta, const bf16* weight,      \
-                                                        fp8* xq, float* xs, int hidden, float eps) {             \
-        add_rmsnorm_fp8_t<A>(residual, delta, weight, xq, xs, hidden, eps);                                     \
+    extern "C" __global__ void __launch_bounds__(256) add_rmsnorm_fp8_rows_##SUFFIX(                       \
+        float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) {     \
+        add_rmsnorm_fp8_rows_t<A>(residual, delta, weight, xq, xs, hidden, eps);                              \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(1024) silu_mul_fp8_##SUFFIX(fp8* xq, float* xs, const A* gate_up, int inter) {       \
-        silu_mul_fp8_t<A>(xq, xs, gate_up, inter);                                                            \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)                                               \
+        norm_split_ss_##SUFFIX(float* residual, const A* delta, float* ss, int hidden) {                      \
+        norm_split_ss_t<A>(residual, delta, ss, hidden);                                                      \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) norm_split_amax_##SUFFIX(                     \
+        const float* residual, const bf16* weight, const float* ss, float* amax_part, int hidden, float eps) { \
+        norm_split_amax_t<A>(residual, weight, ss, amax_part, hidden, eps);                                   \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) norm_split_quant_##SUFFIX(                    \
+        const float* residual, const bf16* weight, const float* ss, const float* amax_part, fp8* xq,          \
+        float* xs, int hidden, float eps) {                                                                   \
+        norm_split_quant_t<A>(residual, weight, ss, amax_part, xq, xs, hidden, eps);                          \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)                                               \
+        silu_split_amax_##SUFFIX(const A* gate_up, float* amax_part, int inter) {                             \
+        silu_split_amax_t<A>(gate_up, amax_part, inter);                                                      \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) silu_split_quant_##SUFFIX(                    \
+        fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) {                            \
+        silu_split_quant_t<A>(xq, xs, gate_up, amax_part, inter);                                             \
     }                                                                                                         \
     extern "C" __global__ void kv_write_##SUFFIX(A* k_cache, A* v_cache, const A* qkv, const int* slots,      \
                                                  int row_stride, int k_col, int v_col, int num_kv_heads,      \

@@ -728,7 +728,21 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             act,
         };
         let a = act.bytes();
-        for (n, h) in [(1, 8192), (6, 1000), (3, 16384)] {
+        // Decode (1..32 rows: split over column blocks), prefill (>= 256 rows: a block per row),
+        // rows too wide for the row kernel, widths not a multiple of the 4-column vectors, and
+        // the first layer's norm without delta.
+        let norm_cases = [
+            (1, 8192, true),
+            (1, 8192, false),
+            (6, 1000, true),
+            (3, 16384, true),
+            (32, 8192, true),
+            (300, 1001, true),
+            (300, 16384, true),
+            (3000, 8192, true),
+            (3000, 8192, false),
+        ];
+        for (n, h, with_delta) in norm_cases {
             let res: Vec<f32> = (0..n * h).map(|_| rng.random_range(-2.0..2.0)).collect();
             let delta: Vec<f32> = (0..n * h).map(|_| rng.random_range(-1.0..1.0)).collect();
             let delta_dev = match act {
@@ -741,16 +755,18 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             let w = rand_bf16(&mut rng, h, 1.5);
             let dw = e.gpu.upload(&w).unwrap();
             let (r1, r2) = (e.gpu.upload(&res).unwrap(), e.gpu.upload(&res).unwrap());
+            let d = if with_delta { delta_dev.ptr } else { 0 };
             // Unfused: norm to xn, then quantize.
             let xn = e.poisoned(n * h * a);
             let (q1, s1) = (e.poisoned(n * h), e.poisoned(n * 4));
-            ops.add_rmsnorm(r1.ptr, delta_dev.ptr, dw.ptr, xn.ptr, n, h, 1e-5)
+            ops.add_rmsnorm(r1.ptr, d, dw.ptr, xn.ptr, n, h, 1e-5)
                 .unwrap();
             ops.quantize_fp8(q1.ptr, s1.ptr, xn.ptr, n, h).unwrap();
             let (q2, s2) = (e.poisoned(n * h), e.poisoned(n * 4));
-            ops.add_rmsnorm_fp8(r2.ptr, delta_dev.ptr, dw.ptr, q2.ptr, s2.ptr, n, h, 1e-5)
+            let scratch = e.poisoned(Ops::fused_norm_scratch_bytes(n, h));
+            ops.add_rmsnorm_fp8(r2.ptr, d, dw.ptr, q2.ptr, s2.ptr, scratch.ptr, n, h, 1e-5)
                 .unwrap();
-            let what = format!("add_rmsnorm_fp8 {act:?} {n}x{h}");
+            let what = format!("add_rmsnorm_fp8 {act:?} {n}x{h} delta {with_delta}");
             let bytes =
                 |b: &DeviceBuffer, len: usize| -> Vec<u8> { e.gpu.download(b, len).unwrap() };
             assert_eq!(
@@ -762,7 +778,14 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             assert_eq!(bytes(&q1, n * h), bytes(&q2, n * h), "{what}: values");
             assert!(e.f32s(&s2, n).iter().all(|s| s.is_finite() && *s > 0.0));
         }
-        for (n, inter) in [(1, 28672), (5, 1000), (2, 32768)] {
+        for (n, inter) in [
+            (1, 28672),
+            (5, 1000),
+            (2, 32768),
+            (7, 1001),
+            (32, 28672),
+            (3000, 4096),
+        ] {
             let gu: Vec<f32> = (0..n * 2 * inter)
                 .map(|_| rng.random_range(-4.0..4.0))
                 .collect();
@@ -779,7 +802,8 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             ops.quantize_fp8(q1.ptr, s1.ptr, actbuf.ptr, n, inter)
                 .unwrap();
             let (q2, s2) = (e.poisoned(n * inter), e.poisoned(n * 4));
-            ops.silu_mul_fp8(q2.ptr, s2.ptr, gu_dev.ptr, n, inter)
+            let scratch = e.poisoned(Ops::fused_silu_scratch_bytes(n, inter));
+            ops.silu_mul_fp8(q2.ptr, s2.ptr, gu_dev.ptr, scratch.ptr, n, inter)
                 .unwrap();
             let what = format!("silu_mul_fp8 {act:?} {n}x{inter}");
             let bytes =

@@ -93,12 +93,13 @@ impl Workspace {
         let qkv_n = c.q_size() + 2 * c.kv_size();
         Ok(Self {
             residual: gpu.alloc(t * h * 4)?,
-            xn: gpu.alloc(t * h * a)?,
+            // xn and act double as the fused FP8 kernels' scratch (unused by those paths).
+            xn: gpu.alloc((t * h * a).max(Ops::fused_norm_scratch_bytes(t, h)))?,
             qkv: gpu.alloc(t * qkv_n * a)?,
             attn: gpu.alloc(t * c.q_size() * a)?,
             delta: gpu.alloc(t * h * a)?,
             gate_up: gpu.alloc(t * 2 * i * a)?,
-            act: gpu.alloc(t * i * a)?,
+            act: gpu.alloc((t * i * a).max(Ops::fused_silu_scratch_bytes(t, i)))?,
             xq: gpu.alloc(t * h.max(i).max(c.q_size()))?,
             xs: gpu.alloc(t * 4)?,
             last_norm: gpu.alloc(s * h * a)?,
@@ -522,8 +523,9 @@ impl CudaBackend {
             let prev = if i == 0 { 0 } else { delta };
             let norm_w = self.weights.layers[i].input_norm.ptr;
             if self.fp8_fusable(Lin::Qkv(i), h, FUSED_NORM_MAX_COLS) {
+                // xn is unused on this path: it holds the kernels' partial sums.
                 self.ops()
-                    .add_rmsnorm_fp8(residual, prev, norm_w, xq, xs, n, h, eps)?;
+                    .add_rmsnorm_fp8(residual, prev, norm_w, xq, xs, xn, n, h, eps)?;
                 self.mark("add_rmsnorm fp8")?;
                 self.linear_quantized(Lin::Qkv(i), n, qkv)?;
             } else {
@@ -610,7 +612,7 @@ impl CudaBackend {
             let norm_w = self.weights.layers[i].post_norm.ptr;
             if self.fp8_fusable(Lin::GateUp(i), h, FUSED_NORM_MAX_COLS) {
                 self.ops()
-                    .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, n, h, eps)?;
+                    .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, xn, n, h, eps)?;
                 self.mark("add_rmsnorm fp8")?;
                 self.linear_quantized(Lin::GateUp(i), n, gate_up)?;
             } else {
@@ -621,7 +623,8 @@ impl CudaBackend {
             }
             let inter = c.intermediate_size;
             if self.fp8_fusable(Lin::Down(i), inter, FUSED_SILU_MAX_COLS) {
-                self.ops().silu_mul_fp8(xq, xs, gate_up, n, inter)?;
+                // act is unused on this path: it holds the kernels' partial maxima.
+                self.ops().silu_mul_fp8(xq, xs, gate_up, act, n, inter)?;
                 self.mark("silu_mul fp8")?;
                 self.linear_quantized(Lin::Down(i), n, delta)?;
             } else {

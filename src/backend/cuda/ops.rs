@@ -12,9 +12,20 @@ const ROW_THREADS: u32 = 1024;
 pub const ATTENTION_ROWS: usize = 32;
 const ATTENTION_KEYS_PER_TILE: usize = 32;
 pub const MAX_HEAD_DIM: usize = 128;
-/// Widest rows of the fused norm/silu + FP8 quantize kernels (rows held in registers).
-pub const FUSED_NORM_MAX_COLS: usize = 16 * ROW_THREADS as usize;
-pub const FUSED_SILU_MAX_COLS: usize = 32 * ROW_THREADS as usize;
+/// Widest rows of the norm kernels (chunk sums in shared memory: MAX_NORM_CHUNKS in
+/// elementwise.cu) and of the fused silu + FP8 quantize.
+pub const FUSED_NORM_MAX_COLS: usize = 512 * NORM_CHUNK_COLS;
+pub const FUSED_SILU_MAX_COLS: usize = 1 << 20;
+/// Columns per warp chunk of the norm's fixed summation order (CHUNK_COLS in elementwise.cu).
+const NORM_CHUNK_COLS: usize = 128;
+/// The split-row fused kernels: blocks of SPLIT_THREADS covering SPLIT_COLS columns of a row.
+const SPLIT_THREADS: u32 = 128;
+const SPLIT_COLS: usize = 512;
+/// The row-per-block fused norm: 8 warps, at most 8 chunks per warp in registers; used once
+/// there are enough rows to fill the GPU (fewer rows are split over blocks instead).
+const NORM_ROWS_THREADS: u32 = 256;
+const NORM_ROWS_MAX_COLS: usize = 8 * 8 * NORM_CHUNK_COLS;
+const NORM_ROWS_MIN_ROWS: usize = 256;
 /// Query tokens × heads per block of the tensor-core attention (4 warps × 16 rows).
 pub const FLASH_ROWS: usize = 64;
 const FLASH_KEYS_PER_TILE: usize = 64;
@@ -60,6 +71,15 @@ pub struct Ops<'a> {
 
 fn rows(n: usize) -> (u32, u32, u32) {
     (n as u32, 1, 1)
+}
+
+/// Grid (column blocks, rows) of the split-row kernels.
+fn split_grid(n: usize, cols: usize) -> Result<(u32, u32, u32)> {
+    ensure!(
+        n <= 65535,
+        "{n} rows for a split-row kernel (at most 65535)"
+    );
+    Ok((cols.div_ceil(SPLIT_COLS) as u32, n as u32, 1))
 }
 
 impl Ops<'_> {
@@ -111,7 +131,8 @@ impl Ops<'_> {
         )
     }
 
-    /// `residual += delta` (if `delta != 0`), `out = rmsnorm(residual) * weight`.
+    /// `residual += delta` (if `delta != 0`), `out = rmsnorm(residual) * weight`. The sum of
+    /// squares has the fixed order of the fused [`Self::add_rmsnorm_fp8`] (same bits).
     pub fn add_rmsnorm(
         &self,
         residual: u64,
@@ -122,6 +143,10 @@ impl Ops<'_> {
         hidden: usize,
         eps: f32,
     ) -> Result<()> {
+        ensure!(
+            hidden <= FUSED_NORM_MAX_COLS,
+            "norm of {hidden} columns (at most {FUSED_NORM_MAX_COLS})"
+        );
         self.go(
             &self.typed("add_rmsnorm"),
             rows(n),
@@ -233,8 +258,21 @@ impl Ops<'_> {
         )
     }
 
-    /// [`Self::add_rmsnorm`] then [`Self::quantize_fp8`] of its output in one pass: writes the
-    /// residual, `xq` and `xs` (not the normalized row). `hidden` <= [`FUSED_NORM_MAX_COLS`].
+    /// Bytes of `scratch` that [`Self::add_rmsnorm_fp8`] needs for `n` rows of `hidden`.
+    pub fn fused_norm_scratch_bytes(n: usize, hidden: usize) -> usize {
+        4 * n * (hidden.div_ceil(NORM_CHUNK_COLS) + hidden.div_ceil(SPLIT_COLS))
+    }
+
+    /// Bytes of `scratch` that [`Self::silu_mul_fp8`] needs for `n` rows of `inter`.
+    pub fn fused_silu_scratch_bytes(n: usize, inter: usize) -> usize {
+        4 * n * inter.div_ceil(SPLIT_COLS)
+    }
+
+    /// [`Self::add_rmsnorm`] then [`Self::quantize_fp8`] of its output: writes the residual, `xq`
+    /// and `xs` (not the normalized row), the same bits as the unfused pair. Many rows: one block
+    /// per row; few rows (decode) or wide rows: each row split over blocks of 512 columns in three
+    /// passes whose partial sums and maxima go to `scratch`
+    /// ([`Self::fused_norm_scratch_bytes`]). `hidden` <= [`FUSED_NORM_MAX_COLS`].
     #[allow(clippy::too_many_arguments)]
     pub fn add_rmsnorm_fp8(
         &self,
@@ -243,6 +281,7 @@ impl Ops<'_> {
         weight: u64,
         xq: u64,
         xs: u64,
+        scratch: u64,
         n: usize,
         hidden: usize,
         eps: f32,
@@ -251,30 +290,75 @@ impl Ops<'_> {
             hidden <= FUSED_NORM_MAX_COLS,
             "fused norm of {hidden} columns (at most {FUSED_NORM_MAX_COLS})"
         );
+        if n >= NORM_ROWS_MIN_ROWS && hidden <= NORM_ROWS_MAX_COLS {
+            return self.go(
+                &self.typed("add_rmsnorm_fp8_rows"),
+                rows(n),
+                NORM_ROWS_THREADS,
+                0,
+                &[
+                    Arg::Ptr(residual),
+                    Arg::Ptr(delta),
+                    Arg::Ptr(weight),
+                    Arg::Ptr(xq),
+                    Arg::Ptr(xs),
+                    Arg::I32(hidden as i32),
+                    Arg::F32(eps),
+                ],
+            );
+        }
+        let grid = split_grid(n, hidden)?;
+        let ss = scratch;
+        let amax = scratch + (4 * n * hidden.div_ceil(NORM_CHUNK_COLS)) as u64;
+        let h = Arg::I32(hidden as i32);
         self.go(
-            &self.typed("add_rmsnorm_fp8"),
-            rows(n),
-            ROW_THREADS,
+            &self.typed("norm_split_ss"),
+            grid,
+            SPLIT_THREADS,
+            0,
+            &[Arg::Ptr(residual), Arg::Ptr(delta), Arg::Ptr(ss), h],
+        )?;
+        self.go(
+            &self.typed("norm_split_amax"),
+            grid,
+            SPLIT_THREADS,
             0,
             &[
                 Arg::Ptr(residual),
-                Arg::Ptr(delta),
                 Arg::Ptr(weight),
+                Arg::Ptr(ss),
+                Arg::Ptr(amax),
+                h,
+                Arg::F32(eps),
+            ],
+        )?;
+        self.go(
+            &self.typed("norm_split_quant"),
+            grid,
+            SPLIT_THREADS,
+            0,
+            &[
+                Arg::Ptr(residual),
+                Arg::Ptr(weight),
+                Arg::Ptr(ss),
+                Arg::Ptr(amax),
                 Arg::Ptr(xq),
                 Arg::Ptr(xs),
-                Arg::I32(hidden as i32),
+                h,
                 Arg::F32(eps),
             ],
         )
     }
 
-    /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output in one pass (one block per
-    /// row). `inter` <= [`FUSED_SILU_MAX_COLS`].
+    /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output, the same bits as the
+    /// unfused pair: each row split over blocks of 512 columns, a pass for the partial maxima
+    /// (into `scratch`, [`Self::fused_silu_scratch_bytes`]) and one that quantizes.
     pub fn silu_mul_fp8(
         &self,
         xq: u64,
         xs: u64,
         gate_up: u64,
+        scratch: u64,
         n: usize,
         inter: usize,
     ) -> Result<()> {
@@ -282,16 +366,26 @@ impl Ops<'_> {
             inter <= FUSED_SILU_MAX_COLS,
             "fused silu_mul of {inter} columns (at most {FUSED_SILU_MAX_COLS})"
         );
+        let grid = split_grid(n, inter)?;
+        let i = Arg::I32(inter as i32);
         self.go(
-            &self.typed("silu_mul_fp8"),
-            rows(n),
-            ROW_THREADS,
+            &self.typed("silu_split_amax"),
+            grid,
+            SPLIT_THREADS,
+            0,
+            &[Arg::Ptr(gate_up), Arg::Ptr(scratch), i],
+        )?;
+        self.go(
+            &self.typed("silu_split_quant"),
+            grid,
+            SPLIT_THREADS,
             0,
             &[
                 Arg::Ptr(xq),
                 Arg::Ptr(xs),
                 Arg::Ptr(gate_up),
-                Arg::I32(inter as i32),
+                Arg::Ptr(scratch),
+                i,
             ],
         )
     }
