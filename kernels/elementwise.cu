@@ -33,6 +33,7 @@ __device__ void final_norm_rows_t(A* out, const float* residual, const A* delta,
 
 // Rotary embedding (rotate-half pairing i, i + head_dim/2), in place on the q and k heads of a fused
 // qkv row: q heads start at column 0, k heads right after. inv_freq already has llama3 scaling.
+// Grid (rows, pair blocks): a decode row's pairs are spread over several blocks.
 template <typename A>
 __device__ void rope_t(A* qkv, const int* positions, const float* inv_freq, int row_stride, int num_q_heads,
                        int num_kv_heads, int head_dim) {
@@ -41,7 +42,7 @@ __device__ void rope_t(A* qkv, const int* positions, const float* inv_freq, int 
     float pos = (float)positions[t];
     int pairs = (num_q_heads + num_kv_heads) * half;
     A* row = qkv + (u64)t * row_stride;
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < pairs; p += gridDim.y * blockDim.x) {
         int head = p / half, i = p % half;
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);

@@ -183,9 +183,15 @@ fn add_rmsnorm_and_final_rows() {
 #[test]
 fn rope_rotates_q_and_k_heads() {
     let Some((e, mut rng)) = env() else { return };
-    let (n, nh, nkv, hd) = (23, 8, 2, 128);
+    // Pairs spread over several blocks per row; a 70B decode row (64 q + 8 kv heads).
+    for (n, nh, nkv, hd) in [(23, 8, 2, 128), (1, 64, 8, 128), (3, 4, 1, 64)] {
+        rope_case(&e, &mut rng, n, nh, nkv, hd);
+    }
+}
+
+fn rope_case(e: &Env, rng: &mut ChaCha8Rng, n: usize, nh: usize, nkv: usize, hd: usize) {
     let stride = (nh + 2 * nkv) * hd;
-    let qkv = rand_bf16(&mut rng, n * stride, 1.0);
+    let qkv = rand_bf16(rng, n * stride, 1.0);
     let pos: Vec<i32> = (0..n).map(|_| rng.random_range(0..5000)).collect();
     let inv: Vec<f32> = (0..hd / 2)
         .map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32))
@@ -211,7 +217,12 @@ fn rope_rotates_q_and_k_heads() {
             }
         }
     }
-    check("rope", &e.bf16s(&dq, n * stride), &want, 1e-2);
+    check(
+        &format!("rope {n}x{nh}+{nkv}x{hd}"),
+        &e.bf16s(&dq, n * stride),
+        &want,
+        1e-2,
+    );
 }
 
 #[test]

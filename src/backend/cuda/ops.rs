@@ -8,6 +8,7 @@ use cudarc::driver::sys::CUstream;
 /// Threads per block for the per-row kernels (one block per row: a decode row of 8192-28672
 /// values needs many threads in flight).
 const ROW_THREADS: u32 = 1024;
+const ROPE_THREADS: u32 = 256;
 /// Query tokens × heads per attention block (the kernel's R limit).
 pub const ATTENTION_ROWS: usize = 32;
 const ATTENTION_KEYS_PER_TILE: usize = 32;
@@ -206,10 +207,12 @@ impl Ops<'_> {
         kv_heads: usize,
         head_dim: usize,
     ) -> Result<()> {
+        // A pair per thread, so a decode row spreads over many blocks.
+        let pairs = (q_heads + kv_heads) * (head_dim / 2);
         self.go(
             &self.typed("rope"),
-            rows(n),
-            ROW_THREADS,
+            (n as u32, (pairs as u32).div_ceil(ROPE_THREADS).max(1), 1),
+            ROPE_THREADS,
             0,
             &[
                 Arg::Ptr(qkv),
