@@ -262,14 +262,19 @@ __device__ void add_rmsnorm_fp8_rows_t(float* residual, const A* delta, const bf
     __syncthreads();
     float inv = inv_rms(sums, nchunks, hidden, eps);
     float amax = 0.0f;
+    bool vw = vec_ok(weight, hidden);
 #pragma unroll
     for (int k = 0; k < ROW_NORM_CHUNKS_PER_WARP; k++) {
         int c0 = (warp + 8 * k) * CHUNK_COLS + lane * LANE_COLS;
+        if (c0 < hidden) {
+            float w[LANE_COLS];
+            load4(weight, c0, hidden, vw, w);
 #pragma unroll
-        for (int j = 0; j < LANE_COLS; j++) {
-            if (c0 + j < hidden) {
-                v[k][j] = as_act<A>(v[k][j] * inv * bf2f(weight[c0 + j]));
-                amax = fmaxf(amax, fabsf(v[k][j]));
+            for (int j = 0; j < LANE_COLS; j++) {
+                if (c0 + j < hidden) {
+                    v[k][j] = as_act<A>(v[k][j] * inv * w[j]);
+                    amax = fmaxf(amax, fabsf(v[k][j]));
+                }
             }
         }
     }
@@ -309,9 +314,11 @@ __device__ __forceinline__ int norm_split_values(const float* residual, const bf
     float inv = inv_rms(ss + (u64)t * nchunks, nchunks, hidden, eps);
     const float* r = residual + (u64)t * hidden;
     int c0 = blockIdx.x * SPLIT_COLS + threadIdx.x * LANE_COLS;
+    float w[LANE_COLS];
     load4(r, c0, hidden, vec_ok(r, hidden), v);
+    load4(weight, c0, hidden, vec_ok(weight, hidden), w);
 #pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < hidden ? as_act<A>(v[j] * inv * bf2f(weight[c0 + j])) : 0.0f;
+    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < hidden ? as_act<A>(v[j] * inv * w[j]) : 0.0f;
     return c0;
 }
 
@@ -431,7 +438,7 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
                                                             int cols) {                                       \
         quantize_fp8_scaled_t<A>(out, scales, in, cols);                                                      \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) add_rmsnorm_fp8_rows_##SUFFIX(                       \
+    extern "C" __global__ void __launch_bounds__(256, 3) add_rmsnorm_fp8_rows_##SUFFIX(                    \
         float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) {     \
         add_rmsnorm_fp8_rows_t<A>(residual, delta, weight, xq, xs, hidden, eps);                              \
     }                                                                                                         \
