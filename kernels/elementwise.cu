@@ -403,6 +403,18 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
     if (slot < 0) return;
     int block = slot / block_size, off = slot % block_size;
     u64 row = (u64)t * row_stride;
+    // 16-byte copies of the raw bits when everything is aligned to them (same type both sides).
+    constexpr int VEC = 16 / sizeof(A);
+    if (sizeof(A) == sizeof(C) && head_dim % VEC == 0 && row_stride % VEC == 0 && k_col % VEC == 0 &&
+        v_col % VEC == 0 && (u64)qkv % 16 == 0 && (u64)k_cache % 16 == 0 && (u64)v_cache % 16 == 0) {
+        for (int i = threadIdx.x * VEC; i < num_kv_heads * head_dim; i += blockDim.x * VEC) {
+            int h = i / head_dim, d = i % head_dim;
+            u64 dst = (((u64)block * num_kv_heads + h) * block_size + off) * head_dim + d;
+            *(uint4*)(k_cache + dst) = *(const uint4*)(qkv + row + k_col + i);
+            *(uint4*)(v_cache + dst) = *(const uint4*)(qkv + row + v_col + i);
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x) {
         int h = i / head_dim, d = i % head_dim;
         u64 dst = (((u64)block * num_kv_heads + h) * block_size + off) * head_dim + d;

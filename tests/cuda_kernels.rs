@@ -294,9 +294,16 @@ fn quantize_fp8_per_token() {
 #[test]
 fn kv_write_fills_only_its_slots() {
     let Some((e, mut rng)) = env() else { return };
-    let (nkv, hd, bs, blocks, n, nh) = (2, 64, 16, 6, 20, 4);
+    // 16-byte copies (head_dim 64), the scalar path (head_dim 6), a 70B row (8 x 128).
+    for (nkv, hd, nh) in [(2, 64, 4), (3, 6, 6), (8, 128, 64)] {
+        kv_write_case(&e, &mut rng, nkv, hd, nh);
+    }
+}
+
+fn kv_write_case(e: &Env, rng: &mut ChaCha8Rng, nkv: usize, hd: usize, nh: usize) {
+    let (bs, blocks, n) = (16, 6, 20);
     let stride = (nh + 2 * nkv) * hd;
-    let qkv = rand_bf16(&mut rng, n * stride, 1.0);
+    let qkv = rand_bf16(rng, n * stride, 1.0);
     let mut slots: Vec<i32> = (0..(blocks * bs) as i32).collect();
     for i in (1..slots.len()).rev() {
         let j = rng.random_range(0..=i);
