@@ -134,6 +134,7 @@ impl Ops<'_> {
 
     /// `residual += delta` (if `delta != 0`), `out = rmsnorm(residual) * weight`. The sum of
     /// squares has the fixed order of the fused [`Self::add_rmsnorm_fp8`] (same bits).
+    #[allow(clippy::too_many_arguments)]
     pub fn add_rmsnorm(
         &self,
         residual: u64,
