@@ -82,7 +82,8 @@ const PLAIN: &[(&str, &[&str])] = &[
     ("flash_attention", FLASH_ATTENTION),
 ];
 
-/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`).
+/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`), and its
+/// decode-only variant (`Ops::flash_decode`).
 pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd16",
     "flash_attention_hd32",
@@ -92,6 +93,14 @@ pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd96",
     "flash_attention_hd112",
     "flash_attention_hd128",
+    "flash_decode_hd16",
+    "flash_decode_hd32",
+    "flash_decode_hd48",
+    "flash_decode_hd64",
+    "flash_decode_hd80",
+    "flash_decode_hd96",
+    "flash_decode_hd112",
+    "flash_decode_hd128",
 ];
 
 /// Every kernel name of a module.
@@ -239,6 +248,14 @@ const BIG_SHARED: &[(&str, i32)] = &[
     ("flash_attention_hd96", 96 * 1024),
     ("flash_attention_hd112", 96 * 1024),
     ("flash_attention_hd128", 96 * 1024),
+    ("flash_decode_hd16", 96 * 1024),
+    ("flash_decode_hd32", 96 * 1024),
+    ("flash_decode_hd48", 96 * 1024),
+    ("flash_decode_hd64", 96 * 1024),
+    ("flash_decode_hd80", 96 * 1024),
+    ("flash_decode_hd96", 96 * 1024),
+    ("flash_decode_hd112", 96 * 1024),
+    ("flash_decode_hd128", 96 * 1024),
 ];
 
 impl Kernels {
