@@ -10,6 +10,7 @@
 // key slice w / MT of each 64-key tile (KS = 4 / MT slices) for a decode item (one query), so
 // G <= 16 rows keep all 4 warps busy. The warps' online-softmax states are merged through shared memory at the end.
 // Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
+// Pure decode steps (G <= 8) run flash_decode_hd* (below) instead.
 
 #define FA_KT 64
 #define FA_WARPS 4
@@ -350,14 +351,14 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_hd112(FLASH_PA
 extern "C" __global__ void __launch_bounds__(128) flash_attention_hd128(FLASH_PARAMS) { flash_attention_t<128>(FLASH_ARGS); }
 
 // ---------------------------------------------------------------------------------------------
-// Decode (every work item has one query token, G <= 8 heads per kv head, padded to the 16 rows
-// of an MMA tile by zero registers): one block of 4 warps
-// per (item, kv head), each warp owning a contiguous quarter of the item's keys and streaming it
-// through its own ring of 3 shared-memory slots of 16 keys (K and V of a 16-key step take one
-// slot each, so 2-3 slots, 8-12 KB, are always in flight per warp) with warp-only syncs. 54 KB of
-// shared memory (head_dim 128) and <= 128 registers: 4 blocks (16 pipelines) per SM. The warps' states are
-// merged in shared memory at the end as in flash_body. P keeps the hi+lo BF16 split, so decode
-// agrees with the prefill kernel to F32-like accuracy.
+// Decode (every work item has one query token; G <= 8 heads per kv head, the top half of a
+// 16-row MMA tile whose bottom half is zero registers): one block of 4 warps per (item, kv head),
+// each warp owning a contiguous quarter of the item's keys and streaming it through its own ring
+// of 3 shared-memory slots of 16 key rows (K and V of a 16-key step take one slot each, so 2-3
+// slots, 8-13 KB, are in flight per warp) with warp-only syncs. 54 KB of shared memory
+// (head_dim 128) and 125 registers: 4 blocks (16 independent pipelines) per SM. The warps' states
+// are merged in shared memory at the end as in flash_body. P keeps the hi+lo BF16 split, so
+// decode agrees with the prefill kernel to F32-like accuracy.
 #define FD_SLOTS 3
 #define FD_KEYS 16
 
@@ -548,7 +549,6 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
         }
     }
 }
-
 
 // Decode-only launches (every item one query, G <= 8); 4 warps, 4 blocks per SM.
 extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd16(FLASH_PARAMS) { flash_decode_body<16>(FLASH_ARGS); }
