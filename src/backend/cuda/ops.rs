@@ -420,7 +420,9 @@ impl Ops<'_> {
 
     /// Causal paged attention; `meta` holds device pointers to the tile and block-table arrays.
     /// BF16 with a head_dim of 16..=128 (multiple of 16) runs on tensor cores
-    /// (`flash_attention.cu`); everything else on CUDA cores (`attention.cu`).
+    /// (`flash_attention.cu`: the decode kernel for decode-only steps with at most
+    /// [`FLASH_DECODE_GROUP`] query heads per kv head, else the general one); everything else on
+    /// CUDA cores (`attention.cu`).
     pub fn paged_attention(&self, a: &AttentionArgs) -> Result<()> {
         let group = a.q_heads / a.kv_heads;
         if a.decode_only && flash_decode_supported(group, a.head_dim, self.act) {
