@@ -200,9 +200,12 @@ __device__ void attention_combine_t(A* out, const float* part_ml, const float* p
     int G = num_q_heads / num_kv_heads, kvh = h / G, r = h % G;
     if (d >= head_dim) return;
     int p0 = group_part0[g], np = group_nparts[g], q0 = group_q0[g];
+    // Unrolled so that several parts' loads are in flight at once (the loops are latency bound).
     float mx = NEG_INF;
+#pragma unroll 4
     for (int p = 0; p < np; p++) mx = fmaxf(mx, part_ml[2 * (((u64)(p0 + p) * num_kv_heads + kvh) * G + r)]);
     float sum = 0.0f, acc = 0.0f;
+#pragma unroll 4
     for (int p = 0; p < np; p++) {
         u64 row = ((u64)(p0 + p) * num_kv_heads + kvh) * G + r;
         float l = part_ml[2 * row + 1];

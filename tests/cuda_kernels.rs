@@ -8,7 +8,7 @@ use tandem::backend::cuda::device::{gpu_available, DeviceBuffer, Gpu};
 use tandem::backend::cuda::gemm::{Fp8Path, Gemm};
 use tandem::backend::cuda::kernels::Kernels;
 use tandem::backend::cuda::meta::{plan_step, SplitPolicy};
-use tandem::backend::cuda::ops::{AttentionArgs, Ops, Precision};
+use tandem::backend::cuda::ops::{flash_decode_supported, AttentionArgs, Ops, Precision};
 use tandem::backend::{Batch, Emit, SeqChunk};
 
 struct Env {
@@ -395,9 +395,19 @@ struct AttentionCase {
     seqs: Vec<(usize, usize, Vec<u32>)>,
 }
 
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum AttnKernel {
+    /// The tensor-core kernel for prefill chunks (and mixed batches).
+    Flash,
+    /// The tensor-core kernel for decode-only batches.
+    Decode,
+    CudaCores,
+}
+
 /// Runs `case` on random inputs against [`ref_attention`]: whole tiles, decode tiles split into
 /// key ranges (merged by attention_combine) at the tightest and at the serving split policy, with
-/// the kernel `paged_attention` picks for BF16 (tensor cores when `flash`) or the CUDA-core one.
+/// the tensor-core kernel, the CUDA-core one and, for a decode-only batch, the decode kernel (which
+/// must also agree closely with the prefill kernel on the same tokens).
 fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     let (nh, nkv, hd, bs) = (c.nh, c.nkv, c.hd, c.bs);
     let stride = (nh + 2 * nkv) * hd;
@@ -459,7 +469,7 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         ..tight
     };
     // Output rows (as f32) and, per token, whether its tile had more than one query.
-    let run = |flash: bool, q_per_tile: usize, policy: Option<SplitPolicy>| {
+    let run = |kernel: AttnKernel, q_per_tile: usize, policy: Option<SplitPolicy>| {
         let plan = plan_step(&batch, bs, c.num_blocks, 1, q_per_tile, policy).unwrap();
         let meta = e.gpu.upload(&plan.packed).unwrap();
         let m = |off: usize| meta.ptr + 4 * off as u64;
@@ -491,11 +501,12 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             block_size: bs,
             scale: 1.0 / (hd as f32).sqrt(),
             q_per_tile,
+            decode_only: plan.all_decode,
         };
-        if flash {
-            e.ops().flash_attention(&args).unwrap();
-        } else {
-            e.ops().paged_attention_cuda_cores(&args).unwrap();
+        match kernel {
+            AttnKernel::Flash => e.ops().flash_attention(&args).unwrap(),
+            AttnKernel::Decode => e.ops().flash_decode(&args).unwrap(),
+            AttnKernel::CudaCores => e.ops().paged_attention_cuda_cores(&args).unwrap(),
         }
         if plan.num_groups > 0 {
             let (g0, gn, gq) = (m(at.group_part0), m(at.group_nparts), m(at.group_q0));
@@ -524,30 +535,49 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         }
         (e.bf16s(&out, n * nh * hd), multi, plan.num_parts)
     };
-    for flash in [true, false] {
-        let precision = if flash {
-            Precision::Bf16
-        } else {
-            Precision::F32 // only picks the CUDA-core tile size; the data stays BF16
+    let group = nh / nkv;
+    let all_decode = c.seqs.iter().all(|s| s.1 == 1);
+    let mut kernels = vec![AttnKernel::Flash, AttnKernel::CudaCores];
+    if all_decode && flash_decode_supported(group, hd, Precision::Bf16) {
+        kernels.push(AttnKernel::Decode);
+    }
+    for &kernel in &kernels {
+        let precision = match kernel {
+            AttnKernel::CudaCores => Precision::F32, // only picks the tile size; data stays BF16
+            _ => Precision::Bf16,
         };
-        let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv, hd, precision);
+        let q_per_tile = Ops::attention_tokens_per_tile(group, hd, precision);
         for policy in [None, Some(tight), Some(serving)] {
-            let (out, _, parts) = run(flash, q_per_tile, policy);
-            let what = format!(
-                "{} nh={nh} nkv={nkv} hd={hd} bs={bs} q_per_tile={q_per_tile} parts={parts}",
-                if flash { "flash" } else { "cuda-cores" },
-            );
+            let (out, _, parts) = run(kernel, q_per_tile, policy);
+            let what =
+                format!("{kernel:?} nh={nh} nkv={nkv} hd={hd} bs={bs} q_per_tile={q_per_tile} parts={parts}");
             check(&what, &out, &want, 1e-2);
         }
+    }
+    let flash_q_per_tile = Ops::attention_tokens_per_tile(group, hd, Precision::Bf16);
+    if kernels.contains(&AttnKernel::Decode) {
+        // Decode and prefill kernels on the same tokens: both keep P at F32-like accuracy, so they
+        // differ by little more than the final BF16 rounding (FP8 models amplify any more).
+        let (prefill, _, _) = run(AttnKernel::Flash, flash_q_per_tile, None);
+        let prefill: Vec<f64> = prefill.iter().map(|&x| x as f64).collect();
+        for policy in [None, Some(serving)] {
+            let (decode, _, parts) = run(AttnKernel::Decode, flash_q_per_tile, policy);
+            let what =
+                format!("decode vs prefill kernel nh={nh} nkv={nkv} hd={hd} bs={bs} parts={parts}");
+            check(&what, &decode, &prefill, 3e-3);
+        }
+    }
+    if all_decode {
+        return; // no multi-query tiles to compare below
     }
     // Tensor cores: a token of a multi-query tile gets the same bits whatever else shares its
     // tile (so chunked and whole prefills agree exactly).
     let (big, big_multi, _) = run(
-        true,
+        AttnKernel::Flash,
         Ops::attention_tokens_per_tile(nh / nkv, hd, Precision::Bf16),
         None,
     );
-    let (small, small_multi, _) = run(true, 2, None);
+    let (small, small_multi, _) = run(AttnKernel::Flash, 2, None);
     let row = nh * hd;
     let mut compared = 0;
     for t in 0..n {
@@ -634,6 +664,63 @@ fn paged_attention_odd_and_serving_block_sizes() {
         ],
     };
     check_attention(&e, &mut rng, &case);
+}
+
+/// Decode-only batches (the decode kernel): small shapes with odd block sizes and decodes at
+/// positions that leave warps without keys (0, 1, 15..17, 63..65), and the 70B's serving shape
+/// (64 query heads, 8 kv heads, head_dim 128, block size 128) at batch 1 and 32, context ~3000.
+#[test]
+fn paged_attention_decode_batches() {
+    let Some((e, mut rng)) = env() else { return };
+    for (nh, nkv, hd, bs) in [
+        (8, 1, 128, 16),
+        (4, 2, 64, 7),
+        (6, 2, 16, 7),
+        (2, 2, 32, 16),
+        (8, 8, 48, 3),
+        (32, 4, 128, 128),
+    ] {
+        let positions = [0usize, 1, 15, 16, 17, 63, 64, 65, 300];
+        let per_seq = 301usize.div_ceil(bs);
+        let case = AttentionCase {
+            nh,
+            nkv,
+            hd,
+            bs,
+            num_blocks: per_seq * positions.len(),
+            seqs: positions
+                .iter()
+                .enumerate()
+                .map(|(s, &p)| {
+                    // Blocks of a sequence are scattered (reversed) over the pool.
+                    let table = (0..(p + 1).div_ceil(bs))
+                        .map(|i| ((positions.len() - 1 - s) * per_seq + i) as u32)
+                        .rev()
+                        .collect();
+                    (p, 1, table)
+                })
+                .collect(),
+        };
+        check_attention(&e, &mut rng, &case);
+    }
+    // 70B serving shape; sequences share blocks of a 64-block pool in scrambled orders.
+    for batch in [1usize, 32] {
+        let case = AttentionCase {
+            nh: 64,
+            nkv: 8,
+            hd: 128,
+            bs: 128,
+            num_blocks: 64,
+            seqs: (0..batch)
+                .map(|s| {
+                    let pos = 2999 - (s % 5) * 37;
+                    let table = (0..24).map(|i| ((s * 7 + i * 5) % 64) as u32).collect();
+                    (pos, 1, table)
+                })
+                .collect(),
+        };
+        check_attention(&e, &mut rng, &case);
+    }
 }
 
 fn host_gemm(x: &[f64], w: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {

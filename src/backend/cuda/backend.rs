@@ -588,6 +588,7 @@ impl CudaBackend {
                 block_size: self.opts.block_size,
                 scale: 1.0 / (hd as f32).sqrt(),
                 q_per_tile,
+                decode_only: plan.all_decode,
             })?;
             self.mark("attention")?;
             if plan.num_groups > 0 {

@@ -86,7 +86,8 @@ const PLAIN: &[(&str, &[&str])] = &[
     ("flash_attention", FLASH_ATTENTION),
 ];
 
-/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`).
+/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`), and its
+/// decode-only variant (`Ops::flash_decode`).
 pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd16",
     "flash_attention_hd32",
@@ -96,6 +97,14 @@ pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd96",
     "flash_attention_hd112",
     "flash_attention_hd128",
+    "flash_decode_hd16",
+    "flash_decode_hd32",
+    "flash_decode_hd48",
+    "flash_decode_hd64",
+    "flash_decode_hd80",
+    "flash_decode_hd96",
+    "flash_decode_hd112",
+    "flash_decode_hd128",
 ];
 
 /// Every kernel name of a module.
@@ -243,6 +252,14 @@ const BIG_SHARED: &[(&str, i32)] = &[
     ("flash_attention_hd96", 96 * 1024),
     ("flash_attention_hd112", 96 * 1024),
     ("flash_attention_hd128", 96 * 1024),
+    ("flash_decode_hd16", 96 * 1024),
+    ("flash_decode_hd32", 96 * 1024),
+    ("flash_decode_hd48", 96 * 1024),
+    ("flash_decode_hd64", 96 * 1024),
+    ("flash_decode_hd80", 96 * 1024),
+    ("flash_decode_hd96", 96 * 1024),
+    ("flash_decode_hd112", 96 * 1024),
+    ("flash_decode_hd128", 96 * 1024),
 ];
 
 impl Kernels {

@@ -41,6 +41,8 @@ pub struct StepPlan {
     pub num_groups: usize,
     pub num_parts: usize,
     pub num_seqs: usize,
+    /// Every work item has one query token (a pure decode step: the decode attention kernel runs).
+    pub all_decode: bool,
     /// Sequence index of each emitting row, in batch order.
     pub emit_seqs: Vec<usize>,
     /// Whether each emitting row wants full logits (else a sampled token).
@@ -48,7 +50,8 @@ pub struct StepPlan {
 }
 
 /// How one-query (decode) tiles are split over their keys (flash-decoding), so that a few long
-/// sequences still give enough blocks to fill the GPU.
+/// sequences still give enough blocks to fill the GPU. Parts per tile are rounded down, so the
+/// blocks stay within `target_blocks` (one wave when that is what fits on the GPU at once).
 #[derive(Debug, Clone, Copy)]
 pub struct SplitPolicy {
     /// Blocks (work items × kv heads) to aim for.
@@ -141,7 +144,7 @@ pub fn plan_step(
         let keys = positions[q0 + qn - 1] as usize + 1;
         let mut ns = 1;
         if let (Some(sp), 1) = (split, qn) {
-            let want = sp.target_blocks.div_ceil(tiles * sp.kv_heads.max(1));
+            let want = sp.target_blocks / (tiles * sp.kv_heads.max(1));
             ns = want.min(keys / sp.min_keys.max(32)).max(1);
             if parts + ns > sp.max_parts {
                 ns = 1;
@@ -201,6 +204,7 @@ pub fn plan_step(
         num_groups: g_part0.len(),
         num_parts: parts,
         num_seqs: batch.seqs.len(),
+        all_decode: tile_q_len.iter().all(|&q| q == 1),
         emit_seqs,
         emit_logits,
     })
@@ -310,6 +314,69 @@ mod tests {
                 .unwrap()
                 .num_parts,
             0
+        );
+    }
+
+    #[test]
+    fn decode_splits_stay_within_one_wave() {
+        // 32 decode sequences at 3000 keys, 8 kv heads, 528 blocks fit at once: 2 parts each
+        // (512 blocks), not 3 (768, a second wave).
+        let seqs = (0..32)
+            .map(|s| {
+                chunk(
+                    vec![1],
+                    2999,
+                    (s * 24..s * 24 + 24).collect(),
+                    Emit::Nothing,
+                )
+            })
+            .collect();
+        let policy = SplitPolicy {
+            target_blocks: 528,
+            kv_heads: 8,
+            max_parts: 2048,
+            min_keys: 128,
+        };
+        let p = plan_step(&Batch { seqs }, 128, 32 * 24, 10, 8, Some(policy)).unwrap();
+        assert!(p.all_decode);
+        assert_eq!((p.num_tiles, p.num_groups, p.num_parts), (64, 32, 64));
+        assert!(p.num_tiles * 8 <= 528);
+        let get = |o: usize| p.packed[o..o + 2].to_vec();
+        assert_eq!(get(p.at.tile_kbeg), vec![0, 1504]);
+        assert_eq!(get(p.at.tile_kend), vec![1504, 3000]);
+        // One sequence: as many parts as min_keys allows (3000 / 128 = 23), under 528 / 8 = 66.
+        let one = Batch {
+            seqs: vec![chunk(vec![1], 2999, (0..24).collect(), Emit::Nothing)],
+        };
+        let p = plan_step(&one, 128, 24, 10, 8, Some(policy)).unwrap();
+        assert!(p.all_decode);
+        assert!(p.num_parts > 16 && p.num_parts <= 23, "{}", p.num_parts);
+        // More sequences than fit: no split at all.
+        let many = Batch {
+            seqs: (0..80)
+                .map(|s| {
+                    chunk(
+                        vec![1],
+                        299,
+                        vec![s * 3, s * 3 + 1, s * 3 + 2],
+                        Emit::Nothing,
+                    )
+                })
+                .collect(),
+        };
+        let p = plan_step(&many, 128, 240, 10, 8, Some(policy)).unwrap();
+        assert_eq!((p.num_tiles, p.num_parts), (80, 0));
+        // A prefill chunk in the batch: not a decode-only step.
+        let mixed = Batch {
+            seqs: vec![
+                chunk(vec![1], 10, vec![0], Emit::Nothing),
+                chunk(vec![1, 2], 0, vec![1], Emit::Nothing),
+            ],
+        };
+        assert!(
+            !plan_step(&mixed, 128, 2, 10, 8, Some(policy))
+                .unwrap()
+                .all_decode
         );
     }
 }

@@ -39,6 +39,19 @@ pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
         && (1..=FLASH_ROWS).contains(&group)
 }
 
+/// Most query heads per kv head of the decode kernel (the top half of a 16-row MMA tile; the
+/// bottom half stays zero, which keeps the kernel under 128 registers).
+pub const FLASH_DECODE_GROUP: usize = 8;
+
+/// Whether the tensor-core decode kernel takes this shape (and `TANDEM_FLASH_DECODE` is not `0`,
+/// which falls back to the general kernel, for comparisons).
+pub fn flash_decode_supported(group: usize, head_dim: usize, act: Precision) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled =
+        *ENABLED.get_or_init(|| std::env::var("TANDEM_FLASH_DECODE").map_or(true, |v| v != "0"));
+    enabled && group <= FLASH_DECODE_GROUP && flash_supported(group, head_dim, act)
+}
+
 /// Storage type of activations (and of the KV cache): BF16 for serving, F32 for the
 /// reference-precision mode that matches an f32 implementation token for token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -506,10 +519,15 @@ impl Ops<'_> {
 
     /// Causal paged attention; `meta` holds device pointers to the tile and block-table arrays.
     /// BF16 with a head_dim of 16..=128 (multiple of 16) runs on tensor cores
-    /// (`flash_attention.cu`); everything else on CUDA cores (`attention.cu`).
+    /// (`flash_attention.cu`: the decode kernel for decode-only steps with at most
+    /// [`FLASH_DECODE_GROUP`] query heads per kv head, else the general one); everything else on
+    /// CUDA cores (`attention.cu`).
     pub fn paged_attention(&self, a: &AttentionArgs) -> Result<()> {
         let group = a.q_heads / a.kv_heads;
-        if flash_supported(group, a.head_dim, self.act) && a.q_per_tile * group <= FLASH_ROWS {
+        if a.decode_only && flash_decode_supported(group, a.head_dim, self.act) {
+            self.flash_decode(a)
+        } else if flash_supported(group, a.head_dim, self.act) && a.q_per_tile * group <= FLASH_ROWS
+        {
             self.flash_attention(a)
         } else {
             self.paged_attention_cuda_cores(a)
@@ -540,28 +558,33 @@ impl Ops<'_> {
             (a.num_tiles as u32, a.kv_heads as u32, 1),
             128,
             stages.max(merge) as u32,
-            &[
-                Arg::Ptr(a.out),
-                Arg::Ptr(a.qkv),
-                Arg::Ptr(a.k_cache),
-                Arg::Ptr(a.v_cache),
-                Arg::Ptr(a.positions),
-                Arg::Ptr(a.tile_seq),
-                Arg::Ptr(a.tile_q_start),
-                Arg::Ptr(a.tile_q_len),
-                Arg::Ptr(a.block_tables),
-                Arg::Ptr(a.block_table_start),
-                Arg::Ptr(a.tile_kbeg),
-                Arg::Ptr(a.tile_kend),
-                Arg::Ptr(a.tile_part),
-                Arg::Ptr(a.part_ml),
-                Arg::Ptr(a.part_acc),
-                Arg::I32(a.row_stride as i32),
-                Arg::I32(a.q_heads as i32),
-                Arg::I32(a.kv_heads as i32),
-                Arg::I32(a.block_size as i32),
-                Arg::F32(a.scale),
-            ],
+            &flash_args(a),
+        )
+    }
+
+    /// The tensor-core decode kernel: every work item must have one query token (`decode_only`);
+    /// one block of 4 warps per (work item, kv head), each warp streaming its quarter of the keys.
+    pub fn flash_decode(&self, a: &AttentionArgs) -> Result<()> {
+        let group = a.q_heads / a.kv_heads;
+        ensure!(
+            a.decode_only && flash_decode_supported(group, a.head_dim, self.act),
+            "flash decode takes one-query work items, BF16, head_dim 16..=128 in steps of 16 and at \
+             most {FLASH_DECODE_GROUP} query heads per kv head (got {:?}, head_dim {}, group {group})",
+            self.act,
+            a.head_dim
+        );
+        let hd = a.head_dim;
+        // Per warp a ring of 3 slots of 16 key rows (padded by 8), then Q's 8 rows; the final
+        // merge of the 4 warps reuses the rings.
+        let rings = 4 * 3 * 16 * (hd + 8) * 2;
+        let merge = (4 * 8 * (hd + 4) + 4 * 8 * 2) * 4;
+        let q = 8 * (hd + 8) * 2;
+        self.go(
+            &format!("flash_decode_hd{hd}"),
+            (a.num_tiles as u32, a.kv_heads as u32, 1),
+            128,
+            (rings.max(merge) + q) as u32,
+            &flash_args(a),
         )
     }
 
@@ -705,6 +728,32 @@ impl Ops<'_> {
     }
 }
 
+/// The argument list shared by `flash_attention_hd*` and `flash_decode_hd*`.
+fn flash_args(a: &AttentionArgs) -> Vec<Arg> {
+    vec![
+        Arg::Ptr(a.out),
+        Arg::Ptr(a.qkv),
+        Arg::Ptr(a.k_cache),
+        Arg::Ptr(a.v_cache),
+        Arg::Ptr(a.positions),
+        Arg::Ptr(a.tile_seq),
+        Arg::Ptr(a.tile_q_start),
+        Arg::Ptr(a.tile_q_len),
+        Arg::Ptr(a.block_tables),
+        Arg::Ptr(a.block_table_start),
+        Arg::Ptr(a.tile_kbeg),
+        Arg::Ptr(a.tile_kend),
+        Arg::Ptr(a.tile_part),
+        Arg::Ptr(a.part_ml),
+        Arg::Ptr(a.part_acc),
+        Arg::I32(a.row_stride as i32),
+        Arg::I32(a.q_heads as i32),
+        Arg::I32(a.kv_heads as i32),
+        Arg::I32(a.block_size as i32),
+        Arg::F32(a.scale),
+    ]
+}
+
 /// Arguments of [`Ops::paged_attention`].
 pub struct AttentionArgs {
     pub out: u64,
@@ -732,4 +781,6 @@ pub struct AttentionArgs {
     pub block_size: usize,
     pub scale: f32,
     pub q_per_tile: usize,
+    /// Every work item has one query token (a pure decode step): the decode kernel may run.
+    pub decode_only: bool,
 }
