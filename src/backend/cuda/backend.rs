@@ -14,13 +14,19 @@ use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::meta::{plan_step, SplitPolicy, StepPlan};
 use super::nccl::{TpRank, TpSetup};
-use super::ops::{AttentionArgs, Ops, Precision, FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS};
+use super::ops::{AttentionArgs, Ops, Precision};
 use super::shard::Shard;
 use super::weights::{GpuLinear, GpuWeights};
 use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Context, Result};
+use linear::Lin;
+
+mod kv_io;
+mod linear;
+
+pub use kv_io::LayerKvHook;
 
 #[derive(Debug, Clone)]
 pub struct CudaOptions {
@@ -357,127 +363,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn linear(&mut self, lin: Lin, x: u64, m: usize, out: u64) -> Result<()> {
-        let stream = self.gpu.cu_stream();
-        let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
-        let layer = match lin {
-            Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
-        };
-        let (l, label) = match lin {
-            Lin::Qkv(_) => (&layer.qkv, "gemm qkv"),
-            Lin::O(_) => (&layer.o, "gemm o"),
-            Lin::GateUp(_) => (&layer.gate_up, "gemm gate_up"),
-            Lin::Down(_) => (&layer.down, "gemm down"),
-        };
-        match l {
-            GpuLinear::Bf16 { w, n, k } => {
-                self.gemm.bf16(m, *n, *k, x, w.ptr, out, false, stream)?
-            }
-            GpuLinear::F32 { w, n, k, fp8_input } => {
-                if *fp8_input {
-                    // Inputs are this linear's alone (xn, attn, act), so rounding in place is safe.
-                    let ops = Ops {
-                        k: &self.kernels,
-                        stream,
-                        act: self.opts.precision,
-                    };
-                    if self.whole_row_scales(lin) {
-                        ops.fp8_row_scale(xs, x, m, *k)?;
-                        self.tp_max_scales(xs, m)?;
-                        ops.fake_quant_fp8_f32_scaled(x, xs, m, *k)?;
-                    } else {
-                        ops.fake_quant_fp8_f32(x, m, *k)?;
-                    }
-                    self.profiler.mark("quantize fp8", stream)?;
-                }
-                self.gemm.f32(m, *n, *k, x, w.ptr, out, stream)?
-            }
-            GpuLinear::Fp8 { k, .. } => {
-                let ops = Ops {
-                    k: &self.kernels,
-                    stream,
-                    act: self.opts.precision,
-                };
-                if self.whole_row_scales(lin) {
-                    ops.fp8_row_scale(xs, x, m, *k)?;
-                    self.tp_max_scales(xs, m)?;
-                    ops.quantize_fp8_scaled(xq, xs, x, m, *k)?;
-                } else {
-                    ops.quantize_fp8(xq, xs, x, m, *k)?;
-                }
-                self.profiler.mark("quantize fp8", stream)?;
-                return self.linear_quantized(lin, m, out);
-            }
-        }
-        self.mark(label)
-    }
-
-    /// Does `lin` take its FP8 input scales over the whole row of all ranks?
-    fn whole_row_scales(&self, lin: Lin) -> bool {
-        self.tp.is_some()
-            && self.opts.tp_whole_row_fp8_scales
-            && matches!(lin, Lin::O(_) | Lin::Down(_))
-    }
-
-    /// Max-reduces `m` per-token scales over the ranks (profiled with the quantization).
-    fn tp_max_scales(&self, scales: u64, m: usize) -> Result<()> {
-        match &self.tp {
-            Some(tp) => tp.all_reduce_max_f32(scales, m, self.gpu.cu_stream()),
-            None => Ok(()),
-        }
-    }
-
-    /// Is `lin` an FP8 linear whose input a fused kernel may quantize (rows of `cols` <= `max`)?
-    /// Not when its scales span the ranks (the fused kernels scale the rank's slice).
-    fn fp8_fusable(&self, lin: Lin, cols: usize, max: usize) -> bool {
-        if self.whole_row_scales(lin) {
-            return false;
-        }
-        let layer = match lin {
-            Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
-        };
-        let l = match lin {
-            Lin::Qkv(_) => &layer.qkv,
-            Lin::O(_) => &layer.o,
-            Lin::GateUp(_) => &layer.gate_up,
-            Lin::Down(_) => &layer.down,
-        };
-        matches!(l, GpuLinear::Fp8 { .. }) && cols <= max
-    }
-
-    /// The FP8 linear `lin` of the input already quantized in `ws.xq` / `ws.xs`.
-    fn linear_quantized(&mut self, lin: Lin, m: usize, out: u64) -> Result<()> {
-        let stream = self.gpu.cu_stream();
-        let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
-        let f32_out = self.opts.precision == Precision::F32;
-        let layer = match lin {
-            Lin::Qkv(i) | Lin::O(i) | Lin::GateUp(i) | Lin::Down(i) => &self.weights.layers[i],
-        };
-        let (l, label) = match lin {
-            Lin::Qkv(_) => (&layer.qkv, "gemm qkv"),
-            Lin::O(_) => (&layer.o, "gemm o"),
-            Lin::GateUp(_) => (&layer.gate_up, "gemm gate_up"),
-            Lin::Down(_) => (&layer.down, "gemm down"),
-        };
-        let GpuLinear::Fp8 { w, scale, n, k } = l else {
-            bail!("a quantized input for a linear that is not FP8");
-        };
-        self.gemm.fp8_linear(
-            &self.kernels,
-            m,
-            *n,
-            *k,
-            xq,
-            xs,
-            w.ptr,
-            scale.ptr,
-            out,
-            f32_out,
-            stream,
-        )?;
-        self.mark(label)
-    }
-
     fn forward(&mut self, plan: &StepPlan) -> Result<Vec<SeqOutput>> {
         let c = self.config.clone();
         let n = plan.num_tokens;
@@ -504,15 +389,12 @@ impl CudaBackend {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qkv_n = c.q_size() + 2 * c.kv_size();
         let ws = &self.ws;
-        let (xq, xs) = (ws.xq.ptr, ws.xs.ptr);
-        let (residual, xn, qkv, attn, delta, gate_up, act) = (
+        let (residual, qkv, attn, delta, gate_up) = (
             ws.residual.ptr,
-            ws.xn.ptr,
             ws.qkv.ptr,
             ws.attn.ptr,
             ws.delta.ptr,
             ws.gate_up.ptr,
-            ws.act.ptr,
         );
         let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv, hd, self.opts.precision);
         self.ops()
@@ -522,18 +404,7 @@ impl CudaBackend {
         for i in 0..c.num_hidden_layers {
             let prev = if i == 0 { 0 } else { delta };
             let norm_w = self.weights.layers[i].input_norm.ptr;
-            if self.fp8_fusable(Lin::Qkv(i), h, FUSED_NORM_MAX_COLS) {
-                // xn is unused on this path: it holds the kernels' partial sums.
-                self.ops()
-                    .add_rmsnorm_fp8(residual, prev, norm_w, xq, xs, xn, n, h, eps)?;
-                self.mark("add_rmsnorm fp8")?;
-                self.linear_quantized(Lin::Qkv(i), n, qkv)?;
-            } else {
-                self.ops()
-                    .add_rmsnorm(residual, prev, norm_w, xn, n, h, eps)?;
-                self.mark("add_rmsnorm")?;
-                self.linear(Lin::Qkv(i), xn, n, qkv)?;
-            }
+            self.norm_linear(Lin::Qkv(i), prev, norm_w, n, qkv)?;
             self.ops().rope(
                 qkv,
                 m(at.positions),
@@ -611,28 +482,8 @@ impl CudaBackend {
             self.linear(Lin::O(i), attn, n, delta)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
             let norm_w = self.weights.layers[i].post_norm.ptr;
-            if self.fp8_fusable(Lin::GateUp(i), h, FUSED_NORM_MAX_COLS) {
-                self.ops()
-                    .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, xn, n, h, eps)?;
-                self.mark("add_rmsnorm fp8")?;
-                self.linear_quantized(Lin::GateUp(i), n, gate_up)?;
-            } else {
-                self.ops()
-                    .add_rmsnorm(residual, delta, norm_w, xn, n, h, eps)?;
-                self.mark("add_rmsnorm")?;
-                self.linear(Lin::GateUp(i), xn, n, gate_up)?;
-            }
-            let inter = c.intermediate_size;
-            if self.fp8_fusable(Lin::Down(i), inter, FUSED_SILU_MAX_COLS) {
-                // act is unused on this path: it holds the kernels' partial maxima.
-                self.ops().silu_mul_fp8(xq, xs, gate_up, act, n, inter)?;
-                self.mark("silu_mul fp8")?;
-                self.linear_quantized(Lin::Down(i), n, delta)?;
-            } else {
-                self.ops().silu_mul(act, gate_up, n, inter)?;
-                self.mark("silu_mul")?;
-                self.linear(Lin::Down(i), act, n, delta)?;
-            }
+            self.norm_linear(Lin::GateUp(i), delta, norm_w, n, gate_up)?;
+            self.silu_linear(Lin::Down(i), n, delta)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
         }
         if ne == 0 {
@@ -702,14 +553,6 @@ impl CudaBackend {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Lin {
-    Qkv(usize),
-    O(usize),
-    GateUp(usize),
-    Down(usize),
-}
-
 impl Backend for CudaBackend {
     fn config(&self) -> &LlamaConfig {
         &self.config
@@ -755,81 +598,10 @@ impl Backend for CudaBackend {
     }
 
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {
-        self.gpu.bind()?;
-        let part = self.block_part_bytes();
-        let layers = self.config.num_hidden_layers;
-        let mut out = vec![0u8; blocks.len() * layers * 2 * part];
-        for (i, &b) in blocks.iter().enumerate() {
-            ensure!(
-                (b as usize) < self.num_blocks,
-                "block {b} out of range ({} blocks)",
-                self.num_blocks
-            );
-            for l in 0..layers {
-                for (j, base) in [self.k_cache(l), self.v_cache(l)].into_iter().enumerate() {
-                    let at = ((i * layers + l) * 2 + j) * part;
-                    let src = base + (b as usize * part) as u64;
-                    self.gpu.copy_from_ptr(src, &mut out[at..at + part], part)?;
-                }
-            }
-        }
-        Ok(out)
+        self.export_to_host(blocks)
     }
 
     fn import_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<()> {
-        self.gpu.bind()?;
-        let part = self.block_part_bytes();
-        let layers = self.config.num_hidden_layers;
-        ensure!(
-            data.len() == blocks.len() * layers * 2 * part,
-            "KV import of {} bytes, expected {}",
-            data.len(),
-            blocks.len() * layers * 2 * part
-        );
-        for (i, &b) in blocks.iter().enumerate() {
-            ensure!(
-                (b as usize) < self.num_blocks,
-                "block {b} out of range ({} blocks)",
-                self.num_blocks
-            );
-            for l in 0..layers {
-                for (j, base) in [self.k_cache(l), self.v_cache(l)].into_iter().enumerate() {
-                    let at = ((i * layers + l) * 2 + j) * part;
-                    let offset = (base - self.kv.ptr) as usize + b as usize * part;
-                    self.gpu.copy_to(&self.kv, offset, &data[at..at + part])?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A callback run while a step's kernels are being queued, right after layer `layer`'s KV write was
-/// queued on `stream` (the backend's stream, context current): a transfer can record an event
-/// there and copy that layer's KV on its own stream while the next layers compute.
-pub type LayerKvHook = Box<dyn FnMut(usize, cudarc::driver::sys::CUstream) -> Result<()> + Send>;
-
-/// Device-to-device KV transfers (`kv::transfer::cuda`).
-impl CudaBackend {
-    /// The KV pool: one `cuMemAlloc` buffer, per layer K then V, `[num_blocks, kv_heads, block, dim]`.
-    pub fn kv_pool(&self) -> crate::backend::CudaKvPool {
-        crate::backend::CudaKvPool {
-            device: self.opts.device,
-            base: self.kv.ptr,
-            bytes: self.kv.bytes,
-            num_blocks: self.num_blocks,
-            layout: self.kv_layout(),
-        }
-    }
-
-    /// Installs (or removes) the per-layer KV hook of later steps.
-    pub fn set_layer_kv_hook(&mut self, hook: Option<LayerKvHook>) {
-        self.layer_kv_hook = hook;
-    }
-
-    /// Waits for everything queued on the backend's stream.
-    pub fn synchronize(&self) -> Result<()> {
-        self.gpu.bind()?;
-        self.gpu.sync()
+        self.import_from_host(blocks, data)
     }
 }
