@@ -464,3 +464,96 @@ fn refuses_a_size_that_does_not_divide_the_kv_heads() {
     .expect("4 ranks for 2 KV heads");
     assert!(e.to_string().contains("KV heads"), "{e}");
 }
+
+/// An embedded disaggregated deployment whose prefill engine is TP1 (GPU 0) and whose decode engine
+/// is TP2 (GPUs 0 and 1): the prompt's KV goes GPU to GPU, each decode rank getting its heads
+/// straight from the staging buffer, and the greedy tokens equal an aggregated TP2 engine's and
+/// transformers' (F32 reference precision, the BF16 fixture).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tp1_prefill_into_tp2_decode_moves_kv_gpu_to_gpu() {
+    use futures::StreamExt;
+    use tandem::engine::types::{GenerateRequest, SamplingParams};
+    use tandem::engine::{Engine, EngineConfig};
+    use tandem::kv::transfer::cuda::device_kv_imports;
+    use tandem::worker::decode::DecodeConfig;
+    use tandem::worker::deployment::{start_embedded, EmbeddedSpec, EmbeddedTransport};
+    use tandem::worker::prefill::PrefillConfig;
+
+    if !two_gpus() {
+        return;
+    }
+    let f = fixture("llama-bf16");
+    let steps = 8.min(f.tokens.len());
+    let config = || EngineConfig {
+        max_num_batched_tokens: 256,
+        max_num_seqs: 8,
+        ..Default::default()
+    };
+    let engine = |b: Box<dyn Backend>| Engine::start(b, None, config());
+    let agg = engine(Box::new(tp2(&f, Precision::F32)));
+    let prefill = engine(Box::new(tp1(&f, Precision::F32)));
+    let decode = engine(Box::new(tp2(&f, Precision::F32)));
+    assert!(
+        decode.has_device_kv(),
+        "the TP2 engine offers no device pools"
+    );
+    let deployment = start_embedded(EmbeddedSpec {
+        agg: vec![],
+        prefill: vec![prefill.clone()],
+        decode: vec![decode.clone()],
+        decode_config: DecodeConfig {
+            conditional_disagg: false,
+            ..Default::default()
+        },
+        prefill_config: PrefillConfig::default(),
+        transport: EmbeddedTransport::InProcess,
+    })
+    .await
+    .unwrap();
+    let request = |id: &str| GenerateRequest {
+        id: id.into(),
+        prompt_tokens: f.prompt.clone(),
+        params: SamplingParams {
+            max_tokens: steps,
+            ignore_eos: true,
+            ..Default::default()
+        },
+    };
+    let collect = |stream: Result<tandem::worker::OutputStream, _>| async move {
+        let mut stream = stream.expect("request accepted");
+        let mut tokens = Vec::new();
+        while let Some(piece) =
+            tokio::time::timeout(std::time::Duration::from_secs(60), stream.next())
+                .await
+                .expect("no output in 60 s")
+        {
+            tokens.extend(piece.expect("no error").token_ids);
+        }
+        tokens
+    };
+    let imports = device_kv_imports();
+    let want = collect(agg.generate(request("a"))).await;
+    let got = collect(deployment.workers[0].generate(request("d")).await).await;
+    assert_eq!(
+        want,
+        f.tokens[..steps].to_vec(),
+        "aggregated TP2 vs reference"
+    );
+    assert_eq!(got, want, "TP1 -> TP2 disaggregated tokens differ");
+    assert_eq!(
+        device_kv_imports() - imports,
+        1,
+        "the KV did not take the device path"
+    );
+    drop(deployment);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for e in [&agg, &prefill, &decode] {
+        while e.metrics().kv_blocks_active != 0 {
+            assert!(std::time::Instant::now() < deadline, "KV blocks leaked");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    for e in [agg, prefill, decode] {
+        e.shutdown();
+    }
+}

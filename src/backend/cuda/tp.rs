@@ -21,7 +21,7 @@
 use super::backend::{CudaBackend, CudaOptions, WeightSource};
 use super::nccl::{NcclId, TpSetup};
 use super::shard::Shard;
-use crate::backend::{Backend, Batch, KvLayout, SeqOutput};
+use crate::backend::{Backend, Batch, CudaKvPool, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -47,6 +47,8 @@ pub struct TpBackend {
     ranks: Vec<Rank>,
     broken: Option<String>,
     weight_bytes: usize,
+    /// Each rank's KV pool (its share of the heads), for GPU-to-GPU KV imports.
+    pools: Vec<CudaKvPool>,
 }
 
 /// Building a rank: loading weights or generating a 70B's share takes a while.
@@ -114,7 +116,12 @@ impl TpBackend {
                         Ok(b) => {
                             let _ = ready.send((
                                 rank,
-                                Ok((b.kv_layout(), b.num_kv_blocks(), b.weight_bytes())),
+                                Ok((
+                                    b.kv_layout(),
+                                    b.num_kv_blocks(),
+                                    b.weight_bytes(),
+                                    b.kv_pool(),
+                                )),
                             ));
                             b
                         }
@@ -160,6 +167,7 @@ impl TpBackend {
             rank_layout,
             num_blocks,
             weight_bytes: built.iter().map(|b| b.2).sum(),
+            pools: built.iter().map(|b| b.3).collect(),
             ranks,
             broken: None,
         })
@@ -299,6 +307,13 @@ impl Backend for TpBackend {
 
     fn num_kv_blocks(&self) -> usize {
         self.num_blocks
+    }
+
+    /// The ranks' pools: a KV import copies each rank's heads straight into its GPU (between
+    /// steps, when the rank threads are idle). No `cuda_kv_pool`: a rank's pool alone is not the
+    /// whole layout, so TP prefill engines export through the host.
+    fn cuda_kv_pools(&self) -> Vec<CudaKvPool> {
+        self.pools.clone()
     }
 
     fn step(&mut self, batch: &Batch) -> Result<Vec<SeqOutput>> {
