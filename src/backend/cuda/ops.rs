@@ -5,14 +5,16 @@ use super::kernels::{launch, Arg, Kernels};
 use anyhow::{ensure, Result};
 use cudarc::driver::sys::CUstream;
 
+mod attention;
+pub use attention::{
+    flash_decode_supported, flash_supported, AttentionArgs, ATTENTION_ROWS, FLASH_DECODE_GROUP,
+    FLASH_ROWS, MAX_HEAD_DIM,
+};
+
 /// Threads per block for the per-row kernels (one block per row: a decode row of 8192-28672
 /// values needs many threads in flight).
 const ROW_THREADS: u32 = 1024;
 const ROPE_THREADS: u32 = 256;
-/// Query tokens × heads per attention block (the kernel's R limit).
-pub const ATTENTION_ROWS: usize = 32;
-const ATTENTION_KEYS_PER_TILE: usize = 32;
-pub const MAX_HEAD_DIM: usize = 128;
 /// Widest rows of the norm kernels (chunk sums in shared memory: MAX_NORM_CHUNKS in
 /// elementwise.cu) and of the fused silu + FP8 quantize.
 pub const FUSED_NORM_MAX_COLS: usize = 512 * NORM_CHUNK_COLS;
@@ -27,31 +29,6 @@ const SPLIT_COLS: usize = 512;
 const NORM_ROWS_THREADS: u32 = 256;
 const NORM_ROWS_MAX_COLS: usize = 8 * 8 * NORM_CHUNK_COLS;
 const NORM_ROWS_MIN_ROWS: usize = 256;
-/// Query tokens × heads per block of the tensor-core attention (4 warps × 16 rows).
-pub const FLASH_ROWS: usize = 64;
-const FLASH_KEYS_PER_TILE: usize = 64;
-
-/// Whether the tensor-core attention takes this shape.
-pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
-    act == Precision::Bf16
-        && head_dim.is_multiple_of(16)
-        && (16..=MAX_HEAD_DIM).contains(&head_dim)
-        && (1..=FLASH_ROWS).contains(&group)
-}
-
-/// Most query heads per kv head of the decode kernel (the top half of a 16-row MMA tile; the
-/// bottom half stays zero, which keeps the kernel under 128 registers).
-pub const FLASH_DECODE_GROUP: usize = 8;
-
-/// Whether the tensor-core decode kernel takes this shape (and `TANDEM_FLASH_DECODE` is not `0`,
-/// which falls back to the general kernel, for comparisons).
-pub fn flash_decode_supported(group: usize, head_dim: usize, act: Precision) -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ENABLED.get_or_init(|| std::env::var("TANDEM_FLASH_DECODE").map_or(true, |v| v != "0"));
-    enabled && group <= FLASH_DECODE_GROUP && flash_supported(group, head_dim, act)
-}
-
 /// Storage type of activations (and of the KV cache): BF16 for serving, F32 for the
 /// reference-precision mode that matches an f32 implementation token for token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -506,174 +483,6 @@ impl Ops<'_> {
         )
     }
 
-    /// Query tokens per attention tile for a model with `group` query heads per kv head: as many
-    /// as the kernel that [`Self::paged_attention`] picks takes rows.
-    pub fn attention_tokens_per_tile(group: usize, head_dim: usize, act: Precision) -> usize {
-        let rows = if flash_supported(group, head_dim, act) {
-            FLASH_ROWS
-        } else {
-            ATTENTION_ROWS
-        };
-        (rows / group).max(1)
-    }
-
-    /// Causal paged attention; `meta` holds device pointers to the tile and block-table arrays.
-    /// BF16 with a head_dim of 16..=128 (multiple of 16) runs on tensor cores
-    /// (`flash_attention.cu`: the decode kernel for decode-only steps with at most
-    /// [`FLASH_DECODE_GROUP`] query heads per kv head, else the general one); everything else on
-    /// CUDA cores (`attention.cu`).
-    pub fn paged_attention(&self, a: &AttentionArgs) -> Result<()> {
-        let group = a.q_heads / a.kv_heads;
-        if a.decode_only && flash_decode_supported(group, a.head_dim, self.act) {
-            self.flash_decode(a)
-        } else if flash_supported(group, a.head_dim, self.act) && a.q_per_tile * group <= FLASH_ROWS
-        {
-            self.flash_attention(a)
-        } else {
-            self.paged_attention_cuda_cores(a)
-        }
-    }
-
-    /// The tensor-core kernel: one block of 4 warps per (work item, kv head).
-    pub fn flash_attention(&self, a: &AttentionArgs) -> Result<()> {
-        let group = a.q_heads / a.kv_heads;
-        ensure!(
-            flash_supported(group, a.head_dim, self.act),
-            "flash attention takes BF16, head_dim 16..=128 in steps of 16 and at most {FLASH_ROWS} \
-             query heads per kv head (got {:?}, head_dim {}, group {group})",
-            self.act,
-            a.head_dim
-        );
-        let r = a.q_per_tile * group;
-        ensure!(
-            r <= FLASH_ROWS,
-            "flash attention tile of {r} rows (at most {FLASH_ROWS})"
-        );
-        let (hd, keys) = (a.head_dim, FLASH_KEYS_PER_TILE);
-        // Double-buffered K and V tiles (rows padded by 8), reused by the final merge of 4 warps.
-        let stages = 2 * 2 * keys * (hd + 8) * 2;
-        let merge = (4 * 16 * (hd + 4) + 4 * 16 * 2) * 4;
-        self.go(
-            &format!("flash_attention_hd{hd}"),
-            (a.num_tiles as u32, a.kv_heads as u32, 1),
-            128,
-            stages.max(merge) as u32,
-            &flash_args(a),
-        )
-    }
-
-    /// The tensor-core decode kernel: every work item must have one query token (`decode_only`);
-    /// one block of 4 warps per (work item, kv head), each warp streaming its quarter of the keys.
-    pub fn flash_decode(&self, a: &AttentionArgs) -> Result<()> {
-        let group = a.q_heads / a.kv_heads;
-        ensure!(
-            a.decode_only && flash_decode_supported(group, a.head_dim, self.act),
-            "flash decode takes one-query work items, BF16, head_dim 16..=128 in steps of 16 and at \
-             most {FLASH_DECODE_GROUP} query heads per kv head (got {:?}, head_dim {}, group {group})",
-            self.act,
-            a.head_dim
-        );
-        let hd = a.head_dim;
-        // Per warp a ring of 3 slots of 16 key rows (padded by 8), then Q's 8 rows; the final
-        // merge of the 4 warps reuses the rings.
-        let rings = 4 * 3 * 16 * (hd + 8) * 2;
-        let merge = (4 * 8 * (hd + 4) + 4 * 8 * 2) * 4;
-        let q = 8 * (hd + 8) * 2;
-        self.go(
-            &format!("flash_decode_hd{hd}"),
-            (a.num_tiles as u32, a.kv_heads as u32, 1),
-            128,
-            (rings.max(merge) + q) as u32,
-            &flash_args(a),
-        )
-    }
-
-    /// The CUDA-core kernel (F32 reference precision, and shapes the tensor-core one does not take).
-    pub fn paged_attention_cuda_cores(&self, a: &AttentionArgs) -> Result<()> {
-        let group = a.q_heads / a.kv_heads;
-        ensure!(
-            group <= ATTENTION_ROWS,
-            "{group} query heads per kv head (at most {ATTENTION_ROWS})"
-        );
-        // 16-byte loads of the cache: head_dim * element size must be a multiple of 16 bytes.
-        ensure!(
-            a.head_dim <= MAX_HEAD_DIM && (a.head_dim * self.act.bytes()).is_multiple_of(16),
-            "head_dim {} is not supported (a multiple of {} up to {MAX_HEAD_DIM})",
-            a.head_dim,
-            16 / self.act.bytes()
-        );
-        let r = a.q_per_tile * group;
-        ensure!(r <= ATTENTION_ROWS, "attention tile of {r} rows");
-        let shared = 4
-            * (r * a.head_dim
-                + ATTENTION_KEYS_PER_TILE * (a.head_dim + 4)
-                + ATTENTION_KEYS_PER_TILE * a.head_dim);
-        self.go(
-            &self.typed("paged_attention"),
-            (a.num_tiles as u32, a.kv_heads as u32, 1),
-            256,
-            shared as u32,
-            &[
-                Arg::Ptr(a.out),
-                Arg::Ptr(a.qkv),
-                Arg::Ptr(a.k_cache),
-                Arg::Ptr(a.v_cache),
-                Arg::Ptr(a.positions),
-                Arg::Ptr(a.tile_seq),
-                Arg::Ptr(a.tile_q_start),
-                Arg::Ptr(a.tile_q_len),
-                Arg::Ptr(a.block_tables),
-                Arg::Ptr(a.block_table_start),
-                Arg::Ptr(a.tile_kbeg),
-                Arg::Ptr(a.tile_kend),
-                Arg::Ptr(a.tile_part),
-                Arg::Ptr(a.part_ml),
-                Arg::Ptr(a.part_acc),
-                Arg::I32(a.row_stride as i32),
-                Arg::I32(a.q_heads as i32),
-                Arg::I32(a.kv_heads as i32),
-                Arg::I32(a.head_dim as i32),
-                Arg::I32(a.block_size as i32),
-                Arg::F32(a.scale),
-                Arg::I32(a.q_per_tile as i32),
-            ],
-        )
-    }
-
-    /// Merges split decode tiles' partials into the output: `groups` of (first part, parts, query).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_combine(
-        &self,
-        out: u64,
-        part_ml: u64,
-        part_acc: u64,
-        group_part0: u64,
-        group_nparts: u64,
-        group_q0: u64,
-        groups: usize,
-        q_heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> Result<()> {
-        self.go(
-            &self.typed("attention_combine"),
-            (groups as u32, q_heads as u32, 1),
-            head_dim.next_multiple_of(32) as u32,
-            0,
-            &[
-                Arg::Ptr(out),
-                Arg::Ptr(part_ml),
-                Arg::Ptr(part_acc),
-                Arg::Ptr(group_part0),
-                Arg::Ptr(group_nparts),
-                Arg::Ptr(group_q0),
-                Arg::I32(q_heads as i32),
-                Arg::I32(kv_heads as i32),
-                Arg::I32(head_dim as i32),
-            ],
-        )
-    }
-
     /// One token per row of `logits[n, vocab]` (F32); `params[n, 4]` = temperature, top_k, top_p, uniform.
     pub fn sample_tokens(
         &self,
@@ -726,61 +535,4 @@ impl Ops<'_> {
     pub fn fill_f32(&self, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
         self.fill("fill_uniform_f32", ptr, n, seed, lo, hi)
     }
-}
-
-/// The argument list shared by `flash_attention_hd*` and `flash_decode_hd*`.
-fn flash_args(a: &AttentionArgs) -> Vec<Arg> {
-    vec![
-        Arg::Ptr(a.out),
-        Arg::Ptr(a.qkv),
-        Arg::Ptr(a.k_cache),
-        Arg::Ptr(a.v_cache),
-        Arg::Ptr(a.positions),
-        Arg::Ptr(a.tile_seq),
-        Arg::Ptr(a.tile_q_start),
-        Arg::Ptr(a.tile_q_len),
-        Arg::Ptr(a.block_tables),
-        Arg::Ptr(a.block_table_start),
-        Arg::Ptr(a.tile_kbeg),
-        Arg::Ptr(a.tile_kend),
-        Arg::Ptr(a.tile_part),
-        Arg::Ptr(a.part_ml),
-        Arg::Ptr(a.part_acc),
-        Arg::I32(a.row_stride as i32),
-        Arg::I32(a.q_heads as i32),
-        Arg::I32(a.kv_heads as i32),
-        Arg::I32(a.block_size as i32),
-        Arg::F32(a.scale),
-    ]
-}
-
-/// Arguments of [`Ops::paged_attention`].
-pub struct AttentionArgs {
-    pub out: u64,
-    pub qkv: u64,
-    pub k_cache: u64,
-    pub v_cache: u64,
-    pub positions: u64,
-    pub tile_seq: u64,
-    pub tile_q_start: u64,
-    pub tile_q_len: u64,
-    pub block_tables: u64,
-    pub block_table_start: u64,
-    pub tile_kbeg: u64,
-    pub tile_kend: u64,
-    pub tile_part: u64,
-    /// Partial results of split decode tiles: `[parts, kv_heads, group]` (m, l) pairs and
-    /// `[parts, kv_heads, group, head_dim]` accumulators, F32.
-    pub part_ml: u64,
-    pub part_acc: u64,
-    pub num_tiles: usize,
-    pub row_stride: usize,
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub block_size: usize,
-    pub scale: f32,
-    pub q_per_tile: usize,
-    /// Every work item has one query token (a pure decode step): the decode kernel may run.
-    pub decode_only: bool,
 }
