@@ -10,27 +10,13 @@
 use tandem::backend::cpu::CpuBackend;
 use tandem::backend::cuda::ops::Precision;
 use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
-use tandem::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk, SeqOutput};
+use tandem::backend::{Backend, Batch, Emit, SeqChunk, SeqOutput};
 
 mod cpu_support;
 
-use cpu_support::{fixture, Fixture};
+use cpu_support::{argmax, device_greedy as greedy, fixture, Fixture};
 
 const BS: usize = 16;
-
-fn argmax(v: &[f32]) -> u32 {
-    let mx = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    v.iter().position(|&x| x == mx).unwrap() as u32
-}
-
-fn greedy() -> Emit {
-    Emit::Sample(DeviceSampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        uniform: 0.3,
-    })
-}
 
 fn out_token(o: &SeqOutput) -> (u32, Option<Vec<f32>>) {
     match o {

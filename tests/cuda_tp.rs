@@ -16,11 +16,11 @@ use tandem::backend::cuda::ops::Precision;
 use tandem::backend::cuda::{
     gpu_available, CudaBackend, CudaOptions, TpBackend, TpWeights, WeightSource,
 };
-use tandem::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk, SeqOutput};
+use tandem::backend::{Backend, Batch, Emit, SeqChunk, SeqOutput};
 
 mod cpu_support;
 
-use cpu_support::{fixture, Fixture};
+use cpu_support::{argmax, device_greedy as greedy, fixture, Fixture};
 
 const BS: usize = 16;
 
@@ -63,20 +63,6 @@ fn tp2(f: &Fixture, p: Precision) -> TpBackend {
 
 fn tp2_with(f: &Fixture, opts: CudaOptions) -> TpBackend {
     TpBackend::new(&f.config, TpWeights::Host(&f.weights), opts, 2).unwrap()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mx = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    v.iter().position(|&x| x == mx).unwrap() as u32
-}
-
-fn greedy() -> Emit {
-    Emit::Sample(DeviceSampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        uniform: 0.3,
-    })
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {

@@ -83,6 +83,16 @@ pub fn argmax(l: &[f32]) -> u32 {
     tandem::backend::sampling::greedy(l)
 }
 
+/// Greedy sampling on the device (GPU backends' sampler; `uniform` is unused at temperature 0).
+pub fn device_greedy() -> Emit {
+    Emit::Sample(tandem::backend::DeviceSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.3,
+    })
+}
+
 pub fn logits_of(out: SeqOutput) -> Vec<f32> {
     match out {
         SeqOutput::Logits(l) => l,

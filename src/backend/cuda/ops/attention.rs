@@ -144,29 +144,15 @@ impl Ops<'_> {
             256,
             shared as u32,
             &[
-                Arg::Ptr(a.out),
-                Arg::Ptr(a.qkv),
-                Arg::Ptr(a.k_cache),
-                Arg::Ptr(a.v_cache),
-                Arg::Ptr(a.positions),
-                Arg::Ptr(a.tile_seq),
-                Arg::Ptr(a.tile_q_start),
-                Arg::Ptr(a.tile_q_len),
-                Arg::Ptr(a.block_tables),
-                Arg::Ptr(a.block_table_start),
-                Arg::Ptr(a.tile_kbeg),
-                Arg::Ptr(a.tile_kend),
-                Arg::Ptr(a.tile_part),
-                Arg::Ptr(a.part_ml),
-                Arg::Ptr(a.part_acc),
-                Arg::I32(a.row_stride as i32),
-                Arg::I32(a.q_heads as i32),
-                Arg::I32(a.kv_heads as i32),
-                Arg::I32(a.head_dim as i32),
-                Arg::I32(a.block_size as i32),
-                Arg::F32(a.scale),
-                Arg::I32(a.q_per_tile as i32),
-            ],
+                common_args(a).as_slice(),
+                &[
+                    Arg::I32(a.head_dim as i32),
+                    Arg::I32(a.block_size as i32),
+                    Arg::F32(a.scale),
+                    Arg::I32(a.q_per_tile as i32),
+                ],
+            ]
+            .concat(),
         )
     }
 
@@ -205,9 +191,9 @@ impl Ops<'_> {
     }
 }
 
-/// The argument list shared by `flash_attention_hd*` and `flash_decode_hd*`.
-fn flash_args(a: &AttentionArgs) -> Vec<Arg> {
-    vec![
+/// The arguments every attention kernel starts with.
+fn common_args(a: &AttentionArgs) -> [Arg; 18] {
+    [
         Arg::Ptr(a.out),
         Arg::Ptr(a.qkv),
         Arg::Ptr(a.k_cache),
@@ -226,9 +212,16 @@ fn flash_args(a: &AttentionArgs) -> Vec<Arg> {
         Arg::I32(a.row_stride as i32),
         Arg::I32(a.q_heads as i32),
         Arg::I32(a.kv_heads as i32),
-        Arg::I32(a.block_size as i32),
-        Arg::F32(a.scale),
     ]
+}
+
+/// The argument list shared by `flash_attention_hd*` and `flash_decode_hd*`.
+fn flash_args(a: &AttentionArgs) -> Vec<Arg> {
+    [
+        common_args(a).as_slice(),
+        &[Arg::I32(a.block_size as i32), Arg::F32(a.scale)],
+    ]
+    .concat()
 }
 
 /// Arguments of [`Ops::paged_attention`].
