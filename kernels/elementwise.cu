@@ -31,6 +31,14 @@ __device__ void final_norm_rows_t(A* out, const float* residual, const A* delta,
     }
 }
 
+// One rotary pair: (x0, x1) rotated by angle (shared by rope and rope_kv_write: the same bits).
+__device__ __forceinline__ void rope_pair(float x0, float x1, float angle, float* y0, float* y1) {
+    float s, c;
+    sincosf(angle, &s, &c);
+    *y0 = x0 * c - x1 * s;
+    *y1 = x1 * c + x0 * s;
+}
+
 // Rotary embedding (rotate-half pairing i, i + head_dim/2), in place on the q and k heads of a fused
 // qkv row: q heads start at column 0, k heads right after. inv_freq already has llama3 scaling.
 // Grid (rows, pair blocks): a decode row's pairs are spread over several blocks.
@@ -44,12 +52,11 @@ __device__ void rope_t(A* qkv, const int* positions, const float* inv_freq, int 
     A* row = qkv + (u64)t * row_stride;
     for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < pairs; p += gridDim.y * blockDim.x) {
         int head = p / half, i = p % half;
-        float s, c;
-        sincosf(pos * inv_freq[i], &s, &c);
         u64 at = (u64)head * head_dim + i;
-        float x0 = ld(row, at), x1 = ld(row, at + half);
-        st(row, at, x0 * c - x1 * s);
-        st(row, at + half, x1 * c + x0 * s);
+        float y0, y1;
+        rope_pair(ld(row, at), ld(row, at + half), pos * inv_freq[i], &y0, &y1);
+        st(row, at, y0);
+        st(row, at + half, y1);
     }
 }
 
@@ -105,17 +112,11 @@ __device__ void quantize_fp8_scaled_t(fp8* out, const float* scales, const A* in
 // Rows are handled in chunks of 4 consecutive columns per lane (one 16- or 8-byte load), 128
 // columns per warp. The RMS norm's sum of squares has one fixed order, whatever the launch shape:
 // each lane sums its 4 squares in column order, a warp butterfly sums a chunk, and the chunk sums
-// are added in chunk order. So the one-block-per-row kernels and the split-row kernels (several
-// blocks per row, partial results in a scratch buffer) give the same bits as add_rmsnorm.
+// are added in chunk order. So the fused norm gives the same bits as add_rmsnorm at any block size.
 #define LANE_COLS 4
 #define CHUNK_COLS 128
-// Split kernels: blocks of 4 warps, 512 columns each.
-#define SPLIT_THREADS 128
-#define SPLIT_COLS 512
-// Largest row of add_rmsnorm (chunk sums in shared memory) and of the row-per-block fused norm
-// (held in registers: 8 chunks per warp of 8).
+// Largest row of add_rmsnorm (chunk sums in shared memory).
 #define MAX_NORM_CHUNKS 512
-#define ROW_NORM_CHUNKS_PER_WARP 8
 
 // The value after a round trip through the activation type (what the unfused kernel stored).
 template <typename A>
@@ -236,25 +237,33 @@ __device__ void add_rmsnorm_t(float* residual, const A* delta, const bf16* weigh
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(out, (u64)t * hidden + i, r[i] * inv * bf2f(weight[i]));
 }
 
-// ---- add_rmsnorm then quantize_fp8 of its output, without storing the normalized row.
+// ---- add_rmsnorm then quantize_fp8 of its output, without storing the normalized row. One block
+// per row, the row held in registers: warp w owns chunks w, w + nwarps, ... (K per warp), so the
+// residual and delta are read once and there is a single launch at any row count.
+// hidden <= 32 warps * FUSED_MAX_K * CHUNK_COLS.
+#define FUSED_MAX_K 8
 
-// One block of 8 warps per row (many rows): the row stays in registers.
-template <typename A>
-__device__ void add_rmsnorm_fp8_rows_t(float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs,
-                                       int hidden, float eps) {
-    __shared__ float sums[8 * ROW_NORM_CHUNKS_PER_WARP];
+template <typename A, int K>
+__device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs,
+                                  int hidden, float eps) {
+    __shared__ float sums[32 * FUSED_MAX_K];
     __shared__ float scratch[32];
-    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     float* r = residual + (u64)t * hidden;
     const A* d = delta ? delta + (u64)t * hidden : nullptr;
-    bool vr = vec_ok(r, hidden), vd = d && vec_ok(d, hidden);
+    bool vr = vec_ok(r, hidden), vd = d && vec_ok(d, hidden), vw = vec_ok(weight, hidden);
     int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
-    float v[ROW_NORM_CHUNKS_PER_WARP][LANE_COLS];
+    // Few chunks per warp (decode shapes): the weights are loaded with the row, before the
+    // reduction, so their latency is hidden; more would cost too many registers.
+    constexpr bool PREFETCH = K <= 2;
+    float v[K][LANE_COLS], w[PREFETCH ? K : 1][LANE_COLS];
 #pragma unroll
-    for (int k = 0; k < ROW_NORM_CHUNKS_PER_WARP; k++) {
-        int c = warp + 8 * k;
+    for (int k = 0; k < K; k++) {
+        int c = warp + nwarps * k;
         if (c < nchunks) {
-            residual_add4(r, d, c * CHUNK_COLS + lane * LANE_COLS, hidden, vr, vd, v[k]);
+            int c0 = c * CHUNK_COLS + lane * LANE_COLS;
+            if constexpr (PREFETCH) load4(weight, c0, hidden, vw, w[k]);
+            residual_add4(r, d, c0, hidden, vr, vd, v[k]);
             float s = chunk_ss(v[k]);
             if (lane == 0) sums[c] = s;
         }
@@ -262,17 +271,21 @@ __device__ void add_rmsnorm_fp8_rows_t(float* residual, const A* delta, const bf
     __syncthreads();
     float inv = inv_rms(sums, nchunks, hidden, eps);
     float amax = 0.0f;
-    bool vw = vec_ok(weight, hidden);
 #pragma unroll
-    for (int k = 0; k < ROW_NORM_CHUNKS_PER_WARP; k++) {
-        int c0 = (warp + 8 * k) * CHUNK_COLS + lane * LANE_COLS;
+    for (int k = 0; k < K; k++) {
+        int c0 = (warp + nwarps * k) * CHUNK_COLS + lane * LANE_COLS;
         if (c0 < hidden) {
-            float w[LANE_COLS];
-            load4(weight, c0, hidden, vw, w);
+            float wk[LANE_COLS];
+            if constexpr (PREFETCH) {
+#pragma unroll
+                for (int j = 0; j < LANE_COLS; j++) wk[j] = w[k][j];
+            } else {
+                load4(weight, c0, hidden, vw, wk);
+            }
 #pragma unroll
             for (int j = 0; j < LANE_COLS; j++) {
                 if (c0 + j < hidden) {
-                    v[k][j] = as_act<A>(v[k][j] * inv * w[j]);
+                    v[k][j] = as_act<A>(v[k][j] * inv * wk[j]);
                     amax = fmaxf(amax, fabsf(v[k][j]));
                 }
             }
@@ -282,115 +295,89 @@ __device__ void add_rmsnorm_fp8_rows_t(float* residual, const A* delta, const bf
     fp8* q = xq + (u64)t * hidden;
     bool vq = vec_ok(q, hidden);
 #pragma unroll
-    for (int k = 0; k < ROW_NORM_CHUNKS_PER_WARP; k++) {
-        int c0 = (warp + 8 * k) * CHUNK_COLS + lane * LANE_COLS;
+    for (int k = 0; k < K; k++) {
+        int c0 = (warp + nwarps * k) * CHUNK_COLS + lane * LANE_COLS;
         if (c0 < hidden) store4_e4m3(q, c0, hidden, vq, v[k], scale);
     }
     if (threadIdx.x == 0) xs[t] = scale;
 }
 
-// Split rows (few rows): grid (column blocks of SPLIT_COLS, rows), three passes.
-// Pass 1: the residual add and the chunk sums of squares, into ss[t, chunk].
-template <typename A>
-__device__ void norm_split_ss_t(float* residual, const A* delta, float* ss, int hidden) {
-    int t = blockIdx.y, lane = threadIdx.x & 31;
-    int c = blockIdx.x * (SPLIT_THREADS / 32) + (threadIdx.x >> 5);
-    int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
-    if (c >= nchunks) return;
-    float* r = residual + (u64)t * hidden;
-    const A* d = delta ? delta + (u64)t * hidden : nullptr;
-    float v[LANE_COLS];
-    residual_add4(r, d, c * CHUNK_COLS + lane * LANE_COLS, hidden, vec_ok(r, hidden), d && vec_ok(d, hidden), v);
-    float s = chunk_ss(v);
-    if (lane == 0) ss[(u64)t * nchunks + c] = s;
+// ---- silu_mul then quantize_fp8 of its output: one block per row, gate_up read once, the
+// products held in registers (K groups of SILU_COLS columns per thread). No fixed order is needed
+// here (a max), so groups are 8 columns: one 16-byte load of BF16.
+#define SILU_COLS 8
+
+template <typename T>
+__device__ __forceinline__ bool vec8_ok(const T* p, int cols) {
+    return (cols % SILU_COLS) == 0 && ((u64)p % (SILU_COLS * sizeof(T))) == 0;
 }
 
-// This thread's 4 normalized values (as the activation type would store them).
-template <typename A>
-__device__ __forceinline__ int norm_split_values(const float* residual, const bf16* weight, const float* ss,
-                                                 int hidden, float eps, float* v) {
-    int t = blockIdx.y;
-    int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
-    float inv = inv_rms(ss + (u64)t * nchunks, nchunks, hidden, eps);
-    const float* r = residual + (u64)t * hidden;
-    int c0 = blockIdx.x * SPLIT_COLS + threadIdx.x * LANE_COLS;
-    float w[LANE_COLS];
-    load4(r, c0, hidden, vec_ok(r, hidden), v);
-    load4(weight, c0, hidden, vec_ok(weight, hidden), w);
+// v[0..8] = p[c..c+8] (zero past cols); vec: the rows are 8-aligned (vec8_ok).
+__device__ __forceinline__ void load8(const bf16* p, int c, int cols, bool vec, float* v) {
+    if (vec && c + SILU_COLS <= cols) {
+        uint4 x = *(const uint4*)(p + c);
+        unsigned u[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < hidden ? as_act<A>(v[j] * inv * w[j]) : 0.0f;
-    return c0;
+        for (int j = 0; j < 4; j++) v[2 * j] = __uint_as_float(u[j] << 16), v[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+    } else {
+#pragma unroll
+        for (int j = 0; j < SILU_COLS; j++) v[j] = c + j < cols ? bf2f(p[c + j]) : 0.0f;
+    }
 }
 
-// Pass 2: the column block's max |value| into amax[t, block].
-template <typename A>
-__device__ void norm_split_amax_t(const float* residual, const bf16* weight, const float* ss, float* amax_part,
-                                  int hidden, float eps) {
+__device__ __forceinline__ void load8(const float* p, int c, int cols, bool vec, float* v) {
+    load4(p, c, cols, vec, v);
+    load4(p, c + LANE_COLS, cols, vec, v + LANE_COLS);
+}
+
+// out[c..c+8] = e4m3(v / scale).
+__device__ __forceinline__ void store8_e4m3(fp8* p, int c, int cols, bool vec, const float* v, float scale) {
+    unsigned q[SILU_COLS];
+#pragma unroll
+    for (int j = 0; j < SILU_COLS; j++) q[j] = f2e4m3(v[j] / scale);
+    if (vec && c + SILU_COLS <= cols) {
+        *(uint2*)(p + c) = make_uint2(q[0] | (q[1] << 8) | (q[2] << 16) | (q[3] << 24),
+                                      q[4] | (q[5] << 8) | (q[6] << 16) | (q[7] << 24));
+    } else {
+#pragma unroll
+        for (int j = 0; j < SILU_COLS; j++)
+            if (c + j < cols) p[c + j] = (fp8)q[j];
+    }
+}
+
+template <typename A, int K>
+__device__ void silu_mul_fp8_t(fp8* xq, float* xs, const A* gate_up, int inter) {
     __shared__ float scratch[32];
-    float v[LANE_COLS];
-    norm_split_values<A>(residual, weight, ss, hidden, eps, v);
+    int t = blockIdx.x;
+    const A* g = gate_up + (u64)t * 2 * inter;
+    bool vec = vec8_ok(g, inter);
+    float v[K][SILU_COLS];
     float amax = 0.0f;
 #pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
-    amax = block_max(amax, scratch);
-    if (threadIdx.x == 0) amax_part[(u64)blockIdx.y * gridDim.x + blockIdx.x] = amax;
-}
-
-// The row's scale from the column blocks' partial maxima (a max: any order gives the same bits).
-__device__ __forceinline__ float split_scale(const float* amax_part) {
-    const float* p = amax_part + (u64)blockIdx.y * gridDim.x;
-    float amax = 0.0f;
-    for (int b = 0; b < gridDim.x; b++) amax = fmaxf(amax, p[b]);
-    return fp8_scale(amax);
-}
-
-// Pass 3: quantize with the row's scale.
-template <typename A>
-__device__ void norm_split_quant_t(const float* residual, const bf16* weight, const float* ss,
-                                   const float* amax_part, fp8* xq, float* xs, int hidden, float eps) {
-    float v[LANE_COLS];
-    int c0 = norm_split_values<A>(residual, weight, ss, hidden, eps, v);
-    float scale = split_scale(amax_part);
-    fp8* q = xq + (u64)blockIdx.y * hidden;
-    if (c0 < hidden) store4_e4m3(q, c0, hidden, vec_ok(q, hidden), v, scale);
-    if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
-}
-
-// ---- silu_mul then quantize_fp8 of its output: grid (column blocks of SPLIT_COLS, rows), two passes
-// (partial maxima, then quantize from recomputed values).
-template <typename A>
-__device__ __forceinline__ int silu_split_values(const A* gate_up, int inter, float* v) {
-    const A* g = gate_up + (u64)blockIdx.y * 2 * inter;
-    bool vec = vec_ok(g, inter);
-    int c0 = blockIdx.x * SPLIT_COLS + threadIdx.x * LANE_COLS;
-    float u[LANE_COLS];
-    load4(g, c0, inter, vec, v);
-    load4(g + inter, c0, inter, vec, u);
+    for (int k = 0; k < K; k++) {
+        int c0 = (threadIdx.x + blockDim.x * k) * SILU_COLS;
+        if (c0 < inter) {
+            float u[SILU_COLS];
+            load8(g, c0, inter, vec, v[k]);
+            load8(g + inter, c0, inter, vec, u);
 #pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1(v[j], u[j])) : 0.0f;
-    return c0;
-}
-
-template <typename A>
-__device__ void silu_split_amax_t(const A* gate_up, float* amax_part, int inter) {
-    __shared__ float scratch[32];
-    float v[LANE_COLS];
-    silu_split_values<A>(gate_up, inter, v);
-    float amax = 0.0f;
+            for (int j = 0; j < SILU_COLS; j++) {
+                if (c0 + j < inter) {
+                    v[k][j] = as_act<A>(silu_mul1(v[k][j], u[j]));
+                    amax = fmaxf(amax, fabsf(v[k][j]));
+                }
+            }
+        }
+    }
+    float scale = fp8_scale(block_max(amax, scratch));
+    fp8* q = xq + (u64)t * inter;
+    bool vq = vec8_ok(q, inter);
 #pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
-    amax = block_max(amax, scratch);
-    if (threadIdx.x == 0) amax_part[(u64)blockIdx.y * gridDim.x + blockIdx.x] = amax;
-}
-
-template <typename A>
-__device__ void silu_split_quant_t(fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) {
-    float v[LANE_COLS];
-    int c0 = silu_split_values<A>(gate_up, inter, v);
-    float scale = split_scale(amax_part);
-    fp8* q = xq + (u64)blockIdx.y * inter;
-    if (c0 < inter) store4_e4m3(q, c0, inter, vec_ok(q, inter), v, scale);
-    if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
+    for (int k = 0; k < K; k++) {
+        int c0 = (threadIdx.x + blockDim.x * k) * SILU_COLS;
+        if (c0 < inter) store8_e4m3(q, c0, inter, vq, v[k], scale);
+    }
+    if (threadIdx.x == 0) xs[t] = scale;
 }
 
 // Writes token t's k and v heads (from the fused qkv row) to its cache slot; slot < 0 skips.
@@ -423,6 +410,57 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
     }
 }
 
+// rope then kv_write in one launch (the same bits): thread p of token t takes one (i, i + head_dim/2)
+// pair of a head of the q|k|v row: q and k pairs are rotated in place, k (rotated) and v pairs
+// are also written to the token's cache slot (slot < 0: no cache write). Grid (rows, pair blocks).
+template <typename A>
+__device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* positions, const float* inv_freq,
+                                const int* slots, int row_stride, int num_q_heads, int num_kv_heads, int head_dim,
+                                int block_size) {
+    int t = blockIdx.x, half = head_dim / 2;
+    float pos = (float)positions[t];
+    int slot = slots[t];
+    int pairs = (num_q_heads + 2 * num_kv_heads) * half;
+    A* row = qkv + (u64)t * row_stride;
+    for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < pairs; p += gridDim.y * blockDim.x) {
+        int head = p / half, i = p % half;
+        u64 at = (u64)head * head_dim + i;
+        int kv = head - num_q_heads;  // k heads 0..num_kv_heads, then v heads
+        A* cache = nullptr;
+        u64 dst = 0;
+        if (kv >= 0 && slot >= 0) {
+            cache = kv < num_kv_heads ? k_cache : v_cache;
+            int h = kv % num_kv_heads;
+            dst = (((u64)(slot / block_size) * num_kv_heads + h) * block_size + slot % block_size) * head_dim + i;
+        }
+        if (kv < num_kv_heads) {
+            float y0, y1;
+            rope_pair(ld(row, at), ld(row, at + half), pos * inv_freq[i], &y0, &y1);
+            st(row, at, y0);
+            st(row, at + half, y1);
+            if (cache) {
+                st(cache, dst, y0);
+                st(cache, dst + half, y1);
+            }
+        } else if (cache) {
+            cache[dst] = row[at];
+            cache[dst + half] = row[at + half];
+        }
+    }
+}
+
+// The fused kernels per K (chunks per warp for the norm, 8-column groups per thread for silu).
+#define FUSED_NORM_K(A, SUFFIX, K)                                                                            \
+    extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_fp8_k##K##_##SUFFIX(                       \
+        float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) {     \
+        add_rmsnorm_fp8_t<A, K>(residual, delta, weight, xq, xs, hidden, eps);                                \
+    }
+#define FUSED_SILU_K(A, SUFFIX, K)                                                                            \
+    extern "C" __global__ void __launch_bounds__(1024)                                                        \
+        silu_mul_fp8_k##K##_##SUFFIX(fp8* xq, float* xs, const A* gate_up, int inter) {                       \
+        silu_mul_fp8_t<A, K>(xq, xs, gate_up, inter);                                                         \
+    }
+
 #define ELEMENTWISE_KERNELS(A, SUFFIX)                                                                        \
     extern "C" __global__ void add_rmsnorm_##SUFFIX(float* residual, const A* delta, const bf16* weight, A* out, \
                                                     int hidden, float eps) {                                 \
@@ -452,28 +490,22 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(256, 3) add_rmsnorm_fp8_rows_##SUFFIX(                    \
         float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) {     \
-        add_rmsnorm_fp8_rows_t<A>(residual, delta, weight, xq, xs, hidden, eps);                              \
+        add_rmsnorm_fp8_t<A, 8>(residual, delta, weight, xq, xs, hidden, eps);                                \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)                                               \
-        norm_split_ss_##SUFFIX(float* residual, const A* delta, float* ss, int hidden) {                      \
-        norm_split_ss_t<A>(residual, delta, ss, hidden);                                                      \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) norm_split_amax_##SUFFIX(                     \
-        const float* residual, const bf16* weight, const float* ss, float* amax_part, int hidden, float eps) { \
-        norm_split_amax_t<A>(residual, weight, ss, amax_part, hidden, eps);                                   \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) norm_split_quant_##SUFFIX(                    \
-        const float* residual, const bf16* weight, const float* ss, const float* amax_part, fp8* xq,          \
-        float* xs, int hidden, float eps) {                                                                   \
-        norm_split_quant_t<A>(residual, weight, ss, amax_part, xq, xs, hidden, eps);                          \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)                                               \
-        silu_split_amax_##SUFFIX(const A* gate_up, float* amax_part, int inter) {                             \
-        silu_split_amax_t<A>(gate_up, amax_part, inter);                                                      \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) silu_split_quant_##SUFFIX(                    \
-        fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) {                            \
-        silu_split_quant_t<A>(xq, xs, gate_up, amax_part, inter);                                             \
+    FUSED_NORM_K(A, SUFFIX, 1)                                                                                \
+    FUSED_NORM_K(A, SUFFIX, 2)                                                                                \
+    FUSED_NORM_K(A, SUFFIX, 4)                                                                                \
+    FUSED_NORM_K(A, SUFFIX, 8)                                                                                \
+    FUSED_SILU_K(A, SUFFIX, 1)                                                                                \
+    FUSED_SILU_K(A, SUFFIX, 2)                                                                                \
+    FUSED_SILU_K(A, SUFFIX, 4)                                                                                \
+    FUSED_SILU_K(A, SUFFIX, 8)                                                                                \
+    extern "C" __global__ void rope_kv_write_##SUFFIX(A* qkv, A* k_cache, A* v_cache, const int* positions,  \
+                                                      const float* inv_freq, const int* slots, int row_stride, \
+                                                      int num_q_heads, int num_kv_heads, int head_dim,         \
+                                                      int block_size) {                                        \
+        rope_kv_write_t<A>(qkv, k_cache, v_cache, positions, inv_freq, slots, row_stride, num_q_heads,        \
+                           num_kv_heads, head_dim, block_size);                                               \
     }                                                                                                         \
     extern "C" __global__ void kv_write_##SUFFIX(A* k_cache, A* v_cache, const A* qkv, const int* slots,      \
                                                  int row_stride, int k_col, int v_col, int num_kv_heads,      \

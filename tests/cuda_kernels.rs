@@ -821,6 +821,105 @@ fn cublaslt_fp8_outer_vector_scales() {
     }
 }
 
+/// rope_kv_write gives exactly the bytes of rope followed by kv_write: the roped qkv rows and both
+/// caches (BF16 and F32), padding tokens (slot -1) rotated but not written.
+#[test]
+fn rope_kv_write_matches_rope_then_kv_write() {
+    let Some((e, mut rng)) = env() else { return };
+    for act in [Precision::Bf16, Precision::F32] {
+        let ops = Ops {
+            k: &e.kernels,
+            stream: e.gpu.cu_stream(),
+            act,
+        };
+        // A 70B decode row (64 q + 8 kv heads), a batch, odd head_dim halves, one pair block.
+        for (n, nh, nkv, hd) in [
+            (1usize, 64, 8, 128),
+            (32, 64, 8, 128),
+            (23, 8, 2, 128),
+            (7, 6, 3, 6),
+        ] {
+            let (bs, blocks) = (16, n.div_ceil(16) + 3);
+            let stride = (nh + 2 * nkv) * hd;
+            let qkv: Vec<f32> = (0..n * stride)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let upload = |v: &[f32]| match act {
+                Precision::Bf16 => e
+                    .gpu
+                    .upload(&v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
+                Precision::F32 => e.gpu.upload(v),
+            };
+            let pos: Vec<i32> = (0..n).map(|_| rng.random_range(1..100_000)).collect();
+            let inv: Vec<f32> = (0..hd / 2)
+                .map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32))
+                .collect();
+            let mut slots: Vec<i32> = (0..(blocks * bs) as i32).collect();
+            for i in (1..slots.len()).rev() {
+                slots.swap(i, rng.random_range(0..=i));
+            }
+            slots.truncate(n);
+            if n > 2 {
+                slots[n / 2] = -1;
+            }
+            let (dp, di, ds) = (
+                e.gpu.upload(&pos).unwrap(),
+                e.gpu.upload(&inv).unwrap(),
+                e.gpu.upload(&slots).unwrap(),
+            );
+            let (q1, q2) = (upload(&qkv).unwrap(), upload(&qkv).unwrap());
+            let cache_bytes = blocks * nkv * bs * hd * act.bytes();
+            let (k1, v1, k2, v2) = (
+                e.poisoned(cache_bytes),
+                e.poisoned(cache_bytes),
+                e.poisoned(cache_bytes),
+                e.poisoned(cache_bytes),
+            );
+            ops.rope(q1.ptr, dp.ptr, di.ptr, n, stride, nh, nkv, hd)
+                .unwrap();
+            ops.kv_write(
+                k1.ptr,
+                v1.ptr,
+                q1.ptr,
+                ds.ptr,
+                n,
+                stride,
+                nh * hd,
+                (nh + nkv) * hd,
+                nkv,
+                hd,
+                bs,
+            )
+            .unwrap();
+            ops.rope_kv_write(
+                q2.ptr, k2.ptr, v2.ptr, dp.ptr, di.ptr, ds.ptr, n, nh, nkv, hd, bs,
+            )
+            .unwrap();
+            let what = format!("rope_kv_write {act:?} {n}x({nh}+{nkv}+{nkv})x{hd}");
+            let bytes =
+                |b: &DeviceBuffer, len: usize| -> Vec<u8> { e.gpu.download(b, len).unwrap() };
+            let qkv_bytes = n * stride * act.bytes();
+            assert_eq!(bytes(&q1, qkv_bytes), bytes(&q2, qkv_bytes), "{what}: qkv");
+            assert_ne!(
+                bytes(&q2, qkv_bytes),
+                bytes(&upload(&qkv).unwrap(), qkv_bytes),
+                "{what}: nothing rotated"
+            );
+            let (kb, vb) = (bytes(&k2, cache_bytes), bytes(&v2, cache_bytes));
+            assert_eq!(bytes(&k1, cache_bytes), kb, "{what}: k cache");
+            assert_eq!(bytes(&v1, cache_bytes), vb, "{what}: v cache");
+            let written = slots.iter().filter(|&&s| s >= 0).count() * nkv * hd * act.bytes();
+            for cache in [&kb, &vb] {
+                let poison = cache.iter().filter(|&&b| b == 0xFF).count();
+                assert!(
+                    poison + written >= cache_bytes && poison < cache_bytes,
+                    "{what}: {poison} poisoned bytes of {cache_bytes}, {written} written"
+                );
+            }
+        }
+    }
+}
+
 /// The fused norm/silu + quantize kernels give exactly the bytes of the unfused kernel followed by
 /// quantize_fp8 (BF16 and F32 activations), and the same residual.
 #[test]
@@ -833,15 +932,18 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             act,
         };
         let a = act.bytes();
-        // Decode (1..32 rows: split over column blocks), prefill (>= 256 rows: a block per row),
-        // rows too wide for the row kernel, widths not a multiple of the 4-column vectors, and
-        // the first layer's norm without delta.
+        // Each block shape: decode rows (up to 32 warps, 1-8 chunks per warp), many rows (8-warp
+        // blocks, or wider rows), widths not a multiple of the 4- or 8-column vectors, the widest
+        // fused rows, and the first layer's norm without delta.
         let norm_cases = [
             (1, 8192, true),
             (1, 8192, false),
             (6, 1000, true),
+            (2, 130, true),
             (3, 16384, true),
+            (2, 32768, true),
             (32, 8192, true),
+            (255, 8192, true),
             (300, 1001, true),
             (300, 16384, true),
             (3000, 8192, true),
@@ -868,8 +970,7 @@ fn fused_norm_and_silu_quantize_match_unfused() {
                 .unwrap();
             ops.quantize_fp8(q1.ptr, s1.ptr, xn.ptr, n, h).unwrap();
             let (q2, s2) = (e.poisoned(n * h), e.poisoned(n * 4));
-            let scratch = e.poisoned(Ops::fused_norm_scratch_bytes(n, h));
-            ops.add_rmsnorm_fp8(r2.ptr, d, dw.ptr, q2.ptr, s2.ptr, scratch.ptr, n, h, 1e-5)
+            ops.add_rmsnorm_fp8(r2.ptr, d, dw.ptr, q2.ptr, s2.ptr, n, h, 1e-5)
                 .unwrap();
             let what = format!("add_rmsnorm_fp8 {act:?} {n}x{h} delta {with_delta}");
             let bytes =
@@ -883,13 +984,18 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             assert_eq!(bytes(&q1, n * h), bytes(&q2, n * h), "{what}: values");
             assert!(e.f32s(&s2, n).iter().all(|s| s.is_finite() && *s > 0.0));
         }
+        // 70B decode and prefill rows (896 threads x 4 groups), each group count per thread,
+        // widths not a multiple of the 8-column groups, the widest fused row.
         for (n, inter) in [
             (1, 28672),
             (5, 1000),
+            (3, 12000),
             (2, 32768),
             (7, 1001),
             (32, 28672),
+            (300, 28672),
             (3000, 4096),
+            (2, 65536),
         ] {
             let gu: Vec<f32> = (0..n * 2 * inter)
                 .map(|_| rng.random_range(-4.0..4.0))
@@ -907,8 +1013,7 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             ops.quantize_fp8(q1.ptr, s1.ptr, actbuf.ptr, n, inter)
                 .unwrap();
             let (q2, s2) = (e.poisoned(n * inter), e.poisoned(n * 4));
-            let scratch = e.poisoned(Ops::fused_silu_scratch_bytes(n, inter));
-            ops.silu_mul_fp8(q2.ptr, s2.ptr, gu_dev.ptr, scratch.ptr, n, inter)
+            ops.silu_mul_fp8(q2.ptr, s2.ptr, gu_dev.ptr, n, inter)
                 .unwrap();
             let what = format!("silu_mul_fp8 {act:?} {n}x{inter}");
             let bytes =

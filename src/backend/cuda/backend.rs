@@ -99,13 +99,12 @@ impl Workspace {
         let qkv_n = c.q_size() + 2 * c.kv_size();
         Ok(Self {
             residual: gpu.alloc(t * h * 4)?,
-            // xn and act double as the fused FP8 kernels' scratch (unused by those paths).
-            xn: gpu.alloc((t * h * a).max(Ops::fused_norm_scratch_bytes(t, h)))?,
+            xn: gpu.alloc(t * h * a)?,
             qkv: gpu.alloc(t * qkv_n * a)?,
             attn: gpu.alloc(t * c.q_size() * a)?,
             delta: gpu.alloc(t * h * a)?,
             gate_up: gpu.alloc(t * 2 * i * a)?,
-            act: gpu.alloc((t * i * a).max(Ops::fused_silu_scratch_bytes(t, i)))?,
+            act: gpu.alloc(t * i * a)?,
             xq: gpu.alloc(t * h.max(i).max(c.q_size()))?,
             xs: gpu.alloc(t * 4)?,
             last_norm: gpu.alloc(s * h * a)?,
@@ -405,33 +404,21 @@ impl CudaBackend {
             let prev = if i == 0 { 0 } else { delta };
             let norm_w = self.weights.layers[i].input_norm.ptr;
             self.norm_linear(Lin::Qkv(i), prev, norm_w, n, qkv)?;
-            self.ops().rope(
-                qkv,
-                m(at.positions),
-                self.weights.inv_freq.ptr,
-                n,
-                qkv_n,
-                nh,
-                nkv,
-                hd,
-            )?;
-            self.mark("rope")?;
             let (kc, vc) = (self.k_cache(i), self.v_cache(i));
-            let (kcol, vcol) = (c.q_size(), c.q_size() + c.kv_size());
-            self.ops().kv_write(
+            self.ops().rope_kv_write(
+                qkv,
                 kc,
                 vc,
-                qkv,
+                m(at.positions),
+                self.weights.inv_freq.ptr,
                 m(at.slots),
                 n,
-                qkv_n,
-                kcol,
-                vcol,
+                nh,
                 nkv,
                 hd,
                 self.opts.block_size,
             )?;
-            self.mark("kv_write")?;
+            self.mark("rope+kv_write")?;
             if let Some(hook) = self.layer_kv_hook.as_mut() {
                 hook(i, self.gpu.stream.cu_stream())?;
             }

@@ -15,20 +15,30 @@ pub use attention::{
 /// values needs many threads in flight).
 const ROW_THREADS: u32 = 1024;
 const ROPE_THREADS: u32 = 256;
-/// Widest rows of the norm kernels (chunk sums in shared memory: MAX_NORM_CHUNKS in
-/// elementwise.cu) and of the fused silu + FP8 quantize.
-pub const FUSED_NORM_MAX_COLS: usize = 512 * NORM_CHUNK_COLS;
-pub const FUSED_SILU_MAX_COLS: usize = 1 << 20;
+/// Widest rows of add_rmsnorm (chunk sums in shared memory: MAX_NORM_CHUNKS in elementwise.cu).
+const NORM_MAX_COLS: usize = 512 * NORM_CHUNK_COLS;
 /// Columns per warp chunk of the norm's fixed summation order (CHUNK_COLS in elementwise.cu).
 const NORM_CHUNK_COLS: usize = 128;
-/// The split-row fused kernels: blocks of SPLIT_THREADS covering SPLIT_COLS columns of a row.
-const SPLIT_THREADS: u32 = 128;
-const SPLIT_COLS: usize = 512;
-/// The row-per-block fused norm: 8 warps, at most 8 chunks per warp in registers; used once
-/// there are enough rows to fill the GPU (fewer rows are split over blocks instead).
-const NORM_ROWS_THREADS: u32 = 256;
-const NORM_ROWS_MAX_COLS: usize = 8 * 8 * NORM_CHUNK_COLS;
+/// The fused kernels hold a row in registers, one block per row: at most 32 warps and
+/// FUSED_MAX_K chunks (norm) or 8-column groups (silu) per warp lane / thread.
+const FUSED_MAX_K: usize = 8;
+const SILU_GROUP_COLS: usize = 8;
+pub const FUSED_NORM_MAX_COLS: usize = 32 * FUSED_MAX_K * NORM_CHUNK_COLS;
+pub const FUSED_SILU_MAX_COLS: usize = 1024 * FUSED_MAX_K * SILU_GROUP_COLS;
+/// Many rows (prefill): the fused norm runs as 8-warp blocks, 3 per SM (`add_rmsnorm_fp8_rows`),
+/// for rows of at most 64 chunks; fewer rows get up to 32 warps per row to spread the work.
 const NORM_ROWS_MIN_ROWS: usize = 256;
+const NORM_ROWS_MAX_CHUNKS: usize = 8 * FUSED_MAX_K;
+
+/// The smallest K in 1, 2, 4, 8 with `units` <= `lanes` * K.
+fn fused_k(units: usize, lanes: usize) -> usize {
+    let mut k = 1;
+    while k < FUSED_MAX_K && units > lanes * k {
+        k *= 2;
+    }
+    k
+}
+
 /// Storage type of activations (and of the KV cache): BF16 for serving, F32 for the
 /// reference-precision mode that matches an f32 implementation token for token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,15 +72,6 @@ pub struct Ops<'a> {
 
 fn rows(n: usize) -> (u32, u32, u32) {
     (n as u32, 1, 1)
-}
-
-/// Grid (column blocks, rows) of the split-row kernels.
-fn split_grid(n: usize, cols: usize) -> Result<(u32, u32, u32)> {
-    ensure!(
-        n <= 65535,
-        "{n} rows for a split-row kernel (at most 65535)"
-    );
-    Ok((cols.div_ceil(SPLIT_COLS) as u32, n as u32, 1))
 }
 
 impl Ops<'_> {
@@ -136,8 +137,8 @@ impl Ops<'_> {
         eps: f32,
     ) -> Result<()> {
         ensure!(
-            hidden <= FUSED_NORM_MAX_COLS,
-            "norm of {hidden} columns (at most {FUSED_NORM_MAX_COLS})"
+            hidden <= NORM_MAX_COLS,
+            "norm of {hidden} columns (at most {NORM_MAX_COLS})"
         );
         self.go(
             &self.typed("add_rmsnorm"),
@@ -252,21 +253,9 @@ impl Ops<'_> {
         )
     }
 
-    /// Bytes of `scratch` that [`Self::add_rmsnorm_fp8`] needs for `n` rows of `hidden`.
-    pub fn fused_norm_scratch_bytes(n: usize, hidden: usize) -> usize {
-        4 * n * (hidden.div_ceil(NORM_CHUNK_COLS) + hidden.div_ceil(SPLIT_COLS))
-    }
-
-    /// Bytes of `scratch` that [`Self::silu_mul_fp8`] needs for `n` rows of `inter`.
-    pub fn fused_silu_scratch_bytes(n: usize, inter: usize) -> usize {
-        4 * n * inter.div_ceil(SPLIT_COLS)
-    }
-
-    /// [`Self::add_rmsnorm`] then [`Self::quantize_fp8`] of its output: writes the residual, `xq`
-    /// and `xs` (not the normalized row), the same bits as the unfused pair. Many rows: one block
-    /// per row; few rows (decode) or wide rows: each row split over blocks of 512 columns in three
-    /// passes whose partial sums and maxima go to `scratch`
-    /// ([`Self::fused_norm_scratch_bytes`]). `hidden` <= [`FUSED_NORM_MAX_COLS`].
+    /// [`Self::add_rmsnorm`] then [`Self::quantize_fp8`] of its output in one launch: writes the
+    /// residual, `xq` and `xs` (not the normalized row), the same bits as the unfused pair. One
+    /// block per row, the row in registers. `hidden` <= [`FUSED_NORM_MAX_COLS`].
     #[allow(clippy::too_many_arguments)]
     pub fn add_rmsnorm_fp8(
         &self,
@@ -275,7 +264,6 @@ impl Ops<'_> {
         weight: u64,
         xq: u64,
         xs: u64,
-        scratch: u64,
         n: usize,
         hidden: usize,
         eps: f32,
@@ -284,75 +272,41 @@ impl Ops<'_> {
             hidden <= FUSED_NORM_MAX_COLS,
             "fused norm of {hidden} columns (at most {FUSED_NORM_MAX_COLS})"
         );
-        if n >= NORM_ROWS_MIN_ROWS && hidden <= NORM_ROWS_MAX_COLS {
-            return self.go(
-                &self.typed("add_rmsnorm_fp8_rows"),
-                rows(n),
-                NORM_ROWS_THREADS,
-                0,
-                &[
-                    Arg::Ptr(residual),
-                    Arg::Ptr(delta),
-                    Arg::Ptr(weight),
-                    Arg::Ptr(xq),
-                    Arg::Ptr(xs),
-                    Arg::I32(hidden as i32),
-                    Arg::F32(eps),
-                ],
-            );
-        }
-        let grid = split_grid(n, hidden)?;
-        let ss = scratch;
-        let amax = scratch + (4 * n * hidden.div_ceil(NORM_CHUNK_COLS)) as u64;
-        let h = Arg::I32(hidden as i32);
+        let chunks = hidden.div_ceil(NORM_CHUNK_COLS);
+        let (name, threads) = if n >= NORM_ROWS_MIN_ROWS && chunks <= NORM_ROWS_MAX_CHUNKS {
+            ("add_rmsnorm_fp8_rows".to_string(), 256)
+        } else {
+            let k = fused_k(chunks, 32);
+            (
+                format!("add_rmsnorm_fp8_k{k}"),
+                32 * chunks.div_ceil(k) as u32,
+            )
+        };
         self.go(
-            &self.typed("norm_split_ss"),
-            grid,
-            SPLIT_THREADS,
-            0,
-            &[Arg::Ptr(residual), Arg::Ptr(delta), Arg::Ptr(ss), h],
-        )?;
-        self.go(
-            &self.typed("norm_split_amax"),
-            grid,
-            SPLIT_THREADS,
+            &self.typed(&name),
+            rows(n),
+            threads,
             0,
             &[
                 Arg::Ptr(residual),
+                Arg::Ptr(delta),
                 Arg::Ptr(weight),
-                Arg::Ptr(ss),
-                Arg::Ptr(amax),
-                h,
-                Arg::F32(eps),
-            ],
-        )?;
-        self.go(
-            &self.typed("norm_split_quant"),
-            grid,
-            SPLIT_THREADS,
-            0,
-            &[
-                Arg::Ptr(residual),
-                Arg::Ptr(weight),
-                Arg::Ptr(ss),
-                Arg::Ptr(amax),
                 Arg::Ptr(xq),
                 Arg::Ptr(xs),
-                h,
+                Arg::I32(hidden as i32),
                 Arg::F32(eps),
             ],
         )
     }
 
-    /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output, the same bits as the
-    /// unfused pair: each row split over blocks of 512 columns, a pass for the partial maxima
-    /// (into `scratch`, [`Self::fused_silu_scratch_bytes`]) and one that quantizes.
+    /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output in one launch, the same bits
+    /// as the unfused pair: one block per row reads `gate_up` once and keeps the products in
+    /// registers. `inter` <= [`FUSED_SILU_MAX_COLS`].
     pub fn silu_mul_fp8(
         &self,
         xq: u64,
         xs: u64,
         gate_up: u64,
-        scratch: u64,
         n: usize,
         inter: usize,
     ) -> Result<()> {
@@ -360,26 +314,19 @@ impl Ops<'_> {
             inter <= FUSED_SILU_MAX_COLS,
             "fused silu_mul of {inter} columns (at most {FUSED_SILU_MAX_COLS})"
         );
-        let grid = split_grid(n, inter)?;
-        let i = Arg::I32(inter as i32);
+        let groups = inter.div_ceil(SILU_GROUP_COLS);
+        let k = fused_k(groups, 1024);
+        let threads = 32 * groups.div_ceil(k).div_ceil(32) as u32;
         self.go(
-            &self.typed("silu_split_amax"),
-            grid,
-            SPLIT_THREADS,
-            0,
-            &[Arg::Ptr(gate_up), Arg::Ptr(scratch), i],
-        )?;
-        self.go(
-            &self.typed("silu_split_quant"),
-            grid,
-            SPLIT_THREADS,
+            &self.typed(&format!("silu_mul_fp8_k{k}")),
+            rows(n),
+            threads,
             0,
             &[
                 Arg::Ptr(xq),
                 Arg::Ptr(xs),
                 Arg::Ptr(gate_up),
-                Arg::Ptr(scratch),
-                i,
+                Arg::I32(inter as i32),
             ],
         )
     }
@@ -476,6 +423,47 @@ impl Ops<'_> {
                 Arg::I32(row_stride as i32),
                 Arg::I32(k_col as i32),
                 Arg::I32(v_col as i32),
+                Arg::I32(kv_heads as i32),
+                Arg::I32(head_dim as i32),
+                Arg::I32(block_size as i32),
+            ],
+        )
+    }
+
+    /// [`Self::rope`] then [`Self::kv_write`] in one launch (the same bits): rotates the q and k
+    /// heads of rows laid out q | k | v (`row_stride` = (q_heads + 2 kv_heads) * head_dim) in
+    /// place and writes each token's k and v heads to `slots[t]` (< 0: skipped).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_write(
+        &self,
+        qkv: u64,
+        k_cache: u64,
+        v_cache: u64,
+        positions: u64,
+        inv_freq: u64,
+        slots: u64,
+        n: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+    ) -> Result<()> {
+        ensure!(head_dim % 2 == 0, "rope of odd head_dim {head_dim}");
+        let pairs = (q_heads + 2 * kv_heads) * (head_dim / 2);
+        self.go(
+            &self.typed("rope_kv_write"),
+            (n as u32, (pairs as u32).div_ceil(ROPE_THREADS).max(1), 1),
+            ROPE_THREADS,
+            0,
+            &[
+                Arg::Ptr(qkv),
+                Arg::Ptr(k_cache),
+                Arg::Ptr(v_cache),
+                Arg::Ptr(positions),
+                Arg::Ptr(inv_freq),
+                Arg::Ptr(slots),
+                Arg::I32(((q_heads + 2 * kv_heads) * head_dim) as i32),
+                Arg::I32(q_heads as i32),
                 Arg::I32(kv_heads as i32),
                 Arg::I32(head_dim as i32),
                 Arg::I32(block_size as i32),

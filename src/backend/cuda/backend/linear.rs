@@ -138,9 +138,8 @@ impl CudaBackend {
         let ws = &self.ws;
         let (residual, xn, xq, xs) = (ws.residual.ptr, ws.xn.ptr, ws.xq.ptr, ws.xs.ptr);
         if self.fp8_fusable(lin, h, FUSED_NORM_MAX_COLS) {
-            // xn is unused on this path: it holds the kernels' partial sums.
             self.ops()
-                .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, xn, n, h, eps)?;
+                .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, n, h, eps)?;
             self.mark("add_rmsnorm fp8")?;
             self.linear_quantized(lin, n, out)
         } else {
@@ -158,8 +157,7 @@ impl CudaBackend {
         let ws = &self.ws;
         let (gate_up, act, xq, xs) = (ws.gate_up.ptr, ws.act.ptr, ws.xq.ptr, ws.xs.ptr);
         if self.fp8_fusable(lin, inter, FUSED_SILU_MAX_COLS) {
-            // act is unused on this path: it holds the kernels' partial maxima.
-            self.ops().silu_mul_fp8(xq, xs, gate_up, act, n, inter)?;
+            self.ops().silu_mul_fp8(xq, xs, gate_up, n, inter)?;
             self.mark("silu_mul fp8")?;
             self.linear_quantized(lin, n, out)
         } else {
