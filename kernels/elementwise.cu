@@ -380,6 +380,51 @@ __device__ void silu_mul_fp8_t(fp8* xq, float* xs, const A* gate_up, int inter) 
     if (threadIdx.x == 0) xs[t] = scale;
 }
 
+// Few rows (decode): one SM per row is too slow for silu's expf and divisions, so each row is
+// split over blocks of SPLIT_COLS columns in two launches (partial maxima into a scratch buffer,
+// then quantize from recomputed values). Grid (column blocks, rows).
+#define SPLIT_THREADS 128
+#define SPLIT_COLS (SPLIT_THREADS * LANE_COLS)
+
+template <typename A>
+__device__ __forceinline__ int silu_split_values(const A* gate_up, int inter, float* v) {
+    const A* g = gate_up + (u64)blockIdx.y * 2 * inter;
+    bool vec = vec_ok(g, inter);
+    int c0 = blockIdx.x * SPLIT_COLS + threadIdx.x * LANE_COLS;
+    float u[LANE_COLS];
+    load4(g, c0, inter, vec, v);
+    load4(g + inter, c0, inter, vec, u);
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1(v[j], u[j])) : 0.0f;
+    return c0;
+}
+
+template <typename A>
+__device__ void silu_split_amax_t(const A* gate_up, float* amax_part, int inter) {
+    __shared__ float scratch[32];
+    float v[LANE_COLS];
+    silu_split_values<A>(gate_up, inter, v);
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
+    amax = block_max(amax, scratch);
+    if (threadIdx.x == 0) amax_part[(u64)blockIdx.y * gridDim.x + blockIdx.x] = amax;
+}
+
+template <typename A>
+__device__ void silu_split_quant_t(fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) {
+    float v[LANE_COLS];
+    int c0 = silu_split_values<A>(gate_up, inter, v);
+    // The row's scale from the partial maxima (a max: any order gives the same bits).
+    const float* p = amax_part + (u64)blockIdx.y * gridDim.x;
+    float amax = 0.0f;
+    for (int b = 0; b < gridDim.x; b++) amax = fmaxf(amax, p[b]);
+    float scale = fp8_scale(amax);
+    fp8* q = xq + (u64)blockIdx.y * inter;
+    if (c0 < inter) store4_e4m3(q, c0, inter, vec_ok(q, inter), v, scale);
+    if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
+}
+
 // Writes token t's k and v heads (from the fused qkv row) to its cache slot; slot < 0 skips.
 // Cache layout per layer: [num_blocks, num_kv_heads, block_size, head_dim].
 template <typename A, typename C>
@@ -500,6 +545,14 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
     FUSED_SILU_K(A, SUFFIX, 2)                                                                                \
     FUSED_SILU_K(A, SUFFIX, 4)                                                                                \
     FUSED_SILU_K(A, SUFFIX, 8)                                                                                \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)                                               \
+        silu_split_amax_##SUFFIX(const A* gate_up, float* amax_part, int inter) {                             \
+        silu_split_amax_t<A>(gate_up, amax_part, inter);                                                      \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) silu_split_quant_##SUFFIX(                    \
+        fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) {                            \
+        silu_split_quant_t<A>(xq, xs, gate_up, amax_part, inter);                                             \
+    }                                                                                                         \
     extern "C" __global__ void rope_kv_write_##SUFFIX(A* qkv, A* k_cache, A* v_cache, const int* positions,  \
                                                       const float* inv_freq, const int* slots, int row_stride, \
                                                       int num_q_heads, int num_kv_heads, int head_dim,         \

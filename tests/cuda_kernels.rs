@@ -984,8 +984,9 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             assert_eq!(bytes(&q1, n * h), bytes(&q2, n * h), "{what}: values");
             assert!(e.f32s(&s2, n).iter().all(|s| s.is_finite() && *s > 0.0));
         }
-        // 70B decode and prefill rows (896 threads x 4 groups), each group count per thread,
-        // widths not a multiple of the 8-column groups, the widest fused row.
+        // Split rows (fewer than SILU_SPLIT_BELOW_ROWS: 70B decode rows, odd widths) and a block
+        // per row (70B prefill rows: 896 threads x 4 groups; each group count per thread; widths
+        // not a multiple of the 8-column groups; the widest fused row).
         for (n, inter) in [
             (1, 28672),
             (5, 1000),
@@ -993,9 +994,14 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             (2, 32768),
             (7, 1001),
             (32, 28672),
+            (63, 28672),
+            (64, 1000),
+            (64, 1001),
+            (70, 12000),
+            (100, 32768),
             (300, 28672),
             (3000, 4096),
-            (2, 65536),
+            (64, 65536),
         ] {
             let gu: Vec<f32> = (0..n * 2 * inter)
                 .map(|_| rng.random_range(-4.0..4.0))
@@ -1013,7 +1019,8 @@ fn fused_norm_and_silu_quantize_match_unfused() {
             ops.quantize_fp8(q1.ptr, s1.ptr, actbuf.ptr, n, inter)
                 .unwrap();
             let (q2, s2) = (e.poisoned(n * inter), e.poisoned(n * 4));
-            ops.silu_mul_fp8(q2.ptr, s2.ptr, gu_dev.ptr, n, inter)
+            let scratch = e.poisoned(Ops::fused_silu_scratch_bytes(n, inter).max(4));
+            ops.silu_mul_fp8(q2.ptr, s2.ptr, gu_dev.ptr, scratch.ptr, n, inter)
                 .unwrap();
             let what = format!("silu_mul_fp8 {act:?} {n}x{inter}");
             let bytes =

@@ -104,7 +104,8 @@ impl Workspace {
             attn: gpu.alloc(t * c.q_size() * a)?,
             delta: gpu.alloc(t * h * a)?,
             gate_up: gpu.alloc(t * 2 * i * a)?,
-            act: gpu.alloc(t * i * a)?,
+            // act doubles as the fused FP8 silu's scratch (unused on that path).
+            act: gpu.alloc((t * i * a).max(Ops::fused_silu_scratch_bytes(t, i)))?,
             xq: gpu.alloc(t * h.max(i).max(c.q_size()))?,
             xs: gpu.alloc(t * 4)?,
             last_norm: gpu.alloc(s * h * a)?,

@@ -51,6 +51,8 @@ const TYPED: &[(&str, &[&str])] = &[
             "silu_mul_fp8_k2",
             "silu_mul_fp8_k4",
             "silu_mul_fp8_k8",
+            "silu_split_amax",
+            "silu_split_quant",
             "kv_write",
             "rope_kv_write",
         ],

@@ -157,7 +157,8 @@ impl CudaBackend {
         let ws = &self.ws;
         let (gate_up, act, xq, xs) = (ws.gate_up.ptr, ws.act.ptr, ws.xq.ptr, ws.xs.ptr);
         if self.fp8_fusable(lin, inter, FUSED_SILU_MAX_COLS) {
-            self.ops().silu_mul_fp8(xq, xs, gate_up, n, inter)?;
+            // act is unused on this path: it holds the split kernels' partial maxima.
+            self.ops().silu_mul_fp8(xq, xs, gate_up, act, n, inter)?;
             self.mark("silu_mul fp8")?;
             self.linear_quantized(lin, n, out)
         } else {
