@@ -386,8 +386,14 @@ mod tests {
                         && src.contains(&format!(", {suffix})"))
                 });
                 let templated = src.contains(&format!(" {base}_##SUFFIX("));
+                // <name>_k##K##_##SUFFIX instantiated per K by FUSED_*_K(A, SUFFIX, K) macros.
+                let per_k = base.rsplit_once("_k").is_some_and(|(prefix, k)| {
+                    k.parse::<u32>().is_ok()
+                        && src.contains(&format!(" {prefix}_k##K##_##SUFFIX("))
+                        && src.contains(&format!("_K(A, SUFFIX, {k})"))
+                });
                 assert!(
-                    direct || templated || stream_macro,
+                    direct || templated || stream_macro || per_k,
                     "{name} not found in {module}.cu"
                 );
             }
