@@ -492,7 +492,10 @@ impl Ops<'_> {
         head_dim: usize,
         block_size: usize,
     ) -> Result<()> {
-        ensure!(head_dim % 2 == 0, "rope of odd head_dim {head_dim}");
+        ensure!(
+            head_dim.is_multiple_of(2),
+            "rope of odd head_dim {head_dim}"
+        );
         let pairs = (q_heads + 2 * kv_heads) * (head_dim / 2);
         self.go(
             &self.typed("rope_kv_write"),
