@@ -46,6 +46,26 @@ fn fused_k(units: usize, lanes: usize) -> usize {
     k
 }
 
+/// The fused norm's kernel (by K) and threads per block: warps * K >= the row's chunks.
+fn fused_norm_shape(n: usize, hidden: usize) -> (String, u32) {
+    let chunks = hidden.div_ceil(NORM_CHUNK_COLS);
+    if n >= NORM_ROWS_MIN_ROWS && chunks <= NORM_ROWS_MAX_CHUNKS {
+        return ("add_rmsnorm_fp8_rows".to_string(), 256);
+    }
+    let k = fused_k(chunks, 32);
+    (
+        format!("add_rmsnorm_fp8_k{k}"),
+        32 * chunks.div_ceil(k) as u32,
+    )
+}
+
+/// The row-per-block fused silu's K and threads per block: threads * K groups cover the row.
+fn fused_silu_shape(inter: usize) -> (usize, u32) {
+    let groups = inter.div_ceil(SILU_GROUP_COLS);
+    let k = fused_k(groups, 1024);
+    (k, 32 * groups.div_ceil(k).div_ceil(32) as u32)
+}
+
 /// Storage type of activations (and of the KV cache): BF16 for serving, F32 for the
 /// reference-precision mode that matches an f32 implementation token for token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -279,16 +299,7 @@ impl Ops<'_> {
             hidden <= FUSED_NORM_MAX_COLS,
             "fused norm of {hidden} columns (at most {FUSED_NORM_MAX_COLS})"
         );
-        let chunks = hidden.div_ceil(NORM_CHUNK_COLS);
-        let (name, threads) = if n >= NORM_ROWS_MIN_ROWS && chunks <= NORM_ROWS_MAX_CHUNKS {
-            ("add_rmsnorm_fp8_rows".to_string(), 256)
-        } else {
-            let k = fused_k(chunks, 32);
-            (
-                format!("add_rmsnorm_fp8_k{k}"),
-                32 * chunks.div_ceil(k) as u32,
-            )
-        };
+        let (name, threads) = fused_norm_shape(n, hidden);
         self.go(
             &self.typed(&name),
             rows(n),
@@ -306,13 +317,10 @@ impl Ops<'_> {
         )
     }
 
-    /// Bytes of `scratch` that [`Self::silu_mul_fp8`] needs for `n` rows of `inter`.
+    /// Bytes of `scratch` that [`Self::silu_mul_fp8`] needs for up to `n` rows of `inter` (only
+    /// the split path for fewer than [`SILU_SPLIT_BELOW_ROWS`] rows uses it).
     pub fn fused_silu_scratch_bytes(n: usize, inter: usize) -> usize {
-        if n < SILU_SPLIT_BELOW_ROWS {
-            4 * n * inter.div_ceil(SPLIT_COLS)
-        } else {
-            0
-        }
+        4 * n.min(SILU_SPLIT_BELOW_ROWS - 1) * inter.div_ceil(SPLIT_COLS)
     }
 
     /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output, the same bits as the unfused
@@ -358,9 +366,7 @@ impl Ops<'_> {
                 ],
             );
         }
-        let groups = inter.div_ceil(SILU_GROUP_COLS);
-        let k = fused_k(groups, 1024);
-        let threads = 32 * groups.div_ceil(k).div_ceil(32) as u32;
+        let (k, threads) = fused_silu_shape(inter);
         self.go(
             &self.typed(&format!("silu_mul_fp8_k{k}")),
             rows(n),
@@ -569,5 +575,43 @@ impl Ops<'_> {
 
     pub fn fill_f32(&self, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
         self.fill("fill_uniform_f32", ptr, n, seed, lo, hi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every fused row fits its block: at most 1024 threads, and warps x K chunks (norm) or
+    /// threads x K groups (silu) cover the row, which the kernels assume.
+    #[test]
+    fn fused_shapes_cover_their_rows() {
+        for hidden in 1..=FUSED_NORM_MAX_COLS {
+            for n in [1, NORM_ROWS_MIN_ROWS] {
+                let (name, threads) = fused_norm_shape(n, hidden);
+                let k: usize = match name.strip_prefix("add_rmsnorm_fp8_k") {
+                    Some(k) => k.parse().unwrap(),
+                    None => {
+                        assert_eq!(name, "add_rmsnorm_fp8_rows");
+                        FUSED_MAX_K
+                    }
+                };
+                assert!(threads <= 1024 && threads % 32 == 0, "{hidden}: {threads}");
+                assert!(
+                    (threads as usize / 32) * k * NORM_CHUNK_COLS >= hidden,
+                    "{hidden}"
+                );
+            }
+        }
+        assert_eq!(
+            fused_norm_shape(1, 8192),
+            ("add_rmsnorm_fp8_k2".into(), 1024)
+        );
+        for inter in 1..=FUSED_SILU_MAX_COLS {
+            let (k, threads) = fused_silu_shape(inter);
+            assert!(threads <= 1024 && threads % 32 == 0 && k <= FUSED_MAX_K);
+            assert!(threads as usize * k * SILU_GROUP_COLS >= inter, "{inter}");
+        }
+        assert_eq!(fused_silu_shape(28672), (4, 896));
     }
 }
