@@ -6,10 +6,12 @@ use anyhow::{ensure, Result};
 use cudarc::driver::sys::CUstream;
 
 mod attention;
+mod fused;
 pub use attention::{
     flash_decode_supported, flash_supported, AttentionArgs, ATTENTION_ROWS, FLASH_DECODE_GROUP,
     FLASH_ROWS, MAX_HEAD_DIM,
 };
+pub use fused::{FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS, SILU_SPLIT_BELOW_ROWS};
 
 /// Threads per block for the per-row kernels (one block per row: a decode row of 8192-28672
 /// values needs many threads in flight).
@@ -19,53 +21,6 @@ const ROPE_THREADS: u32 = 256;
 const NORM_MAX_COLS: usize = 512 * NORM_CHUNK_COLS;
 /// Columns per warp chunk of the norm's fixed summation order (CHUNK_COLS in elementwise.cu).
 const NORM_CHUNK_COLS: usize = 128;
-/// The fused kernels hold a row in registers, one block per row: at most 32 warps and
-/// FUSED_MAX_K chunks (norm) or 8-column groups (silu) per warp lane / thread.
-const FUSED_MAX_K: usize = 8;
-const SILU_GROUP_COLS: usize = 8;
-pub const FUSED_NORM_MAX_COLS: usize = 32 * FUSED_MAX_K * NORM_CHUNK_COLS;
-pub const FUSED_SILU_MAX_COLS: usize = 1024 * FUSED_MAX_K * SILU_GROUP_COLS;
-/// Many rows (prefill): the fused norm runs as 8-warp blocks, 3 per SM (`add_rmsnorm_fp8_rows`),
-/// for rows of at most 64 chunks; fewer rows get up to 32 warps per row to spread the work.
-const NORM_ROWS_MIN_ROWS: usize = 256;
-const NORM_ROWS_MAX_CHUNKS: usize = 8 * FUSED_MAX_K;
-
-/// silu_mul_fp8 below this many rows: split rows, blocks of SPLIT_THREADS x 4 = SPLIT_COLS columns.
-/// A row per block takes ~14 us for a 70B row (28672 columns: one SM's expf and divisions), the
-/// split pair 9.4 us at 1 row and 12.5 us at 32 (H200; 3000 rows: 0.32 vs 0.58 ms).
-pub const SILU_SPLIT_BELOW_ROWS: usize = 64;
-const SPLIT_THREADS: u32 = 128;
-const SPLIT_COLS: usize = 512;
-
-/// The smallest K in 1, 2, 4, 8 with `units` <= `lanes` * K.
-fn fused_k(units: usize, lanes: usize) -> usize {
-    let mut k = 1;
-    while k < FUSED_MAX_K && units > lanes * k {
-        k *= 2;
-    }
-    k
-}
-
-/// The fused norm's kernel (by K) and threads per block: warps * K >= the row's chunks.
-fn fused_norm_shape(n: usize, hidden: usize) -> (String, u32) {
-    let chunks = hidden.div_ceil(NORM_CHUNK_COLS);
-    if n >= NORM_ROWS_MIN_ROWS && chunks <= NORM_ROWS_MAX_CHUNKS {
-        return ("add_rmsnorm_fp8_rows".to_string(), 256);
-    }
-    let k = fused_k(chunks, 32);
-    (
-        format!("add_rmsnorm_fp8_k{k}"),
-        32 * chunks.div_ceil(k) as u32,
-    )
-}
-
-/// The row-per-block fused silu's K and threads per block: threads * K groups cover the row.
-fn fused_silu_shape(inter: usize) -> (usize, u32) {
-    let groups = inter.div_ceil(SILU_GROUP_COLS);
-    let k = fused_k(groups, 1024);
-    (k, 32 * groups.div_ceil(k).div_ceil(32) as u32)
-}
-
 /// Storage type of activations (and of the KV cache): BF16 for serving, F32 for the
 /// reference-precision mode that matches an f32 implementation token for token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -280,107 +235,6 @@ impl Ops<'_> {
         )
     }
 
-    /// [`Self::add_rmsnorm`] then [`Self::quantize_fp8`] of its output in one launch: writes the
-    /// residual, `xq` and `xs` (not the normalized row), the same bits as the unfused pair. One
-    /// block per row, the row in registers. `hidden` <= [`FUSED_NORM_MAX_COLS`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_rmsnorm_fp8(
-        &self,
-        residual: u64,
-        delta: u64,
-        weight: u64,
-        xq: u64,
-        xs: u64,
-        n: usize,
-        hidden: usize,
-        eps: f32,
-    ) -> Result<()> {
-        ensure!(
-            hidden <= FUSED_NORM_MAX_COLS,
-            "fused norm of {hidden} columns (at most {FUSED_NORM_MAX_COLS})"
-        );
-        let (name, threads) = fused_norm_shape(n, hidden);
-        self.go(
-            &self.typed(&name),
-            rows(n),
-            threads,
-            0,
-            &[
-                Arg::Ptr(residual),
-                Arg::Ptr(delta),
-                Arg::Ptr(weight),
-                Arg::Ptr(xq),
-                Arg::Ptr(xs),
-                Arg::I32(hidden as i32),
-                Arg::F32(eps),
-            ],
-        )
-    }
-
-    /// Bytes of `scratch` that [`Self::silu_mul_fp8`] needs for up to `n` rows of `inter` (only
-    /// the split path for fewer than [`SILU_SPLIT_BELOW_ROWS`] rows uses it).
-    pub fn fused_silu_scratch_bytes(n: usize, inter: usize) -> usize {
-        4 * n.min(SILU_SPLIT_BELOW_ROWS - 1) * inter.div_ceil(SPLIT_COLS)
-    }
-
-    /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output, the same bits as the unfused
-    /// pair. From [`SILU_SPLIT_BELOW_ROWS`] rows on, one launch: a block per row reads `gate_up`
-    /// once and keeps the products in registers. Fewer rows (decode) are split over blocks of 512
-    /// columns in two launches (partial maxima into `scratch`,
-    /// [`Self::fused_silu_scratch_bytes`]), which spreads a row over many SMs.
-    /// `inter` <= [`FUSED_SILU_MAX_COLS`].
-    pub fn silu_mul_fp8(
-        &self,
-        xq: u64,
-        xs: u64,
-        gate_up: u64,
-        scratch: u64,
-        n: usize,
-        inter: usize,
-    ) -> Result<()> {
-        ensure!(
-            inter <= FUSED_SILU_MAX_COLS,
-            "fused silu_mul of {inter} columns (at most {FUSED_SILU_MAX_COLS})"
-        );
-        if n < SILU_SPLIT_BELOW_ROWS {
-            let grid = (inter.div_ceil(SPLIT_COLS) as u32, n as u32, 1);
-            let i = Arg::I32(inter as i32);
-            self.go(
-                &self.typed("silu_split_amax"),
-                grid,
-                SPLIT_THREADS,
-                0,
-                &[Arg::Ptr(gate_up), Arg::Ptr(scratch), i],
-            )?;
-            return self.go(
-                &self.typed("silu_split_quant"),
-                grid,
-                SPLIT_THREADS,
-                0,
-                &[
-                    Arg::Ptr(xq),
-                    Arg::Ptr(xs),
-                    Arg::Ptr(gate_up),
-                    Arg::Ptr(scratch),
-                    i,
-                ],
-            );
-        }
-        let (k, threads) = fused_silu_shape(inter);
-        self.go(
-            &self.typed(&format!("silu_mul_fp8_k{k}")),
-            rows(n),
-            threads,
-            0,
-            &[
-                Arg::Ptr(xq),
-                Arg::Ptr(xs),
-                Arg::Ptr(gate_up),
-                Arg::I32(inter as i32),
-            ],
-        )
-    }
-
     /// In place on F32 rows: `x = e4m3(x / s) * s` with the row's dynamic FP8 scale `s`.
     /// The per-token FP8 scales [`Self::quantize_fp8`] would use, into `scales[n]`.
     pub fn fp8_row_scale(&self, scales: u64, input: u64, n: usize, cols: usize) -> Result<()> {
@@ -480,50 +334,6 @@ impl Ops<'_> {
         )
     }
 
-    /// [`Self::rope`] then [`Self::kv_write`] in one launch (the same bits): rotates the q and k
-    /// heads of rows laid out q | k | v (`row_stride` = (q_heads + 2 kv_heads) * head_dim) in
-    /// place and writes each token's k and v heads to `slots[t]` (< 0: skipped).
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_kv_write(
-        &self,
-        qkv: u64,
-        k_cache: u64,
-        v_cache: u64,
-        positions: u64,
-        inv_freq: u64,
-        slots: u64,
-        n: usize,
-        q_heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        block_size: usize,
-    ) -> Result<()> {
-        ensure!(
-            head_dim.is_multiple_of(2),
-            "rope of odd head_dim {head_dim}"
-        );
-        let pairs = (q_heads + 2 * kv_heads) * (head_dim / 2);
-        self.go(
-            &self.typed("rope_kv_write"),
-            (n as u32, (pairs as u32).div_ceil(ROPE_THREADS).max(1), 1),
-            ROPE_THREADS,
-            0,
-            &[
-                Arg::Ptr(qkv),
-                Arg::Ptr(k_cache),
-                Arg::Ptr(v_cache),
-                Arg::Ptr(positions),
-                Arg::Ptr(inv_freq),
-                Arg::Ptr(slots),
-                Arg::I32(((q_heads + 2 * kv_heads) * head_dim) as i32),
-                Arg::I32(q_heads as i32),
-                Arg::I32(kv_heads as i32),
-                Arg::I32(head_dim as i32),
-                Arg::I32(block_size as i32),
-            ],
-        )
-    }
-
     /// One token per row of `logits[n, vocab]` (F32); `params[n, 4]` = temperature, top_k, top_p, uniform.
     pub fn sample_tokens(
         &self,
@@ -575,43 +385,5 @@ impl Ops<'_> {
 
     pub fn fill_f32(&self, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
         self.fill("fill_uniform_f32", ptr, n, seed, lo, hi)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every fused row fits its block: at most 1024 threads, and warps x K chunks (norm) or
-    /// threads x K groups (silu) cover the row, which the kernels assume.
-    #[test]
-    fn fused_shapes_cover_their_rows() {
-        for hidden in 1..=FUSED_NORM_MAX_COLS {
-            for n in [1, NORM_ROWS_MIN_ROWS] {
-                let (name, threads) = fused_norm_shape(n, hidden);
-                let k: usize = match name.strip_prefix("add_rmsnorm_fp8_k") {
-                    Some(k) => k.parse().unwrap(),
-                    None => {
-                        assert_eq!(name, "add_rmsnorm_fp8_rows");
-                        FUSED_MAX_K
-                    }
-                };
-                assert!(threads <= 1024 && threads % 32 == 0, "{hidden}: {threads}");
-                assert!(
-                    (threads as usize / 32) * k * NORM_CHUNK_COLS >= hidden,
-                    "{hidden}"
-                );
-            }
-        }
-        assert_eq!(
-            fused_norm_shape(1, 8192),
-            ("add_rmsnorm_fp8_k2".into(), 1024)
-        );
-        for inter in 1..=FUSED_SILU_MAX_COLS {
-            let (k, threads) = fused_silu_shape(inter);
-            assert!(threads <= 1024 && threads % 32 == 0 && k <= FUSED_MAX_K);
-            assert!(threads as usize * k * SILU_GROUP_COLS >= inter, "{inter}");
-        }
-        assert_eq!(fused_silu_shape(28672), (4, 896));
     }
 }
