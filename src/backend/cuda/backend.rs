@@ -357,7 +357,7 @@ impl CudaBackend {
     /// ranks, in place. Nothing on one GPU.
     fn tp_all_reduce(&mut self, ptr: u64, count: usize, p: Precision) -> Result<()> {
         if let Some(tp) = &self.tp {
-            tp.all_reduce(ptr, count, p, self.gpu.cu_stream())?;
+            tp.all_reduce(&self.kernels, ptr, count, p, self.gpu.cu_stream())?;
             self.mark("all_reduce")?;
         }
         Ok(())

@@ -28,6 +28,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("sampling", include_str!("../../../kernels/sampling.cu")),
     ("kv_copy", include_str!("../../../kernels/kv_copy.cu")),
     ("gemm_fp8", include_str!("../../../kernels/gemm_fp8.cu")),
+    ("all_reduce", include_str!("../../../kernels/all_reduce.cu")),
 ];
 
 /// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
@@ -52,6 +53,7 @@ const TYPED: &[(&str, &[&str])] = &[
         ],
     ),
     ("attention", &["paged_attention", "attention_combine"]),
+    ("all_reduce", &["all_reduce_oneshot"]),
 ];
 
 /// Kernels with one version.
