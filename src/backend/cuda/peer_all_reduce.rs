@@ -93,7 +93,8 @@ impl PeerAllReduce {
         }
         let n16 = bytes / 16;
         let blocks = n16.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
-        let epoch = self.epoch.get().wrapping_add(1).max(1);
+        // Wraps through 0 like the kernel's comparison does; skipping a value would reuse a slot.
+        let epoch = self.epoch.get().wrapping_add(1);
         self.epoch.set(epoch);
         let name = match p {
             Precision::Bf16 => "all_reduce_oneshot_bf16",
