@@ -5,6 +5,7 @@
 #
 #   bash dist/gpu_check.sh              # everything
 #   STAGES="kernels tests" bash dist/gpu_check.sh
+#   BENCH_EXTRA="--compare-split-blocks-per-sm 2" STAGES=bench bash dist/gpu_check.sh   # extra bench-step flags (A/B runs)
 #
 # Library paths per shared/docs/device.md (never the CUDA stubs folder); NVLink multicast off.
 set -uo pipefail
@@ -60,7 +61,7 @@ esac
 case " $STAGES " in *" bench "*)
   step "bench-step 70B fp8 dummy" 300 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
     --load-format dummy --batch 1,32 --context 3000 --prompt-len 3000 --prefill-batch 1,2 \
-    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" --compare-split-blocks-per-sm 2
+    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" ${BENCH_EXTRA:-}
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
 esac
 
