@@ -8,9 +8,9 @@
 // row is gathered through the block table, so any block size works and each K/V element is read
 // once per block). Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
 // - Multi-query items (prefill chunks, flash_prefill_body): up to 128 rows, 32 per warp (two
-//   16-row MMA tiles share every K/V fragment read from shared memory), Q staged in shared memory,
-//   P rounded to BF16 for P V (one MMA, as FlashAttention does; the _hilo kernels keep hi + lo).
-//   Tiles wholly below every row's position skip the mask.
+//   16-row MMA tiles share every K/V fragment read from shared memory), Q staged in shared memory.
+//   The _hilo kernels (the default) keep P as BF16 hi + lo (two P V MMAs); the others round P to
+//   BF16 (one MMA, as FlashAttention does). Tiles wholly below every row's position skip the mask.
 // - One-query items in mixed batches (flash_body): at most 64 rows, MT = ceil(rows / 16) row tiles
 //   of 16; warp w takes row tile w % MT and the key slice w / MT of each 64-key tile
 //   (KS = 4 / MT slices), so G <= 16 rows keep all 4 warps busy; P keeps BF16 hi + lo. The warps'

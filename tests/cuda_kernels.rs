@@ -397,9 +397,10 @@ struct AttentionCase {
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum AttnKernel {
-    /// The tensor-core kernel for prefill chunks (and mixed batches), P as plain BF16.
+    /// The tensor-core kernel for prefill chunks (and mixed batches), P of prefill blocks as plain
+    /// BF16 (`TANDEM_FLASH_PREFILL=bf16`).
     Flash,
-    /// The same with P of prefill blocks as BF16 hi + lo (`TANDEM_FLASH_PREFILL=hilo`).
+    /// The same with P of prefill blocks as BF16 hi + lo (the default).
     FlashHiLo,
     /// The tensor-core kernel for decode-only batches.
     Decode,
