@@ -397,8 +397,11 @@ struct AttentionCase {
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum AttnKernel {
-    /// The tensor-core kernel for prefill chunks (and mixed batches).
+    /// The tensor-core kernel for prefill chunks (and mixed batches), P of prefill blocks as plain
+    /// BF16 (`TANDEM_FLASH_PREFILL=bf16`).
     Flash,
+    /// The same with P of prefill blocks as BF16 hi + lo (the default).
+    FlashHiLo,
     /// The tensor-core kernel for decode-only batches.
     Decode,
     CudaCores,
@@ -406,8 +409,9 @@ enum AttnKernel {
 
 /// Runs `case` on random inputs against [`ref_attention`]: whole tiles, decode tiles split into
 /// key ranges (merged by attention_combine) at the tightest and at the serving split policy, with
-/// the tensor-core kernel, the CUDA-core one and, for a decode-only batch, the decode kernel (which
-/// must also agree closely with the prefill kernel on the same tokens).
+/// the tensor-core kernel (P of prefill blocks as plain BF16 and as hi + lo), the CUDA-core one
+/// and, for a decode-only batch, the decode kernel (which must also agree closely with the prefill
+/// kernel on the same tokens).
 fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     let (nh, nkv, hd, bs) = (c.nh, c.nkv, c.hd, c.bs);
     let stride = (nh + 2 * nkv) * hd;
@@ -504,7 +508,8 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             decode_only: plan.all_decode,
         };
         match kernel {
-            AttnKernel::Flash => e.ops().flash_attention(&args).unwrap(),
+            AttnKernel::Flash => e.ops().flash_attention_p(&args, false).unwrap(),
+            AttnKernel::FlashHiLo => e.ops().flash_attention_p(&args, true).unwrap(),
             AttnKernel::Decode => e.ops().flash_decode(&args).unwrap(),
             AttnKernel::CudaCores => e.ops().paged_attention_cuda_cores(&args).unwrap(),
         }
@@ -537,7 +542,11 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     };
     let group = nh / nkv;
     let all_decode = c.seqs.iter().all(|s| s.1 == 1);
-    let mut kernels = vec![AttnKernel::Flash, AttnKernel::CudaCores];
+    let mut kernels = vec![
+        AttnKernel::Flash,
+        AttnKernel::FlashHiLo,
+        AttnKernel::CudaCores,
+    ];
     if all_decode && flash_decode_supported(group, hd, Precision::Bf16) {
         kernels.push(AttnKernel::Decode);
     }
@@ -571,23 +580,21 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         return; // no multi-query tiles to compare below
     }
     // Tensor cores: a token of a multi-query tile gets the same bits whatever else shares its
-    // tile (so chunked and whole prefills agree exactly).
-    let (big, big_multi, _) = run(
-        AttnKernel::Flash,
-        Ops::attention_tokens_per_tile(nh / nkv, hd, Precision::Bf16),
-        None,
-    );
-    let (small, small_multi, _) = run(AttnKernel::Flash, 2, None);
-    let row = nh * hd;
+    // tile (so chunked and whole prefills agree exactly), with either P.
     let mut compared = 0;
-    for t in 0..n {
-        if big_multi[t] && small_multi[t] {
-            compared += 1;
-            let (x, y) = (&big[t * row..(t + 1) * row], &small[t * row..(t + 1) * row]);
-            assert!(
-                x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "token {t}: tiles of 2 queries differ from whole tiles (nh={nh} nkv={nkv} hd={hd} bs={bs})"
-            );
+    for kernel in [AttnKernel::Flash, AttnKernel::FlashHiLo] {
+        let (big, big_multi, _) = run(kernel, flash_q_per_tile, None);
+        let (small, small_multi, _) = run(kernel, 2, None);
+        let row = nh * hd;
+        for t in 0..n {
+            if big_multi[t] && small_multi[t] {
+                compared += 1;
+                let (x, y) = (&big[t * row..(t + 1) * row], &small[t * row..(t + 1) * row]);
+                assert!(
+                    x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kernel:?} token {t}: tiles of 2 queries differ from whole tiles (nh={nh} nkv={nkv} hd={hd} bs={bs})"
+                );
+            }
         }
     }
     assert!(compared > 0, "no token in multi-query tiles both ways");

@@ -10,8 +10,10 @@ use anyhow::{ensure, Result};
 pub const ATTENTION_ROWS: usize = 32;
 const ATTENTION_KEYS_PER_TILE: usize = 32;
 pub const MAX_HEAD_DIM: usize = 128;
-/// Query tokens × heads per block of the tensor-core attention (4 warps × 16 rows).
-pub const FLASH_ROWS: usize = 64;
+/// Query tokens × heads per multi-query block of the tensor-core attention (4 warps × 32 rows).
+pub const FLASH_ROWS: usize = 128;
+/// Most query heads per kv head of the tensor-core attention (a one-query item: 4 warps × 16 rows).
+pub const FLASH_MAX_GROUP: usize = 64;
 const FLASH_KEYS_PER_TILE: usize = 64;
 
 /// Whether the tensor-core attention takes this shape.
@@ -19,7 +21,16 @@ pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
     act == Precision::Bf16
         && head_dim.is_multiple_of(16)
         && (16..=MAX_HEAD_DIM).contains(&head_dim)
-        && (1..=FLASH_ROWS).contains(&group)
+        && (1..=FLASH_MAX_GROUP).contains(&group)
+}
+
+/// Whether prefill (multi-query) blocks keep P as BF16 hi + lo (the default: F32-like accuracy,
+/// two P·V MMAs) or round it to plain BF16 (`TANDEM_FLASH_PREFILL=bf16`, as FlashAttention does:
+/// attention 63 instead of 78 ms in a 3000-token 70B prefill on an H200, but it flips the first
+/// greedy token of the tiny FP8 fixture in BF16 precision, tests/cuda_fixtures.rs).
+pub fn flash_prefill_hilo() -> bool {
+    static HILO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HILO.get_or_init(|| std::env::var("TANDEM_FLASH_PREFILL").map_or(true, |v| v != "bf16"))
 }
 
 /// Most query heads per kv head of the decode kernel (the top half of a 16-row MMA tile; the
@@ -64,13 +75,20 @@ impl Ops<'_> {
         }
     }
 
-    /// The tensor-core kernel: one block of 4 warps per (work item, kv head).
+    /// The tensor-core kernel: one block of 4 warps per (work item, kv head); P of prefill blocks
+    /// as [`flash_prefill_hilo`] says.
     pub fn flash_attention(&self, a: &AttentionArgs) -> Result<()> {
+        self.flash_attention_p(a, flash_prefill_hilo())
+    }
+
+    /// The tensor-core kernel with P of multi-query blocks as BF16 hi + lo (`hilo`) or plain BF16
+    /// (one-query items always keep hi + lo).
+    pub fn flash_attention_p(&self, a: &AttentionArgs, hilo: bool) -> Result<()> {
         let group = a.q_heads / a.kv_heads;
         ensure!(
             flash_supported(group, a.head_dim, self.act),
-            "flash attention takes BF16, head_dim 16..=128 in steps of 16 and at most {FLASH_ROWS} \
-             query heads per kv head (got {:?}, head_dim {}, group {group})",
+            "flash attention takes BF16, head_dim 16..=128 in steps of 16 and at most \
+             {FLASH_MAX_GROUP} query heads per kv head (got {:?}, head_dim {}, group {group})",
             self.act,
             a.head_dim
         );
@@ -80,14 +98,21 @@ impl Ops<'_> {
             "flash attention tile of {r} rows (at most {FLASH_ROWS})"
         );
         let (hd, keys) = (a.head_dim, FLASH_KEYS_PER_TILE);
-        // Double-buffered K and V tiles (rows padded by 8), reused by the final merge of 4 warps.
+        // Q of a multi-query block, then double-buffered K and V tiles (rows padded by 8); a
+        // one-query item's final merge of 4 warps reuses them.
+        let q = FLASH_ROWS * (hd + 8) * 2;
         let stages = 2 * 2 * keys * (hd + 8) * 2;
         let merge = (4 * 16 * (hd + 4) + 4 * 16 * 2) * 4;
+        let name = if hilo {
+            "flash_attention_hilo"
+        } else {
+            "flash_attention"
+        };
         self.go(
-            &format!("flash_attention_hd{hd}"),
+            &format!("{name}_hd{hd}"),
             (a.num_tiles as u32, a.kv_heads as u32, 1),
             128,
-            stages.max(merge) as u32,
+            (q + stages).max(merge) as u32,
             &flash_args(a),
         )
     }
