@@ -51,7 +51,14 @@ const TYPED: &[(&str, &[&str])] = &[
             "kv_write",
         ],
     ),
-    ("attention", &["paged_attention", "attention_combine"]),
+    (
+        "attention",
+        &[
+            "paged_attention",
+            "attention_combine",
+            "attention_combine_fp8",
+        ],
+    ),
 ];
 
 /// Kernels with one version.
