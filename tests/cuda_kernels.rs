@@ -727,10 +727,11 @@ impl CombineCase {
 /// Heads per block of the fused combine, and the shapes that must keep the unfused pair.
 #[test]
 fn combine_fp8_block_shapes() {
-    assert_eq!(combine_fp8_heads_per_block(64, 128), Some(4));
-    assert_eq!(combine_fp8_heads_per_block(32, 64), Some(8));
-    assert_eq!(combine_fp8_heads_per_block(14, 96), Some(2));
-    assert_eq!(combine_fp8_heads_per_block(7, 128), Some(1));
+    assert_eq!(combine_fp8_heads_per_block(64, 128), Some(16));
+    assert_eq!(combine_fp8_heads_per_block(32, 64), Some(32));
+    assert_eq!(combine_fp8_heads_per_block(40, 128), Some(10));
+    assert_eq!(combine_fp8_heads_per_block(7, 128), Some(7));
+    assert_eq!(combine_fp8_heads_per_block(17, 128), Some(1));
     assert_eq!(combine_fp8_heads_per_block(8, 6), None);
     assert_eq!(combine_fp8_heads_per_block(0, 128), None);
     assert_eq!(combine_fp8_scratch_bytes(3, 64), 3 * 64 * 4);

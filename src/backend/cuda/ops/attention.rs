@@ -35,9 +35,11 @@ pub fn flash_decode_supported(group: usize, head_dim: usize, act: Precision) -> 
     enabled && group <= FLASH_DECODE_GROUP && flash_supported(group, head_dim, act)
 }
 
-/// Threads the fused combine aims for per block: enough blocks at batch 1 to spread the parts'
-/// loads over many multiprocessors, and a last block wide enough to quantize a row quickly.
-const COMBINE_FP8_THREADS: usize = 128;
+/// Threads the fused combine aims for per block. Measured on the H200 (70B, 64 heads of 128,
+/// launches back to back): 1 row of 23 parts 29.2 / 19.0 / 13.7 / 11.1 / 10.5 us at 1 / 2 / 4 / 8
+/// / 16 heads per block (the pair: 10.4 us), 32 rows of 2 parts 29.7 / 17.3 / 10.9 / 7.9 / 6.7 us
+/// (the pair: 9.1 us): few wide blocks win, the last block's quantize of the row being serial.
+const COMBINE_FP8_THREADS: usize = 512;
 
 /// Heads per block of [`Ops::attention_combine_fp8`] (None: the shape needs the unfused pair):
 /// the most heads, dividing `q_heads`, whose dims (4 per thread) fit in the aimed-for threads.
