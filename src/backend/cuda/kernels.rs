@@ -52,7 +52,14 @@ const TYPED: &[(&str, &[&str])] = &[
             "kv_write",
         ],
     ),
-    ("attention", &["paged_attention", "attention_combine"]),
+    (
+        "attention",
+        &[
+            "paged_attention",
+            "attention_combine",
+            "attention_combine_fp8",
+        ],
+    ),
     ("all_reduce", &["all_reduce_oneshot"]),
 ];
 

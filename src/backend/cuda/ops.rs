@@ -7,8 +7,8 @@ use cudarc::driver::sys::CUstream;
 
 mod attention;
 pub use attention::{
-    flash_decode_supported, flash_supported, AttentionArgs, ATTENTION_ROWS, FLASH_DECODE_GROUP,
-    FLASH_ROWS, MAX_HEAD_DIM,
+    combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported,
+    flash_supported, AttentionArgs, ATTENTION_ROWS, FLASH_DECODE_GROUP, FLASH_ROWS, MAX_HEAD_DIM,
 };
 
 /// Threads per block for the per-row kernels (one block per row: a decode row of 8192-28672
