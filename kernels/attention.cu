@@ -190,30 +190,139 @@ __device__ __forceinline__ void paged_attention_t(
     }
 }
 
+struct alignas(8) F2 { float x, y; };
+
+// The softmax merge of one head's split parts (flash-decoding) for N consecutive dims d..d+N-1.
+// Both combine kernels use it, with explicit fma and division, so they give the same bits.
+// Partial row of (part p, q head h): p * num_q_heads + h (= [parts, kv_heads, group] order).
+template <int N>
+__device__ __forceinline__ void merge_parts(float* o, const float* part_ml, const float* part_acc, int p0, int np,
+                                            int num_q_heads, int h, int head_dim, int d) {
+    // Unrolled so that several parts' loads are in flight at once (the loops are latency bound).
+    float mx = NEG_INF;
+#pragma unroll 8
+    for (int p = 0; p < np; p++) mx = fmaxf(mx, part_ml[2 * ((u64)(p0 + p) * num_q_heads + h)]);
+    float sum = 0.0f, acc[N];
+#pragma unroll
+    for (int c = 0; c < N; c++) acc[c] = 0.0f;
+#pragma unroll 8
+    for (int p = 0; p < np; p++) {
+        u64 row = (u64)(p0 + p) * num_q_heads + h;
+        F2 ml = *(const F2*)(part_ml + 2 * row);
+        float w = ml.y > 0.0f ? __expf(ml.x - mx) : 0.0f;
+        sum = __fmaf_rn(ml.y, w, sum);
+        const float* a = part_acc + row * head_dim + d;
+        if constexpr (N == 4) {
+            F4 v = *(const F4*)a;
+            acc[0] = __fmaf_rn(v.x, w, acc[0]);
+            acc[1] = __fmaf_rn(v.y, w, acc[1]);
+            acc[2] = __fmaf_rn(v.z, w, acc[2]);
+            acc[3] = __fmaf_rn(v.w, w, acc[3]);
+        } else {
+#pragma unroll
+            for (int c = 0; c < N; c++) acc[c] = __fmaf_rn(a[c], w, acc[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < N; c++) o[c] = __fdiv_rn(acc[c], sum);
+}
+
 // Merges the partial softmax states of a split decode tile: grid (groups, q heads), one thread per
 // head dimension (a block per kv head was too few blocks at batch 1: 8 for the 70B).
 template <typename A>
 __device__ void attention_combine_t(A* out, const float* part_ml, const float* part_acc, const int* group_part0,
-                                    const int* group_nparts, const int* group_q0, int num_q_heads, int num_kv_heads,
-                                    int head_dim) {
+                                    const int* group_nparts, const int* group_q0, int num_q_heads, int head_dim) {
     int g = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-    int G = num_q_heads / num_kv_heads, kvh = h / G, r = h % G;
     if (d >= head_dim) return;
-    int p0 = group_part0[g], np = group_nparts[g], q0 = group_q0[g];
-    // Unrolled so that several parts' loads are in flight at once (the loops are latency bound).
-    float mx = NEG_INF;
-#pragma unroll 4
-    for (int p = 0; p < np; p++) mx = fmaxf(mx, part_ml[2 * (((u64)(p0 + p) * num_kv_heads + kvh) * G + r)]);
-    float sum = 0.0f, acc = 0.0f;
-#pragma unroll 4
-    for (int p = 0; p < np; p++) {
-        u64 row = ((u64)(p0 + p) * num_kv_heads + kvh) * G + r;
-        float l = part_ml[2 * row + 1];
-        float w = l > 0.0f ? __expf(part_ml[2 * row] - mx) : 0.0f;
-        sum += l * w;
-        acc += part_acc[row * head_dim + d] * w;
+    float v;
+    merge_parts<1>(&v, part_ml, part_acc, group_part0[g], group_nparts[g], num_q_heads, h, head_dim, d);
+    st(out, (u64)group_q0[g] * num_q_heads * head_dim + (u64)h * head_dim + d, v);
+}
+
+// ---- attention_combine then quantize_fp8 of its rows (the o_proj input), the same bits as the pair.
+//
+// Grid (column blocks, groups): a block merges `heads_per_block` heads of one row, 4 dims per
+// thread, stores them (as A) into `out` and its max |value| into amax_part[g, block]. The last block
+// of a row to finish (a ticket from counters[g], which it resets to 0) quantizes the whole row with
+// quantize_fp8's scale; so a row is spread over several blocks without a second launch.
+
+__device__ __forceinline__ float act_round(float x, const float*) { return x; }
+__device__ __forceinline__ float act_round(float x, const bf16*) { return bf2f(f2bf(x)); }
+
+__device__ __forceinline__ void store4(float* p, const float* v) { *(F4*)p = F4{v[0], v[1], v[2], v[3]}; }
+__device__ __forceinline__ void store4(bf16* p, const float* v) {
+    F2 w;
+    w.x = __uint_as_float((unsigned)f2bf(v[0]) | ((unsigned)f2bf(v[1]) << 16));
+    w.y = __uint_as_float((unsigned)f2bf(v[2]) | ((unsigned)f2bf(v[3]) << 16));
+    *(F2*)p = w;
+}
+
+// Loads that bypass L1 (other blocks wrote these values during this kernel).
+__device__ __forceinline__ float load_cg(const float* p) {
+    float r;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void load4_cg(const float* p, float* f) {
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(f[0]), "=f"(f[1]), "=f"(f[2]), "=f"(f[3])
+                 : "l"(p));
+}
+__device__ __forceinline__ void load4_cg(const bf16* p, float* f) {
+    unsigned a, b;
+    asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+    f[0] = __uint_as_float(a << 16);
+    f[1] = __uint_as_float(a & 0xffff0000u);
+    f[2] = __uint_as_float(b << 16);
+    f[3] = __uint_as_float(b & 0xffff0000u);
+}
+
+// Needs head_dim % 4 == 0; counters zeroed before the first launch (every launch leaves them 0).
+template <typename A>
+__device__ void attention_combine_fp8_t(A* out, fp8* xq, float* xs, unsigned* counters, float* amax_part,
+                                        const float* part_ml, const float* part_acc, const int* group_part0,
+                                        const int* group_nparts, const int* group_q0, int num_q_heads, int head_dim,
+                                        int heads_per_block) {
+    __shared__ float scratch[32];
+    __shared__ bool last;
+    int g = blockIdx.y, blk = blockIdx.x, nblk = gridDim.x, t = threadIdx.x;
+    int per_head = head_dim / 4, cols = num_q_heads * head_dim, q0 = group_q0[g];
+    A* o = out + (u64)q0 * cols;
+    float amax = 0.0f;
+    if (t < heads_per_block * per_head) {
+        int h = blk * heads_per_block + t / per_head, d = (t % per_head) * 4;
+        float v[4];
+        merge_parts<4>(v, part_ml, part_acc, group_part0[g], group_nparts[g], num_q_heads, h, head_dim, d);
+#pragma unroll
+        for (int c = 0; c < 4; c++) amax = fmaxf(amax, fabsf(act_round(v[c], o)));
+        store4(o + h * head_dim + d, v);
     }
-    st(out, (u64)q0 * num_q_heads * head_dim + (u64)h * head_dim + d, acc / sum);
+    amax = block_max(amax, scratch);
+    if (t == 0) amax_part[(u64)g * nblk + blk] = amax;
+    // Publish this block's values before taking a ticket (the threadFenceReduction pattern).
+    __threadfence();
+    __syncthreads();
+    if (t == 0) last = atomicAdd(counters + g, 1u) == (unsigned)(nblk - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float m = 0.0f;
+    for (int b = 0; b < nblk; b++) m = fmaxf(m, load_cg(amax_part + (u64)g * nblk + b));
+    // quantize_fp8's scale and rounding (elementwise.cu), on the values as stored.
+    float scale = fmaxf(m / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+    fp8* q = xq + (u64)q0 * cols;
+    for (int i = 4 * t; i < cols; i += 4 * blockDim.x) {
+        float f[4];
+        load4_cg(o + i, f);
+        unsigned packed = 0;
+#pragma unroll
+        for (int c = 0; c < 4; c++) packed |= (unsigned)f2e4m3(f[c] / scale) << (8 * c);
+        *(unsigned*)(q + i) = packed;
+    }
+    if (t == 0) {
+        xs[q0] = scale;
+        counters[g] = 0;
+    }
 }
 
 #define ATTENTION_KERNEL(A, SUFFIX)                                                                          \
@@ -230,10 +339,16 @@ __device__ void attention_combine_t(A* out, const float* part_ml, const float* p
     }                                                                                                         \
     extern "C" __global__ void attention_combine_##SUFFIX(A* out, const float* part_ml, const float* part_acc,   \
                                                           const int* group_part0, const int* group_nparts,     \
-                                                          const int* group_q0, int num_q_heads,                \
-                                                          int num_kv_heads, int head_dim) {                    \
+                                                          const int* group_q0, int num_q_heads, int head_dim) { \
         attention_combine_t<A>(out, part_ml, part_acc, group_part0, group_nparts, group_q0, num_q_heads,      \
-                               num_kv_heads, head_dim);                                                       \
+                               head_dim);                                                                     \
+    }                                                                                                         \
+    extern "C" __global__ void attention_combine_fp8_##SUFFIX(                                                \
+        A* out, fp8* xq, float* xs, unsigned* counters, float* amax_part, const float* part_ml,               \
+        const float* part_acc, const int* group_part0, const int* group_nparts, const int* group_q0,          \
+        int num_q_heads, int head_dim, int heads_per_block) {                                                 \
+        attention_combine_fp8_t<A>(out, xq, xs, counters, amax_part, part_ml, part_acc, group_part0,          \
+                                   group_nparts, group_q0, num_q_heads, head_dim, heads_per_block);           \
     }
 
 ATTENTION_KERNEL(bf16, bf16)

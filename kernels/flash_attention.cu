@@ -3,13 +3,18 @@
 // in attention.cu (which stays for F32 and for shapes this kernel does not take).
 //
 // One block (4 warps) per (work item, kv head). Rows are the item's query tokens x the G query
-// heads of the kv head (row r = token r / G, head r % G), at most 64: MT = ceil(rows / 16) row
-// tiles of 16. Keys stream through shared memory 64 at a time (cp.async, double-buffered; each key
+// heads of the kv head (row r = token r / G, head r % G), so the heads of a kv head share each
+// K/V tile. Keys stream through shared memory 64 at a time (cp.async, double-buffered; each key
 // row is gathered through the block table, so any block size works and each K/V element is read
-// once per block). Warp w takes row tile w % MT and, when there are fewer than 4 row tiles, the
-// key slice w / MT of each 64-key tile (KS = 4 / MT slices) for a decode item (one query), so
-// G <= 16 rows keep all 4 warps busy. The warps' online-softmax states are merged through shared memory at the end.
-// Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
+// once per block). Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
+// - Multi-query items (prefill chunks, flash_prefill_body): up to 128 rows, 32 per warp (two
+//   16-row MMA tiles share every K/V fragment read from shared memory), Q staged in shared memory.
+//   The _hilo kernels (the default) keep P as BF16 hi + lo (two P V MMAs); the others round P to
+//   BF16 (one MMA, as FlashAttention does). Tiles wholly below every row's position skip the mask.
+// - One-query items in mixed batches (flash_body): at most 64 rows, MT = ceil(rows / 16) row tiles
+//   of 16; warp w takes row tile w % MT and the key slice w / MT of each 64-key tile
+//   (KS = 4 / MT slices), so G <= 16 rows keep all 4 warps busy; P keeps BF16 hi + lo. The warps'
+//   online-softmax states are merged through shared memory at the end.
 // Pure decode steps (G <= 8) run flash_decode_hd* (below) instead.
 
 #define FA_KT 64
@@ -87,7 +92,7 @@ struct FlashArgs {
 
 // Shared memory: max(K and V stages: 2 * 2 * FA_KT * (D + 8) BF16, merge: 4 * 16 * (D + 4) + 4 * 16 * 2 F32).
 template <int D, int KS>
-__device__ __forceinline__ void flash_body(const FlashArgs& a, int MT) {
+__device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh, int MT) {
     constexpr int STR = D + 8;      // shared row stride (BF16): odd number of 16-byte chunks, no bank conflicts
     constexpr int KW = FA_KT / KS;  // keys per warp per tile
     constexpr int NB = KW / 16;     // 16-key blocks per warp per tile
@@ -99,8 +104,7 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int MT) {
     bf16* Ks = (bf16*)fa_smem;       // [2][FA_KT][STR]
     bf16* Vs = Ks + 2 * FA_KT * STR;  // [2][FA_KT][STR]
 
-    // Last items first: a prefill's late tiles see the most keys, so they should not form the tail.
-    int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, tid = threadIdx.x;
+    int tid = threadIdx.x;
     int G = a.num_q_heads / a.num_kv_heads;
     int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
     int R = qn * G;
@@ -309,22 +313,264 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int MT) {
     }
 }
 
-template <int D>
+#define FP_ROWS 128  // rows per multi-query item: 4 warps x 32
+
+// A multi-query item (flash_body's layout, without key slices): warp w owns rows 32w..32w+31 as
+// two 16-row MMA tiles over all keys, so a row's result does not depend on how many tokens share
+// its item (chunked and whole prefills agree bit for bit). Q sits in shared memory and is read per
+// 16-dim step; each K/V fragment read from shared memory feeds both row tiles.
+// Shared memory: Q FP_ROWS * (D + 8) BF16, then K and V stages 2 * 2 * FA_KT * (D + 8) BF16.
+template <int D, bool HILO>
+__device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile, int kvh) {
+    constexpr int STR = D + 8;
+    constexpr int DK = D / 16;
+    constexpr int DN = D / 8;
+    constexpr int CH = D / 8;
+    constexpr int NB = FA_KT / 16;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16* Qs = (bf16*)fa_smem;         // [FP_ROWS][STR]
+    bf16* Ks = Qs + FP_ROWS * STR;     // [2][FA_KT][STR]
+    bf16* Vs = Ks + 2 * FA_KT * STR;   // [2][FA_KT][STR]
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    int G = a.num_q_heads / a.num_kv_heads;
+    int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
+    int R = qn * G;
+    bool active = warp * 32 < R;
+
+    // Q rows (zero past R) into shared memory; they land with the first K/V stage.
+    for (int idx = tid; idx < FP_ROWS * CH; idx += FA_WARPS * 32) {
+        int r = idx / CH, ch = idx % CH;
+        bool ok = r < R;
+        u64 src = ok ? (u64)(q0 + r / G) * a.row_stride + (kvh * G + r % G) * D + ch * 8 : 0;
+        cp_async16(smem_u32(Qs + r * STR + ch * 8), a.qkv + src, ok);
+    }
+
+    // Positions of this thread's rows: [row tile][g / g + 8]; -1 for rows past R (fully masked).
+    int pos[2][2];
+    int wmax = -1, wmin = 0x7fffffff;
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int r = warp * 32 + mt * 16 + h * 8 + g;
+            pos[mt][h] = r < R ? a.positions[q0 + r / G] : -1;
+            wmax = max(wmax, pos[mt][h]);
+            if (r < R) wmin = min(wmin, pos[mt][h]);
+        }
+#pragma unroll
+    for (int x = 16; x > 0; x >>= 1) {
+        wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, x));
+        wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, x));
+    }
+
+    float o[2][DN][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int n = 0; n < DN; n++) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+    float m[2][2], l[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) m[mt][0] = m[mt][1] = NEG_INF, l[mt][0] = l[mt][1] = 0.0f;
+    float c = a.scale * FA_LOG2E;
+
+    int kbeg = a.tile_kbeg[tile];
+    int kend = min(a.positions[q0 + qn - 1] + 1, a.tile_kend[tile]);  // exclusive
+    const int* bt = a.block_tables + a.block_table_start[seq];
+    int bs = a.block_size, nkv = a.num_kv_heads;
+    // Block sizes are usually powers of two: shifts instead of an integer division per key row.
+    bool bs_pow2 = (bs & (bs - 1)) == 0;
+    int bs_log2 = __ffs(bs) - 1;
+    auto load = [&](int stage, int k0) {
+#pragma unroll
+        for (int u = 0; u < (FA_KT * CH + 127) / 128; u++) {
+            int idx = tid + u * 128;
+            if (FA_KT * CH % 128 == 0 || idx < FA_KT * CH) {
+                int j = idx / CH, ch = idx % CH, key = k0 + j;
+                bool ok = key < kend;
+                u64 src = 0;
+                if (ok) {
+                    int blk, off;
+                    if (bs_pow2) {
+                        blk = key >> bs_log2;
+                        off = key & (bs - 1);
+                    } else {
+                        blk = key / bs;
+                        off = key - blk * bs;
+                    }
+                    src = (((u64)bt[blk] * nkv + kvh) * bs + off) * D + ch * 8;
+                }
+                int dst = (stage * FA_KT + j) * STR + ch * 8;
+                cp_async16(smem_u32(Ks + dst), a.k_cache + src, ok);
+                cp_async16(smem_u32(Vs + dst), a.v_cache + src, ok);
+            }
+        }
+    };
+
+    int mi = lane >> 3, rr = lane & 7;
+    // ldmatrix x4 addresses: Q (rows +0..7 / +8..15 by matrix bit 0, dims +0..7 / +8..15 by bit 1).
+    unsigned qaddr = smem_u32(Qs + (warp * 32 + (mi & 1) * 8 + rr) * STR + (mi >> 1) * 8);
+    int ntiles = kend > kbeg ? (kend - kbeg + FA_KT - 1) / FA_KT : 0;
+    if (ntiles > 0) load(0, kbeg);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        int k0 = kbeg + it * FA_KT;
+        if (it + 1 < ntiles) load((it + 1) & 1, k0 + FA_KT);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (active && k0 <= wmax) {
+            const bf16* Kt = Ks + (it & 1) * FA_KT * STR;
+            const bf16* Vt = Vs + (it & 1) * FA_KT * STR;
+            float s[2][2 * NB][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int n = 0; n < 2 * NB; n++) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+            unsigned kaddr = smem_u32(Kt + ((mi >> 1) * 8 + rr) * STR + (mi & 1) * 8);
+#pragma unroll
+            for (int kk = 0; kk < DK; kk++) {
+                unsigned qa[2][4];
+                ldsm4(qaddr + kk * 32, qa[0][0], qa[0][1], qa[0][2], qa[0][3]);
+                ldsm4(qaddr + 16 * STR * 2 + kk * 32, qa[1][0], qa[1][1], qa[1][2], qa[1][3]);
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++) {
+                    // x4: keys +0..7 / +8..15 (matrix bit 1) x dims +0..7 / +8..15 (matrix bit 0).
+                    unsigned b0, b1, b2, b3;
+                    ldsm4(kaddr + nb * 16 * STR * 2 + kk * 32, b0, b1, b2, b3);
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma_bf16(s[mt][2 * nb], qa[mt], b0, b1);
+                        mma_bf16(s[mt][2 * nb + 1], qa[mt], b2, b3);
+                    }
+                }
+            }
+            // Mask only where some key of the tile is past some row's position (or past kend).
+            if (!(k0 + FA_KT - 1 <= wmin && k0 + FA_KT <= kend)) {
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int n = 0; n < 2 * NB; n++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int key = k0 + n * 8 + 2 * t + (e & 1);
+                            if (key > pos[mt][e >> 1] || key >= kend) s[mt][n][e] = NEG_INF;
+                        }
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+                for (int n = 0; n < 2 * NB; n++) {
+                    mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
+                    mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
+                }
+#pragma unroll
+                for (int x = 1; x <= 2; x <<= 1) {
+                    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+                    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+                }
+                // Raw scores: scaling by c > 0 keeps the maximum (and -inf stays -inf).
+                float mn0 = fmaxf(m[mt][0], mx0 * c), mn1 = fmaxf(m[mt][1], mx1 * c);
+                // A row with no visible key yet keeps m = -inf; subtract 0 then (exponentials are 0).
+                float b0 = mn0 == NEG_INF ? 0.0f : mn0, b1 = mn1 == NEG_INF ? 0.0f : mn1;
+                float corr0 = ex2(m[mt][0] - b0), corr1 = ex2(m[mt][1] - b1);
+                m[mt][0] = mn0;
+                m[mt][1] = mn1;
+                float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+                for (int n = 0; n < 2 * NB; n++) {
+                    s[mt][n][0] = ex2(fmaf(s[mt][n][0], c, -b0));
+                    s[mt][n][1] = ex2(fmaf(s[mt][n][1], c, -b0));
+                    s[mt][n][2] = ex2(fmaf(s[mt][n][2], c, -b1));
+                    s[mt][n][3] = ex2(fmaf(s[mt][n][3], c, -b1));
+                    ps0 += s[mt][n][0] + s[mt][n][1];
+                    ps1 += s[mt][n][2] + s[mt][n][3];
+                }
+                l[mt][0] = l[mt][0] * corr0 + ps0;  // per-thread partial row sums; the quad is summed at the end
+                l[mt][1] = l[mt][1] * corr1 + ps1;
+#pragma unroll
+                for (int n = 0; n < DN; n++) {
+                    o[mt][n][0] *= corr0;
+                    o[mt][n][1] *= corr0;
+                    o[mt][n][2] *= corr1;
+                    o[mt][n][3] *= corr1;
+                }
+            }
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+                unsigned ph[2][4], pl[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    if (HILO) {
+                        split_bf16(s[mt][2 * nb][0], s[mt][2 * nb][1], ph[mt][0], pl[mt][0]);
+                        split_bf16(s[mt][2 * nb][2], s[mt][2 * nb][3], ph[mt][1], pl[mt][1]);
+                        split_bf16(s[mt][2 * nb + 1][0], s[mt][2 * nb + 1][1], ph[mt][2], pl[mt][2]);
+                        split_bf16(s[mt][2 * nb + 1][2], s[mt][2 * nb + 1][3], ph[mt][3], pl[mt][3]);
+                    } else {
+                        ph[mt][0] = pack_bf16(s[mt][2 * nb][0], s[mt][2 * nb][1]);
+                        ph[mt][1] = pack_bf16(s[mt][2 * nb][2], s[mt][2 * nb][3]);
+                        ph[mt][2] = pack_bf16(s[mt][2 * nb + 1][0], s[mt][2 * nb + 1][1]);
+                        ph[mt][3] = pack_bf16(s[mt][2 * nb + 1][2], s[mt][2 * nb + 1][3]);
+                    }
+                }
+                // x4 trans: keys +0..7 / +8..15 (matrix bit 0) x dims +0..7 / +8..15 (matrix bit 1).
+                unsigned base = smem_u32(Vt + (nb * 16 + (mi & 1) * 8 + rr) * STR + (mi >> 1) * 8);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; dp++) {
+                    unsigned v0, v1, v2, v3;
+                    ldsm4_t(base + dp * 32, v0, v1, v2, v3);
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma_bf16(o[mt][2 * dp], ph[mt], v0, v1);
+                        mma_bf16(o[mt][2 * dp + 1], ph[mt], v2, v3);
+                        if (HILO) {
+                            mma_bf16(o[mt][2 * dp], pl[mt], v0, v1);
+                            mma_bf16(o[mt][2 * dp + 1], pl[mt], v2, v3);
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+    // Each warp writes its own rows (multi-query items are never split over keys).
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float L = l[mt][h];
+            L += __shfl_xor_sync(0xffffffffu, L, 1);
+            L += __shfl_xor_sync(0xffffffffu, L, 2);
+            int r = warp * 32 + mt * 16 + h * 8 + g;
+            if (r < R) {
+                int i = r / G, hd = kvh * G + r % G;
+                unsigned* dst = (unsigned*)(a.out + (u64)(q0 + i) * a.num_q_heads * D + hd * D + 2 * t);
+#pragma unroll
+                for (int n = 0; n < DN; n++) dst[n * 4] = pack_bf16(o[mt][n][2 * h] / L, o[mt][n][2 * h + 1] / L);
+            }
+        }
+}
+
+template <int D, bool HILO>
 __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
-    int qn = a.tile_q_len[gridDim.x - 1 - blockIdx.x];
+    // Longest items first over all kv heads: a prefill's late tiles see the most keys, so they
+    // should not form the tail.
+    int lin = blockIdx.y * gridDim.x + blockIdx.x;
+    int tile = gridDim.x - 1 - lin / gridDim.y, kvh = lin % gridDim.y;
+    int qn = a.tile_q_len[tile];
     int rows = qn * (a.num_q_heads / a.num_kv_heads);
     int MT = (rows + 15) / 16;
-    // Chunks: one warp per 16 rows over all keys, so a row's result does not depend on how many
-    // tokens share its tile (chunked and whole prefills agree bit for bit). A decode item splits
-    // its keys over the warps left over.
+    // A decode item (in a mixed batch) splits its keys over the warps its rows leave over.
     if (qn > 1)
-        flash_body<D, 1>(a, MT);
+        flash_prefill_body<D, HILO>(a, tile, kvh);
     else if (MT == 1)
-        flash_body<D, 4>(a, 1);
+        flash_body<D, 4>(a, tile, kvh, 1);
     else if (MT == 2)
-        flash_body<D, 2>(a, 2);
+        flash_body<D, 2>(a, tile, kvh, 2);
     else
-        flash_body<D, 1>(a, MT);
+        flash_body<D, 1>(a, tile, kvh, MT);
 }
 
 #define FLASH_PARAMS                                                                                           \
@@ -340,15 +586,24 @@ __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
             num_kv_heads, block_size, scale                                                                    \
     }
 
-// One kernel per head_dim (16..128, multiples of 16); 4 warps per block.
-extern "C" __global__ void __launch_bounds__(128) flash_attention_hd16(FLASH_PARAMS) { flash_attention_t<16>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) flash_attention_hd32(FLASH_PARAMS) { flash_attention_t<32>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) flash_attention_hd48(FLASH_PARAMS) { flash_attention_t<48>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) flash_attention_hd64(FLASH_PARAMS) { flash_attention_t<64>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) flash_attention_hd80(FLASH_PARAMS) { flash_attention_t<80>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) flash_attention_hd96(FLASH_PARAMS) { flash_attention_t<96>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) flash_attention_hd112(FLASH_PARAMS) { flash_attention_t<112>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) flash_attention_hd128(FLASH_PARAMS) { flash_attention_t<128>(FLASH_ARGS); }
+// One kernel per head_dim (16..128, multiples of 16); 4 warps per block, 2 blocks per SM. The _hilo
+// kernels keep P as BF16 hi + lo for multi-query items too (F32-like accuracy, two P V MMAs).
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd16(FLASH_PARAMS) { flash_attention_t<16, false>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd32(FLASH_PARAMS) { flash_attention_t<32, false>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd48(FLASH_PARAMS) { flash_attention_t<48, false>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd64(FLASH_PARAMS) { flash_attention_t<64, false>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd80(FLASH_PARAMS) { flash_attention_t<80, false>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd96(FLASH_PARAMS) { flash_attention_t<96, false>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd112(FLASH_PARAMS) { flash_attention_t<112, false>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd128(FLASH_PARAMS) { flash_attention_t<128, false>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd16(FLASH_PARAMS) { flash_attention_t<16, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd32(FLASH_PARAMS) { flash_attention_t<32, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd48(FLASH_PARAMS) { flash_attention_t<48, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd64(FLASH_PARAMS) { flash_attention_t<64, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd80(FLASH_PARAMS) { flash_attention_t<80, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd96(FLASH_PARAMS) { flash_attention_t<96, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd112(FLASH_PARAMS) { flash_attention_t<112, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd128(FLASH_PARAMS) { flash_attention_t<128, true>(FLASH_ARGS); }
 
 // ---------------------------------------------------------------------------------------------
 // Decode (every work item has one query token; G <= 8 heads per kv head, the top half of a

@@ -5,6 +5,7 @@
 #
 #   bash dist/gpu_check.sh              # everything
 #   STAGES="kernels tests" bash dist/gpu_check.sh
+#   BENCH_EXTRA="--compare-split-blocks-per-sm 2" STAGES=bench bash dist/gpu_check.sh   # extra bench-step flags (A/B runs)
 #
 # Library paths per shared/docs/device.md (never the CUDA stubs folder); NVLink multicast off.
 set -uo pipefail
@@ -60,7 +61,7 @@ esac
 case " $STAGES " in *" bench "*)
   step "bench-step 70B fp8 dummy" 300 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
     --load-format dummy --batch 1,32 --context 3000 --prompt-len 3000 --prefill-batch 1,2 \
-    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" --compare-split-blocks-per-sm 2
+    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" ${BENCH_EXTRA:-}
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
 esac
 
@@ -114,6 +115,12 @@ case " $STAGES " in *" tp "*)
       --load-format dummy --tensor-parallel-size 2 --batch 1,32 --context 3000 --prompt-len 3000 \
       --prefill-batch 1 --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
     sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_tp2.json"
+    if [ -n "${TP_AB:-}" ]; then  # the same step with NCCL for every all-reduce (A/B of the peer kernel)
+      step "bench-step 70B fp8 dummy TP2, NCCL all-reduce" 300 env TANDEM_ALL_REDUCE=nccl "$D/tandem" bench-step \
+        --model llama-3.3-70b-fp8-dynamic --load-format dummy --tensor-parallel-size 2 --batch 1,32 \
+        --context 3000 --prompt-len 3000 --prefill-batch 1 --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+      sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_tp2_nccl.json"
+    fi
   fi ;;
 esac
 
@@ -136,4 +143,5 @@ for r in "${ROWS[@]}"; do echo "$r"; done
 [ -s "$OUT/bench_step.json" ] && cat "$OUT/bench_step.json"
 [ -s "$OUT/kv_transfer.json" ] && cat "$OUT/kv_transfer.json"
 [ -s "$OUT/bench_step_tp2.json" ] && cat "$OUT/bench_step_tp2.json"
+[ -s "$OUT/bench_step_tp2_nccl.json" ] && cat "$OUT/bench_step_tp2_nccl.json"
 [ -s "$OUT/bench_step_tp4.json" ] && cat "$OUT/bench_step_tp4.json"

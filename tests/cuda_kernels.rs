@@ -8,7 +8,10 @@ use tandem::backend::cuda::device::{gpu_available, DeviceBuffer, Gpu};
 use tandem::backend::cuda::gemm::{Fp8Path, Gemm};
 use tandem::backend::cuda::kernels::Kernels;
 use tandem::backend::cuda::meta::{plan_step, SplitPolicy};
-use tandem::backend::cuda::ops::{flash_decode_supported, AttentionArgs, Ops, Precision};
+use tandem::backend::cuda::ops::{
+    combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported, AttentionArgs,
+    Ops, Precision,
+};
 use tandem::backend::{Batch, Emit, SeqChunk};
 
 struct Env {
@@ -397,8 +400,11 @@ struct AttentionCase {
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum AttnKernel {
-    /// The tensor-core kernel for prefill chunks (and mixed batches).
+    /// The tensor-core kernel for prefill chunks (and mixed batches), P of prefill blocks as plain
+    /// BF16 (`TANDEM_FLASH_PREFILL=bf16`).
     Flash,
+    /// The same with P of prefill blocks as BF16 hi + lo (the default).
+    FlashHiLo,
     /// The tensor-core kernel for decode-only batches.
     Decode,
     CudaCores,
@@ -406,8 +412,9 @@ enum AttnKernel {
 
 /// Runs `case` on random inputs against [`ref_attention`]: whole tiles, decode tiles split into
 /// key ranges (merged by attention_combine) at the tightest and at the serving split policy, with
-/// the tensor-core kernel, the CUDA-core one and, for a decode-only batch, the decode kernel (which
-/// must also agree closely with the prefill kernel on the same tokens).
+/// the tensor-core kernel (P of prefill blocks as plain BF16 and as hi + lo), the CUDA-core one
+/// and, for a decode-only batch, the decode kernel (which must also agree closely with the prefill
+/// kernel on the same tokens).
 fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     let (nh, nkv, hd, bs) = (c.nh, c.nkv, c.hd, c.bs);
     let stride = (nh + 2 * nkv) * hd;
@@ -504,7 +511,8 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             decode_only: plan.all_decode,
         };
         match kernel {
-            AttnKernel::Flash => e.ops().flash_attention(&args).unwrap(),
+            AttnKernel::Flash => e.ops().flash_attention_p(&args, false).unwrap(),
+            AttnKernel::FlashHiLo => e.ops().flash_attention_p(&args, true).unwrap(),
             AttnKernel::Decode => e.ops().flash_decode(&args).unwrap(),
             AttnKernel::CudaCores => e.ops().paged_attention_cuda_cores(&args).unwrap(),
         }
@@ -537,7 +545,11 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     };
     let group = nh / nkv;
     let all_decode = c.seqs.iter().all(|s| s.1 == 1);
-    let mut kernels = vec![AttnKernel::Flash, AttnKernel::CudaCores];
+    let mut kernels = vec![
+        AttnKernel::Flash,
+        AttnKernel::FlashHiLo,
+        AttnKernel::CudaCores,
+    ];
     if all_decode && flash_decode_supported(group, hd, Precision::Bf16) {
         kernels.push(AttnKernel::Decode);
     }
@@ -571,26 +583,294 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         return; // no multi-query tiles to compare below
     }
     // Tensor cores: a token of a multi-query tile gets the same bits whatever else shares its
-    // tile (so chunked and whole prefills agree exactly).
-    let (big, big_multi, _) = run(
-        AttnKernel::Flash,
-        Ops::attention_tokens_per_tile(nh / nkv, hd, Precision::Bf16),
-        None,
-    );
-    let (small, small_multi, _) = run(AttnKernel::Flash, 2, None);
-    let row = nh * hd;
+    // tile (so chunked and whole prefills agree exactly), with either P.
     let mut compared = 0;
-    for t in 0..n {
-        if big_multi[t] && small_multi[t] {
-            compared += 1;
-            let (x, y) = (&big[t * row..(t + 1) * row], &small[t * row..(t + 1) * row]);
-            assert!(
-                x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "token {t}: tiles of 2 queries differ from whole tiles (nh={nh} nkv={nkv} hd={hd} bs={bs})"
-            );
+    for kernel in [AttnKernel::Flash, AttnKernel::FlashHiLo] {
+        let (big, big_multi, _) = run(kernel, flash_q_per_tile, None);
+        let (small, small_multi, _) = run(kernel, 2, None);
+        let row = nh * hd;
+        for t in 0..n {
+            if big_multi[t] && small_multi[t] {
+                compared += 1;
+                let (x, y) = (&big[t * row..(t + 1) * row], &small[t * row..(t + 1) * row]);
+                assert!(
+                    x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kernel:?} token {t}: tiles of 2 queries differ from whole tiles (nh={nh} nkv={nkv} hd={hd} bs={bs})"
+                );
+            }
         }
     }
     assert!(compared > 0, "no token in multi-query tiles both ways");
+}
+
+/// Random split-decode partials: `nparts[g]` parts for group g, whose row is `q0[g]`.
+struct CombineCase {
+    nh: usize,
+    hd: usize,
+    n: usize,
+    part_ml: DeviceBuffer,
+    part_acc: DeviceBuffer,
+    meta: DeviceBuffer,
+    /// Host reference of the merged rows, [n, nh * hd].
+    want: Vec<f64>,
+}
+
+fn combine_case(
+    e: &Env,
+    rng: &mut ChaCha8Rng,
+    nh: usize,
+    hd: usize,
+    nparts: &[usize],
+) -> CombineCase {
+    let n = nparts.len();
+    let total: usize = nparts.iter().sum();
+    let ml: Vec<f32> = (0..total * nh)
+        .flat_map(|_| {
+            [
+                rng.random_range(-4.0f32..4.0),
+                rng.random_range(0.5f32..30.0),
+            ]
+        })
+        .collect();
+    let acc: Vec<f32> = (0..total * nh * hd)
+        .map(|_| rng.random_range(-20.0f32..20.0))
+        .collect();
+    // Rows in another order than the groups (the kernel must follow group_q0).
+    let q0: Vec<i32> = (0..n as i32).rev().collect();
+    let mut part0 = vec![];
+    let mut want = vec![0.0f64; n * nh * hd];
+    let mut p = 0;
+    for (g, &np) in nparts.iter().enumerate() {
+        part0.push(p as i32);
+        for h in 0..nh {
+            let rows: Vec<usize> = (p..p + np).map(|q| q * nh + h).collect();
+            let mx = rows
+                .iter()
+                .map(|&r| ml[2 * r] as f64)
+                .fold(f64::MIN, f64::max);
+            let w: Vec<f64> = rows
+                .iter()
+                .map(|&r| (ml[2 * r] as f64 - mx).exp())
+                .collect();
+            let sum: f64 = rows
+                .iter()
+                .zip(&w)
+                .map(|(&r, w)| ml[2 * r + 1] as f64 * w)
+                .sum();
+            for d in 0..hd {
+                let a: f64 = rows
+                    .iter()
+                    .zip(&w)
+                    .map(|(&r, w)| acc[r * hd + d] as f64 * w)
+                    .sum();
+                want[q0[g] as usize * nh * hd + h * hd + d] = a / sum;
+            }
+        }
+        p += np;
+    }
+    let np: Vec<i32> = nparts.iter().map(|&x| x as i32).collect();
+    let meta: Vec<i32> = [part0, np, q0].concat();
+    CombineCase {
+        nh,
+        hd,
+        n,
+        part_ml: e.gpu.upload(&ml).unwrap(),
+        part_acc: e.gpu.upload(&acc).unwrap(),
+        meta: e.gpu.upload(&meta).unwrap(),
+        want,
+    }
+}
+
+impl CombineCase {
+    fn groups_at(&self) -> [u64; 3] {
+        let at = |i: usize| self.meta.ptr + 4 * (i * self.n) as u64;
+        [at(0), at(1), at(2)]
+    }
+
+    /// attention_combine then quantize_fp8: (rows, fp8 codes, scales) as bytes.
+    fn pair(&self, e: &Env, ops: &Ops) -> (DeviceBuffer, DeviceBuffer, DeviceBuffer) {
+        let cols = self.nh * self.hd;
+        let out = e.poisoned(self.n * cols * ops.act.bytes());
+        let (q, s) = (e.poisoned(self.n * cols), e.poisoned(self.n * 4));
+        let [p0, np, q0] = self.groups_at();
+        let (ml, acc) = (self.part_ml.ptr, self.part_acc.ptr);
+        ops.attention_combine(out.ptr, ml, acc, p0, np, q0, self.n, self.nh, 1, self.hd)
+            .unwrap();
+        ops.quantize_fp8(q.ptr, s.ptr, out.ptr, self.n, cols)
+            .unwrap();
+        (out, q, s)
+    }
+
+    fn fused(
+        &self,
+        e: &Env,
+        ops: &Ops,
+        counters: &DeviceBuffer,
+        heads_per_block: usize,
+    ) -> (DeviceBuffer, DeviceBuffer, DeviceBuffer) {
+        let cols = self.nh * self.hd;
+        let out = e.poisoned(self.n * cols * ops.act.bytes());
+        let (q, s) = (e.poisoned(self.n * cols), e.poisoned(self.n * 4));
+        let scratch = e.poisoned(combine_fp8_scratch_bytes(self.n, self.nh));
+        ops.attention_combine_fp8(
+            out.ptr,
+            q.ptr,
+            s.ptr,
+            counters.ptr,
+            scratch.ptr,
+            self.part_ml.ptr,
+            self.part_acc.ptr,
+            self.groups_at(),
+            self.n,
+            self.nh,
+            self.hd,
+            heads_per_block,
+        )
+        .unwrap();
+        (out, q, s)
+    }
+}
+
+/// Heads per block of the fused combine, and the shapes that must keep the unfused pair.
+#[test]
+fn combine_fp8_block_shapes() {
+    assert_eq!(combine_fp8_heads_per_block(64, 128), Some(16));
+    assert_eq!(combine_fp8_heads_per_block(32, 64), Some(32));
+    assert_eq!(combine_fp8_heads_per_block(40, 128), Some(10));
+    assert_eq!(combine_fp8_heads_per_block(7, 128), Some(7));
+    assert_eq!(combine_fp8_heads_per_block(17, 128), Some(1));
+    assert_eq!(combine_fp8_heads_per_block(8, 6), None);
+    assert_eq!(combine_fp8_heads_per_block(0, 128), None);
+    assert_eq!(combine_fp8_scratch_bytes(3, 64), 3 * 64 * 4);
+}
+
+/// The fused attention_combine_fp8 gives exactly the bytes of attention_combine followed by
+/// quantize_fp8 (merged rows, FP8 codes, scales), for BF16 and F32 rows, any blocking, and leaves
+/// its ticket counters zero; the merged rows match a host merge. Prints the launch times of both
+/// at the 70B's decode shapes.
+#[test]
+fn attention_combine_fp8_matches_pair() {
+    let Some((e, mut rng)) = env() else { return };
+    let counters = e.gpu.alloc(64 * 4).unwrap();
+    e.gpu.memset(&counters, 0).unwrap();
+    let bytes = |b: &DeviceBuffer, len: usize| -> Vec<u8> { e.gpu.download(b, len).unwrap() };
+    let random_parts = |rng: &mut ChaCha8Rng, n: usize, most: usize| -> Vec<usize> {
+        (0..n).map(|_| rng.random_range(1..=most)).collect()
+    };
+    // The 70B at batch 1 and 32 (serving split), several head shapes, many parts, one part.
+    let cases: Vec<(usize, usize, Vec<usize>)> = vec![
+        (64, 128, vec![23]),
+        (64, 128, vec![2; 32]),
+        (32, 64, random_parts(&mut rng, 5, 9)),
+        (12, 80, random_parts(&mut rng, 3, 40)),
+        (14, 96, vec![70, 1]),
+        (6, 4, vec![3, 5]),
+    ];
+    for act in [Precision::Bf16, Precision::F32] {
+        let ops = Ops {
+            k: &e.kernels,
+            stream: e.gpu.cu_stream(),
+            act,
+        };
+        for (nh, hd, nparts) in &cases {
+            let c = combine_case(&e, &mut rng, *nh, *hd, nparts);
+            let (cols, a) = (nh * hd, act.bytes());
+            let (out1, q1, s1) = c.pair(&e, &ops);
+            let merged: Vec<f32> = match act {
+                Precision::Bf16 => e.bf16s(&out1, c.n * cols),
+                Precision::F32 => e.f32s(&out1, c.n * cols),
+            };
+            let tol = if act == Precision::Bf16 { 1e-2 } else { 1e-4 };
+            check(
+                &format!("combine {act:?} nh={nh} hd={hd} parts={nparts:?}"),
+                &merged,
+                &c.want,
+                tol,
+            );
+            let best = combine_fp8_heads_per_block(*nh, *hd).unwrap();
+            let mut blockings: Vec<usize> = (1..=*nh)
+                .filter(|h| nh % h == 0 && h * hd / 4 <= 1024)
+                .collect();
+            blockings.retain(|&h| h == best || h.is_power_of_two() || h == *nh);
+            for hpb in blockings {
+                let (out2, q2, s2) = c.fused(&e, &ops, &counters, hpb);
+                let what = format!(
+                    "fused combine {act:?} nh={nh} hd={hd} heads/block={hpb} parts={nparts:?}"
+                );
+                assert_eq!(
+                    bytes(&out1, c.n * cols * a),
+                    bytes(&out2, c.n * cols * a),
+                    "{what}: rows"
+                );
+                assert_eq!(bytes(&s1, c.n * 4), bytes(&s2, c.n * 4), "{what}: scales");
+                assert_eq!(
+                    bytes(&q1, c.n * cols),
+                    bytes(&q2, c.n * cols),
+                    "{what}: codes"
+                );
+                let left: Vec<u32> = e.gpu.download(&counters, 64).unwrap();
+                assert!(
+                    left.iter().all(|&x| x == 0),
+                    "{what}: counters left {left:?}"
+                );
+            }
+            println!(
+                "fused combine {act:?} nh={nh} hd={hd} parts={nparts:?}: same bytes as the pair"
+            );
+        }
+    }
+    // Launch times (not asserted): the pair vs the fused kernel at each blocking.
+    let ops = e.ops();
+    for nparts in [vec![23], vec![2; 32]] {
+        let c = combine_case(&e, &mut rng, 64, 128, &nparts);
+        let cols = 64 * 128;
+        let (out, q, s) = (
+            e.poisoned(c.n * cols * 2),
+            e.poisoned(c.n * cols),
+            e.poisoned(c.n * 4),
+        );
+        let scratch = e.poisoned(combine_fp8_scratch_bytes(c.n, 64));
+        let [p0, np, q0] = c.groups_at();
+        let (ml, acc) = (c.part_ml.ptr, c.part_acc.ptr);
+        let time = |f: &dyn Fn()| {
+            f();
+            e.gpu.sync().unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..200 {
+                f();
+            }
+            e.gpu.sync().unwrap();
+            t.elapsed().as_secs_f64() * 1e6 / 200.0
+        };
+        let pair = time(&|| {
+            ops.attention_combine(out.ptr, ml, acc, p0, np, q0, c.n, 64, 8, 128)
+                .unwrap();
+            ops.quantize_fp8(q.ptr, s.ptr, out.ptr, c.n, cols).unwrap();
+        });
+        let mut line = format!("rows {} x {} parts: pair {pair:.1} us", c.n, nparts[0]);
+        for hpb in [1, 2, 4, 8, 16] {
+            let t = time(&|| {
+                let g = c.groups_at();
+                ops.attention_combine_fp8(
+                    out.ptr,
+                    q.ptr,
+                    s.ptr,
+                    counters.ptr,
+                    scratch.ptr,
+                    ml,
+                    acc,
+                    g,
+                    c.n,
+                    64,
+                    128,
+                    hpb,
+                )
+                .unwrap();
+            });
+            line += &format!(", fused {hpb} heads/block {t:.1} us");
+        }
+        println!("{line}");
+    }
 }
 
 #[test]

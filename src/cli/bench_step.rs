@@ -48,6 +48,10 @@ pub struct Args {
     /// multiprocessor instead of 4 (`_split<N>` keys).
     #[arg(long)]
     pub compare_split_blocks_per_sm: Option<usize>,
+    /// Also time each decode batch with the split rows merged and FP8-quantized by two kernels
+    /// instead of the fused one (`_pair` keys; one GPU only).
+    #[arg(long)]
+    pub compare_combine_pair: bool,
     /// Timed repetitions per measurement (after 3 warm-ups); the median is reported.
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
@@ -77,6 +81,9 @@ trait Bench: Backend {
     fn set_split_min_keys(&mut self, keys: usize) -> Result<()>;
     fn set_attention_blocks_per_sm(&mut self, blocks: usize) -> Result<()>;
     fn set_profiling(&mut self, on: bool) -> Result<()>;
+    fn set_fused_combine(&mut self, _on: bool) -> Result<()> {
+        bail!("--compare-combine-pair runs on one GPU only")
+    }
     fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>>;
 }
 
@@ -100,6 +107,10 @@ impl Bench for CudaBackend {
     }
     fn set_profiling(&mut self, on: bool) -> Result<()> {
         CudaBackend::set_profiling(self, on);
+        Ok(())
+    }
+    fn set_fused_combine(&mut self, on: bool) -> Result<()> {
+        CudaBackend::set_fused_combine(self, on);
         Ok(())
     }
     fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>> {
@@ -270,6 +281,18 @@ pub fn run(args: Args) -> Result<()> {
             );
             results.insert(other_key, other.into());
             b.set_attention_blocks_per_sm(4)?;
+        }
+        if args.compare_combine_pair {
+            b.set_fused_combine(false)?;
+            let pair = time_steps(b, &batch, args.iters)?;
+            eprintln!("  split rows merged and quantized by two kernels: {pair:.3} ms/step");
+            let pair_key = format!("{key}_pair");
+            results.insert(
+                format!("profile_{pair_key}"),
+                profile_step(b, &batch, &pair_key)?,
+            );
+            results.insert(pair_key, pair.into());
+            b.set_fused_combine(true)?;
         }
         results.insert(key, ms.into());
     }

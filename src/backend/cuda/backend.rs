@@ -14,7 +14,7 @@ use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::meta::{plan_step, SplitPolicy, StepPlan};
 use super::nccl::{TpRank, TpSetup};
-use super::ops::{AttentionArgs, Ops, Precision};
+use super::ops::{combine_fp8_scratch_bytes, AttentionArgs, Ops, Precision};
 use super::shard::Shard;
 use super::weights::{GpuLinear, GpuWeights};
 use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
@@ -23,6 +23,7 @@ use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Context, Result};
 use linear::Lin;
 
+mod combine;
 mod kv_io;
 mod linear;
 
@@ -88,6 +89,10 @@ struct Workspace {
     meta: DeviceBuffer,
     part_ml: DeviceBuffer,
     part_acc: DeviceBuffer,
+    /// The fused combine's per-row ticket counters (zeroed here; each launch leaves them zero)
+    /// and its blocks' partial maxima (see `backend/combine.rs`).
+    combine_counters: DeviceBuffer,
+    combine_amax: DeviceBuffer,
 }
 
 /// Partial-result slots for split decode attention (flash-decoding).
@@ -114,6 +119,12 @@ impl Workspace {
             meta: gpu.alloc((8 * t + 16 * s) * 4)?,
             part_ml: gpu.alloc(MAX_ATTENTION_PARTS * c.q_size() / c.head_dim * 2 * 4)?,
             part_acc: gpu.alloc(MAX_ATTENTION_PARTS * c.q_size() * 4)?,
+            combine_counters: {
+                let b = gpu.alloc(t * 4)?;
+                gpu.memset(&b, 0)?;
+                b
+            },
+            combine_amax: gpu.alloc(combine_fp8_scratch_bytes(t, c.num_attention_heads))?,
         })
     }
 }
@@ -137,6 +148,9 @@ pub struct CudaBackend {
     attention_target_blocks: usize,
     /// Called after each layer's KV is written (see [`CudaBackend::set_layer_kv_hook`]).
     layer_kv_hook: Option<LayerKvHook>,
+    /// Merge split decode rows and FP8-quantize them for o_proj in one kernel where it applies
+    /// (`TANDEM_COMBINE_FP8=0` keeps the unfused pair, for comparisons).
+    fused_combine: bool,
 }
 
 /// KV blocks that fit in `utilization · total − used` bytes.
@@ -264,6 +278,7 @@ impl CudaBackend {
             multiprocessors: sms,
             attention_target_blocks,
             layer_kv_hook: None,
+            fused_combine: std::env::var("TANDEM_COMBINE_FP8").map_or(true, |v| v != "0"),
         })
     }
 
@@ -339,6 +354,12 @@ impl CudaBackend {
         self.attention_target_blocks = blocks.max(1) * self.multiprocessors;
     }
 
+    /// Fused (combine + FP8 quantize) or unfused merging of split decode rows (benchmarks
+    /// compare them).
+    pub fn set_fused_combine(&mut self, on: bool) {
+        self.fused_combine = on;
+    }
+
     /// Times every kernel of later steps with CUDA events (see [`Self::take_profile`]).
     pub fn set_profiling(&mut self, on: bool) {
         self.profiler.enabled = on;
@@ -357,7 +378,7 @@ impl CudaBackend {
     /// ranks, in place. Nothing on one GPU.
     fn tp_all_reduce(&mut self, ptr: u64, count: usize, p: Precision) -> Result<()> {
         if let Some(tp) = &self.tp {
-            tp.all_reduce(ptr, count, p, self.gpu.cu_stream())?;
+            tp.all_reduce(&self.kernels, ptr, count, p, self.gpu.cu_stream())?;
             self.mark("all_reduce")?;
         }
         Ok(())
@@ -450,24 +471,8 @@ impl CudaBackend {
                 decode_only: plan.all_decode,
             })?;
             self.mark("attention")?;
-            if plan.num_groups > 0 {
-                let (ml, pacc) = (self.ws.part_ml.ptr, self.ws.part_acc.ptr);
-                let (g0, gn, gq) = (m(at.group_part0), m(at.group_nparts), m(at.group_q0));
-                self.ops().attention_combine(
-                    attn,
-                    ml,
-                    pacc,
-                    g0,
-                    gn,
-                    gq,
-                    plan.num_groups,
-                    nh,
-                    nkv,
-                    hd,
-                )?;
-                self.mark("attention combine")?;
-            }
-            self.linear(Lin::O(i), attn, n, delta)?;
+            let groups = [m(at.group_part0), m(at.group_nparts), m(at.group_q0)];
+            self.combine_o_proj(i, groups, plan.num_groups, n, delta)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
             let norm_w = self.weights.layers[i].post_norm.ptr;
             self.norm_linear(Lin::GateUp(i), delta, norm_w, n, gate_up)?;

@@ -28,6 +28,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("sampling", include_str!("../../../kernels/sampling.cu")),
     ("kv_copy", include_str!("../../../kernels/kv_copy.cu")),
     ("gemm_fp8", include_str!("../../../kernels/gemm_fp8.cu")),
+    ("all_reduce", include_str!("../../../kernels/all_reduce.cu")),
 ];
 
 /// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
@@ -57,7 +58,15 @@ const TYPED: &[(&str, &[&str])] = &[
             "rope_kv_write",
         ],
     ),
-    ("attention", &["paged_attention", "attention_combine"]),
+    (
+        "attention",
+        &[
+            "paged_attention",
+            "attention_combine",
+            "attention_combine_fp8",
+        ],
+    ),
+    ("all_reduce", &["all_reduce_oneshot"]),
 ];
 
 /// Kernels with one version.
@@ -92,8 +101,8 @@ const PLAIN: &[(&str, &[&str])] = &[
     ("flash_attention", FLASH_ATTENTION),
 ];
 
-/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`), and its
-/// decode-only variant (`Ops::flash_decode`).
+/// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`; `_hilo`: P as
+/// BF16 hi + lo), and its decode-only variant (`Ops::flash_decode`).
 pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd16",
     "flash_attention_hd32",
@@ -103,6 +112,14 @@ pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd96",
     "flash_attention_hd112",
     "flash_attention_hd128",
+    "flash_attention_hilo_hd16",
+    "flash_attention_hilo_hd32",
+    "flash_attention_hilo_hd48",
+    "flash_attention_hilo_hd64",
+    "flash_attention_hilo_hd80",
+    "flash_attention_hilo_hd96",
+    "flash_attention_hilo_hd112",
+    "flash_attention_hilo_hd128",
     "flash_decode_hd16",
     "flash_decode_hd32",
     "flash_decode_hd48",
@@ -250,14 +267,22 @@ pub struct Kernels {
 const BIG_SHARED: &[(&str, i32)] = &[
     ("paged_attention_bf16", 96 * 1024),
     ("paged_attention_f32", 96 * 1024),
-    ("flash_attention_hd16", 96 * 1024),
-    ("flash_attention_hd32", 96 * 1024),
-    ("flash_attention_hd48", 96 * 1024),
-    ("flash_attention_hd64", 96 * 1024),
-    ("flash_attention_hd80", 96 * 1024),
-    ("flash_attention_hd96", 96 * 1024),
-    ("flash_attention_hd112", 96 * 1024),
-    ("flash_attention_hd128", 96 * 1024),
+    ("flash_attention_hd16", 112 * 1024),
+    ("flash_attention_hd32", 112 * 1024),
+    ("flash_attention_hd48", 112 * 1024),
+    ("flash_attention_hd64", 112 * 1024),
+    ("flash_attention_hd80", 112 * 1024),
+    ("flash_attention_hd96", 112 * 1024),
+    ("flash_attention_hd112", 112 * 1024),
+    ("flash_attention_hd128", 112 * 1024),
+    ("flash_attention_hilo_hd16", 112 * 1024),
+    ("flash_attention_hilo_hd32", 112 * 1024),
+    ("flash_attention_hilo_hd48", 112 * 1024),
+    ("flash_attention_hilo_hd64", 112 * 1024),
+    ("flash_attention_hilo_hd80", 112 * 1024),
+    ("flash_attention_hilo_hd96", 112 * 1024),
+    ("flash_attention_hilo_hd112", 112 * 1024),
+    ("flash_attention_hilo_hd128", 112 * 1024),
     ("flash_decode_hd16", 96 * 1024),
     ("flash_decode_hd32", 96 * 1024),
     ("flash_decode_hd48", 96 * 1024),

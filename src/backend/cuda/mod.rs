@@ -4,7 +4,8 @@
 //! `kernels/*.cu`) · `ops` (typed kernel launches) · `gemm` (cuBLASLt FP8/BF16 and the FP8 path choice) · `fp8_stream` (decode-size FP8 kernel) · `weights`
 //! (upload or dummy generation on the GPU) · `meta` (a step's packed index arrays) · `backend`
 //! (the forward pass and the `Backend` impl) · `shard`, `nccl`, `tp` (tensor parallelism: one thread per
-//! GPU, NCCL all-reduces inside the forward).
+//! GPU, NCCL all-reduces inside the forward) · `peer_all_reduce` (one-shot all-reduce over NVLink
+//! for decode-size messages).
 
 pub mod backend;
 pub mod device;
@@ -14,6 +15,7 @@ pub mod kernels;
 pub mod meta;
 pub mod nccl;
 pub mod ops;
+pub mod peer_all_reduce;
 pub mod shard;
 pub mod tp;
 pub mod weights;

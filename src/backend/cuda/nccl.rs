@@ -5,7 +5,9 @@
 //! and the buffers that lay the all-gathered vocab slices of the logits out as `[rows, vocab]`.
 
 use super::device::{DeviceBuffer, Gpu};
+use super::kernels::Kernels;
 use super::ops::Precision;
+use super::peer_all_reduce::PeerAllReduce;
 use super::shard::Shard;
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::sys as cu;
@@ -149,6 +151,8 @@ pub struct TpRank {
     gathered: DeviceBuffer,
     /// `[rows, vocab]` F32: the full logits.
     full_logits: DeviceBuffer,
+    /// The one-shot all-reduce for decode-size messages (None: NCCL for all).
+    peer: Option<PeerAllReduce>,
     comm: NcclComm,
 }
 
@@ -165,22 +169,36 @@ impl TpRank {
         let s = setup.shard;
         let comm = NcclComm::join(setup.id, s.rank, s.world)?;
         let per = s.vocab_per_rank(vocab);
+        let peer = if s.world > 1 && PeerAllReduce::enabled() {
+            Some(PeerAllReduce::new(gpu, &comm, s.rank, s.world)?)
+        } else {
+            None
+        };
         Ok(Self {
             shard: s,
             vocab,
             gathered: gpu.alloc(s.world * max_rows * per * 4)?,
             full_logits: gpu.alloc(max_rows * vocab * 4)?,
+            peer,
             comm,
         })
     }
 
+    /// In-place sum over the ranks: the one-shot peer kernel for decode-size messages, NCCL
+    /// otherwise.
     pub fn all_reduce(
         &self,
+        kernels: &Kernels,
         ptr: u64,
         count: usize,
         p: Precision,
         stream: cu::CUstream,
     ) -> Result<()> {
+        if let Some(peer) = &self.peer {
+            if peer.try_all_reduce(kernels, ptr, count, p, stream)? {
+                return Ok(());
+            }
+        }
         self.comm.all_reduce_sum(ptr, count, p, stream)
     }
 

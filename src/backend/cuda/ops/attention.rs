@@ -10,8 +10,10 @@ use anyhow::{ensure, Result};
 pub const ATTENTION_ROWS: usize = 32;
 const ATTENTION_KEYS_PER_TILE: usize = 32;
 pub const MAX_HEAD_DIM: usize = 128;
-/// Query tokens × heads per block of the tensor-core attention (4 warps × 16 rows).
-pub const FLASH_ROWS: usize = 64;
+/// Query tokens × heads per multi-query block of the tensor-core attention (4 warps × 32 rows).
+pub const FLASH_ROWS: usize = 128;
+/// Most query heads per kv head of the tensor-core attention (a one-query item: 4 warps × 16 rows).
+pub const FLASH_MAX_GROUP: usize = 64;
 const FLASH_KEYS_PER_TILE: usize = 64;
 
 /// Whether the tensor-core attention takes this shape.
@@ -19,7 +21,16 @@ pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
     act == Precision::Bf16
         && head_dim.is_multiple_of(16)
         && (16..=MAX_HEAD_DIM).contains(&head_dim)
-        && (1..=FLASH_ROWS).contains(&group)
+        && (1..=FLASH_MAX_GROUP).contains(&group)
+}
+
+/// Whether prefill (multi-query) blocks keep P as BF16 hi + lo (the default: F32-like accuracy,
+/// two P·V MMAs) or round it to plain BF16 (`TANDEM_FLASH_PREFILL=bf16`, as FlashAttention does:
+/// attention 63 instead of 78 ms in a 3000-token 70B prefill on an H200, but it flips the first
+/// greedy token of the tiny FP8 fixture in BF16 precision, tests/cuda_fixtures.rs).
+pub fn flash_prefill_hilo() -> bool {
+    static HILO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HILO.get_or_init(|| std::env::var("TANDEM_FLASH_PREFILL").map_or(true, |v| v != "bf16"))
 }
 
 /// Most query heads per kv head of the decode kernel (the top half of a 16-row MMA tile; the
@@ -33,6 +44,30 @@ pub fn flash_decode_supported(group: usize, head_dim: usize, act: Precision) -> 
     let enabled =
         *ENABLED.get_or_init(|| std::env::var("TANDEM_FLASH_DECODE").map_or(true, |v| v != "0"));
     enabled && group <= FLASH_DECODE_GROUP && flash_supported(group, head_dim, act)
+}
+
+/// Threads the fused combine aims for per block. Measured on the H200 (70B, 64 heads of 128,
+/// launches back to back): 1 row of 23 parts 29.2 / 19.0 / 13.7 / 11.1 / 10.5 us at 1 / 2 / 4 / 8
+/// / 16 heads per block (the pair: 10.4 us), 32 rows of 2 parts 29.7 / 17.3 / 10.9 / 7.9 / 6.7 us
+/// (the pair: 9.1 us): few wide blocks win, the last block's quantize of the row being serial.
+const COMBINE_FP8_THREADS: usize = 512;
+
+/// Heads per block of [`Ops::attention_combine_fp8`] (None: the shape needs the unfused pair):
+/// the most heads, dividing `q_heads`, whose dims (4 per thread) fit in the aimed-for threads.
+pub fn combine_fp8_heads_per_block(q_heads: usize, head_dim: usize) -> Option<usize> {
+    if q_heads == 0 || !head_dim.is_multiple_of(4) || !(4..=4096).contains(&head_dim) {
+        return None;
+    }
+    let most = (4 * COMBINE_FP8_THREADS / head_dim).max(1);
+    (1..=most.min(q_heads))
+        .rev()
+        .find(|h| q_heads.is_multiple_of(*h))
+}
+
+/// Bytes of the `scratch` of [`Ops::attention_combine_fp8`] (the blocks' partial maxima) for up
+/// to `rows` rows.
+pub fn combine_fp8_scratch_bytes(rows: usize, q_heads: usize) -> usize {
+    4 * rows * q_heads
 }
 
 impl Ops<'_> {
@@ -64,13 +99,20 @@ impl Ops<'_> {
         }
     }
 
-    /// The tensor-core kernel: one block of 4 warps per (work item, kv head).
+    /// The tensor-core kernel: one block of 4 warps per (work item, kv head); P of prefill blocks
+    /// as [`flash_prefill_hilo`] says.
     pub fn flash_attention(&self, a: &AttentionArgs) -> Result<()> {
+        self.flash_attention_p(a, flash_prefill_hilo())
+    }
+
+    /// The tensor-core kernel with P of multi-query blocks as BF16 hi + lo (`hilo`) or plain BF16
+    /// (one-query items always keep hi + lo).
+    pub fn flash_attention_p(&self, a: &AttentionArgs, hilo: bool) -> Result<()> {
         let group = a.q_heads / a.kv_heads;
         ensure!(
             flash_supported(group, a.head_dim, self.act),
-            "flash attention takes BF16, head_dim 16..=128 in steps of 16 and at most {FLASH_ROWS} \
-             query heads per kv head (got {:?}, head_dim {}, group {group})",
+            "flash attention takes BF16, head_dim 16..=128 in steps of 16 and at most \
+             {FLASH_MAX_GROUP} query heads per kv head (got {:?}, head_dim {}, group {group})",
             self.act,
             a.head_dim
         );
@@ -80,14 +122,21 @@ impl Ops<'_> {
             "flash attention tile of {r} rows (at most {FLASH_ROWS})"
         );
         let (hd, keys) = (a.head_dim, FLASH_KEYS_PER_TILE);
-        // Double-buffered K and V tiles (rows padded by 8), reused by the final merge of 4 warps.
+        // Q of a multi-query block, then double-buffered K and V tiles (rows padded by 8); a
+        // one-query item's final merge of 4 warps reuses them.
+        let q = FLASH_ROWS * (hd + 8) * 2;
         let stages = 2 * 2 * keys * (hd + 8) * 2;
         let merge = (4 * 16 * (hd + 4) + 4 * 16 * 2) * 4;
+        let name = if hilo {
+            "flash_attention_hilo"
+        } else {
+            "flash_attention"
+        };
         self.go(
-            &format!("flash_attention_hd{hd}"),
+            &format!("{name}_hd{hd}"),
             (a.num_tiles as u32, a.kv_heads as u32, 1),
             128,
-            stages.max(merge) as u32,
+            (q + stages).max(merge) as u32,
             &flash_args(a),
         )
     }
@@ -171,6 +220,10 @@ impl Ops<'_> {
         kv_heads: usize,
         head_dim: usize,
     ) -> Result<()> {
+        ensure!(
+            kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
+            "{q_heads} query heads over {kv_heads} kv heads"
+        );
         self.go(
             &self.typed("attention_combine"),
             (groups as u32, q_heads as u32, 1),
@@ -184,8 +237,61 @@ impl Ops<'_> {
                 Arg::Ptr(group_nparts),
                 Arg::Ptr(group_q0),
                 Arg::I32(q_heads as i32),
-                Arg::I32(kv_heads as i32),
                 Arg::I32(head_dim as i32),
+            ],
+        )
+    }
+
+    /// [`Self::attention_combine`] then `quantize_fp8` of the merged rows into `xq` / `xs`, in one
+    /// launch and with the same bits (`out` gets the merged rows too). Every row of the step must
+    /// be a group. `counters`: a u32 per group, zeroed once before the first launch (each launch
+    /// leaves them zero, so keep them in one place); `scratch`: [`combine_fp8_scratch_bytes`].
+    /// Blocks of `heads_per_block` heads ([`combine_fp8_heads_per_block`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_combine_fp8(
+        &self,
+        out: u64,
+        xq: u64,
+        xs: u64,
+        counters: u64,
+        scratch: u64,
+        part_ml: u64,
+        part_acc: u64,
+        groups_at: [u64; 3],
+        groups: usize,
+        q_heads: usize,
+        head_dim: usize,
+        heads_per_block: usize,
+    ) -> Result<()> {
+        ensure!(
+            combine_fp8_heads_per_block(q_heads, head_dim).is_some()
+                && heads_per_block > 0
+                && q_heads.is_multiple_of(heads_per_block)
+                && heads_per_block * head_dim / 4 <= 1024,
+            "fused combine of {q_heads} heads of {head_dim} in blocks of {heads_per_block} heads"
+        );
+        ensure!(groups <= 65535, "{groups} rows for the fused combine");
+        let [part0, nparts, q0] = groups_at;
+        let blocks = q_heads / heads_per_block;
+        self.go(
+            &self.typed("attention_combine_fp8"),
+            (blocks as u32, groups as u32, 1),
+            (heads_per_block * head_dim / 4).next_multiple_of(32) as u32,
+            0,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(xq),
+                Arg::Ptr(xs),
+                Arg::Ptr(counters),
+                Arg::Ptr(scratch),
+                Arg::Ptr(part_ml),
+                Arg::Ptr(part_acc),
+                Arg::Ptr(part0),
+                Arg::Ptr(nparts),
+                Arg::Ptr(q0),
+                Arg::I32(q_heads as i32),
+                Arg::I32(head_dim as i32),
+                Arg::I32(heads_per_block as i32),
             ],
         )
     }

@@ -1,0 +1,152 @@
+//! One-shot all-reduce over peer access (`kernels/all_reduce.cu`) for the decode-size
+//! all-reduces of tensor parallelism: one kernel that reads every rank's values over NVLink,
+//! where NCCL's ring takes several latency-bound steps. Messages above the slot size, or not in
+//! 16-byte units, go to NCCL. The ranks are threads of one process, so a peer's device pointer is
+//! valid here once peer access is on; they learn each other's buffers by an NCCL all-gather.
+//! `TANDEM_ALL_REDUCE=nccl` turns it off.
+
+use super::device::{DeviceBuffer, Gpu};
+use super::kernels::{launch, Arg, Kernels};
+use super::nccl::NcclComm;
+use super::ops::Precision;
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{result, sys, CudaContext};
+use std::cell::Cell;
+use std::sync::Arc;
+
+/// Must match kernels/all_reduce.cu.
+const MAX_BLOCKS: usize = 64;
+const MAX_RANKS: usize = 8;
+const THREADS: u32 = 512;
+const FLAG_BYTES: usize = MAX_BLOCKS * MAX_RANKS * 4;
+
+/// Largest message (bytes) taken here: a decode batch of 64 BF16 rows of 8192.
+pub const SLOT_BYTES: usize = 1 << 20;
+
+pub struct PeerAllReduce {
+    rank: usize,
+    world: usize,
+    /// This rank's `[flags][slot 0][slot 1]`, read and written by the peers.
+    buf: DeviceBuffer,
+    /// Every rank's `buf` base address, for the kernel.
+    bases: DeviceBuffer,
+    /// Calls so far; the same count on every rank (they all run the same forward).
+    epoch: Cell<u32>,
+    /// Keeps the peers' contexts (and so the peer mappings) alive.
+    _peers: Vec<Arc<CudaContext>>,
+}
+
+// Used by the one thread that owns the rank's backend.
+unsafe impl Send for PeerAllReduce {}
+
+impl PeerAllReduce {
+    /// Is it wanted (not turned off by `TANDEM_ALL_REDUCE=nccl`)?
+    pub fn enabled() -> bool {
+        std::env::var("TANDEM_ALL_REDUCE").map_or(true, |v| v != "nccl")
+    }
+
+    /// Collective: every rank of `comm` calls it at the same point. Allocates this rank's
+    /// buffer, all-gathers (buffer base, GPU ordinal) of every rank, and turns on peer access to
+    /// every other rank's GPU.
+    pub fn new(gpu: &Gpu, comm: &NcclComm, rank: usize, world: usize) -> Result<Self> {
+        ensure!(
+            world <= MAX_RANKS,
+            "peer all-reduce handles at most {MAX_RANKS} ranks, not {world}"
+        );
+        gpu.bind()?;
+        let buf = gpu.alloc(FLAG_BYTES + 2 * SLOT_BYTES)?;
+        gpu.memset(&buf, 0)?;
+        let me = gpu.upload(&[buf.ptr, gpu.ctx.ordinal() as u64])?;
+        let all = gpu.alloc(world * 16)?;
+        // 16 bytes per rank, gathered as 4 F32 values (only the bits matter).
+        comm.all_gather(me.ptr, all.ptr, 4, Precision::F32, gpu.cu_stream())?;
+        gpu.sync()?;
+        let pairs: Vec<u64> = gpu.download(&all, 2 * world)?;
+        let mut peers = vec![];
+        for r in (0..world).filter(|&r| r != rank) {
+            peers.push(enable_peer(gpu, pairs[2 * r + 1] as usize)?);
+        }
+        let bases: Vec<u64> = (0..world).map(|r| pairs[2 * r]).collect();
+        Ok(Self {
+            rank,
+            world,
+            bases: gpu.upload(&bases)?,
+            buf,
+            epoch: Cell::new(0),
+            _peers: peers,
+        })
+    }
+
+    /// Sums `count` values of `p` at `ptr` over the ranks in place, if the message fits; returns
+    /// whether it did (false: the caller uses NCCL). Queued on `stream`.
+    pub fn try_all_reduce(
+        &self,
+        kernels: &Kernels,
+        ptr: u64,
+        count: usize,
+        p: Precision,
+        stream: sys::CUstream,
+    ) -> Result<bool> {
+        let bytes = count * p.bytes();
+        if bytes == 0 || bytes > SLOT_BYTES || bytes % 16 != 0 || ptr % 16 != 0 {
+            return Ok(false);
+        }
+        let n16 = bytes / 16;
+        let blocks = n16.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+        // Wraps through 0 like the kernel's comparison does; skipping a value would reuse a slot.
+        let epoch = self.epoch.get().wrapping_add(1);
+        self.epoch.set(epoch);
+        let name = match p {
+            Precision::Bf16 => "all_reduce_oneshot_bf16",
+            Precision::F32 => "all_reduce_oneshot_f32",
+        };
+        launch(
+            kernels.get(name)?,
+            (blocks, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            stream,
+            &[
+                Arg::Ptr(ptr),
+                Arg::Ptr(self.bases.ptr),
+                Arg::I32(self.world as i32),
+                Arg::I32(self.rank as i32),
+                Arg::U64(n16 as u64),
+                Arg::I32(epoch as i32),
+                Arg::U64(SLOT_BYTES as u64),
+            ],
+        )?;
+        let _ = &self.buf; // read and written only by the kernels
+        Ok(true)
+    }
+}
+
+/// Lets kernels of `gpu`'s context read and write GPU `peer`'s memory; returns the peer's
+/// context, which must stay alive while they do.
+fn enable_peer(gpu: &Gpu, peer: usize) -> Result<Arc<CudaContext>> {
+    let (dev, peer_dev) = (
+        result::device::get(gpu.ctx.ordinal() as i32)?,
+        result::device::get(peer as i32)?,
+    );
+    let mut can = 0;
+    // SAFETY: plain out-parameter.
+    unsafe { sys::cuDeviceCanAccessPeer(&mut can, dev, peer_dev) }.result()?;
+    if can != 1 {
+        bail!(
+            "GPU {} cannot access GPU {peer} as a peer (set TANDEM_ALL_REDUCE=nccl)",
+            gpu.ctx.ordinal()
+        );
+    }
+    let peer_ctx = CudaContext::new(peer).with_context(|| format!("opening GPU {peer}"))?;
+    gpu.bind()?;
+    // SAFETY: both contexts are live; a second enable reports ALREADY_ENABLED, which is fine.
+    match unsafe { sys::cuCtxEnablePeerAccess(peer_ctx.cu_ctx(), 0) } {
+        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {
+            Ok(peer_ctx)
+        }
+        e => bail!(
+            "cuCtxEnablePeerAccess {} -> {peer}: {e:?}",
+            gpu.ctx.ordinal()
+        ),
+    }
+}
