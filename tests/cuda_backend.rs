@@ -77,6 +77,21 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// `a`'s argmax is `b`'s argmax, or scores within `a` and `b`'s largest difference of it.
+fn assert_near_best(a: &[f32], b: &[f32]) {
+    let (ia, ib) = (argmax(a) as usize, argmax(b) as usize);
+    if ia == ib {
+        return;
+    }
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(
+        b[ib] - b[ia] <= 2.0 * diff,
+        "argmax {ia} vs {ib}: {} below the best, logits differ by up to {diff}",
+        b[ib] - b[ia]
+    );
+    println!("near-tie: argmax {ia} vs {ib}, {} apart (max diff {diff})", b[ib] - b[ia]);
+}
+
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32)
         .map(|i| (i * 37 + salt * 101 + 11) % 1000)
@@ -147,7 +162,10 @@ fn consistency(fp8: bool) {
         let e = rel(&dec, &fresh);
         println!("fp8={fp8} decode step {step} vs fresh prefill: rel {e:.2e}");
         assert!(e < tol);
-        assert_eq!(argmax(&dec), argmax(&fresh));
+        // Decode (split-K parts + combine) and prefill (128-row flash tiles) add the keys in
+        // different orders, so BF16 logits differ by rounding and a near-tie may flip: the decode
+        // choice must be the fresh prefill's best up to that rounding.
+        assert_near_best(&dec, &fresh);
         // The device sampler's greedy choice is the argmax.
         let sampled = b
             .step(&Batch {
