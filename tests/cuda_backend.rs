@@ -83,13 +83,20 @@ fn assert_near_best(a: &[f32], b: &[f32]) {
     if ia == ib {
         return;
     }
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(
         b[ib] - b[ia] <= 2.0 * diff,
         "argmax {ia} vs {ib}: {} below the best, logits differ by up to {diff}",
         b[ib] - b[ia]
     );
-    println!("near-tie: argmax {ia} vs {ib}, {} apart (max diff {diff})", b[ib] - b[ia]);
+    println!(
+        "near-tie: argmax {ia} vs {ib}, {} apart (max diff {diff})",
+        b[ib] - b[ia]
+    );
 }
 
 fn prompt(n: usize, salt: u32) -> Vec<u32> {

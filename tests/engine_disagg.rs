@@ -240,7 +240,7 @@ async fn exports_share_steps_under_the_budget() {
         let x = x.unwrap();
         assert_eq!(
             x.first_token,
-            MockBackend::reference_greedy(&vec![i as u32 + 1; 8], 1, VOCAB, &[])[0]
+            MockBackend::reference_greedy(&[i as u32 + 1; 8], 1, VOCAB, &[])[0]
         );
         assert_eq!(x.kv.len(), 2 * x.layout.block_bytes());
     }

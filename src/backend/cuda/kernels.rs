@@ -367,6 +367,8 @@ pub enum Arg {
 }
 
 /// Launches `f` on `stream`, checking the launch's return code.
+// CUDA handles are opaque to Rust: the driver checks them, nothing here dereferences them.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn launch(
     f: sys::CUfunction,
     grid: (u32, u32, u32),

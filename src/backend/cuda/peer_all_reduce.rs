@@ -88,7 +88,8 @@ impl PeerAllReduce {
         stream: sys::CUstream,
     ) -> Result<bool> {
         let bytes = count * p.bytes();
-        if bytes == 0 || bytes > SLOT_BYTES || bytes % 16 != 0 || ptr % 16 != 0 {
+        if bytes == 0 || bytes > SLOT_BYTES || !bytes.is_multiple_of(16) || !ptr.is_multiple_of(16)
+        {
             return Ok(false);
         }
         let n16 = bytes / 16;
