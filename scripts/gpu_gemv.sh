@@ -11,9 +11,9 @@ STAGES=${STAGES:-"kernels gemm backend step"}
 t() { echo "--- $1 ($(date +%T))"; }
 case " $STAGES " in *" kernels "*)
   t kernels
-  timeout 90 "$D/tests/cuda_kernels" --test-threads=1 --nocapture > "$OUT/cuda_kernels.log" 2>&1
-  echo "cuda_kernels rc $?"
-  grep -E "^test |test result|panicked|stream|unscaled|fp8 gemm" "$OUT/cuda_kernels.log" | grep -v " ok$" | head -70 ;;
+  timeout 90 "$D/tests/cuda_gemm" --test-threads=1 --nocapture > "$OUT/cuda_gemm.log" 2>&1
+  echo "cuda_gemm rc $?"
+  grep -E "^test |test result|panicked|stream|unscaled|fp8 gemm" "$OUT/cuda_gemm.log" | grep -v " ok$" | head -70 ;;
 esac
 case " $STAGES " in *" gemm "*)
   t bench-gemm
