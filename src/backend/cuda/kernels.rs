@@ -23,7 +23,17 @@ pub const MODULES: &[(&str, &str)] = &[
     ("attention", include_str!("../../../kernels/attention.cu")),
     (
         "flash_attention",
-        include_str!("../../../kernels/flash_attention.cu"),
+        concat!(
+            include_str!("../../../kernels/flash_common.cuh"),
+            include_str!("../../../kernels/flash_attention.cu")
+        ),
+    ),
+    (
+        "flash_decode",
+        concat!(
+            include_str!("../../../kernels/flash_common.cuh"),
+            include_str!("../../../kernels/flash_decode.cu")
+        ),
     ),
     ("sampling", include_str!("../../../kernels/sampling.cu")),
     ("kv_copy", include_str!("../../../kernels/kv_copy.cu")),
@@ -99,10 +109,11 @@ const PLAIN: &[(&str, &[&str])] = &[
         ],
     ),
     ("flash_attention", FLASH_ATTENTION),
+    ("flash_decode", FLASH_DECODE),
 ];
 
 /// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`; `_hilo`: P as
-/// BF16 hi + lo), and its decode-only variant (`Ops::flash_decode`).
+/// BF16 hi + lo).
 pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd16",
     "flash_attention_hd32",
@@ -120,6 +131,10 @@ pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hilo_hd96",
     "flash_attention_hilo_hd112",
     "flash_attention_hilo_hd128",
+];
+
+/// The decode-only tensor-core attention (`Ops::flash_decode`), one kernel per head_dim.
+pub const FLASH_DECODE: &[&str] = &[
     "flash_decode_hd16",
     "flash_decode_hd32",
     "flash_decode_hd48",

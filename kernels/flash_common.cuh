@@ -1,0 +1,89 @@
+// Shared by flash_attention.cu (prefill and mixed batches) and flash_decode.cu (pure decode steps):
+// the mma.sync / ldmatrix / cp.async helpers, the work-item arguments, and the kernels' parameter list.
+// Prepended to both modules (src/backend/cuda/kernels.rs), after common.cuh.
+
+#define FA_KT 64
+#define FA_WARPS 4
+#define FA_LN2 0.6931471805599453f
+#define FA_LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16 bytes global -> shared, asynchronously; zero-filled when !valid (src must still be mapped).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm2(unsigned addr, unsigned& r0, unsigned& r1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm4_t(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// c += a (16x16, row-major) * b (16x8, column-major).
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as BF16x2: `lo` in the low half (the lower column).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// (lo, hi) as BF16x2 `h` plus the BF16x2 `l` of what rounding left over.
+__device__ __forceinline__ void split_bf16(float lo, float hi, unsigned& h, unsigned& l) {
+    h = pack_bf16(lo, hi);
+    l = pack_bf16(lo - __uint_as_float(h << 16), hi - __uint_as_float(h & 0xffff0000u));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+struct FlashArgs {
+    bf16* out;
+    const bf16 *qkv, *k_cache, *v_cache;
+    const int *positions, *tile_seq, *tile_q_start, *tile_q_len, *block_tables, *block_table_start;
+    const int *tile_kbeg, *tile_kend, *tile_part;
+    float *part_ml, *part_acc;
+    int row_stride, num_q_heads, num_kv_heads, block_size;
+    float scale;
+};
+
+#define FLASH_PARAMS                                                                                           \
+    bf16 *out, const bf16 *qkv, const bf16 *k_cache, const bf16 *v_cache, const int *positions,                \
+        const int *tile_seq, const int *tile_q_start, const int *tile_q_len, const int *block_tables,          \
+        const int *block_table_start, const int *tile_kbeg, const int *tile_kend, const int *tile_part,        \
+        float *part_ml, float *part_acc, int row_stride, int num_q_heads, int num_kv_heads, int block_size,    \
+        float scale
+#define FLASH_ARGS                                                                                             \
+    FlashArgs {                                                                                                \
+        out, qkv, k_cache, v_cache, positions, tile_seq, tile_q_start, tile_q_len, block_tables,               \
+            block_table_start, tile_kbeg, tile_kend, tile_part, part_ml, part_acc, row_stride, num_q_heads,   \
+            num_kv_heads, block_size, scale                                                                    \
+    }
