@@ -235,7 +235,6 @@ impl Ops<'_> {
         )
     }
 
-    /// In place on F32 rows: `x = e4m3(x / s) * s` with the row's dynamic FP8 scale `s`.
     /// The per-token FP8 scales [`Self::quantize_fp8`] would use, into `scales[n]`.
     pub fn fp8_row_scale(&self, scales: u64, input: u64, n: usize, cols: usize) -> Result<()> {
         self.go(
@@ -287,6 +286,7 @@ impl Ops<'_> {
         )
     }
 
+    /// In place on F32 rows: `x = e4m3(x / s) * s` with the row's dynamic FP8 scale `s`.
     pub fn fake_quant_fp8_f32(&self, x: u64, n: usize, cols: usize) -> Result<()> {
         self.go(
             "fake_quant_fp8_f32",
