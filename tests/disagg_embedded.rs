@@ -253,6 +253,40 @@ async fn without_prefill_workers_the_decode_worker_prefills_after_its_timeout() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_worker_drops_jobs_whose_decode_side_stopped_waiting() {
+    use tandem::runtime::Runtime;
+    use tandem::worker::protocol::PREFILL_QUEUE;
+    let d = engine(Duration::ZERO, Duration::from_millis(500));
+    let deployment = start_embedded(spec(
+        vec![engine(Duration::ZERO, Duration::from_secs(30))],
+        vec![d.clone()],
+        always_remote(),
+        EmbeddedTransport::InProcess,
+    ))
+    .await
+    .unwrap();
+    // No prefill worker while the requests come: their jobs wait in the queue past the decode
+    // side's timeout, and the decode worker prefills them itself.
+    deployment.stop_prefill_workers();
+    run_and_check(&deployment.workers[0], 3, 6).await;
+    let queued = deployment.runtime.queue_len(PREFILL_QUEUE).await.unwrap();
+    assert_eq!(queued, 3, "the three jobs wait in the queue");
+    // A prefill worker that comes now takes the stale jobs and drops them unprefilled.
+    let late = engine(Duration::ZERO, Duration::from_secs(30));
+    deployment.add_prefill_worker("prefill-late", late.clone());
+    let t0 = Instant::now();
+    while deployment.runtime.queue_len(PREFILL_QUEUE).await.unwrap() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "stale jobs never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(late.metrics().steps, 0, "a stale job was prefilled");
+    assert_blocks_free(&[&d, &late]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_requests_free_their_parked_blocks() {
     let (p, d) = (
         engine(Duration::from_millis(300), Duration::from_secs(30)),

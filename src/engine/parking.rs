@@ -52,6 +52,9 @@ impl Core {
             block_ids: seq.blocks.clone(),
             num_cached_blocks,
             layout: self.layout,
+            expires_at_unix_ms: Some(super::remote::unix_ms(
+                std::time::SystemTime::now() + self.remote_prefill_timeout,
+            )),
         };
         let (id, request_id) = (seq.id, seq.request_id.clone());
         self.sched.insert(seq);

@@ -16,6 +16,11 @@ pub struct RemotePrefillTicket {
     /// may skip them, and `import_kv` refuses to overwrite them.
     pub num_cached_blocks: usize,
     pub layout: KvLayout,
+    /// When the decode side stops waiting (`--remote-prefill-timeout`) and prefills the prompt
+    /// itself, as UNIX milliseconds: a prefill worker that gets the job later drops it instead of
+    /// computing a prompt nobody waits for. None: no deadline (older senders).
+    #[serde(default)]
+    pub expires_at_unix_ms: Option<u64>,
 }
 
 impl RemotePrefillTicket {
@@ -23,6 +28,18 @@ impl RemotePrefillTicket {
     pub fn blocks_to_write(&self) -> &[u32] {
         &self.block_ids[self.num_cached_blocks..]
     }
+
+    /// Has the decode side stopped waiting for it (by this machine's clock)?
+    pub fn expired(&self) -> bool {
+        self.expires_at_unix_ms
+            .is_some_and(|t| unix_ms(std::time::SystemTime::now()) > t)
+    }
+}
+
+/// Milliseconds since the UNIX epoch (0 before it).
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The prefill side's result from `prefill_and_export`.

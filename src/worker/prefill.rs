@@ -105,6 +105,17 @@ impl PrefillWorker {
         stop: CancellationToken,
     ) {
         let id = job.request.id.clone();
+        if job.ticket.expired() {
+            // The decode worker has prefilled it itself by now (a notification would be ignored).
+            tracing::info!(
+                request = id,
+                "dropping a prefill job its decode worker no longer waits for"
+            );
+            if let Err(e) = message.ack().await {
+                tracing::warn!(request = id, "acknowledging the prefill job: {e:#}");
+            }
+            return;
+        }
         if message.delivery > 1 {
             tracing::info!(
                 request = id,
