@@ -123,11 +123,13 @@ __device__ void all_reduce_oneshot(ar_v16* x, const u64* bufs, int world, int ra
 extern "C" __global__ void __launch_bounds__(ALL_REDUCE_THREADS)
     all_reduce_oneshot_bf16(ar_v16* x, const u64* bufs, int world, int rank, u64 n16, unsigned epoch,
                             u64 slot_bytes) {
+    pdl_enter();
     all_reduce_oneshot<bf16>(x, bufs, world, rank, n16, epoch, slot_bytes);
 }
 
 extern "C" __global__ void __launch_bounds__(ALL_REDUCE_THREADS)
     all_reduce_oneshot_f32(ar_v16* x, const u64* bufs, int world, int rank, u64 n16, unsigned epoch,
                            u64 slot_bytes) {
+    pdl_enter();
     all_reduce_oneshot<float>(x, bufs, world, rank, n16, epoch, slot_bytes);
 }

@@ -331,7 +331,7 @@ __device__ void attention_combine_fp8_t(A* out, fp8* xq, float* xs, unsigned* co
         const int* tile_q_start, const int* tile_q_len, const int* block_tables, const int* block_table_start, \
         const int* tile_kbeg, const int* tile_kend, const int* tile_part, float* part_ml, float* part_acc,    \
         int row_stride, int num_q_heads, int num_kv_heads, int head_dim, int block_size, float scale,          \
-        int q_per_tile) {                                                                                    \
+        int q_per_tile) { pdl_enter();                                                                         \
         paged_attention_t<A, A>(out, qkv, k_cache, v_cache, positions, tile_seq, tile_q_start, tile_q_len,    \
                                 block_tables, block_table_start, tile_kbeg, tile_kend, tile_part, part_ml,    \
                                 part_acc, row_stride, num_q_heads, num_kv_heads, head_dim, block_size, scale, \
@@ -339,14 +339,14 @@ __device__ void attention_combine_fp8_t(A* out, fp8* xq, float* xs, unsigned* co
     }                                                                                                         \
     extern "C" __global__ void attention_combine_##SUFFIX(A* out, const float* part_ml, const float* part_acc,   \
                                                           const int* group_part0, const int* group_nparts,     \
-                                                          const int* group_q0, int num_q_heads, int head_dim) { \
+                                                          const int* group_q0, int num_q_heads, int head_dim) { pdl_enter(); \
         attention_combine_t<A>(out, part_ml, part_acc, group_part0, group_nparts, group_q0, num_q_heads,      \
                                head_dim);                                                                     \
     }                                                                                                         \
     extern "C" __global__ void attention_combine_fp8_##SUFFIX(                                                \
         A* out, fp8* xq, float* xs, unsigned* counters, float* amax_part, const float* part_ml,               \
         const float* part_acc, const int* group_part0, const int* group_nparts, const int* group_q0,          \
-        int num_q_heads, int head_dim, int heads_per_block) {                                                 \
+        int num_q_heads, int head_dim, int heads_per_block) { pdl_enter();                                    \
         attention_combine_fp8_t<A>(out, xq, xs, counters, amax_part, part_ml, part_acc, group_part0,          \
                                    group_nparts, group_q0, num_q_heads, head_dim, heads_per_block);           \
     }

@@ -69,3 +69,20 @@ __device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
 __device__ __forceinline__ float ld(const bf16* p, u64 i) { return bf2f(p[i]); }
 __device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i] = f2bf(v); }
+
+// Programmatic dependent launch (PDL). A kernel launched with programmatic stream serialization (see
+// `launch` in kernels.rs) may start while the previous kernel of its stream still runs, so the launch
+// and the CTAs' start overlap that kernel's tail. It must wait for that kernel before it reads its outputs
+// or writes memory the kernel may still read: every kernel of a PDL module calls pdl_enter() before it
+// touches activations (a GEMM may prefetch its weights first). The trigger right after the wait lets the
+// next kernel launch once this one's CTAs all run, never further ahead. Without the attribute both are
+// no-ops.
+__device__ __forceinline__ void pdl_enter() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// Starts moving `bytes` (a multiple of 16, 16-byte aligned) toward L2; returns at once.
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}

@@ -3,6 +3,7 @@
 
 // residual[t, :] = table[tokens[t], :]
 extern "C" __global__ void embed(float* residual, const bf16* table, const int* tokens, int hidden) {
+    pdl_enter();
     int t = blockIdx.x;
     const bf16* row = table + (u64)tokens[t] * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) residual[(u64)t * hidden + i] = bf2f(row[i]);
@@ -497,44 +498,44 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
 // The fused kernels per K (chunks per warp for the norm, 8-column groups per thread for silu).
 #define FUSED_NORM_K(A, SUFFIX, K)                                                                            \
     extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_fp8_k##K##_##SUFFIX(                       \
-        float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) {     \
+        float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) { pdl_enter(); \
         add_rmsnorm_fp8_t<A, K>(residual, delta, weight, xq, xs, hidden, eps);                                \
     }
 #define FUSED_SILU_K(A, SUFFIX, K)                                                                            \
     extern "C" __global__ void __launch_bounds__(1024)                                                        \
-        silu_mul_fp8_k##K##_##SUFFIX(fp8* xq, float* xs, const A* gate_up, int inter) {                       \
+        silu_mul_fp8_k##K##_##SUFFIX(fp8* xq, float* xs, const A* gate_up, int inter) { pdl_enter();          \
         silu_mul_fp8_t<A, K>(xq, xs, gate_up, inter);                                                         \
     }
 
 #define ELEMENTWISE_KERNELS(A, SUFFIX)                                                                        \
     extern "C" __global__ void add_rmsnorm_##SUFFIX(float* residual, const A* delta, const bf16* weight, A* out, \
-                                                    int hidden, float eps) {                                 \
+                                                    int hidden, float eps) { pdl_enter();                        \
         add_rmsnorm_t<A>(residual, delta, weight, out, hidden, eps);                                          \
     }                                                                                                         \
     extern "C" __global__ void final_norm_rows_##SUFFIX(A* out, const float* residual, const A* delta,        \
                                                         const int* rows, const bf16* weight, int hidden,      \
-                                                        float eps) {                                          \
+                                                        float eps) { pdl_enter();                             \
         final_norm_rows_t<A>(out, residual, delta, rows, weight, hidden, eps);                                \
     }                                                                                                         \
     extern "C" __global__ void rope_##SUFFIX(A* qkv, const int* positions, const float* inv_freq,             \
-                                             int row_stride, int num_q_heads, int num_kv_heads, int head_dim) { \
+                                             int row_stride, int num_q_heads, int num_kv_heads, int head_dim) { pdl_enter(); \
         rope_t<A>(qkv, positions, inv_freq, row_stride, num_q_heads, num_kv_heads, head_dim);                 \
     }                                                                                                         \
-    extern "C" __global__ void silu_mul_##SUFFIX(A* out, const A* gate_up, int inter) {                       \
+    extern "C" __global__ void silu_mul_##SUFFIX(A* out, const A* gate_up, int inter) { pdl_enter();          \
         silu_mul_t<A>(out, gate_up, inter);                                                                   \
     }                                                                                                         \
-    extern "C" __global__ void quantize_fp8_##SUFFIX(fp8* out, float* scales, const A* in, int cols) {        \
+    extern "C" __global__ void quantize_fp8_##SUFFIX(fp8* out, float* scales, const A* in, int cols) { pdl_enter(); \
         quantize_fp8_t<A>(out, scales, in, cols);                                                             \
     }                                                                                                         \
-    extern "C" __global__ void fp8_row_scale_##SUFFIX(float* scales, const A* in, int cols) {                 \
+    extern "C" __global__ void fp8_row_scale_##SUFFIX(float* scales, const A* in, int cols) { pdl_enter();    \
         fp8_row_scale_t<A>(scales, in, cols);                                                                 \
     }                                                                                                         \
     extern "C" __global__ void quantize_fp8_scaled_##SUFFIX(fp8* out, const float* scales, const A* in,       \
-                                                            int cols) {                                       \
+                                                            int cols) { pdl_enter();                          \
         quantize_fp8_scaled_t<A>(out, scales, in, cols);                                                      \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(256, 3) add_rmsnorm_fp8_rows_##SUFFIX(                    \
-        float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) {     \
+        float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) { pdl_enter(); \
         add_rmsnorm_fp8_t<A, 8>(residual, delta, weight, xq, xs, hidden, eps);                                \
     }                                                                                                         \
     FUSED_NORM_K(A, SUFFIX, 1)                                                                                \
@@ -546,23 +547,23 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
     FUSED_SILU_K(A, SUFFIX, 4)                                                                                \
     FUSED_SILU_K(A, SUFFIX, 8)                                                                                \
     extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)                                               \
-        silu_split_amax_##SUFFIX(const A* gate_up, float* amax_part, int inter) {                             \
+        silu_split_amax_##SUFFIX(const A* gate_up, float* amax_part, int inter) { pdl_enter();                \
         silu_split_amax_t<A>(gate_up, amax_part, inter);                                                      \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) silu_split_quant_##SUFFIX(                    \
-        fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) {                            \
+        fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) { pdl_enter();               \
         silu_split_quant_t<A>(xq, xs, gate_up, amax_part, inter);                                             \
     }                                                                                                         \
     extern "C" __global__ void rope_kv_write_##SUFFIX(A* qkv, A* k_cache, A* v_cache, const int* positions,  \
                                                       const float* inv_freq, const int* slots, int row_stride, \
                                                       int num_q_heads, int num_kv_heads, int head_dim,         \
-                                                      int block_size) {                                        \
+                                                      int block_size) { pdl_enter();                           \
         rope_kv_write_t<A>(qkv, k_cache, v_cache, positions, inv_freq, slots, row_stride, num_q_heads,        \
                            num_kv_heads, head_dim, block_size);                                               \
     }                                                                                                         \
     extern "C" __global__ void kv_write_##SUFFIX(A* k_cache, A* v_cache, const A* qkv, const int* slots,      \
                                                  int row_stride, int k_col, int v_col, int num_kv_heads,      \
-                                                 int head_dim, int block_size) {                              \
+                                                 int head_dim, int block_size) { pdl_enter();                 \
         kv_write_t<A, A>(k_cache, v_cache, qkv, slots, row_stride, k_col, v_col, num_kv_heads, head_dim,      \
                          block_size);                                                                         \
     }
@@ -574,6 +575,7 @@ ELEMENTWISE_KERNELS(float, f32)
 // reference-precision mode computes an FP8 linear as an F32 product of exactly these values and
 // the dequantized weight, equal to (x_q . W_q) * scale_x * scale_w up to f32 rounding.
 extern "C" __global__ void fake_quant_fp8_f32(float* x, int cols) {
+    pdl_enter();
     __shared__ float scratch[32];
     u64 row = (u64)blockIdx.x * cols;
     float amax = 0.0f;
@@ -585,6 +587,7 @@ extern "C" __global__ void fake_quant_fp8_f32(float* x, int cols) {
 
 // fake_quant_fp8_f32 with given per-row scales (see fp8_row_scale).
 extern "C" __global__ void fake_quant_fp8_f32_scaled(float* x, const float* scales, int cols) {
+    pdl_enter();
     u64 row = (u64)blockIdx.x * cols;
     float scale = scales[blockIdx.x];
     for (int i = threadIdx.x; i < cols; i += blockDim.x) x[row + i] = e4m32f(f2e4m3(x[row + i] / scale)) * scale;
@@ -607,16 +610,19 @@ __device__ __forceinline__ float uniform_at(u64 seed, u64 i, float lo, float hi)
 }
 
 extern "C" __global__ void fill_uniform_bf16(bf16* out, u64 n, u64 seed, float lo, float hi) {
+    pdl_enter();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         out[i] = f2bf(uniform_at(seed, i, lo, hi));
 }
 
 extern "C" __global__ void fill_uniform_fp8(fp8* out, u64 n, u64 seed, float lo, float hi) {
+    pdl_enter();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         out[i] = f2e4m3(uniform_at(seed, i, lo, hi));
 }
 
 extern "C" __global__ void fill_uniform_f32(float* out, u64 n, u64 seed, float lo, float hi) {
+    pdl_enter();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         out[i] = uniform_at(seed, i, lo, hi);
 }

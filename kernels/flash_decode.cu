@@ -198,11 +198,11 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
 }
 
 // Decode-only launches (every item one query, G <= 8); 4 warps, 4 blocks per SM.
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd16(FLASH_PARAMS) { flash_decode_body<16>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd32(FLASH_PARAMS) { flash_decode_body<32>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd48(FLASH_PARAMS) { flash_decode_body<48>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd64(FLASH_PARAMS) { flash_decode_body<64>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd80(FLASH_PARAMS) { flash_decode_body<80>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd96(FLASH_PARAMS) { flash_decode_body<96>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd112(FLASH_PARAMS) { flash_decode_body<112>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd128(FLASH_PARAMS) { flash_decode_body<128>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd16(FLASH_PARAMS) { pdl_enter(); flash_decode_body<16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd32(FLASH_PARAMS) { pdl_enter(); flash_decode_body<32>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd48(FLASH_PARAMS) { pdl_enter(); flash_decode_body<48>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd64(FLASH_PARAMS) { pdl_enter(); flash_decode_body<64>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd80(FLASH_PARAMS) { pdl_enter(); flash_decode_body<80>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd96(FLASH_PARAMS) { pdl_enter(); flash_decode_body<96>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd112(FLASH_PARAMS) { pdl_enter(); flash_decode_body<112>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd128(FLASH_PARAMS) { pdl_enter(); flash_decode_body<128>(FLASH_ARGS); }

@@ -65,7 +65,8 @@ __device__ __forceinline__ void load_step(u32x4* lo, u32x4* hi, const fp8* w_lo,
 // `partial` [splits, M, N] f32 and `counters` [grid.x] (zero) are used only when splits > 1.
 template <int MT, typename O>
 __device__ void gemm_fp8_stream_t(O* out, float* partial, int* counters, const fp8* x, const float* sx, const fp8* w,
-                                  const float* sw, int M, int N, int K, int k_per_split) {
+                                  const float* sw, int M, int N, int K, int k_per_split,
+                                  int prefetch_bytes) {
     __shared__ int last;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = lane >> 2, t = lane & 3;
@@ -83,8 +84,14 @@ __device__ void gemm_fp8_stream_t(O* out, float* partial, int* counters, const f
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
 
+    // The weights do not depend on the previous kernel: send the first `prefetch_bytes` of each of this
+    // CTA's rows toward L2 and load the first step, then wait for that kernel (PDL; see pdl_enter).
+    int r_pf = blockIdx.x * GEMM_ROWS + threadIdx.x;
+    int pf = min(prefetch_bytes, k1 - k0) & ~15;
+    if (threadIdx.x < GEMM_ROWS && r_pf < N && pf > 0) prefetch_l2(w + (u64)r_pf * K + k0, pf);
     u32x4 lo[GEMM_UNROLL], hi[GEMM_UNROLL];
     load_step(lo, hi, w_lo, w_hi, k0, k1, t);
+    pdl_enter();
     for (int kb = k0; kb < k1; kb += GEMM_KSTEP) {
         u32x4 nlo[GEMM_UNROLL], nhi[GEMM_UNROLL];
         load_step(nlo, nhi, w_lo, w_hi, kb + GEMM_KSTEP, k1, t);
@@ -143,8 +150,9 @@ __device__ void gemm_fp8_stream_t(O* out, float* partial, int* counters, const f
 #define GEMM_FP8_STREAM(MT, O, SUFFIX)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32)                                              \
         gemm_fp8_stream_t##MT##_##SUFFIX(O* out, float* partial, int* counters, const fp8* x, const float* sx, \
-                                         const fp8* w, const float* sw, int M, int N, int K, int k_per_split) { \
-        gemm_fp8_stream_t<MT, O>(out, partial, counters, x, sx, w, sw, M, N, K, k_per_split);                 \
+                                         const fp8* w, const float* sw, int M, int N, int K, int k_per_split,   \
+                                         int prefetch_bytes) {                                                  \
+        gemm_fp8_stream_t<MT, O>(out, partial, counters, x, sx, w, sw, M, N, K, k_per_split, prefetch_bytes); \
     }
 
 GEMM_FP8_STREAM(1, bf16, bf16)
@@ -159,6 +167,7 @@ GEMM_FP8_STREAM(8, float, f32)
 // Epilogue of an unscaled product: out[m, n] = acc[m, n] * sx[m] * sw[n]. Grid (M, ceil(N / (4 *
 // blockDim.x))): each block scales 4 * blockDim.x columns of one row.
 extern "C" __global__ void scale_rows_cols_bf16(bf16* out, const float* acc, const float* sx, const float* sw, int N) {
+    pdl_enter();
     int m = blockIdx.x;
     float s = sx[m];
     for (int n = blockIdx.y * blockDim.x * 4 + threadIdx.x; n < N && n < (blockIdx.y + 1) * blockDim.x * 4;

@@ -35,6 +35,7 @@ __device__ unsigned bisect(const float* x, int vocab, float mx, float inv_temp, 
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(int* out, const float* logits,
                                                                           const float* params, int vocab) {
+    pdl_enter();
     __shared__ float scratch[32];
     __shared__ float best_v[32];
     __shared__ int best_i[32];

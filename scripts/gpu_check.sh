@@ -65,6 +65,21 @@ case " $STAGES " in *" bench "*)
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
 esac
 
+case " $STAGES " in *" ab "*)
+  # The 1-GPU step under several environments, one process each (A/B of switches read at start-up):
+  #   AB="base:TANDEM_PDL=0;pdl:TANDEM_PDL=1;stream:TANDEM_FP8_STREAM_MAX_M=8" STAGES=ab bash dist/gpu_check.sh
+  IFS=';' read -ra CASES <<< "${AB:-default:TANDEM_AB=1}"
+  for c in "${CASES[@]}"; do
+    name=${c%%:*}; envs=${c#*:}
+    step "bench-step ab $name" 300 env $envs "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
+      --load-format dummy --batch ${AB_BATCH:-1,32} --context 3000 --prompt-len 3000 --prefill-batch 1 \
+      --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+    sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_ab_$name.json"
+    ROWS+=("$(printf '  ab %-12s %s' "$name" "$(grep -E '"(decode_step_ms_batch[0-9]+_ctx3000|prefill_tokens_per_s_1x3000)"' \
+      "$OUT/bench_step_ab_$name.json" | sed 's/_ctx3000//; s/decode_step_ms_//; s/prefill_tokens_per_s_1x3000/prefill/' | tr -d ' "\n')")")
+  done ;;
+esac
+
 case " $STAGES " in *" kvgpu "*)
   # Same-node GPU KV transfer (kv::transfer::cuda): its tests, then the KV of a 3000-token prompt of
   # the 70B layout (1.0 GB) into scattered blocks, by peer copy, CUDA IPC, TP1 -> TP2, and TCP for

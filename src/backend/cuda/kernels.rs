@@ -275,7 +275,32 @@ pub fn check_all() -> Result<Vec<(&'static str, usize)>> {
 /// Every kernel function, loaded into the current context.
 pub struct Kernels {
     modules: Vec<sys::CUmodule>,
-    functions: HashMap<String, sys::CUfunction>,
+    functions: HashMap<String, Kernel>,
+}
+
+/// A loaded kernel and whether it may be launched with programmatic dependent launch.
+#[derive(Debug, Clone, Copy)]
+pub struct Kernel {
+    pub f: sys::CUfunction,
+    pub pdl: bool,
+}
+
+/// Modules whose every kernel calls `pdl_enter()` (kernels/common.cuh) before it touches activations,
+/// so it may start while the previous kernel of its stream still runs. The others (prefill attention,
+/// KV copies) launch plainly.
+pub const PDL_MODULES: &[&str] = &[
+    "elementwise",
+    "attention",
+    "flash_decode",
+    "sampling",
+    "gemm_fp8",
+    "all_reduce",
+];
+
+/// Programmatic dependent launch for the [`PDL_MODULES`] kernels: on unless `TANDEM_PDL=0`.
+pub fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TANDEM_PDL").map_or(true, |v| v != "0"))
 }
 
 /// Kernels that need more than 48 KiB of dynamic shared memory, and how much they may use.
@@ -318,6 +343,7 @@ impl Kernels {
             let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
                 .with_context(|| format!("cannot load kernel module `{name}`"))?;
             modules.push(module);
+            let pdl = pdl_enabled() && PDL_MODULES.contains(name);
             for fname in kernel_names(name) {
                 // SAFETY: the module is loaded; a missing name is an error, not UB.
                 let f =
@@ -325,11 +351,11 @@ impl Kernels {
                         .with_context(|| {
                             format!("kernel `{fname}` not found in module `{name}`")
                         })?;
-                functions.insert(fname, f);
+                functions.insert(fname, Kernel { f, pdl });
             }
         }
         for (fname, bytes) in BIG_SHARED {
-            let f = functions[*fname];
+            let f = functions[*fname].f;
             // SAFETY: a valid function handle.
             unsafe {
                 result::function::set_function_attribute(
@@ -348,7 +374,7 @@ impl Kernels {
         Ok(Self { modules, functions })
     }
 
-    pub fn get(&self, name: &str) -> Result<sys::CUfunction> {
+    pub fn get(&self, name: &str) -> Result<Kernel> {
         self.functions
             .get(name)
             .copied()
@@ -381,11 +407,11 @@ pub enum Arg {
     F32(f32),
 }
 
-/// Launches `f` on `stream`, checking the launch's return code.
+/// Launches `kernel` on `stream`, checking the launch's return code.
 // CUDA handles are opaque to Rust: the driver checks them, nothing here dereferences them.
 #[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn launch(
-    f: sys::CUfunction,
+    kernel: Kernel,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
     shared_bytes: u32,
@@ -404,10 +430,35 @@ pub fn launch(
         .iter_mut()
         .map(|s| s as *mut u64 as *mut c_void)
         .collect();
-    // SAFETY: the kernel's parameter list matches `args` (the ops wrappers are the only callers);
-    // the driver copies the parameter values at launch.
-    unsafe { result::launch_kernel(f, grid, block, shared_bytes, stream, &mut params) }
-        .map_err(|e| anyhow!("kernel launch failed: {e}"))
+    if !kernel.pdl {
+        // SAFETY: the kernel's parameter list matches `args` (the ops wrappers are the only callers);
+        // the driver copies the parameter values at launch.
+        return unsafe {
+            result::launch_kernel(kernel.f, grid, block, shared_bytes, stream, &mut params)
+        }
+        .map_err(|e| anyhow!("kernel launch failed: {e}"));
+    }
+    // SAFETY: an all-zero attribute is a valid C value; id and value are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: shared_bytes,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: as above; `config` and `attr` outlive the call, which copies them.
+    unsafe {
+        sys::cuLaunchKernelEx(&config, kernel.f, params.as_mut_ptr(), std::ptr::null_mut()).result()
+    }
+    .map_err(|e| anyhow!("kernel launch (programmatic serialization) failed: {e}"))
 }
 
 #[cfg(test)]
@@ -441,5 +492,30 @@ mod tests {
             }
         }
         assert!(kernel_names("attention").contains(&"paged_attention_f32".to_string()));
+    }
+
+    /// A kernel launched with programmatic serialization must wait for the previous kernel before it
+    /// touches activations: every kernel of a PDL module starts with `pdl_enter()`, except the
+    /// streaming GEMM's wrappers, whose template prefetches weights first and then calls it.
+    #[test]
+    fn every_kernel_of_a_pdl_module_waits_for_its_predecessor() {
+        for (module, src) in MODULES.iter().filter(|(m, _)| PDL_MODULES.contains(m)) {
+            let mut kernels = 0;
+            for (at, _) in src.match_indices("__global__") {
+                let body = &src[at + src[at..].find('{').unwrap() + 1..];
+                let first = body.trim_start_matches([' ', '\\', '\n']);
+                assert!(
+                    first.starts_with("pdl_enter();") || first.starts_with("gemm_fp8_stream_t<"),
+                    "a kernel of {module}.cu does not start with pdl_enter(): {}",
+                    &src[at..at + 120]
+                );
+                kernels += 1;
+            }
+            assert!(kernels > 0, "{module}.cu has no kernels");
+        }
+        let gemm = MODULES.iter().find(|(m, _)| *m == "gemm_fp8").unwrap().1;
+        let template = &gemm[gemm.find("__device__ void gemm_fp8_stream_t(").unwrap()..];
+        let before_loop = &template[..template.find("for (int kb").unwrap()];
+        assert!(before_loop.contains("pdl_enter();"));
     }
 }

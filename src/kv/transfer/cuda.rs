@@ -17,7 +17,7 @@ pub use staged::{device_kv_imports, live_staging_buffers, DeviceKv};
 
 use crate::backend::cuda::backend::LayerKvHook;
 use crate::backend::cuda::device::DeviceBuffer;
-use crate::backend::cuda::kernels::{cubin_cached, launch, Arg, MODULES};
+use crate::backend::cuda::kernels::{cubin_cached, launch, Arg, Kernel, MODULES};
 use crate::backend::CudaKvPool;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
@@ -242,7 +242,10 @@ impl CudaKvCopier {
         );
         self.ctx.bind_to_thread()?;
         launch(
-            self.func,
+            Kernel {
+                f: self.func,
+                pdl: false,
+            },
             (units as u32, chunks as u32, 1),
             (THREADS, 1, 1),
             0,
