@@ -60,14 +60,27 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
             const bf16* cache = (h & 1) ? a.v_cache : a.k_cache;
             int k0 = wbeg + (h >> 1) * FD_KEYS;
             bf16* dst = ring + (h % FD_SLOTS) * SLOT;
+            if (bs % FD_KEYS == 0) {
+                // Steps start at multiples of 16 keys, so the step's keys are consecutive rows of one
+                // cache block: one table lookup, then consecutive 16-byte chunks (keys past wend
+                // still lie inside the block and are zero-filled).
+                const bf16* rows = cache + (((u64)bt[k0 / bs] * nkv + kvh) * bs + k0 % bs) * D;
 #pragma unroll
-            for (int u = 0; u < FD_KEYS * CH / 32; u++) {
-                int idx = lane + u * 32;
-                int j = idx / CH, ch = idx % CH, key = k0 + j;
-                bool ok = key < wend;
-                u64 src = 0;
-                if (ok) src = (((u64)bt[key / bs] * nkv + kvh) * bs + key % bs) * D + ch * 8;
-                cp_async16(smem_u32(dst + j * STR + ch * 8), cache + src, ok);
+                for (int u = 0; u < FD_KEYS * CH / 32; u++) {
+                    int idx = lane + u * 32;
+                    int j = idx / CH, ch = idx % CH;
+                    cp_async16(smem_u32(dst + j * STR + ch * 8), rows + idx * 8, k0 + j < wend);
+                }
+            } else {
+#pragma unroll
+                for (int u = 0; u < FD_KEYS * CH / 32; u++) {
+                    int idx = lane + u * 32;
+                    int j = idx / CH, ch = idx % CH, key = k0 + j;
+                    bool ok = key < wend;
+                    u64 src = 0;
+                    if (ok) src = (((u64)bt[key / bs] * nkv + kvh) * bs + key % bs) * D + ch * 8;
+                    cp_async16(smem_u32(dst + j * STR + ch * 8), cache + src, ok);
+                }
             }
         }
         cp_async_commit();  // one group per half-step, empty or not, so wait_group counts stay fixed

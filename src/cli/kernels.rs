@@ -9,6 +9,9 @@ pub struct Args {
     /// Compile every module and report its cubin size (exit code 1 on any failure).
     #[arg(long)]
     pub check: bool,
+    /// Also write each module's cubin into this folder (for cuobjdump / nvdisasm).
+    #[arg(long)]
+    pub dump: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -20,8 +23,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (major, minor) = kernels::nvrtc_version()?;
     println!("nvrtc {major}.{minor}");
-    for (name, bytes) in kernels::check_all()? {
-        println!("ok {name} ({bytes} bytes of sm_90a cubin)");
+    if let Some(dir) = &args.dump {
+        std::fs::create_dir_all(dir)?;
+    }
+    for (name, cubin) in kernels::check_all()? {
+        println!("ok {name} ({} bytes of sm_90a cubin)", cubin.len());
+        if let Some(dir) = &args.dump {
+            std::fs::write(dir.join(format!("{name}.cubin")), &cubin)?;
+        }
     }
     Ok(())
 }
