@@ -626,18 +626,3 @@ extern "C" __global__ void fill_uniform_f32(float* out, u64 n, u64 seed, float l
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         out[i] = uniform_at(seed, i, lo, hi);
 }
-
-// Starts moving pieces of `piece` bytes every `stride` bytes of the `bytes` at `p` toward L2
-// (all 16-byte aligned) and returns: a fraction spread evenly over a weight matrix, so every CTA of
-// the GEMM that reads it later finds part of its tiles in L2, whatever order it reads them in
-// (see src/backend/cuda/weight_prefetch.rs). Grid-stride over the pieces.
-extern "C" __global__ void l2_prefetch(const unsigned char* p, u64 bytes, u64 piece, u64 stride) {
-    pdl_enter();
-    u64 pieces = (bytes + stride - 1) / stride;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < pieces; i += (u64)gridDim.x * blockDim.x) {
-        u64 off = i * stride;
-        u64 n = bytes - off < piece ? bytes - off : piece;
-        n &= ~(u64)15;
-        if (n > 0) prefetch_l2(p + off, (unsigned)n);
-    }
-}

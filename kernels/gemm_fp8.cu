@@ -65,8 +65,7 @@ __device__ __forceinline__ void load_step(u32x4* lo, u32x4* hi, const fp8* w_lo,
 // `partial` [splits, M, N] f32 and `counters` [grid.x] (zero) are used only when splits > 1.
 template <int MT, typename O>
 __device__ void gemm_fp8_stream_t(O* out, float* partial, int* counters, const fp8* x, const float* sx, const fp8* w,
-                                  const float* sw, int M, int N, int K, int k_per_split,
-                                  int prefetch_bytes) {
+                                  const float* sw, int M, int N, int K, int k_per_split) {
     __shared__ int last;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = lane >> 2, t = lane & 3;
@@ -84,11 +83,8 @@ __device__ void gemm_fp8_stream_t(O* out, float* partial, int* counters, const f
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
 
-    // The weights do not depend on the previous kernel: send the first `prefetch_bytes` of each of this
-    // CTA's rows toward L2 and load the first step, then wait for that kernel (PDL; see pdl_enter).
-    int r_pf = blockIdx.x * GEMM_ROWS + threadIdx.x;
-    int pf = min(prefetch_bytes, k1 - k0) & ~15;
-    if (threadIdx.x < GEMM_ROWS && r_pf < N && pf > 0) prefetch_l2(w + (u64)r_pf * K + k0, pf);
+    // The weights do not depend on the previous kernel: load the first step, then wait for it (PDL;
+    // see pdl_enter).
     u32x4 lo[GEMM_UNROLL], hi[GEMM_UNROLL];
     load_step(lo, hi, w_lo, w_hi, k0, k1, t);
     pdl_enter();
@@ -150,9 +146,8 @@ __device__ void gemm_fp8_stream_t(O* out, float* partial, int* counters, const f
 #define GEMM_FP8_STREAM(MT, O, SUFFIX)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32)                                              \
         gemm_fp8_stream_t##MT##_##SUFFIX(O* out, float* partial, int* counters, const fp8* x, const float* sx, \
-                                         const fp8* w, const float* sw, int M, int N, int K, int k_per_split,   \
-                                         int prefetch_bytes) {                                                  \
-        gemm_fp8_stream_t<MT, O>(out, partial, counters, x, sx, w, sw, M, N, K, k_per_split, prefetch_bytes); \
+                                         const fp8* w, const float* sw, int M, int N, int K, int k_per_split) { \
+        gemm_fp8_stream_t<MT, O>(out, partial, counters, x, sx, w, sw, M, N, K, k_per_split);                 \
     }
 
 GEMM_FP8_STREAM(1, bf16, bf16)

@@ -622,23 +622,3 @@ fn random_fill_makes_valid_weights() {
     let distinct: std::collections::HashSet<u32> = bv.iter().map(|v| v.to_bits()).collect();
     assert!(distinct.len() > 1000);
 }
-
-/// The L2 prefetch only reads: over a buffer whose size is no multiple of its pieces, with budgets
-/// below, at and above the size, it faults nothing and leaves the bytes as they were.
-#[test]
-fn l2_prefetch_reads_within_bounds_and_changes_nothing() {
-    let Some((e, mut rng)) = env() else { return };
-    let n = (5 << 20) + 48;
-    let data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-    let buf = e.gpu.upload(&data).unwrap();
-    for budget in [0, 1000, 1 << 20, n, 64 << 20] {
-        e.ops().l2_prefetch(buf.ptr, n, budget).unwrap();
-    }
-    // A prefix of the buffer only (a range that ends mid-allocation).
-    e.ops().l2_prefetch(buf.ptr, 3 << 20, 1 << 20).unwrap();
-    e.gpu
-        .sync()
-        .expect("the prefetch kernels ran without a fault");
-    let back: Vec<u8> = e.gpu.download(&buf, n).unwrap();
-    assert!(back == data, "the prefetched buffer changed");
-}

@@ -16,7 +16,6 @@ use super::meta::{plan_step, SplitPolicy, StepPlan};
 use super::nccl::{TpRank, TpSetup};
 use super::ops::{combine_fp8_scratch_bytes, AttentionArgs, Ops, Precision};
 use super::shard::Shard;
-use super::weight_prefetch::WeightPrefetch;
 use super::weights::{GpuLinear, GpuWeights};
 use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
@@ -152,8 +151,6 @@ pub struct CudaBackend {
     /// Merge split decode rows and FP8-quantize them for o_proj in one kernel where it applies
     /// (`TANDEM_COMBINE_FP8=0` keeps the unfused pair, for comparisons).
     fused_combine: bool,
-    /// L2 warm-up of the next linear's weights in decode steps (`TANDEM_L2_PREFETCH_MB`).
-    weight_prefetch: Option<WeightPrefetch>,
 }
 
 /// KV blocks that fit in `utilization · total − used` bytes.
@@ -266,7 +263,6 @@ impl CudaBackend {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as usize;
         let attention_target_blocks = 4 * sms;
-        let weight_prefetch = WeightPrefetch::from_env(&gpu)?;
         Ok(Self {
             config: config.clone(),
             opts,
@@ -283,7 +279,6 @@ impl CudaBackend {
             attention_target_blocks,
             layer_kv_hook: None,
             fused_combine: std::env::var("TANDEM_COMBINE_FP8").map_or(true, |v| v != "0"),
-            weight_prefetch,
         })
     }
 

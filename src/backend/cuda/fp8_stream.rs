@@ -6,7 +6,7 @@
 //! sums go to `partial` and the last CTA of each row block reduces them (see the kernel).
 
 use super::device::DeviceBuffer;
-use super::kernels::{launch, pdl_enabled, Arg, Kernels};
+use super::kernels::{launch, Arg, Kernels};
 use anyhow::{ensure, Result};
 use cudarc::driver::{result, sys::CUstream};
 
@@ -77,7 +77,6 @@ pub fn run(
     out: u64,
     f32_out: bool,
     splits: usize,
-    prefetch_bytes: usize,
     stream: CUstream,
 ) -> Result<()> {
     ensure!(
@@ -92,12 +91,6 @@ pub fn run(
         let step = if k >= KSTEP { KSTEP } else { 16 };
         let k_per_split = k.div_ceil(splits.max(1)).div_ceil(step) * step;
         let grid_splits = k.div_ceil(k_per_split);
-        // Each CTA prefetches this much of each of its rows' k range (PDL only; see the kernel).
-        let prefetch_per_row = if pdl_enabled() {
-            (prefetch_bytes / (n * grid_splits)).min(k_per_split) / 16 * 16
-        } else {
-            0
-        };
         ensure!(
             grid_splits == 1 || grid_splits * mc * n * 4 <= scratch.partial.bytes,
             "FP8 streaming GEMM: {grid_splits} splits of M={mc} N={n} exceed the scratch"
@@ -130,7 +123,6 @@ pub fn run(
                 Arg::I32(n as i32),
                 Arg::I32(k as i32),
                 Arg::I32(k_per_split as i32),
-                Arg::I32(prefetch_per_row as i32),
             ],
         )?;
     }

@@ -59,10 +59,6 @@ pub struct Fp8Policy {
     pub unscaled_max_m: usize,
     /// CTAs the streaming kernel aims for when choosing its K splits.
     pub target_blocks: usize,
-    /// Weight bytes the streaming kernel sends toward L2 before it waits for the previous kernel
-    /// (programmatic dependent launch; kernels/gemm_fp8.cu): HBM reads that overlap the small kernel
-    /// before it. About what HBM moves during one such kernel, well inside the 50 MB L2.
-    pub prefetch_bytes: usize,
 }
 
 impl Default for Fp8Policy {
@@ -72,7 +68,6 @@ impl Default for Fp8Policy {
             // The crossover lies between 64 and 128 (measured at both).
             unscaled_max_m: 96,
             target_blocks: 4 * 132,
-            prefetch_bytes: 16 << 20,
         }
     }
 }
@@ -91,7 +86,6 @@ impl Fp8Policy {
             stream_max_m: var("TANDEM_FP8_STREAM_MAX_M", d.stream_max_m),
             unscaled_max_m: var("TANDEM_FP8_UNSCALED_MAX_M", d.unscaled_max_m),
             target_blocks: d.target_blocks,
-            prefetch_bytes: var("TANDEM_GEMM_PREFETCH_MB", d.prefetch_bytes >> 20) << 20,
         }
     }
 }
@@ -372,7 +366,6 @@ impl Gemm {
                 out,
                 f32_out,
                 splits,
-                self.fp8_policy.prefetch_bytes,
                 stream,
             ),
             Fp8Path::Unscaled => {

@@ -85,7 +85,6 @@ const PLAIN: &[(&str, &[&str])] = &[
         "elementwise",
         &[
             "embed",
-            "l2_prefetch",
             "fake_quant_fp8_f32",
             "fake_quant_fp8_f32_scaled",
             "fill_uniform_bf16",

@@ -5,7 +5,7 @@
 //! (upload or dummy generation on the GPU) · `meta` (a step's packed index arrays) · `backend`
 //! (the forward pass and the `Backend` impl) · `shard`, `nccl`, `tp` (tensor parallelism: one thread per
 //! GPU, NCCL all-reduces inside the forward) · `peer_all_reduce` (one-shot all-reduce over NVLink
-//! for decode-size messages) · `weight_prefetch` (L2 warm-up of the next linear's weights).
+//! for decode-size messages).
 
 pub mod backend;
 pub mod device;
@@ -18,7 +18,6 @@ pub mod ops;
 pub mod peer_all_reduce;
 pub mod shard;
 pub mod tp;
-pub mod weight_prefetch;
 pub mod weights;
 
 pub use backend::{num_blocks_for, CudaBackend, CudaOptions, WeightSource};

@@ -82,31 +82,6 @@ impl Ops<'_> {
         )
     }
 
-    /// Starts moving about `budget` of the `bytes` at `ptr` (16-byte aligned) toward L2, as
-    /// 1 KB pieces spread evenly over the whole range, and returns.
-    pub fn l2_prefetch(&self, ptr: u64, bytes: usize, budget: usize) -> Result<()> {
-        const PIECE: usize = 1024;
-        if budget < PIECE || bytes < PIECE {
-            return Ok(());
-        }
-        let stride = PIECE * bytes.div_ceil(budget.min(bytes));
-        let pieces = bytes.div_ceil(stride);
-        // Bulk prefetches go through each SM's copy engine: spread them over many blocks.
-        let blocks = pieces.div_ceil(128).min(64);
-        self.go(
-            "l2_prefetch",
-            (blocks as u32, 1, 1),
-            128,
-            0,
-            &[
-                Arg::Ptr(ptr),
-                Arg::U64(bytes as u64),
-                Arg::U64(PIECE as u64),
-                Arg::U64(stride as u64),
-            ],
-        )
-    }
-
     /// `residual[t] = table[tokens[t]]` (F32 residual, BF16 table).
     pub fn embed(
         &self,

@@ -14,18 +14,6 @@ pub(super) enum Lin {
     Down(usize),
 }
 
-impl Lin {
-    /// The linear after this one in the forward pass (none after the last layer's down_proj).
-    fn next(self, layers: usize) -> Option<Lin> {
-        match self {
-            Lin::Qkv(i) => Some(Lin::O(i)),
-            Lin::O(i) => Some(Lin::GateUp(i)),
-            Lin::GateUp(i) => Some(Lin::Down(i)),
-            Lin::Down(i) => (i + 1 < layers).then_some(Lin::Qkv(i + 1)),
-        }
-    }
-}
-
 /// The weights of `lin` and its profile label (a free function: it borrows only the weights).
 fn weight(weights: &GpuWeights, lin: Lin) -> (&GpuLinear, &'static str) {
     let layer = match lin {
@@ -133,23 +121,7 @@ impl CudaBackend {
             f32_out,
             stream,
         )?;
-        self.prefetch_after(lin, m)?;
         self.mark(label)
-    }
-
-    /// Warms L2 with the next linear's weights while the kernels up to it run (decode steps;
-    /// see `weight_prefetch.rs`).
-    fn prefetch_after(&self, lin: Lin, m: usize) -> Result<()> {
-        let Some(prefetch) = &self.weight_prefetch else {
-            return Ok(());
-        };
-        let Some(next) = lin.next(self.config.num_hidden_layers) else {
-            return Ok(());
-        };
-        if let GpuLinear::Fp8 { w, n, k, .. } = weight(&self.weights, next).0 {
-            prefetch.after(&self.kernels, &self.gpu.stream, m, w.ptr, n * k)?;
-        }
-        Ok(())
     }
 
     /// Adds `delta` (0: nothing) to the residual stream, RMS-normalizes it with `norm_w` and runs
