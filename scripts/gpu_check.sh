@@ -67,15 +67,17 @@ esac
 
 case " $STAGES " in *" ab "*)
   # The 1-GPU step under several environments, one process each (A/B of switches read at start-up):
-  #   AB="base:TANDEM_PDL=0;pdl:TANDEM_PDL=1;stream:TANDEM_FP8_STREAM_MAX_M=8" STAGES=ab bash dist/gpu_check.sh
+  # (name:environment, optionally |extra bench-step flags)
+  #   AB="base:TANDEM_PDL=0;pdl:TANDEM_PDL=1;split2:TANDEM_AB=1|--compare-split-blocks-per-sm 2" STAGES=ab bash dist/gpu_check.sh
   IFS=';' read -ra CASES <<< "${AB:-default:TANDEM_AB=1}"
   for c in "${CASES[@]}"; do
-    name=${c%%:*}; envs=${c#*:}
+    name=${c%%:*}; rest=${c#*:}; envs=${rest%%|*}; flags=""
+    [ "$rest" != "$envs" ] && flags=${rest#*|}
     step "bench-step ab $name" 300 env $envs "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
       --load-format dummy --batch ${AB_BATCH:-1,32} --context 3000 --prompt-len 3000 --prefill-batch 1 \
-      --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+      --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" $flags
     sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_ab_$name.json"
-    ROWS+=("$(printf '  ab %-12s %s' "$name" "$(grep -E '"(decode_step_ms_batch[0-9]+_ctx3000|prefill_tokens_per_s_1x3000)"' \
+    ROWS+=("$(printf '  ab %-12s %s' "$name" "$(grep -E '"(decode_step_ms_batch[0-9]+_ctx3000[a-z0-9_]*|prefill_tokens_per_s_1x3000)"' \
       "$OUT/bench_step_ab_$name.json" | sed 's/_ctx3000//; s/decode_step_ms_//; s/prefill_tokens_per_s_1x3000/prefill/' | tr -d ' "\n')")")
   done ;;
 esac

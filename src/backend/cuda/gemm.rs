@@ -12,6 +12,7 @@
 
 use super::device::DeviceBuffer;
 use super::fp8_stream::{self, StreamScratch};
+use super::gemm_tune;
 use super::kernels::Kernels;
 use anyhow::{anyhow, Result};
 use cudarc::cublaslt::{result as lt, sys};
@@ -39,6 +40,8 @@ struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     algo: sys::cublasLtMatmulAlgo_t,
+    /// Algorithms still to time on first use (autotuning; empty once chosen, or when off).
+    untimed: Vec<sys::cublasLtMatmulAlgo_t>,
 }
 
 /// Which FP8 path runs which batch size (BF16 out; F32 out always takes the cuBLASLt product with
@@ -204,15 +207,21 @@ impl Gemm {
                 std::mem::size_of::<usize>(),
             )
             .map_err(err("preference workspace"))?;
-            let heuristic = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref);
+            let count = if gemm_tune::enabled() {
+                gemm_tune::MAX_CANDIDATES
+            } else {
+                1
+            };
+            let algos = gemm_tune::candidates(self.handle, desc, [a, b, d], pref, count);
             let _ = lt::destroy_matmul_pref(pref);
-            let heuristic = heuristic.map_err(|e| {
-                anyhow!("cuBLASLt has no algorithm for {kind:?} M={m} N={n} K={k}: {e:?}")
+            let algos = algos.map_err(|e| {
+                anyhow!("cuBLASLt has no algorithm for {kind:?} M={m} N={n} K={k}: {e}")
             })?;
             Ok(Plan {
                 desc,
                 layouts: [a, b, d],
-                algo: heuristic.algo,
+                algo: algos[0],
+                untimed: if algos.len() > 1 { algos } else { vec![] },
             })
         }
     }
@@ -234,30 +243,43 @@ impl Gemm {
         }
         let ws = (self.workspace.ptr, WORKSPACE_BYTES);
         let handle = self.handle;
-        let plan = self.plan(kind, m, n, k)?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: pointers are device buffers sized by the callers for these shapes.
-        unsafe {
-            lt::matmul(
-                handle,
-                plan.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                w as *const c_void,
-                plan.layouts[0],
-                x as *const c_void,
-                plan.layouts[1],
-                out as *const c_void,
-                plan.layouts[2],
-                out as *mut c_void,
-                plan.layouts[2],
-                &plan.algo,
-                ws.0 as *mut c_void,
-                ws.1,
-                stream as sys::cudaStream_t,
-            )
+        self.plan(kind, m, n, k)?;
+        let plan = self
+            .plans
+            .get_mut(&(kind, m, n, k))
+            .expect("plan made above");
+        let matmul = |algo: &sys::cublasLtMatmulAlgo_t| {
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            // SAFETY: pointers are device buffers sized by the callers for these shapes.
+            unsafe {
+                lt::matmul(
+                    handle,
+                    plan.desc,
+                    &alpha as *const f32 as *const c_void,
+                    &beta as *const f32 as *const c_void,
+                    w as *const c_void,
+                    plan.layouts[0],
+                    x as *const c_void,
+                    plan.layouts[1],
+                    out as *const c_void,
+                    plan.layouts[2],
+                    out as *mut c_void,
+                    plan.layouts[2],
+                    algo,
+                    ws.0 as *mut c_void,
+                    ws.1,
+                    stream as sys::cudaStream_t,
+                )
+            }
+            .map_err(|e| anyhow!("cuBLASLt matmul {kind:?} M={m} N={n} K={k}: {e:?}"))
+        };
+        if !plan.untimed.is_empty() {
+            // Autotuning on the real operands; the call below then writes the result.
+            let algos = std::mem::take(&mut plan.untimed);
+            let best = gemm_tune::fastest(stream, algos.len(), |i| matmul(&algos[i]))?;
+            plan.algo = algos[best];
         }
-        .map_err(|e| anyhow!("cuBLASLt matmul {kind:?} M={m} N={n} K={k}: {e:?}"))
+        matmul(&plan.algo)
     }
 
     /// `out[M,N] = (x[M,K] · x_scale[M]) · (w[N,K] · w_scale[N])ᵀ`, e4m3 inputs, F32 or BF16 out.
