@@ -40,7 +40,7 @@ step() { # name, time limit in seconds, command...
 }
 
 case " $STAGES " in *" kernels "*)
-  step "kernels --check (nvrtc sm_90a)" 60 "$D/tandem" kernels --check ;;
+  step "kernels --check (nvrtc sm_90a)" 180 "$D/tandem" kernels --check ;;
 esac
 case " $STAGES " in *" tests "*)
   for t in "$D"/tests/*; do

@@ -4,7 +4,8 @@
 //! (TRANSA = T), B = x: the "TN" layout FP8 requires. FP8 uses per-output-channel weight scales
 //! (A_SCALE, length N) and per-token activation scales (B_SCALE, length M) in one call, through
 //! the OUTER_VEC_32F scale mode (checked on the H200, see shared/docs/device.md). Plans (descriptor,
-//! layouts, algorithm) are made once per shape and reused.
+//! layouts, algorithm) are made once per shape and reused; the algorithm is the fastest of the
+//! heuristic's candidates on this machine (`gemm_tune`).
 //!
 //! [`Gemm::fp8_linear`] picks the FP8 path by batch size (see [`Fp8Policy`]): the weight-streaming
 //! kernel ([`super::fp8_stream`], off by default), cuBLASLt without scales plus a scale epilogue
@@ -109,6 +110,8 @@ pub struct Gemm {
     workspace: DeviceBuffer,
     scratch: StreamScratch,
     plans: HashMap<(GemmKind, usize, usize, usize), Plan>,
+    /// Autotuned algorithm choices of this machine (see `gemm_tune`).
+    tuned: Option<gemm_tune::TuneCache>,
     pub fp8_policy: Fp8Policy,
 }
 
@@ -144,6 +147,7 @@ impl Gemm {
             workspace: DeviceBuffer::new(WORKSPACE_BYTES)?,
             scratch: StreamScratch::new(SCRATCH_BYTES)?,
             plans: HashMap::new(),
+            tuned: gemm_tune::enabled().then(gemm_tune::TuneCache::for_current_gpu),
             fp8_policy: Fp8Policy::from_env(),
         })
     }
@@ -207,7 +211,7 @@ impl Gemm {
                 std::mem::size_of::<usize>(),
             )
             .map_err(err("preference workspace"))?;
-            let count = if gemm_tune::enabled() {
+            let count = if self.tuned.is_some() {
                 gemm_tune::MAX_CANDIDATES
             } else {
                 1
@@ -274,9 +278,19 @@ impl Gemm {
             .map_err(|e| anyhow!("cuBLASLt matmul {kind:?} M={m} N={n} K={k}: {e:?}"))
         };
         if !plan.untimed.is_empty() {
-            // Autotuning on the real operands; the call below then writes the result.
+            // This machine's earlier choice, or a timing on the real operands (the call below then
+            // writes the result).
             let algos = std::mem::take(&mut plan.untimed);
-            let best = gemm_tune::fastest(stream, algos.len(), |i| matmul(&algos[i]))?;
+            let shape = format!("{kind:?} {m}x{n}x{k}");
+            let cache = self.tuned.as_mut().expect("candidates only when tuning");
+            let best = match cache.get(&shape).filter(|&r| r < algos.len()) {
+                Some(rank) => rank,
+                None => {
+                    let rank = gemm_tune::fastest(stream, algos.len(), |i| matmul(&algos[i]))?;
+                    cache.put(&shape, rank);
+                    rank
+                }
+            };
             plan.algo = algos[best];
         }
         matmul(&plan.algo)

@@ -227,7 +227,8 @@ pub fn compile_cubin(name: &str, src: &str) -> Result<Vec<u8>> {
     out
 }
 
-fn cache_dir() -> PathBuf {
+/// Where compiled kernels (and other per-machine choices, see `gemm_tune`) are cached.
+pub(crate) fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TANDEM_KERNEL_CACHE") {
         return PathBuf::from(d);
     }
