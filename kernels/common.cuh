@@ -74,7 +74,7 @@ __device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i] = f2bf(v); }
 // `launch` in kernels.rs) may start while the previous kernel of its stream still runs, so the launch
 // and the CTAs' start overlap that kernel's tail. It must wait for that kernel before it reads its outputs
 // or writes memory the kernel may still read: every kernel of a PDL module calls pdl_enter() before it
-// touches activations (a GEMM may prefetch its weights first). The trigger right after the wait lets the
+// touches activations (a GEMM may load its first weights before). The trigger right after the wait lets the
 // next kernel launch once this one's CTAs all run, never further ahead. Without the attribute both are
 // no-ops.
 __device__ __forceinline__ void pdl_enter() {

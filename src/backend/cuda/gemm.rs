@@ -4,8 +4,8 @@
 //! (TRANSA = T), B = x: the "TN" layout FP8 requires. FP8 uses per-output-channel weight scales
 //! (A_SCALE, length N) and per-token activation scales (B_SCALE, length M) in one call, through
 //! the OUTER_VEC_32F scale mode (checked on the H200, see shared/docs/device.md). Plans (descriptor,
-//! layouts, algorithm) are made once per shape and reused; the algorithm is the fastest of the
-//! heuristic's candidates on this machine (`gemm_tune`).
+//! layouts, algorithm) are made once per shape and reused; the algorithm is the heuristic's first,
+//! or with `TANDEM_GEMM_AUTOTUNE=1` the fastest of its candidates on this machine (`gemm_tune`).
 //!
 //! [`Gemm::fp8_linear`] picks the FP8 path by batch size (see [`Fp8Policy`]): the weight-streaming
 //! kernel ([`super::fp8_stream`], off by default), cuBLASLt without scales plus a scale epilogue

@@ -4,7 +4,8 @@
 //! fastest is kept. Timings differ between runs, so the choice (the candidate's rank in the
 //! heuristic's list, which is fixed for a GPU and cuBLASLt version) is saved in the kernel cache
 //! folder, and every later process on the machine takes the same one: the same algorithm, the same
-//! bits. Off by default: on the H200 it shortened the 8-token decode step by 0.8-1.1 ms but left
+//! bits (tensor-parallel ranks tune on their own, so within the first process they may differ).
+//! Off by default: on the H200 it shortened the 8-token decode step by 0.8-1.1 ms but left
 //! batch 1 and TP2 unchanged and batch 32 within noise (a choice timed alone is not always the
 //! fastest inside the step; benchmarks/results/cuda-h200-round5.json).
 
@@ -13,6 +14,7 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{result, sys as drv};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Candidates asked of the heuristic.
@@ -154,9 +156,12 @@ impl TuneCache {
         on_disk.insert(key, rank);
         if let (Some(dir), Ok(text)) = (self.path.parent(), serde_json::to_string_pretty(&on_disk))
         {
+            // One temporary file per writer (tensor-parallel ranks are threads of one process).
+            static WRITES: AtomicUsize = AtomicUsize::new(0);
+            let n = WRITES.fetch_add(1, Ordering::Relaxed);
             let tmp = self
                 .path
-                .with_extension(format!("tmp{}", std::process::id()));
+                .with_extension(format!("tmp{}-{n}", std::process::id()));
             if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, text).is_ok() {
                 let _ = std::fs::rename(&tmp, &self.path);
             }
