@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 D=${1:?usage: make_dist.sh <dist folder>}
 FIX=${2:-tests/fixtures}
 MODELS=${3:-models}
-TESTS="cuda_kernels cuda_attention cuda_gemm cuda_backend cuda_fixtures cuda_kv_transfer cuda_tp cuda_all_reduce"
+TESTS=${TESTS:-"cuda_kernels cuda_attention cuda_gemm cuda_backend cuda_fixtures cuda_kv_transfer cuda_tp cuda_all_reduce"}
 cargo build --release --bin tandem
 args=(); for t in $TESTS; do args+=(--test "$t"); done
 exes=$(cargo test --release --no-run "${args[@]}" --message-format=json 2>/dev/null \
