@@ -381,56 +381,6 @@ __device__ void silu_mul_fp8_t(fp8* xq, float* xs, const A* gate_up, int inter) 
     if (threadIdx.x == 0) xs[t] = scale;
 }
 
-// Many rows of BF16 activations (prefill): 8 groups per thread, the products kept as BF16 pairs
-// (the unfused kernel stores them as BF16 anyway, so the bits are the same). Up to 512 threads then
-// fit in 64 registers and two blocks share an SM: one block's loads overlap the other's arithmetic
-// (silu_mul_fp8_k4 with 896 threads and F32 registers runs alone on its SM).
-#define SILU_ROWS_K 8
-extern "C" __global__ void __launch_bounds__(512, 2)
-    silu_mul_fp8_rows_bf16(fp8* xq, float* xs, const bf16* gate_up, int inter) {
-    pdl_enter();
-    __shared__ float scratch[32];
-    int t = blockIdx.x;
-    const bf16* g = gate_up + (u64)t * 2 * inter;
-    bool vec = vec8_ok(g, inter);
-    unsigned v[SILU_ROWS_K][SILU_COLS / 2];
-    float amax = 0.0f;
-#pragma unroll
-    for (int k = 0; k < SILU_ROWS_K; k++) {
-        int c0 = (threadIdx.x + blockDim.x * k) * SILU_COLS;
-        if (c0 < inter) {
-            float a[SILU_COLS], u[SILU_COLS];
-            load8(g, c0, inter, vec, a);
-            load8(g + inter, c0, inter, vec, u);
-#pragma unroll
-            for (int j = 0; j < SILU_COLS; j++) {
-                a[j] = c0 + j < inter ? as_act<bf16>(silu_mul1(a[j], u[j])) : 0.0f;
-                amax = fmaxf(amax, fabsf(a[j]));
-            }
-#pragma unroll
-            for (int j = 0; j < SILU_COLS / 2; j++)
-                v[k][j] = (unsigned)f2bf(a[2 * j]) | ((unsigned)f2bf(a[2 * j + 1]) << 16);
-        }
-    }
-    float scale = fp8_scale(block_max(amax, scratch));
-    fp8* q = xq + (u64)t * inter;
-    bool vq = vec8_ok(q, inter);
-#pragma unroll
-    for (int k = 0; k < SILU_ROWS_K; k++) {
-        int c0 = (threadIdx.x + blockDim.x * k) * SILU_COLS;
-        if (c0 < inter) {
-            float f[SILU_COLS];
-#pragma unroll
-            for (int j = 0; j < SILU_COLS / 2; j++) {
-                f[2 * j] = bf2f((bf16)(v[k][j] & 0xffffu));
-                f[2 * j + 1] = bf2f((bf16)(v[k][j] >> 16));
-            }
-            store8_e4m3(q, c0, inter, vq, f, scale);
-        }
-    }
-    if (threadIdx.x == 0) xs[t] = scale;
-}
-
 // Few rows (decode): one SM per row is too slow for silu's expf and divisions, so each row is
 // split over blocks of SPLIT_COLS columns in two launches (partial maxima into a scratch buffer,
 // then quantize from recomputed values). Grid (column blocks, rows).

@@ -85,7 +85,6 @@ const PLAIN: &[(&str, &[&str])] = &[
         "elementwise",
         &[
             "embed",
-            "silu_mul_fp8_rows_bf16",
             "fake_quant_fp8_f32",
             "fake_quant_fp8_f32_scaled",
             "fill_uniform_bf16",

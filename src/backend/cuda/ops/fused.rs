@@ -1,7 +1,7 @@
 //! The fusions that write an FP8 linear's quantized input directly (the same bits as the unfused
 //! kernel followed by `quantize_fp8`), and rope fused with the paged KV write.
 
-use super::{rows, Ops, Precision, NORM_CHUNK_COLS, ROPE_THREADS};
+use super::{rows, Ops, NORM_CHUNK_COLS, ROPE_THREADS};
 use crate::backend::cuda::kernels::Arg;
 use anyhow::{ensure, Result};
 
@@ -22,10 +22,6 @@ const NORM_ROWS_MAX_CHUNKS: usize = 8 * FUSED_MAX_K;
 pub const SILU_SPLIT_BELOW_ROWS: usize = 64;
 const SPLIT_THREADS: u32 = 128;
 const SPLIT_COLS: usize = 512;
-/// BF16 rows from SILU_SPLIT_BELOW_ROWS on: `silu_mul_fp8_rows_bf16`, 8 groups per thread held as
-/// BF16 pairs, at most 512 threads, two blocks per SM (SILU_ROWS_K in elementwise.cu).
-const SILU_ROWS_K: usize = 8;
-const SILU_ROWS_MAX_COLS: usize = 512 * SILU_ROWS_K * SILU_GROUP_COLS;
 
 /// The smallest K in 1, 2, 4, 8 with `units` <= `lanes` * K.
 fn fused_k(units: usize, lanes: usize) -> usize {
@@ -102,8 +98,7 @@ impl Ops<'_> {
 
     /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output, the same bits as the unfused
     /// pair. From [`SILU_SPLIT_BELOW_ROWS`] rows on, one launch: a block per row reads `gate_up`
-    /// once and keeps the products in registers (BF16 rows as BF16 pairs, so two blocks share an
-    /// SM: `silu_mul_fp8_rows_bf16`). Fewer rows (decode) are split over blocks of 512
+    /// once and keeps the products in registers. Fewer rows (decode) are split over blocks of 512
     /// columns in two launches (partial maxima into `scratch`,
     /// [`Self::fused_silu_scratch_bytes`]), which spreads a row over many SMs.
     /// `inter` <= [`FUSED_SILU_MAX_COLS`].
@@ -141,22 +136,6 @@ impl Ops<'_> {
                     Arg::Ptr(gate_up),
                     Arg::Ptr(scratch),
                     i,
-                ],
-            );
-        }
-        if self.act == Precision::Bf16 && inter <= SILU_ROWS_MAX_COLS {
-            let groups = inter.div_ceil(SILU_GROUP_COLS);
-            let threads = 32 * groups.div_ceil(SILU_ROWS_K).div_ceil(32) as u32;
-            return self.go(
-                "silu_mul_fp8_rows_bf16",
-                rows(n),
-                threads,
-                0,
-                &[
-                    Arg::Ptr(xq),
-                    Arg::Ptr(xs),
-                    Arg::Ptr(gate_up),
-                    Arg::I32(inter as i32),
                 ],
             );
         }
