@@ -497,7 +497,7 @@ mod tests {
 
     /// A kernel launched with programmatic serialization must wait for the previous kernel before it
     /// touches activations: every kernel of a PDL module starts with `pdl_enter()`, except the
-    /// streaming GEMM's wrappers, whose template prefetches weights first and then calls it.
+    /// streaming GEMM's wrappers, whose template loads its first weights and then calls it.
     #[test]
     fn every_kernel_of_a_pdl_module_waits_for_its_predecessor() {
         for (module, src) in MODULES.iter().filter(|(m, _)| PDL_MODULES.contains(m)) {
