@@ -310,13 +310,14 @@ __device__ void attention_combine_fp8_t(A* out, fp8* xq, float* xs, unsigned* co
     for (int b = 0; b < nblk; b++) m = fmaxf(m, load_cg(amax_part + (u64)g * nblk + b));
     // quantize_fp8's scale and rounding (elementwise.cu), on the values as stored.
     float scale = fmaxf(m / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
+    Fp8Quant<A> quant(scale);
     fp8* q = xq + (u64)q0 * cols;
     for (int i = 4 * t; i < cols; i += 4 * blockDim.x) {
         float f[4];
         load4_cg(o + i, f);
         unsigned packed = 0;
 #pragma unroll
-        for (int c = 0; c < 4; c++) packed |= (unsigned)f2e4m3(f[c] / scale) << (8 * c);
+        for (int c = 0; c < 4; c++) packed |= (unsigned)quant(f[c]) << (8 * c);
         *(unsigned*)(q + i) = packed;
     }
     if (t == 0) {

@@ -70,6 +70,23 @@ __device__ __forceinline__ float ld(const bf16* p, u64 i) { return bf2f(p[i]); }
 __device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i] = f2bf(v); }
 
+// FP8 code of v at a row's scale: e4m3(v / scale), saturating. BF16 activations (serving) multiply
+// by the scale's reciprocal, as vLLM does: a division per element made the prefill kernels
+// compute-bound; the code differs from the division's only where v / scale lies within an f32
+// rounding of a code boundary. F32 (the reference mode) divides, like the CPU backend.
+template <typename A>
+struct Fp8Quant {
+    float inv;
+    __device__ __forceinline__ explicit Fp8Quant(float scale) : inv(1.0f / scale) {}
+    __device__ __forceinline__ fp8 operator()(float v) const { return f2e4m3(v * inv); }
+};
+template <>
+struct Fp8Quant<float> {
+    float scale;
+    __device__ __forceinline__ explicit Fp8Quant(float s) : scale(s) {}
+    __device__ __forceinline__ fp8 operator()(float v) const { return f2e4m3(v / scale); }
+};
+
 // Programmatic dependent launch (PDL). A kernel launched with programmatic stream serialization (see
 // `launch` in kernels.rs) may start while the previous kernel of its stream still runs, so the launch
 // and the CTAs' start overlap that kernel's tail. It must wait for that kernel before it reads its outputs

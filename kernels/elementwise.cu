@@ -32,12 +32,23 @@ __device__ void final_norm_rows_t(A* out, const float* residual, const A* delta,
     }
 }
 
-// One rotary pair: (x0, x1) rotated by angle (shared by rope and rope_kv_write: the same bits).
-__device__ __forceinline__ void rope_pair(float x0, float x1, float angle, float* y0, float* y1) {
-    float s, c;
-    sincosf(angle, &s, &c);
-    *y0 = x0 * c - x1 * s;
-    *y1 = x1 * c + x0 * s;
+// One rotary pair: (x0, x1) rotated by the angle whose sine and cosine are s and c. The FMAs are
+// explicit so that rope and rope_kv_write give the same bits whatever the compiler contracts.
+__device__ __forceinline__ void rotate_pair(float x0, float x1, float s, float c, float* y0, float* y1) {
+    *y0 = fmaf(x0, c, -__fmul_rn(x1, s));
+    *y1 = fmaf(x1, c, __fmul_rn(x0, s));
+}
+
+// silu(x) * u. BF16 activations (serving) use the fast exponential and division, as vLLM's
+// fast-math build does (the exact ones made the prefill kernel compute-bound); F32 (the reference
+// mode) keeps the exact ones, like the CPU backend.
+template <typename A>
+__device__ __forceinline__ float silu_mul1(float x, float u) {
+    return __fdividef(x, 1.0f + __expf(-x)) * u;
+}
+template <>
+__device__ __forceinline__ float silu_mul1<float>(float x, float u) {
+    return x / (1.0f + expf(-x)) * u;
 }
 
 // Rotary embedding (rotate-half pairing i, i + head_dim/2), in place on the q and k heads of a fused
@@ -54,8 +65,9 @@ __device__ void rope_t(A* qkv, const int* positions, const float* inv_freq, int 
     for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < pairs; p += gridDim.y * blockDim.x) {
         int head = p / half, i = p % half;
         u64 at = (u64)head * head_dim + i;
-        float y0, y1;
-        rope_pair(ld(row, at), ld(row, at + half), pos * inv_freq[i], &y0, &y1);
+        float y0, y1, sn, cs;
+        sincosf(pos * inv_freq[i], &sn, &cs);
+        rotate_pair(ld(row, at), ld(row, at + half), sn, cs, &y0, &y1);
         st(row, at, y0);
         st(row, at + half, y1);
     }
@@ -67,9 +79,7 @@ __device__ void silu_mul_t(A* out, const A* gate_up, int inter) {
     int t = blockIdx.x;
     u64 g = (u64)t * 2 * inter;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < inter; i += gridDim.y * blockDim.x) {
-        float x = ld(gate_up, g + i);
-        float silu = x / (1.0f + expf(-x));
-        st(out, (u64)t * inter + i, silu * ld(gate_up, g + inter + i));
+        st(out, (u64)t * inter + i, silu_mul1<A>(ld(gate_up, g + i), ld(gate_up, g + inter + i)));
     }
 }
 
@@ -84,7 +94,8 @@ __device__ void quantize_fp8_t(fp8* out, float* scales, const A* in, int cols) {
     amax = block_max(amax, scratch);
     // The floor keeps all-zero rows finite (the same rule as the CPU backend and the fixtures).
     float scale = fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[row + i] = f2e4m3(ld(in, row + i) / scale);
+    Fp8Quant<A> quant(scale);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[row + i] = quant(ld(in, row + i));
     if (threadIdx.x == 0) scales[t] = scale;
 }
 
@@ -103,8 +114,8 @@ __device__ void fp8_row_scale_t(float* scales, const A* in, int cols) {
 template <typename A>
 __device__ void quantize_fp8_scaled_t(fp8* out, const float* scales, const A* in, int cols) {
     u64 row = (u64)blockIdx.x * cols;
-    float scale = scales[blockIdx.x];
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[row + i] = f2e4m3(ld(in, row + i) / scale);
+    Fp8Quant<A> quant(scales[blockIdx.x]);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[row + i] = quant(ld(in, row + i));
 }
 
 // ---- Fusions that write an FP8 linear's quantized input directly (the same values, bit for bit,
@@ -165,11 +176,12 @@ __device__ __forceinline__ void store4(float* p, int c, int cols, bool vec, cons
     }
 }
 
-// out[c..c+4] = e4m3(v / scale).
-__device__ __forceinline__ void store4_e4m3(fp8* p, int c, int cols, bool vec, const float* v, float scale) {
+// out[c..c+4] = the FP8 codes of v.
+template <typename A>
+__device__ __forceinline__ void store4_e4m3(fp8* p, int c, int cols, bool vec, const float* v, Fp8Quant<A> quant) {
     fp8 q[LANE_COLS];
 #pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) q[j] = f2e4m3(v[j] / scale);
+    for (int j = 0; j < LANE_COLS; j++) q[j] = quant(v[j]);
     if (vec && c + LANE_COLS <= cols) {
         *(unsigned*)(p + c) = q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned)q[3] << 24);
     } else {
@@ -210,11 +222,6 @@ __device__ __forceinline__ float inv_rms(const float* chunk_sums, int nchunks, i
 __device__ __forceinline__ float fp8_scale(float amax) {
     // The floor keeps all-zero rows finite (the same rule as the CPU backend and the fixtures).
     return fmaxf(amax / FP8_MAX, 1.0f / (FP8_MAX * 512.0f));
-}
-
-__device__ __forceinline__ float silu_mul1(float x, float u) {
-    float silu = x / (1.0f + expf(-x));
-    return silu * u;
 }
 
 // residual[t] += delta[t] (when delta is not null); out[t] = rmsnorm(residual[t]) * weight.
@@ -298,7 +305,7 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
 #pragma unroll
     for (int k = 0; k < K; k++) {
         int c0 = (warp + nwarps * k) * CHUNK_COLS + lane * LANE_COLS;
-        if (c0 < hidden) store4_e4m3(q, c0, hidden, vq, v[k], scale);
+        if (c0 < hidden) store4_e4m3(q, c0, hidden, vq, v[k], Fp8Quant<A>(scale));
     }
     if (threadIdx.x == 0) xs[t] = scale;
 }
@@ -331,11 +338,12 @@ __device__ __forceinline__ void load8(const float* p, int c, int cols, bool vec,
     load4(p, c + LANE_COLS, cols, vec, v + LANE_COLS);
 }
 
-// out[c..c+8] = e4m3(v / scale).
-__device__ __forceinline__ void store8_e4m3(fp8* p, int c, int cols, bool vec, const float* v, float scale) {
+// out[c..c+8] = the FP8 codes of v.
+template <typename A>
+__device__ __forceinline__ void store8_e4m3(fp8* p, int c, int cols, bool vec, const float* v, Fp8Quant<A> quant) {
     unsigned q[SILU_COLS];
 #pragma unroll
-    for (int j = 0; j < SILU_COLS; j++) q[j] = f2e4m3(v[j] / scale);
+    for (int j = 0; j < SILU_COLS; j++) q[j] = quant(v[j]);
     if (vec && c + SILU_COLS <= cols) {
         *(uint2*)(p + c) = make_uint2(q[0] | (q[1] << 8) | (q[2] << 16) | (q[3] << 24),
                                       q[4] | (q[5] << 8) | (q[6] << 16) | (q[7] << 24));
@@ -346,39 +354,88 @@ __device__ __forceinline__ void store8_e4m3(fp8* p, int c, int cols, bool vec, c
     }
 }
 
-template <typename A, int K>
-__device__ void silu_mul_fp8_t(fp8* xq, float* xs, const A* gate_up, int inter) {
+// 8 values of a row held in registers: BF16 pairs for BF16 activations (the values are BF16
+// already, so nothing is lost, and half the registers let two 512-thread blocks share an SM).
+template <typename A>
+struct Held8 {
+    unsigned w[SILU_COLS / 2];
+    __device__ __forceinline__ void set(const float* v) {
+#pragma unroll
+        for (int j = 0; j < SILU_COLS / 2; j++)
+            w[j] = (__float_as_uint(v[2 * j]) >> 16) | (__float_as_uint(v[2 * j + 1]) & 0xffff0000u);
+    }
+    __device__ __forceinline__ void get(float* v) const {
+#pragma unroll
+        for (int j = 0; j < SILU_COLS / 2; j++) v[2 * j] = __uint_as_float(w[j] << 16), v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+};
+template <>
+struct Held8<float> {
+    float f[SILU_COLS];
+    __device__ __forceinline__ void set(const float* v) {
+#pragma unroll
+        for (int j = 0; j < SILU_COLS; j++) f[j] = v[j];
+    }
+    __device__ __forceinline__ void get(float* v) const {
+#pragma unroll
+        for (int j = 0; j < SILU_COLS; j++) v[j] = f[j];
+    }
+};
+
+// One block per row: value8(c0, v) gives the row's columns c0..c0+8 (values of type A, zero past
+// cols); they are held in registers (K groups of 8 per thread) while the block finds the row's
+// maximum, then written as FP8 with the per-row scale. One pass over global memory.
+template <typename A, int K, typename Value8>
+__device__ __forceinline__ void quantize_held_row(fp8* xq, float* xs, int cols, Value8 value8) {
     __shared__ float scratch[32];
-    int t = blockIdx.x;
-    const A* g = gate_up + (u64)t * 2 * inter;
-    bool vec = vec8_ok(g, inter);
-    float v[K][SILU_COLS];
+    Held8<A> held[K];
     float amax = 0.0f;
 #pragma unroll
     for (int k = 0; k < K; k++) {
         int c0 = (threadIdx.x + blockDim.x * k) * SILU_COLS;
-        if (c0 < inter) {
-            float u[SILU_COLS];
-            load8(g, c0, inter, vec, v[k]);
-            load8(g + inter, c0, inter, vec, u);
+        if (c0 < cols) {
+            float v[SILU_COLS];
+            value8(c0, v);
 #pragma unroll
-            for (int j = 0; j < SILU_COLS; j++) {
-                if (c0 + j < inter) {
-                    v[k][j] = as_act<A>(silu_mul1(v[k][j], u[j]));
-                    amax = fmaxf(amax, fabsf(v[k][j]));
-                }
-            }
+            for (int j = 0; j < SILU_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
+            held[k].set(v);
         }
     }
     float scale = fp8_scale(block_max(amax, scratch));
-    fp8* q = xq + (u64)t * inter;
-    bool vq = vec8_ok(q, inter);
+    Fp8Quant<A> quant(scale);
+    fp8* q = xq + (u64)blockIdx.x * cols;
+    bool vq = vec8_ok(q, cols);
 #pragma unroll
     for (int k = 0; k < K; k++) {
         int c0 = (threadIdx.x + blockDim.x * k) * SILU_COLS;
-        if (c0 < inter) store8_e4m3(q, c0, inter, vq, v[k], scale);
+        if (c0 < cols) {
+            float v[SILU_COLS];
+            held[k].get(v);
+            store8_e4m3(q, c0, cols, vq, v, quant);
+        }
     }
-    if (threadIdx.x == 0) xs[t] = scale;
+    if (threadIdx.x == 0) xs[blockIdx.x] = scale;
+}
+
+template <typename A, int K>
+__device__ void silu_mul_fp8_t(fp8* xq, float* xs, const A* gate_up, int inter) {
+    const A* g = gate_up + (u64)blockIdx.x * 2 * inter;
+    bool vec = vec8_ok(g, inter);
+    quantize_held_row<A, K>(xq, xs, inter, [&](int c0, float* v) {
+        float u[SILU_COLS];
+        load8(g, c0, inter, vec, v);
+        load8(g + inter, c0, inter, vec, u);
+#pragma unroll
+        for (int j = 0; j < SILU_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1<A>(v[j], u[j])) : 0.0f;
+    });
+}
+
+// quantize_fp8 for rows of at most 1024 * K * 8 columns, the row in registers.
+template <typename A, int K>
+__device__ void quantize_fp8_held_t(fp8* out, float* scales, const A* in, int cols) {
+    const A* x = in + (u64)blockIdx.x * cols;
+    bool vec = vec8_ok(x, cols);
+    quantize_held_row<A, K>(out, scales, cols, [&](int c0, float* v) { load8(x, c0, cols, vec, v); });
 }
 
 // Few rows (decode): one SM per row is too slow for silu's expf and divisions, so each row is
@@ -396,7 +453,7 @@ __device__ __forceinline__ int silu_split_values(const A* gate_up, int inter, fl
     load4(g, c0, inter, vec, v);
     load4(g + inter, c0, inter, vec, u);
 #pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1(v[j], u[j])) : 0.0f;
+    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1<A>(v[j], u[j])) : 0.0f;
     return c0;
 }
 
@@ -422,7 +479,7 @@ __device__ void silu_split_quant_t(fp8* xq, float* xs, const A* gate_up, const f
     for (int b = 0; b < gridDim.x; b++) amax = fmaxf(amax, p[b]);
     float scale = fp8_scale(amax);
     fp8* q = xq + (u64)blockIdx.y * inter;
-    if (c0 < inter) store4_e4m3(q, c0, inter, vec_ok(q, inter), v, scale);
+    if (c0 < inter) store4_e4m3(q, c0, inter, vec_ok(q, inter), v, Fp8Quant<A>(scale));
     if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
 }
 
@@ -456,32 +513,33 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
     }
 }
 
-// rope then kv_write in one launch (the same bits): thread p of token t takes one (i, i + head_dim/2)
-// pair of a head of the q|k|v row: q and k pairs are rotated in place, k (rotated) and v pairs
-// are also written to the token's cache slot (slot < 0: no cache write). Grid (rows, pair blocks).
+// rope then kv_write in one launch (the same bits): thread (i, g) of a block takes rotary pair
+// (i, i + head_dim/2) of heads g, g + groups, ... of the token's q|k|v row (groups = blockDim.x /
+// (head_dim/2); grid.y splits the heads further for few rows). Its angle is computed once for all of
+// them: q and k pairs are rotated in place, k (rotated) and v pairs also written to the token's
+// cache slot (slot < 0: no cache write). Grid (rows, head blocks).
 template <typename A>
 __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* positions, const float* inv_freq,
                                 const int* slots, int row_stride, int num_q_heads, int num_kv_heads, int head_dim,
                                 int block_size) {
     int t = blockIdx.x, half = head_dim / 2;
-    float pos = (float)positions[t];
+    int i = threadIdx.x % half, groups = blockDim.x / half, g = threadIdx.x / half;
+    if (g >= groups) return;
     int slot = slots[t];
-    int pairs = (num_q_heads + 2 * num_kv_heads) * half;
+    int heads = num_q_heads + 2 * num_kv_heads;
     A* row = qkv + (u64)t * row_stride;
-    for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < pairs; p += gridDim.y * blockDim.x) {
-        int head = p / half, i = p % half;
+    u64 cache_base = 0;
+    if (slot >= 0) cache_base = ((u64)(slot / block_size) * num_kv_heads * block_size + slot % block_size) * head_dim + i;
+    float s, c;
+    sincosf((float)positions[t] * inv_freq[i], &s, &c);
+    for (int head = blockIdx.y * groups + g; head < heads; head += gridDim.y * groups) {
         u64 at = (u64)head * head_dim + i;
         int kv = head - num_q_heads;  // k heads 0..num_kv_heads, then v heads
-        A* cache = nullptr;
-        u64 dst = 0;
-        if (kv >= 0 && slot >= 0) {
-            cache = kv < num_kv_heads ? k_cache : v_cache;
-            int h = kv % num_kv_heads;
-            dst = (((u64)(slot / block_size) * num_kv_heads + h) * block_size + slot % block_size) * head_dim + i;
-        }
+        A* cache = kv >= 0 && slot >= 0 ? (kv < num_kv_heads ? k_cache : v_cache) : nullptr;
+        u64 dst = cache_base + (u64)(kv % num_kv_heads) * block_size * head_dim;
         if (kv < num_kv_heads) {
             float y0, y1;
-            rope_pair(ld(row, at), ld(row, at + half), pos * inv_freq[i], &y0, &y1);
+            rotate_pair(ld(row, at), ld(row, at + half), s, c, &y0, &y1);
             st(row, at, y0);
             st(row, at + half, y1);
             if (cache) {
@@ -505,6 +563,10 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
     extern "C" __global__ void __launch_bounds__(1024)                                                        \
         silu_mul_fp8_k##K##_##SUFFIX(fp8* xq, float* xs, const A* gate_up, int inter) { pdl_enter();          \
         silu_mul_fp8_t<A, K>(xq, xs, gate_up, inter);                                                         \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(1024)                                                        \
+        quantize_fp8_k##K##_##SUFFIX(fp8* out, float* scales, const A* in, int cols) { pdl_enter();           \
+        quantize_fp8_held_t<A, K>(out, scales, in, cols);                                                     \
     }
 
 #define ELEMENTWISE_KERNELS(A, SUFFIX)                                                                        \

@@ -159,6 +159,141 @@ GEMM_FP8_STREAM(2, float, f32)
 GEMM_FP8_STREAM(4, float, f32)
 GEMM_FP8_STREAM(8, float, f32)
 
+// ---- Persistent weight streaming (M <= 64). The weights are cut into units of 16 rows x 256 bytes
+// of k (one load step of a warp); the ceil(N / 16) x ceil(K / 256) units, tile by tile, are dealt
+// to the grid's W warps in contiguous ranges of equal length (to one unit), so every SM streams
+// the same bytes and no wave of CTAs runs half empty (the split-K kernel above leaves a tail of
+// 10-30% on the 70B shapes). A warp keeps its sums in registers along a tile. A tile that one warp
+// covers is written directly; otherwise each of its warps writes its sums to `partial` (slot 2w
+// for a tile the warp starts in, 2w + 1 for the one it ends in) and the last to arrive (an atomic
+// count per tile, reset after) adds them in warp order, so the bits do not depend on timing.
+#define GEMV_UNIT_K GEMM_KSTEP
+
+// The first unit of warp w's range [w U / W, (w + 1) U / W).
+__device__ __forceinline__ u64 gemv_range_start(u64 w, u64 units, u64 warps) { return w * units / warps; }
+
+// The warp whose range holds unit u: the largest w with w U / W <= u (W <= U: no range is empty).
+__device__ __forceinline__ int gemv_owner(u64 u, u64 units, u64 warps) {
+    return (int)(((u + 1) * warps + units - 1) / units) - 1;
+}
+
+template <int MT, typename O>
+__device__ void gemv_fp8_t(O* out, float* partial, int* counters, const fp8* x, const float* sx, const fp8* w,
+                           const float* sw, int M, int N, int K, int warps) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int wid = blockIdx.x * GEMM_WARPS + (threadIdx.x >> 5);
+    if (wid >= warps) {
+        pdl_enter();
+        return;
+    }
+    u64 steps = (K + GEMV_UNIT_K - 1) / GEMV_UNIT_K;
+    u64 units = (u64)((N + 15) / 16) * steps;
+    u64 u0 = gemv_range_start(wid, units, warps), u1 = gemv_range_start(wid + 1, units, warps);
+    const fp8* xr[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) xr[mt] = x + (u64)min(mt * 8 + g, M - 1) * K;
+    float acc[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+    // Rows past N read row N-1 (valid memory) and are never stored.
+    auto rows_of = [&](u64 u, const fp8** lo, const fp8** hi) {
+        int r = (int)(u / steps) * 16 + g;
+        *lo = w + (u64)min(r, N - 1) * K;
+        *hi = w + (u64)min(r + 8, N - 1) * K;
+    };
+    const fp8 *w_lo, *w_hi;
+    rows_of(u0, &w_lo, &w_hi);
+    u32x4 lo[GEMM_UNROLL], hi[GEMM_UNROLL];
+    load_step(lo, hi, w_lo, w_hi, (int)(u0 % steps) * GEMV_UNIT_K, K, t);
+    // The weights do not depend on the previous kernel (see pdl_enter).
+    pdl_enter();
+    for (u64 u = u0; u < u1; u++) {
+        int kb = (int)(u % steps) * GEMV_UNIT_K;
+        u32x4 nlo[GEMM_UNROLL], nhi[GEMM_UNROLL];
+        if (u + 1 < u1) {
+            const fp8 *n_lo, *n_hi;
+            rows_of(u + 1, &n_lo, &n_hi);
+            load_step(nlo, nhi, n_lo, n_hi, (int)((u + 1) % steps) * GEMV_UNIT_K, K, t);
+        }
+#pragma unroll
+        for (int s = 0; s < GEMM_UNROLL; s++) {
+            int k = kb + s * 64 + t * 16;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                u32x4 b = k < K ? ld_acts(xr[mt] + k) : u32x4{0, 0, 0, 0};
+                mma_e4m3(acc[mt], lo[s].x, hi[s].x, lo[s].y, hi[s].y, b.x, b.y);
+                mma_e4m3(acc[mt], lo[s].z, hi[s].z, lo[s].w, hi[s].w, b.z, b.w);
+            }
+        }
+#pragma unroll
+        for (int s = 0; s < GEMM_UNROLL; s++) {
+            lo[s] = nlo[s];
+            hi[s] = nhi[s];
+        }
+        if ((u + 1) % steps != 0 && u + 1 < u1) continue;
+        // The end of this warp's part of a tile: acc[mt][j] is row tile * 16 + g (+ 8 for j >= 2),
+        // token mt * 8 + 2t + (j & 1).
+        u64 tile = u / steps, first = tile * steps;
+        int w_first = gemv_owner(first, units, warps), w_last = gemv_owner(first + steps - 1, units, warps);
+        int row0 = (int)tile * 16;
+        if (w_first == w_last) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    int tok = mt * 8 + 2 * t + (j & 1), row = row0 + g + (j < 2 ? 0 : 8);
+                    if (tok < M && row < N) store_out(out, (u64)tok * N + row, acc[mt][j] * sx[tok] * sw[row]);
+                }
+        } else {
+            u64 slot = 2 * (u64)wid + (u0 >= first ? 0 : 1);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    int tok = mt * 8 + 2 * t + (j & 1);
+                    if (tok < M) partial[(slot * M + tok) * 16 + g + (j < 2 ? 0 : 8)] = acc[mt][j];
+                }
+            __threadfence();
+            __syncwarp();
+            int last = 0;
+            if (lane == 0) last = atomicAdd(&counters[tile], 1) == w_last - w_first;
+            if (__shfl_sync(0xffffffffu, last, 0)) {
+                __threadfence();
+                bool first_starts_before = gemv_range_start(w_first, units, warps) < first;
+                for (int i = lane; i < M * 16; i += 32) {
+                    int tok = i / 16, r = i % 16, row = row0 + r;
+                    if (row >= N) continue;
+                    float sum = 0.0f;
+                    for (int c = w_first; c <= w_last; c++) {
+                        u64 cs = 2 * (u64)c + (c == w_first && first_starts_before ? 1 : 0);
+                        sum += __ldcg(&partial[(cs * M + tok) * 16 + r]);
+                    }
+                    store_out(out, (u64)tok * N + row, sum * sx[tok] * sw[row]);
+                }
+                if (lane == 0) counters[tile] = 0;
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+    }
+}
+
+#define GEMV_FP8(MT, O, SUFFIX)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32)                                              \
+        gemv_fp8_t##MT##_##SUFFIX(O* out, float* partial, int* counters, const fp8* x, const float* sx,        \
+                                  const fp8* w, const float* sw, int M, int N, int K, int warps) {             \
+        gemv_fp8_t<MT, O>(out, partial, counters, x, sx, w, sw, M, N, K, warps);                               \
+    }
+
+GEMV_FP8(1, bf16, bf16)
+GEMV_FP8(2, bf16, bf16)
+GEMV_FP8(4, bf16, bf16)
+GEMV_FP8(8, bf16, bf16)
+GEMV_FP8(1, float, f32)
+GEMV_FP8(2, float, f32)
+GEMV_FP8(4, float, f32)
+GEMV_FP8(8, float, f32)
+
 // Epilogue of an unscaled product: out[m, n] = acc[m, n] * sx[m] * sw[n]. Grid (M, ceil(N / (4 *
 // blockDim.x))): each block scales 4 * blockDim.x columns of one row.
 extern "C" __global__ void scale_rows_cols_bf16(bf16* out, const float* acc, const float* sx, const float* sw, int N) {

@@ -65,6 +65,13 @@ case " $STAGES " in *" bench "*)
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
 esac
 
+case " $STAGES " in *" gemm "*)
+  # Every FP8 product path on the 70B linear shapes at decode batch sizes, in isolation.
+  step "bench-gemm 70B shapes" 300 "$D/tandem" bench-gemm --m ${GEMM_M:-1,8,32} --splits 4 --iters 30
+  grep '^{' "$OUT/step.log" > "$OUT/bench_gemm.json"
+  ROWS+=("$(grep -E ' best ' "$OUT/step.log" | sed 's/^/  /' | paste -sd '\n')") ;;
+esac
+
 case " $STAGES " in *" ab "*)
   # The 1-GPU step under several environments, one process each (A/B of switches read at start-up):
   # (name:environment, optionally |extra bench-step flags)
@@ -117,6 +124,17 @@ case " $STAGES " in *" serve "*)
   step "serve + bench 70B c=1 (isl 3000 osl 150)" 300 "$D/tandem" bench --url http://127.0.0.1:8123 \
     --model $M --tokenizer "$D/models/$M" --isl 3000 --osl 150 --concurrency ${SERVE_CONCURRENCY:-1} \
     --artifact-dir "$OUT/agg-1gpu" --deployment-kind tandem --mode aggregated --tp 1 --dp 1 --no-progress
+  # Decode through the server at temperature 0 (greedy) and 1 (the sampling kernel): one request of
+  # 300 tokens after a 2-token prompt; ms per token = wall time / 300.
+  for temp in 0 1.0; do
+    t0=$(date +%s%N)
+    curl -s -m 60 http://127.0.0.1:8123/v1/completions -H 'content-type: application/json' \
+      -d "{\"model\":\"$M\",\"prompt\":\"Hello world\",\"max_tokens\":300,\"temperature\":$temp,\"ignore_eos\":true}" \
+      > "$OUT/serve_temp_$temp.json"
+    ms=$(( ($(date +%s%N) - t0) / 1000 ))
+    ROWS+=("$(printf '  serve decode T=%-4s %s ms/token (%s)' $temp "$(awk "BEGIN{printf \"%.2f\", $ms/300/1000}")" \
+      "$(grep -o '"completion_tokens":[0-9]*' "$OUT/serve_temp_$temp.json")")")
+  done
   kill $SERVE; wait $SERVE 2>/dev/null
   tail -n 20 "$OUT/serve.log" ;;
 esac

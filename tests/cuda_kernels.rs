@@ -177,9 +177,16 @@ fn silu_mul_matches() {
 #[test]
 fn quantize_fp8_per_token() {
     let Some((e, mut rng)) = env() else { return };
-    let (n, k) = (17, 1024);
-    let mut x = rand_bf16(&mut rng, n * k, 3.0);
-    x[5 * k + 7] = bf16::from_f32(1000.0); // one outlier row
+    // Rows held in registers (aligned, and not a multiple of the 8-column vectors), and rows
+    // too wide for that (the looping kernel).
+    for (n, k) in [(17, 1024), (9, 8193), (3, 70_000)] {
+        quantize_case(&e, &mut rng, n, k);
+    }
+}
+
+fn quantize_case(e: &Env, rng: &mut ChaCha8Rng, n: usize, k: usize) {
+    let mut x = rand_bf16(rng, n * k, 3.0);
+    x[2 * k + 7] = bf16::from_f32(1000.0); // one outlier row
     let dx = e.gpu.upload(&x).unwrap();
     let (q, s) = (e.poisoned(n * k), e.poisoned(n * 4));
     e.ops().quantize_fp8(q.ptr, s.ptr, dx.ptr, n, k).unwrap();
@@ -301,12 +308,15 @@ fn rope_kv_write_matches_rope_then_kv_write() {
             stream: e.gpu.cu_stream(),
             act,
         };
-        // A 70B decode row (64 q + 8 kv heads), a batch, odd head_dim halves, one pair block.
+        // A 70B decode row (64 q + 8 kv heads), a batch, odd head_dim halves, one head group;
+        // 300 rows take the prefill shape (a block per row, every head in it).
         for (n, nh, nkv, hd) in [
             (1usize, 64, 8, 128),
             (32, 64, 8, 128),
             (23, 8, 2, 128),
             (7, 6, 3, 6),
+            (300, 64, 8, 128),
+            (300, 6, 3, 6),
         ] {
             let (bs, blocks) = (16, n.div_ceil(16) + 3);
             let stride = (nh + 2 * nkv) * hd;

@@ -212,7 +212,8 @@ impl Ops<'_> {
         )
     }
 
-    /// Per-row dynamic e4m3 quantization: `scales[t] = max|x[t]| / 448`.
+    /// Per-row dynamic e4m3 quantization: `scales[t] = max|x[t]| / 448`. Rows of at most
+    /// [`FUSED_SILU_MAX_COLS`] are held in registers (one read of the input).
     pub fn quantize_fp8(
         &self,
         out: u64,
@@ -221,10 +222,16 @@ impl Ops<'_> {
         n: usize,
         cols: usize,
     ) -> Result<()> {
+        let (name, threads) = if cols <= FUSED_SILU_MAX_COLS {
+            let (k, threads) = fused::held_row_shape(cols);
+            (format!("quantize_fp8_k{k}"), threads)
+        } else {
+            ("quantize_fp8".to_string(), ROW_THREADS)
+        };
         self.go(
-            &self.typed("quantize_fp8"),
+            &self.typed(&name),
             rows(n),
-            ROW_THREADS,
+            threads,
             0,
             &[
                 Arg::Ptr(out),

@@ -45,12 +45,32 @@ fn fused_norm_shape(n: usize, hidden: usize) -> (String, u32) {
     )
 }
 
-/// The row-per-block fused silu's K and threads per block: threads * K groups cover the row.
-fn fused_silu_shape(inter: usize) -> (usize, u32) {
-    let groups = inter.div_ceil(SILU_GROUP_COLS);
-    let k = fused_k(groups, 1024);
+/// K and threads per block of the row-per-block kernels that hold a row in registers as groups of
+/// 8 columns (`silu_mul_fp8_k*`, `quantize_fp8_k*`): threads * K groups cover the row. Blocks of at
+/// most 512 threads where K <= 8 allows, so that two share an SM (one row's loads overlap another's
+/// arithmetic and reduction).
+pub(super) fn held_row_shape(cols: usize) -> (usize, u32) {
+    let groups = cols.div_ceil(SILU_GROUP_COLS);
+    let lanes = if groups <= 512 * FUSED_MAX_K { 512 } else { 1024 };
+    let k = fused_k(groups, lanes);
     (k, 32 * groups.div_ceil(k).div_ceil(32) as u32)
 }
+
+/// rope_kv_write's grid.y and threads: a thread per rotary pair index of up to ROPE_THREADS / half
+/// heads at a time (its angle computed once); many rows take all of a row's heads in one block,
+/// few rows spread a row over blocks of one head group each.
+fn rope_kv_write_shape(n: usize, heads: usize, head_dim: usize) -> (u32, u32) {
+    let half = (head_dim / 2).max(1);
+    let groups = (ROPE_THREADS as usize / half).max(1);
+    let head_blocks = if n >= ROPE_ROWS_PER_BLOCK_FROM {
+        1
+    } else {
+        heads.div_ceil(groups)
+    };
+    (head_blocks as u32, (groups * half) as u32)
+}
+/// From this many rows on, rope_kv_write runs one block per row.
+const ROPE_ROWS_PER_BLOCK_FROM: usize = 256;
 
 impl Ops<'_> {
     /// [`Self::add_rmsnorm`] then [`Self::quantize_fp8`] of its output in one launch: writes the
@@ -139,7 +159,7 @@ impl Ops<'_> {
                 ],
             );
         }
-        let (k, threads) = fused_silu_shape(inter);
+        let (k, threads) = held_row_shape(inter);
         self.go(
             &self.typed(&format!("silu_mul_fp8_k{k}")),
             rows(n),
@@ -173,14 +193,14 @@ impl Ops<'_> {
         block_size: usize,
     ) -> Result<()> {
         ensure!(
-            head_dim.is_multiple_of(2),
-            "rope of odd head_dim {head_dim}"
+            head_dim.is_multiple_of(2) && head_dim <= 2048,
+            "rope of head_dim {head_dim} (even, at most 2048)"
         );
-        let pairs = (q_heads + 2 * kv_heads) * (head_dim / 2);
+        let (head_blocks, threads) = rope_kv_write_shape(n, q_heads + 2 * kv_heads, head_dim);
         self.go(
             &self.typed("rope_kv_write"),
-            (n as u32, (pairs as u32).div_ceil(ROPE_THREADS).max(1), 1),
-            ROPE_THREADS,
+            (n as u32, head_blocks, 1),
+            threads,
             0,
             &[
                 Arg::Ptr(qkv),
@@ -229,10 +249,11 @@ mod tests {
             ("add_rmsnorm_fp8_k2".into(), 1024)
         );
         for inter in 1..=FUSED_SILU_MAX_COLS {
-            let (k, threads) = fused_silu_shape(inter);
+            let (k, threads) = held_row_shape(inter);
             assert!(threads <= 1024 && threads % 32 == 0 && k <= FUSED_MAX_K);
             assert!(threads as usize * k * SILU_GROUP_COLS >= inter, "{inter}");
         }
-        assert_eq!(fused_silu_shape(28672), (4, 896));
+        assert_eq!(held_row_shape(28672), (8, 448));
+        assert_eq!(held_row_shape(8192), (2, 512));
     }
 }
