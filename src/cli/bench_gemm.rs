@@ -24,9 +24,6 @@ pub struct Args {
     /// Fixed K splits of the streaming kernel to time besides the automatic choice.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub splits: Vec<usize>,
-    /// CTA counts of the persistent streaming kernel to time.
-    #[arg(long, value_delimiter = ',', default_value = "264,528,792,1056")]
-    pub gemv_ctas: Vec<usize>,
     /// Timed launches per measurement (after 3 warm-ups).
     #[arg(long, default_value_t = 30)]
     pub iters: usize,
@@ -124,7 +121,6 @@ pub fn run(args: Args) -> Result<()> {
             let auto = gemm.fp8_path(m, s.n, s.k, false);
             let mut paths = vec![Fp8Path::OuterVector, Fp8Path::Unscaled];
             paths.extend(args.splits.iter().map(|&splits| Fp8Path::Stream { splits }));
-            paths.extend(args.gemv_ctas.iter().map(|&ctas| Fp8Path::Gemv { ctas }));
             if !paths.contains(&auto) {
                 paths.push(auto);
             }
@@ -187,7 +183,6 @@ pub fn run(args: Args) -> Result<()> {
         serde_json::json!({
             "model": args.model,
             "policy": {
-                "gemv_max_m": policy.gemv_max_m,
                 "stream_max_m": policy.stream_max_m,
                 "unscaled_max_m": policy.unscaled_max_m,
                 "target_blocks": policy.target_blocks,

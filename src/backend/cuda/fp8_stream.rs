@@ -95,9 +95,14 @@ pub fn run(
             grid_splits == 1 || grid_splits * mc * n * 4 <= scratch.partial.bytes,
             "FP8 streaming GEMM: {grid_splits} splits of M={mc} N={n} exceed the scratch"
         );
+        let tiles = match mc.div_ceil(8) {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            _ => 8,
+        };
         let name = format!(
-            "gemm_fp8_stream_t{}_{}",
-            token_tiles(mc),
+            "gemm_fp8_stream_t{tiles}_{}",
             if f32_out { "f32" } else { "bf16" }
         );
         launch(
@@ -122,105 +127,6 @@ pub fn run(
         )?;
     }
     Ok(())
-}
-
-/// Warps of the persistent product (the kernel's W): `ctas` CTAs of 4 warps, but no more warps
-/// than units (16 rows x 256 bytes of k), so that every warp's range is non-empty.
-pub fn gemv_warps(n: usize, k: usize, ctas: usize) -> usize {
-    let units = n.div_ceil(16) * k.div_ceil(KSTEP);
-    (ctas.max(1) * (THREADS as usize / 32)).min(units)
-}
-
-/// CTAs of the persistent product that stay resident together, from `four_per_sm` (4 CTAs per
-/// SM): the instances for up to 16 tokens take at most 128 registers a thread, so four CTAs fit an
-/// SM; the wider ones (176-189 registers) only two. Every CTA must be resident at once, or a second
-/// wave would undo the equal ranges.
-pub fn gemv_resident_ctas(m: usize, four_per_sm: usize) -> usize {
-    if token_tiles(m.min(MAX_TOKENS)) <= 2 {
-        four_per_sm
-    } else {
-        four_per_sm / 2
-    }
-}
-
-/// Bytes of `partial` the persistent product needs: two slots of M x 16 sums per warp.
-pub fn gemv_partial_bytes(m: usize, warps: usize) -> usize {
-    2 * warps * m.min(MAX_TOKENS) * 16 * 4
-}
-
-/// Can the persistent product run this shape? (16-byte rows; a counter per 16-row tile.)
-pub fn gemv_supports(n: usize, k: usize) -> bool {
-    n > 0 && k > 0 && k.is_multiple_of(16) && n.div_ceil(16) <= COUNTERS
-}
-
-/// Launches the persistent weight-streaming product (`gemv_fp8_t*` in kernels/gemm_fp8.cu) on
-/// `ctas` CTAs; M above [`MAX_TOKENS`] runs in chunks. `out` is BF16, or F32 when `f32_out`.
-#[allow(clippy::too_many_arguments)]
-pub fn run_gemv(
-    kernels: &Kernels,
-    scratch: &StreamScratch,
-    m: usize,
-    n: usize,
-    k: usize,
-    x: u64,
-    x_scale: u64,
-    w: u64,
-    w_scale: u64,
-    out: u64,
-    f32_out: bool,
-    ctas: usize,
-    stream: CUstream,
-) -> Result<()> {
-    ensure!(
-        gemv_supports(n, k),
-        "FP8 persistent GEMV: N={n} K={k} not supported (K a multiple of 16, N <= {})",
-        COUNTERS * 16
-    );
-    let warps = gemv_warps(n, k, ctas);
-    ensure!(
-        gemv_partial_bytes(m, warps) <= scratch.partial.bytes,
-        "FP8 persistent GEMV: partial sums of {warps} warps exceed the scratch"
-    );
-    let out_bytes = if f32_out { 4 } else { 2 };
-    for m0 in (0..m).step_by(MAX_TOKENS) {
-        let mc = (m - m0).min(MAX_TOKENS);
-        let name = format!(
-            "gemv_fp8_t{}_{}",
-            token_tiles(mc),
-            if f32_out { "f32" } else { "bf16" }
-        );
-        launch(
-            kernels.get(&name)?,
-            (warps.div_ceil(THREADS as usize / 32) as u32, 1, 1),
-            (THREADS, 1, 1),
-            0,
-            stream,
-            &[
-                Arg::Ptr(out + (m0 * n * out_bytes) as u64),
-                Arg::Ptr(scratch.partial.ptr),
-                Arg::Ptr(scratch.counters.ptr),
-                Arg::Ptr(x + (m0 * k) as u64),
-                Arg::Ptr(x_scale + (m0 * 4) as u64),
-                Arg::Ptr(w),
-                Arg::Ptr(w_scale),
-                Arg::I32(mc as i32),
-                Arg::I32(n as i32),
-                Arg::I32(k as i32),
-                Arg::I32(warps as i32),
-            ],
-        )?;
-    }
-    Ok(())
-}
-
-/// Token tiles of 8 a kernel instance handles for `m` <= [`MAX_TOKENS`] tokens (1, 2, 4 or 8).
-fn token_tiles(m: usize) -> usize {
-    match m.div_ceil(8) {
-        0 | 1 => 1,
-        2 => 2,
-        3 | 4 => 4,
-        _ => 8,
-    }
 }
 
 /// `out[m, n] = acc[m, n] · sx[m] · sw[n]` (F32 in, BF16 out): the epilogue of an unscaled product.
@@ -271,10 +177,5 @@ mod tests {
         // Scratch too small for the partial sums of 64 tokens.
         assert_eq!(auto_splits(64, 8192, 8192, 528, 2 * 64 * 8192 * 4), 2);
         assert!(supports(8192, 8192) && !supports(8192, 100));
-        // The persistent product: 4 warps per CTA, never more warps than units.
-        assert_eq!(gemv_warps(8192, 8192, 528), 2112);
-        assert_eq!(gemv_warps(16, 512, 528), 2);
-        assert_eq!(gemv_partial_bytes(1, 2112), 2 * 2112 * 16 * 4);
-        assert!(gemv_supports(128256, 8192) && !gemv_supports(8192, 100));
     }
 }

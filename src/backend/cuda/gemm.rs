@@ -54,13 +54,9 @@ struct Plan {
 /// three of the four shapes. The streaming kernel matches the unscaled path at M = 1 (qkv 1.8 us
 /// faster, down 2.6 us slower) and falls behind from M = 2, so it is off by default: a path switch
 /// by batch size also changes a sequence's numerics with the batch it runs in.
-/// The persistent streaming kernel (`Gemv`) deals the weights to a fixed grid in equal ranges.
-/// `TANDEM_FP8_GEMV_MAX_M` / `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the
-/// limits (experiments).
+/// `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the limits (experiments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp8Policy {
-    /// The persistent streaming kernel for M up to this (first choice).
-    pub gemv_max_m: usize,
     /// The streaming kernel for M up to this.
     pub stream_max_m: usize,
     /// Then cuBLASLt without scales + epilogue for M up to this; outer-vector cuBLASLt above.
@@ -72,7 +68,6 @@ pub struct Fp8Policy {
 impl Default for Fp8Policy {
     fn default() -> Self {
         Self {
-            gemv_max_m: 0,
             stream_max_m: 0,
             // The crossover lies between 64 and 128 (measured at both).
             unscaled_max_m: 96,
@@ -92,7 +87,6 @@ impl Fp8Policy {
         };
         let d = Self::default();
         Self {
-            gemv_max_m: var("TANDEM_FP8_GEMV_MAX_M", d.gemv_max_m),
             stream_max_m: var("TANDEM_FP8_STREAM_MAX_M", d.stream_max_m),
             unscaled_max_m: var("TANDEM_FP8_UNSCALED_MAX_M", d.unscaled_max_m),
             target_blocks: d.target_blocks,
@@ -105,8 +99,6 @@ impl Fp8Policy {
 pub enum Fp8Path {
     /// Streaming kernel with this many K splits.
     Stream { splits: usize },
-    /// Persistent streaming kernel on this many CTAs.
-    Gemv { ctas: usize },
     /// cuBLASLt without scales, F32 staged, then the scale epilogue.
     Unscaled,
     /// cuBLASLt with outer-vector scales.
@@ -358,15 +350,8 @@ impl Gemm {
     /// The path of an FP8 product under [`Self::fp8_policy`].
     pub fn fp8_path(&self, m: usize, n: usize, k: usize, f32_out: bool) -> Fp8Path {
         let p = self.fp8_policy;
-        let gemv_ctas = fp8_stream::gemv_resident_ctas(m, p.target_blocks);
         if f32_out {
             Fp8Path::OuterVector
-        } else if m <= p.gemv_max_m
-            && fp8_stream::gemv_supports(n, k)
-            && fp8_stream::gemv_partial_bytes(m, fp8_stream::gemv_warps(n, k, gemv_ctas))
-                <= self.scratch.partial.bytes
-        {
-            Fp8Path::Gemv { ctas: gemv_ctas }
         } else if m <= p.stream_max_m && fp8_stream::supports(n, k) {
             let bytes = self.scratch.partial.bytes;
             Fp8Path::Stream {
@@ -417,21 +402,6 @@ impl Gemm {
                 out,
                 f32_out,
                 splits,
-                stream,
-            ),
-            Fp8Path::Gemv { ctas } => fp8_stream::run_gemv(
-                kernels,
-                &self.scratch,
-                m,
-                n,
-                k,
-                x,
-                x_scale,
-                w,
-                w_scale,
-                out,
-                f32_out,
-                ctas,
                 stream,
             ),
             Fp8Path::Unscaled => {
