@@ -204,6 +204,37 @@ __device__ __forceinline__ void residual_add4(float* r, const A* d, int c, int c
     }
 }
 
+// 4 consecutive values of a row as stored (BF16: one 8-byte load kept as two words).
+template <typename A>
+struct Raw4 {
+    unsigned w[2];
+    __device__ __forceinline__ void load(const bf16* p, int c, int cols, bool vec) {
+        if (vec && c + LANE_COLS <= cols) {
+            uint2 x = *(const uint2*)(p + c);
+            w[0] = x.x, w[1] = x.y;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                unsigned lo = c + 2 * j < cols ? p[c + 2 * j] : 0, hi = c + 2 * j + 1 < cols ? p[c + 2 * j + 1] : 0;
+                w[j] = lo | (hi << 16);
+            }
+        }
+    }
+    __device__ __forceinline__ void get(float* v) const {
+#pragma unroll
+        for (int j = 0; j < 2; j++) v[2 * j] = __uint_as_float(w[j] << 16), v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+};
+template <>
+struct Raw4<float> {
+    float f[LANE_COLS];
+    __device__ __forceinline__ void load(const float* p, int c, int cols, bool vec) { load4(p, c, cols, vec, f); }
+    __device__ __forceinline__ void get(float* v) const {
+#pragma unroll
+        for (int j = 0; j < LANE_COLS; j++) v[j] = f[j];
+    }
+};
+
 // The chunk's sum of squares (the same in every lane of the warp).
 __device__ __forceinline__ float chunk_ss(const float* v) {
     float s = 0.0f;
@@ -265,13 +296,31 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
     // reduction, so their latency is hidden; more would cost too many registers.
     constexpr bool PREFETCH = K <= 2;
     float v[K][LANE_COLS], w[PREFETCH ? K : 1][LANE_COLS];
+    // Every load of the row first (the delta as stored), then the adds and residual stores: a loop
+    // of load-add-store would wait a memory round trip per chunk (the stores may alias the loads).
+    Raw4<A> dr[K];
 #pragma unroll
     for (int k = 0; k < K; k++) {
         int c = warp + nwarps * k;
         if (c < nchunks) {
             int c0 = c * CHUNK_COLS + lane * LANE_COLS;
             if constexpr (PREFETCH) load4(weight, c0, hidden, vw, w[k]);
-            residual_add4(r, d, c0, hidden, vr, vd, v[k]);
+            load4(r, c0, hidden, vr, v[k]);
+            if (d) dr[k].load(d, c0, hidden, vd);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        int c = warp + nwarps * k;
+        if (c < nchunks) {
+            int c0 = c * CHUNK_COLS + lane * LANE_COLS;
+            if (d) {
+                float dv[LANE_COLS];
+                dr[k].get(dv);
+#pragma unroll
+                for (int j = 0; j < LANE_COLS; j++) v[k][j] += dv[j];
+                store4(r, c0, hidden, vr, v[k]);
+            }
             float s = chunk_ss(v[k]);
             if (lane == 0) sums[c] = s;
         }
@@ -320,24 +369,6 @@ __device__ __forceinline__ bool vec8_ok(const T* p, int cols) {
     return (cols % SILU_COLS) == 0 && ((u64)p % (SILU_COLS * sizeof(T))) == 0;
 }
 
-// v[0..8] = p[c..c+8] (zero past cols); vec: the rows are 8-aligned (vec8_ok).
-__device__ __forceinline__ void load8(const bf16* p, int c, int cols, bool vec, float* v) {
-    if (vec && c + SILU_COLS <= cols) {
-        uint4 x = *(const uint4*)(p + c);
-        unsigned u[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++) v[2 * j] = __uint_as_float(u[j] << 16), v[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
-    } else {
-#pragma unroll
-        for (int j = 0; j < SILU_COLS; j++) v[j] = c + j < cols ? bf2f(p[c + j]) : 0.0f;
-    }
-}
-
-__device__ __forceinline__ void load8(const float* p, int c, int cols, bool vec, float* v) {
-    load4(p, c, cols, vec, v);
-    load4(p, c + LANE_COLS, cols, vec, v + LANE_COLS);
-}
-
 // out[c..c+8] = the FP8 codes of v.
 template <typename A>
 __device__ __forceinline__ void store8_e4m3(fp8* p, int c, int cols, bool vec, const float* v, Fp8Quant<A> quant) {
@@ -354,11 +385,25 @@ __device__ __forceinline__ void store8_e4m3(fp8* p, int c, int cols, bool vec, c
     }
 }
 
-// 8 values of a row held in registers: BF16 pairs for BF16 activations (the values are BF16
-// already, so nothing is lost, and half the registers let two 512-thread blocks share an SM).
+// 8 consecutive values of a row in registers, stored as A (BF16 pairs: half the registers, and
+// the bytes of a 16-byte load as they are).
 template <typename A>
 struct Held8 {
     unsigned w[SILU_COLS / 2];
+    // p[c..c+8], zero past cols; vec: the rows are 8-aligned (vec8_ok).
+    __device__ __forceinline__ void load(const bf16* p, int c, int cols, bool vec) {
+        if (vec && c + SILU_COLS <= cols) {
+            uint4 x = *(const uint4*)(p + c);
+            w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
+        } else {
+#pragma unroll
+            for (int j = 0; j < SILU_COLS / 2; j++) {
+                unsigned lo = c + 2 * j < cols ? p[c + 2 * j] : 0, hi = c + 2 * j + 1 < cols ? p[c + 2 * j + 1] : 0;
+                w[j] = lo | (hi << 16);
+            }
+        }
+    }
+    // v rounded to BF16 already.
     __device__ __forceinline__ void set(const float* v) {
 #pragma unroll
         for (int j = 0; j < SILU_COLS / 2; j++)
@@ -372,6 +417,10 @@ struct Held8 {
 template <>
 struct Held8<float> {
     float f[SILU_COLS];
+    __device__ __forceinline__ void load(const float* p, int c, int cols, bool vec) {
+        load4(p, c, cols, vec, f);
+        load4(p, c + LANE_COLS, cols, vec, f + LANE_COLS);
+    }
     __device__ __forceinline__ void set(const float* v) {
 #pragma unroll
         for (int j = 0; j < SILU_COLS; j++) f[j] = v[j];
@@ -382,12 +431,20 @@ struct Held8<float> {
     }
 };
 
-// One block per row: value8(c0, v) gives the row's columns c0..c0+8 (values of type A, zero past
-// cols); they are held in registers (K groups of 8 per thread) while the block finds the row's
-// maximum, then written as FP8 with the per-row scale. One pass over global memory.
-template <typename A, int K, typename Value8>
-__device__ __forceinline__ void quantize_held_row(fp8* xq, float* xs, int cols, Value8 value8) {
+// One block per row, K groups of 8 columns per thread. fetch(c0) loads what columns c0..c0+8 need
+// (zero past cols); all K fetches are issued before any is used, so a thread has its whole share
+// of the row in flight at once (a loop of load-then-use waits a memory round trip per group).
+// value8(fetched, c0, v) then gives the values (of type A), held in registers while the block
+// finds the row's maximum, and written as FP8 with the per-row scale: one pass over global memory.
+template <typename A, int K, typename Fetch, typename Value8>
+__device__ __forceinline__ void quantize_held_row(fp8* xq, float* xs, int cols, Fetch fetch, Value8 value8) {
     __shared__ float scratch[32];
+    decltype(fetch(0)) fetched[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        int c0 = (threadIdx.x + blockDim.x * k) * SILU_COLS;
+        if (c0 < cols) fetched[k] = fetch(c0);
+    }
     Held8<A> held[K];
     float amax = 0.0f;
 #pragma unroll
@@ -395,7 +452,7 @@ __device__ __forceinline__ void quantize_held_row(fp8* xq, float* xs, int cols, 
         int c0 = (threadIdx.x + blockDim.x * k) * SILU_COLS;
         if (c0 < cols) {
             float v[SILU_COLS];
-            value8(c0, v);
+            value8(fetched[k], c0, v);
 #pragma unroll
             for (int j = 0; j < SILU_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
             held[k].set(v);
@@ -417,17 +474,30 @@ __device__ __forceinline__ void quantize_held_row(fp8* xq, float* xs, int cols, 
     if (threadIdx.x == 0) xs[blockIdx.x] = scale;
 }
 
+template <typename A>
+struct GateUp8 {
+    Held8<A> gate, up;
+};
+
 template <typename A, int K>
 __device__ void silu_mul_fp8_t(fp8* xq, float* xs, const A* gate_up, int inter) {
     const A* g = gate_up + (u64)blockIdx.x * 2 * inter;
     bool vec = vec8_ok(g, inter);
-    quantize_held_row<A, K>(xq, xs, inter, [&](int c0, float* v) {
-        float u[SILU_COLS];
-        load8(g, c0, inter, vec, v);
-        load8(g + inter, c0, inter, vec, u);
+    quantize_held_row<A, K>(
+        xq, xs, inter,
+        [&](int c0) {
+            GateUp8<A> f;
+            f.gate.load(g, c0, inter, vec);
+            f.up.load(g + inter, c0, inter, vec);
+            return f;
+        },
+        [&](const GateUp8<A>& f, int c0, float* v) {
+            float u[SILU_COLS];
+            f.gate.get(v);
+            f.up.get(u);
 #pragma unroll
-        for (int j = 0; j < SILU_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1<A>(v[j], u[j])) : 0.0f;
-    });
+            for (int j = 0; j < SILU_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1<A>(v[j], u[j])) : 0.0f;
+        });
 }
 
 // quantize_fp8 for rows of at most 1024 * K * 8 columns, the row in registers.
@@ -435,7 +505,14 @@ template <typename A, int K>
 __device__ void quantize_fp8_held_t(fp8* out, float* scales, const A* in, int cols) {
     const A* x = in + (u64)blockIdx.x * cols;
     bool vec = vec8_ok(x, cols);
-    quantize_held_row<A, K>(out, scales, cols, [&](int c0, float* v) { load8(x, c0, cols, vec, v); });
+    quantize_held_row<A, K>(
+        out, scales, cols,
+        [&](int c0) {
+            Held8<A> h;
+            h.load(x, c0, cols, vec);
+            return h;
+        },
+        [&](const Held8<A>& h, int c0, float* v) { h.get(v); });
 }
 
 // Few rows (decode): one SM per row is too slow for silu's expf and divisions, so each row is
@@ -532,23 +609,39 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
     if (slot >= 0) cache_base = ((u64)(slot / block_size) * num_kv_heads * block_size + slot % block_size) * head_dim + i;
     float s, c;
     sincosf((float)positions[t] * inv_freq[i], &s, &c);
-    for (int head = blockIdx.y * groups + g; head < heads; head += gridDim.y * groups) {
-        u64 at = (u64)head * head_dim + i;
-        int kv = head - num_q_heads;  // k heads 0..num_kv_heads, then v heads
-        A* cache = kv >= 0 && slot >= 0 ? (kv < num_kv_heads ? k_cache : v_cache) : nullptr;
-        u64 dst = cache_base + (u64)(kv % num_kv_heads) * block_size * head_dim;
-        if (kv < num_kv_heads) {
-            float y0, y1;
-            rotate_pair(ld(row, at), ld(row, at + half), s, c, &y0, &y1);
-            st(row, at, y0);
-            st(row, at + half, y1);
+    // Heads in batches: all of a batch's loads first (the stores may alias later loads, so a loop
+    // of load-rotate-store would wait a memory round trip per head).
+    constexpr int BATCH = 8;
+    int stride = gridDim.y * groups;
+    for (int h0 = blockIdx.y * groups + g; h0 < heads; h0 += BATCH * stride) {
+        float x0[BATCH], x1[BATCH];
+#pragma unroll
+        for (int b = 0; b < BATCH; b++) {
+            int head = h0 + b * stride;
+            if (head < heads) {
+                u64 at = (u64)head * head_dim + i;
+                x0[b] = ld(row, at);
+                x1[b] = ld(row, at + half);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < BATCH; b++) {
+            int head = h0 + b * stride;
+            if (head >= heads) break;
+            u64 at = (u64)head * head_dim + i;
+            int kv = head - num_q_heads;  // k heads 0..num_kv_heads, then v heads
+            A* cache = kv >= 0 && slot >= 0 ? (kv < num_kv_heads ? k_cache : v_cache) : nullptr;
+            u64 dst = cache_base + (u64)(kv % num_kv_heads) * block_size * head_dim;
+            float y0 = x0[b], y1 = x1[b];
+            if (kv < num_kv_heads) {
+                rotate_pair(x0[b], x1[b], s, c, &y0, &y1);
+                st(row, at, y0);
+                st(row, at + half, y1);
+            }
             if (cache) {
                 st(cache, dst, y0);
                 st(cache, dst + half, y1);
             }
-        } else if (cache) {
-            cache[dst] = row[at];
-            cache[dst + half] = row[at + half];
         }
     }
 }

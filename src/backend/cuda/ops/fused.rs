@@ -46,13 +46,11 @@ fn fused_norm_shape(n: usize, hidden: usize) -> (String, u32) {
 }
 
 /// K and threads per block of the row-per-block kernels that hold a row in registers as groups of
-/// 8 columns (`silu_mul_fp8_k*`, `quantize_fp8_k*`): threads * K groups cover the row. Blocks of at
-/// most 512 threads where K <= 8 allows, so that two share an SM (one row's loads overlap another's
-/// arithmetic and reduction).
+/// 8 columns (`silu_mul_fp8_k*`, `quantize_fp8_k*`): the smallest K with threads * K groups
+/// covering the row (each thread issues all its K loads at once, so more threads, fewer groups).
 pub(super) fn held_row_shape(cols: usize) -> (usize, u32) {
     let groups = cols.div_ceil(SILU_GROUP_COLS);
-    let lanes = if groups <= 512 * FUSED_MAX_K { 512 } else { 1024 };
-    let k = fused_k(groups, lanes);
+    let k = fused_k(groups, 1024);
     (k, 32 * groups.div_ceil(k).div_ceil(32) as u32)
 }
 
@@ -253,7 +251,7 @@ mod tests {
             assert!(threads <= 1024 && threads % 32 == 0 && k <= FUSED_MAX_K);
             assert!(threads as usize * k * SILU_GROUP_COLS >= inter, "{inter}");
         }
-        assert_eq!(held_row_shape(28672), (8, 448));
-        assert_eq!(held_row_shape(8192), (2, 512));
+        assert_eq!(held_row_shape(28672), (4, 896));
+        assert_eq!(held_row_shape(8192), (1, 1024));
     }
 }
