@@ -9,8 +9,10 @@
 // once per block). Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
 // - Multi-query items (prefill chunks, flash_prefill_body): up to 128 rows, 32 per warp (two
 //   16-row MMA tiles share every K/V fragment read from shared memory), Q staged in shared memory.
-//   The _hilo kernels (the default) keep P as BF16 hi + lo (two P V MMAs); the others round P to
-//   BF16 (one MMA, as FlashAttention does). Tiles wholly below every row's position skip the mask.
+//   The _hilo kernels (the default) keep P as BF16 hi + lo (two P V MMAs); the _f16p kernels take P
+//   and V as F16 (one MMA; V converted from BF16 in registers, exact in F16's range; P 3 more bits
+//   than BF16); the others round P to BF16 (one MMA, as FlashAttention does). Tiles wholly below
+//   every row's position skip the mask.
 // - One-query items in mixed batches (flash_body): at most 64 rows, MT = ceil(rows / 16) row tiles
 //   of 16; warp w takes row tile w % MT and the key slice w / MT of each 64-key tile
 //   (KS = 4 / MT slices), so G <= 16 rows keep all 4 warps busy; P keeps BF16 hi + lo. The warps'
@@ -248,7 +250,12 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh
 // its item (chunked and whole prefills agree bit for bit). Q sits in shared memory and is read per
 // 16-dim step; each K/V fragment read from shared memory feeds both row tiles.
 // Shared memory: Q FP_ROWS * (D + 8) BF16, then K and V stages 2 * 2 * FA_KT * (D + 8) BF16.
-template <int D, bool HILO>
+// How a prefill block multiplies P by V (the kernel families below).
+#define P_BF16 0
+#define P_HILO 1
+#define P_F16 2
+
+template <int D, int PM>
 __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile, int kvh) {
     constexpr int STR = D + 8;
     constexpr int DK = D / 16;
@@ -429,11 +436,16 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
                 unsigned ph[2][4], pl[2][4];
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
-                    if (HILO) {
+                    if (PM == P_HILO) {
                         split_bf16(s[mt][2 * nb][0], s[mt][2 * nb][1], ph[mt][0], pl[mt][0]);
                         split_bf16(s[mt][2 * nb][2], s[mt][2 * nb][3], ph[mt][1], pl[mt][1]);
                         split_bf16(s[mt][2 * nb + 1][0], s[mt][2 * nb + 1][1], ph[mt][2], pl[mt][2]);
                         split_bf16(s[mt][2 * nb + 1][2], s[mt][2 * nb + 1][3], ph[mt][3], pl[mt][3]);
+                    } else if (PM == P_F16) {
+                        ph[mt][0] = pack_f16(s[mt][2 * nb][0], s[mt][2 * nb][1]);
+                        ph[mt][1] = pack_f16(s[mt][2 * nb][2], s[mt][2 * nb][3]);
+                        ph[mt][2] = pack_f16(s[mt][2 * nb + 1][0], s[mt][2 * nb + 1][1]);
+                        ph[mt][3] = pack_f16(s[mt][2 * nb + 1][2], s[mt][2 * nb + 1][3]);
                     } else {
                         ph[mt][0] = pack_bf16(s[mt][2 * nb][0], s[mt][2 * nb][1]);
                         ph[mt][1] = pack_bf16(s[mt][2 * nb][2], s[mt][2 * nb][3]);
@@ -447,11 +459,20 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
                 for (int dp = 0; dp < D / 16; dp++) {
                     unsigned v0, v1, v2, v3;
                     ldsm4_t(base + dp * 32, v0, v1, v2, v3);
+                    if (PM == P_F16) {
+                        v0 = bf16x2_to_f16x2(v0), v1 = bf16x2_to_f16x2(v1);
+                        v2 = bf16x2_to_f16x2(v2), v3 = bf16x2_to_f16x2(v3);
+                    }
 #pragma unroll
                     for (int mt = 0; mt < 2; mt++) {
+                        if (PM == P_F16) {
+                            mma_f16(o[mt][2 * dp], ph[mt], v0, v1);
+                            mma_f16(o[mt][2 * dp + 1], ph[mt], v2, v3);
+                            continue;
+                        }
                         mma_bf16(o[mt][2 * dp], ph[mt], v0, v1);
                         mma_bf16(o[mt][2 * dp + 1], ph[mt], v2, v3);
-                        if (HILO) {
+                        if (PM == P_HILO) {
                             mma_bf16(o[mt][2 * dp], pl[mt], v0, v1);
                             mma_bf16(o[mt][2 * dp + 1], pl[mt], v2, v3);
                         }
@@ -481,7 +502,7 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
         }
 }
 
-template <int D, bool HILO>
+template <int D, int PM>
 __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
     // Longest items first over all kv heads: a prefill's late tiles see the most keys, so they
     // should not form the tail.
@@ -492,7 +513,7 @@ __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
     int MT = (rows + 15) / 16;
     // A decode item (in a mixed batch) splits its keys over the warps its rows leave over.
     if (qn > 1)
-        flash_prefill_body<D, HILO>(a, tile, kvh);
+        flash_prefill_body<D, PM>(a, tile, kvh);
     else if (MT == 1)
         flash_body<D, 4>(a, tile, kvh, 1);
     else if (MT == 2)
@@ -501,21 +522,30 @@ __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
         flash_body<D, 1>(a, tile, kvh, MT);
 }
 
-// One kernel per head_dim (16..128, multiples of 16); 4 warps per block, 2 blocks per SM. The _hilo
-// kernels keep P as BF16 hi + lo for multi-query items too (F32-like accuracy, two P V MMAs).
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd16(FLASH_PARAMS) { flash_attention_t<16, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd32(FLASH_PARAMS) { flash_attention_t<32, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd48(FLASH_PARAMS) { flash_attention_t<48, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd64(FLASH_PARAMS) { flash_attention_t<64, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd80(FLASH_PARAMS) { flash_attention_t<80, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd96(FLASH_PARAMS) { flash_attention_t<96, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd112(FLASH_PARAMS) { flash_attention_t<112, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd128(FLASH_PARAMS) { flash_attention_t<128, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd16(FLASH_PARAMS) { flash_attention_t<16, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd32(FLASH_PARAMS) { flash_attention_t<32, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd48(FLASH_PARAMS) { flash_attention_t<48, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd64(FLASH_PARAMS) { flash_attention_t<64, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd80(FLASH_PARAMS) { flash_attention_t<80, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd96(FLASH_PARAMS) { flash_attention_t<96, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd112(FLASH_PARAMS) { flash_attention_t<112, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd128(FLASH_PARAMS) { flash_attention_t<128, true>(FLASH_ARGS); }
+// One kernel per head_dim (16..128, multiples of 16) and P V product; 4 warps per block, 2 blocks
+// per SM. The _hilo kernels keep P as BF16 hi + lo for multi-query items too (F32-like accuracy,
+// two P V MMAs), the _f16p kernels take P and V as F16.
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd16(FLASH_PARAMS) { flash_attention_t<16, P_BF16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd32(FLASH_PARAMS) { flash_attention_t<32, P_BF16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd48(FLASH_PARAMS) { flash_attention_t<48, P_BF16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd64(FLASH_PARAMS) { flash_attention_t<64, P_BF16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd80(FLASH_PARAMS) { flash_attention_t<80, P_BF16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd96(FLASH_PARAMS) { flash_attention_t<96, P_BF16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd112(FLASH_PARAMS) { flash_attention_t<112, P_BF16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hd128(FLASH_PARAMS) { flash_attention_t<128, P_BF16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd16(FLASH_PARAMS) { flash_attention_t<16, P_HILO>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd32(FLASH_PARAMS) { flash_attention_t<32, P_HILO>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd48(FLASH_PARAMS) { flash_attention_t<48, P_HILO>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd64(FLASH_PARAMS) { flash_attention_t<64, P_HILO>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd80(FLASH_PARAMS) { flash_attention_t<80, P_HILO>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd96(FLASH_PARAMS) { flash_attention_t<96, P_HILO>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd112(FLASH_PARAMS) { flash_attention_t<112, P_HILO>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_hd128(FLASH_PARAMS) { flash_attention_t<128, P_HILO>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd16(FLASH_PARAMS) { flash_attention_t<16, P_F16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd32(FLASH_PARAMS) { flash_attention_t<32, P_F16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd48(FLASH_PARAMS) { flash_attention_t<48, P_F16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd64(FLASH_PARAMS) { flash_attention_t<64, P_F16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd80(FLASH_PARAMS) { flash_attention_t<80, P_F16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd96(FLASH_PARAMS) { flash_attention_t<96, P_F16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd112(FLASH_PARAMS) { flash_attention_t<112, P_F16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd128(FLASH_PARAMS) { flash_attention_t<128, P_F16>(FLASH_ARGS); }

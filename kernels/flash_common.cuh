@@ -46,6 +46,26 @@ __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// c += a (16x16, row-major) * b (16x8, column-major), F16 inputs.
+__device__ __forceinline__ void mma_f16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as F16x2 (`lo` in the low half), saturating at +-65504 instead of overflowing.
+__device__ __forceinline__ unsigned pack_f16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// BF16x2 as F16x2: exact for magnitudes in [2^-14, 65504] (BF16's 8 significant bits fit F16's 11).
+__device__ __forceinline__ unsigned bf16x2_to_f16x2(unsigned v) {
+    return pack_f16(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+
 // Two floats as BF16x2: `lo` in the low half (the lower column).
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     unsigned r;

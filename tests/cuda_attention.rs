@@ -9,7 +9,7 @@ use tandem::backend::cuda::device::DeviceBuffer;
 use tandem::backend::cuda::meta::{plan_step, SplitPolicy};
 use tandem::backend::cuda::ops::{
     combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported, AttentionArgs,
-    Ops, Precision,
+    Ops, Precision, PrefillP,
 };
 use tandem::backend::{Batch, Emit, SeqChunk};
 
@@ -60,6 +60,8 @@ enum AttnKernel {
     Flash,
     /// The same with P of prefill blocks as BF16 hi + lo (the default).
     FlashHiLo,
+    /// The same with P and V of prefill blocks as F16 (`TANDEM_FLASH_PREFILL=f16`).
+    FlashF16,
     /// The tensor-core kernel for decode-only batches.
     Decode,
     CudaCores,
@@ -67,7 +69,7 @@ enum AttnKernel {
 
 /// Runs `case` on random inputs against [`ref_attention`]: whole tiles, decode tiles split into
 /// key ranges (merged by attention_combine) at the tightest and at the serving split policy, with
-/// the tensor-core kernel (P of prefill blocks as plain BF16 and as hi + lo), the CUDA-core one
+/// the tensor-core kernel (P of prefill blocks as plain BF16, as hi + lo and as F16), the CUDA-core one
 /// and, for a decode-only batch, the decode kernel (which must also agree closely with the prefill
 /// kernel on the same tokens).
 fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
@@ -166,8 +168,9 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             decode_only: plan.all_decode,
         };
         match kernel {
-            AttnKernel::Flash => e.ops().flash_attention_p(&args, false).unwrap(),
-            AttnKernel::FlashHiLo => e.ops().flash_attention_p(&args, true).unwrap(),
+            AttnKernel::Flash => e.ops().flash_attention_p(&args, PrefillP::Bf16).unwrap(),
+            AttnKernel::FlashHiLo => e.ops().flash_attention_p(&args, PrefillP::HiLo).unwrap(),
+            AttnKernel::FlashF16 => e.ops().flash_attention_p(&args, PrefillP::F16).unwrap(),
             AttnKernel::Decode => e.ops().flash_decode(&args).unwrap(),
             AttnKernel::CudaCores => e.ops().paged_attention_cuda_cores(&args).unwrap(),
         }
@@ -203,6 +206,7 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     let mut kernels = vec![
         AttnKernel::Flash,
         AttnKernel::FlashHiLo,
+        AttnKernel::FlashF16,
         AttnKernel::CudaCores,
     ];
     if all_decode && flash_decode_supported(group, hd, Precision::Bf16) {
@@ -240,7 +244,7 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     // Tensor cores: a token of a multi-query tile gets the same bits whatever else shares its
     // tile (so chunked and whole prefills agree exactly), with either P.
     let mut compared = 0;
-    for kernel in [AttnKernel::Flash, AttnKernel::FlashHiLo] {
+    for kernel in [AttnKernel::Flash, AttnKernel::FlashHiLo, AttnKernel::FlashF16] {
         let (big, big_multi, _) = run(kernel, flash_q_per_tile, None);
         let (small, small_multi, _) = run(kernel, 2, None);
         let row = nh * hd;

@@ -117,7 +117,7 @@ const PLAIN: &[(&str, &[&str])] = &[
 ];
 
 /// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`; `_hilo`: P as
-/// BF16 hi + lo).
+/// BF16 hi + lo; `_f16p`: P and V as F16).
 pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd16",
     "flash_attention_hd32",
@@ -135,6 +135,14 @@ pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hilo_hd96",
     "flash_attention_hilo_hd112",
     "flash_attention_hilo_hd128",
+    "flash_attention_f16p_hd16",
+    "flash_attention_f16p_hd32",
+    "flash_attention_f16p_hd48",
+    "flash_attention_f16p_hd64",
+    "flash_attention_f16p_hd80",
+    "flash_attention_f16p_hd96",
+    "flash_attention_f16p_hd112",
+    "flash_attention_f16p_hd128",
 ];
 
 /// The decode-only tensor-core attention (`Ops::flash_decode`), one kernel per head_dim.
@@ -328,6 +336,14 @@ const BIG_SHARED: &[(&str, i32)] = &[
     ("flash_attention_hilo_hd96", 112 * 1024),
     ("flash_attention_hilo_hd112", 112 * 1024),
     ("flash_attention_hilo_hd128", 112 * 1024),
+    ("flash_attention_f16p_hd16", 112 * 1024),
+    ("flash_attention_f16p_hd32", 112 * 1024),
+    ("flash_attention_f16p_hd48", 112 * 1024),
+    ("flash_attention_f16p_hd64", 112 * 1024),
+    ("flash_attention_f16p_hd80", 112 * 1024),
+    ("flash_attention_f16p_hd96", 112 * 1024),
+    ("flash_attention_f16p_hd112", 112 * 1024),
+    ("flash_attention_f16p_hd128", 112 * 1024),
     ("flash_decode_hd16", 96 * 1024),
     ("flash_decode_hd32", 96 * 1024),
     ("flash_decode_hd48", 96 * 1024),

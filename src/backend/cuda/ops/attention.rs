@@ -24,13 +24,28 @@ pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
         && (1..=FLASH_MAX_GROUP).contains(&group)
 }
 
-/// Whether prefill (multi-query) blocks keep P as BF16 hi + lo (the default: F32-like accuracy,
-/// two P·V MMAs) or round it to plain BF16 (`TANDEM_FLASH_PREFILL=bf16`, as FlashAttention does:
-/// attention 63 instead of 78 ms in a 3000-token 70B prefill on an H200, but it flips the first
-/// greedy token of the tiny FP8 fixture in BF16 precision, tests/cuda_fixtures.rs).
-pub fn flash_prefill_hilo() -> bool {
-    static HILO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HILO.get_or_init(|| std::env::var("TANDEM_FLASH_PREFILL").map_or(true, |v| v != "bf16"))
+/// How prefill (multi-query) blocks multiply P by V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillP {
+    /// P as BF16 hi + lo: F32-like accuracy, two P·V MMAs (the default).
+    HiLo,
+    /// P and V as F16 (`TANDEM_FLASH_PREFILL=f16`): one MMA; P keeps 11 significant bits, V is
+    /// exact within F16's range (saturating at 65504).
+    F16,
+    /// P rounded to BF16 (`TANDEM_FLASH_PREFILL=bf16`), as FlashAttention does: attention 63
+    /// instead of 78 ms in a 3000-token 70B prefill on an H200, but it flips the first greedy
+    /// token of the tiny FP8 fixture in BF16 precision (tests/cuda_fixtures.rs).
+    Bf16,
+}
+
+/// The prefill P·V product `TANDEM_FLASH_PREFILL` asks for (hilo, f16 or bf16; hilo if unset).
+pub fn flash_prefill_p() -> PrefillP {
+    static MODE: std::sync::OnceLock<PrefillP> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("TANDEM_FLASH_PREFILL").as_deref() {
+        Ok("bf16") => PrefillP::Bf16,
+        Ok("f16") => PrefillP::F16,
+        _ => PrefillP::HiLo,
+    })
 }
 
 /// Most query heads per kv head of the decode kernel (the top half of a 16-row MMA tile; the
@@ -100,14 +115,14 @@ impl Ops<'_> {
     }
 
     /// The tensor-core kernel: one block of 4 warps per (work item, kv head); P of prefill blocks
-    /// as [`flash_prefill_hilo`] says.
+    /// as [`flash_prefill_p`] says.
     pub fn flash_attention(&self, a: &AttentionArgs) -> Result<()> {
-        self.flash_attention_p(a, flash_prefill_hilo())
+        self.flash_attention_p(a, flash_prefill_p())
     }
 
-    /// The tensor-core kernel with P of multi-query blocks as BF16 hi + lo (`hilo`) or plain BF16
-    /// (one-query items always keep hi + lo).
-    pub fn flash_attention_p(&self, a: &AttentionArgs, hilo: bool) -> Result<()> {
+    /// The tensor-core kernel with the given P·V product for multi-query blocks (one-query items
+    /// always keep P as BF16 hi + lo).
+    pub fn flash_attention_p(&self, a: &AttentionArgs, p: PrefillP) -> Result<()> {
         let group = a.q_heads / a.kv_heads;
         ensure!(
             flash_supported(group, a.head_dim, self.act),
@@ -127,10 +142,10 @@ impl Ops<'_> {
         let q = FLASH_ROWS * (hd + 8) * 2;
         let stages = 2 * 2 * keys * (hd + 8) * 2;
         let merge = (4 * 16 * (hd + 4) + 4 * 16 * 2) * 4;
-        let name = if hilo {
-            "flash_attention_hilo"
-        } else {
-            "flash_attention"
+        let name = match p {
+            PrefillP::HiLo => "flash_attention_hilo",
+            PrefillP::F16 => "flash_attention_f16p",
+            PrefillP::Bf16 => "flash_attention",
         };
         self.go(
             &format!("{name}_hd{hd}"),
