@@ -10,8 +10,8 @@
 // - Multi-query items (prefill chunks, flash_prefill_body): up to 128 rows, 32 per warp (two
 //   16-row MMA tiles share every K/V fragment read from shared memory), Q staged in shared memory.
 //   The _hilo kernels (the default) keep P as BF16 hi + lo (two P V MMAs); the _f16p kernels take P
-//   and V as F16 (one MMA; V converted from BF16 in registers, exact in F16's range; P 3 more bits
-//   than BF16); the others round P to BF16 (one MMA, as FlashAttention does). Tiles wholly below
+//   and V as F16 (one MMA; each V tile converted from BF16 in shared memory, exact in F16's range;
+//   P 3 more bits than BF16); the others round P to BF16 (one MMA, as FlashAttention does). Tiles wholly below
 //   every row's position skip the mask.
 // - One-query items in mixed batches (flash_body): at most 64 rows, MT = ceil(rows / 16) row tiles
 //   of 16; warp w takes row tile w % MT and the key slice w / MT of each 64-key tile
@@ -353,6 +353,16 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
+        if (PM == P_F16) {
+            // The V tile to F16 in place, once for the block's 4 warps (padding columns included).
+            uint4* vt = (uint4*)(Vs + (it & 1) * FA_KT * STR);
+            for (int idx = tid; idx < FA_KT * STR / 8; idx += FA_WARPS * 32) {
+                uint4 x = vt[idx];
+                vt[idx] = make_uint4(bf16x2_to_f16x2(x.x), bf16x2_to_f16x2(x.y), bf16x2_to_f16x2(x.z),
+                                     bf16x2_to_f16x2(x.w));
+            }
+            __syncthreads();
+        }
         if (active && k0 <= wmax) {
             const bf16* Kt = Ks + (it & 1) * FA_KT * STR;
             const bf16* Vt = Vs + (it & 1) * FA_KT * STR;
@@ -459,10 +469,6 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
                 for (int dp = 0; dp < D / 16; dp++) {
                     unsigned v0, v1, v2, v3;
                     ldsm4_t(base + dp * 32, v0, v1, v2, v3);
-                    if (PM == P_F16) {
-                        v0 = bf16x2_to_f16x2(v0), v1 = bf16x2_to_f16x2(v1);
-                        v2 = bf16x2_to_f16x2(v2), v3 = bf16x2_to_f16x2(v3);
-                    }
 #pragma unroll
                     for (int mt = 0; mt < 2; mt++) {
                         if (PM == P_F16) {

@@ -223,7 +223,7 @@ impl Ops<'_> {
         cols: usize,
     ) -> Result<()> {
         let (name, threads) = if cols <= FUSED_SILU_MAX_COLS {
-            let (k, threads) = fused::held_row_shape(cols);
+            let (k, threads) = fused::held_row_shape(cols, fused::QUANTIZE_MAX_THREADS);
             (format!("quantize_fp8_k{k}"), threads)
         } else {
             ("quantize_fp8".to_string(), ROW_THREADS)
