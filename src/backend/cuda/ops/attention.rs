@@ -24,13 +24,14 @@ pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
         && (1..=FLASH_MAX_GROUP).contains(&group)
 }
 
-/// How prefill (multi-query) blocks multiply P by V.
+/// How prefill (multi-query) blocks multiply P by V. Measured on an H200 (one 3000-token 70B
+/// prefill, attention of all 80 layers): hi + lo 76.6 ms, F16 67.3 ms, BF16 62.6 ms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillP {
-    /// P as BF16 hi + lo: F32-like accuracy, two P·V MMAs (the default).
+    /// P as BF16 hi + lo (`TANDEM_FLASH_PREFILL=hilo`): F32-like accuracy, two P·V MMAs.
     HiLo,
-    /// P and V as F16 (`TANDEM_FLASH_PREFILL=f16`): one MMA; P keeps 11 significant bits, V is
-    /// exact within F16's range (saturating at 65504).
+    /// P and V as F16 (the default): one MMA; P keeps 11 significant bits (BF16 8), V is exact
+    /// within F16's range (saturating at 65504). The fixtures give the same tokens as hi + lo.
     F16,
     /// P rounded to BF16 (`TANDEM_FLASH_PREFILL=bf16`), as FlashAttention does: attention 63
     /// instead of 78 ms in a 3000-token 70B prefill on an H200, but it flips the first greedy
@@ -38,13 +39,13 @@ pub enum PrefillP {
     Bf16,
 }
 
-/// The prefill P·V product `TANDEM_FLASH_PREFILL` asks for (hilo, f16 or bf16; hilo if unset).
+/// The prefill P·V product `TANDEM_FLASH_PREFILL` asks for (hilo, f16 or bf16; f16 if unset).
 pub fn flash_prefill_p() -> PrefillP {
     static MODE: std::sync::OnceLock<PrefillP> = std::sync::OnceLock::new();
     *MODE.get_or_init(|| match std::env::var("TANDEM_FLASH_PREFILL").as_deref() {
         Ok("bf16") => PrefillP::Bf16,
-        Ok("f16") => PrefillP::F16,
-        _ => PrefillP::HiLo,
+        Ok("hilo") => PrefillP::HiLo,
+        _ => PrefillP::F16,
     })
 }
 
