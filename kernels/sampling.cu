@@ -4,7 +4,7 @@
 // Otherwise w_i = exp((x_i - max) / temperature); keep w_i >= (k-th largest w) when 0 < top_k < vocab;
 // then keep the smallest set of largest w whose sum reaches top_p of the kept mass (whole tie groups);
 // then walk the kept tokens by (w descending, index ascending) and return the first whose running
-// sum exceeds uniform * (kept mass). Thresholds are found by bisection on the float bit patterns
+// sum exceeds uniform * (kept mass). Thresholds are found by a search on the float bit patterns
 // (positive floats order like their bits), so no sort is needed.
 
 #define SAMPLE_THREADS 1024
@@ -34,15 +34,67 @@ __device__ float mass_at_least(const float* x, int vocab, float mx, float inv_te
     return block_sum(acc, scratch);
 }
 
+// Thresholds a search pass evaluates at once (the interval shrinks SEARCH_WAYS + 1-fold a pass).
+#define SEARCH_WAYS 16
+// Loads in flight per thread in a search pass (fewer than SAMPLE_UNROLL: the sums take registers).
+#define SEARCH_UNROLL 4
+
 // Largest t (as bits, in [lo, 0x7f800000)) with mass_at_least(t) >= goal (or > goal when strict).
+// A (SEARCH_WAYS + 1)-ary search: each pass over the row sums the mass at SEARCH_WAYS thresholds
+// at once (8 passes instead of bisection's 31). Each threshold's sum is added in mass_at_least's
+// order (per thread in index order, then block_sum's two butterflies), so the result is the
+// bisection's, bit for bit.
 __device__ unsigned bisect(const float* x, int vocab, float mx, float inv_temp, unsigned lo, float goal, bool count,
-                           bool strict, float* scratch) {
+                           bool strict) {
+    __shared__ float partial[SEARCH_WAYS][32];
+    __shared__ float total[SEARCH_WAYS];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
     unsigned hi = 0x7f800000u;
     while (hi - lo > 1) {
-        unsigned mid = lo + (hi - lo) / 2;
-        float s = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(mid), count, scratch);
-        bool ok = strict ? s > goal : s >= goal;
-        if (ok) lo = mid; else hi = mid;
+        float t[SEARCH_WAYS], acc[SEARCH_WAYS];
+#pragma unroll
+        for (int j = 0; j < SEARCH_WAYS; j++) {
+            t[j] = __uint_as_float(lo + (unsigned)((unsigned long long)(hi - lo) * (j + 1) / (SEARCH_WAYS + 1)));
+            acc[j] = 0.0f;
+        }
+        for (int base = threadIdx.x; base < vocab; base += SEARCH_UNROLL * blockDim.x) {
+            float v[SEARCH_UNROLL];
+#pragma unroll
+            for (int u = 0; u < SEARCH_UNROLL; u++) {
+                int i = base + u * blockDim.x;
+                v[u] = i < vocab ? x[i] : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < SEARCH_UNROLL; u++) {
+                if (base + u * blockDim.x >= vocab) break;
+                float w = __expf((v[u] - mx) * inv_temp);
+                float add = count ? 1.0f : w;
+#pragma unroll
+                for (int j = 0; j < SEARCH_WAYS; j++)
+                    if (w >= t[j]) acc[j] += add;
+            }
+        }
+        __syncthreads();  // the previous pass's totals are read
+#pragma unroll
+        for (int j = 0; j < SEARCH_WAYS; j++) {
+            float r = warp_sum(acc[j]);
+            if (lane == 0) partial[j][warp] = r;
+        }
+        __syncthreads();
+        for (int j = warp; j < SEARCH_WAYS; j += nwarps) {
+            float r = warp_sum(lane < nwarps ? partial[j][lane] : 0.0f);
+            if (lane == 0) total[j] = r;
+        }
+        __syncthreads();
+        // The mass falls as t rises: the first threshold that fails bounds the answer above.
+        unsigned new_lo = lo, new_hi = hi;
+        for (int j = 0; j < SEARCH_WAYS; j++) {
+            unsigned tj = __float_as_uint(t[j]);
+            if (tj <= new_lo || tj >= new_hi) continue;
+            bool ok = strict ? total[j] > goal : total[j] >= goal;
+            if (ok) new_lo = tj; else new_hi = tj;
+        }
+        lo = new_lo, hi = new_hi;
     }
     return lo;
 }
@@ -95,15 +147,15 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(int* 
 
     unsigned t_keep = 0;  // keep w >= t_keep
     if (top_k > 0 && top_k < vocab)
-        t_keep = bisect(x, vocab, mx, inv_temp, 0u, (float)top_k, true, false, scratch);
+        t_keep = bisect(x, vocab, mx, inv_temp, 0u, (float)top_k, true, false);
     if (top_p < 1.0f) {
         float kept = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(t_keep), false, scratch);
-        t_keep = bisect(x, vocab, mx, inv_temp, t_keep, top_p * kept, false, false, scratch);
+        t_keep = bisect(x, vocab, mx, inv_temp, t_keep, top_p * kept, false, false);
     }
     float z = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(t_keep), false, scratch);
     float target = u * z;
     // The chosen token's weight: the largest w whose "at least w" mass exceeds target.
-    unsigned level_bits = bisect(x, vocab, mx, inv_temp, t_keep, target, false, true, scratch);
+    unsigned level_bits = bisect(x, vocab, mx, inv_temp, t_keep, target, false, true);
     float level = __uint_as_float(level_bits);
     float above = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(level_bits + 1), false, scratch);
     int nth = (int)((target - above) / level);  // which of the tokens tied at `level`, by index
