@@ -9,7 +9,7 @@
 // once per block). Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
 // - Multi-query items (prefill chunks, flash_prefill_body): up to 128 rows, 32 per warp (two
 //   16-row MMA tiles share every K/V fragment read from shared memory), Q staged in shared memory.
-//   The _hilo kernels keep P as BF16 hi + lo (two P V MMAs); the _f16p kernels (the default) take P
+//   The _hilo kernels (the default) keep P as BF16 hi + lo (two P V MMAs); the _f16p kernels take P
 //   and V as F16 (one MMA; each V tile converted from BF16 in shared memory, exact in F16's range;
 //   P 3 more bits than BF16); the others round P to BF16 (one MMA, as FlashAttention does). Tiles wholly below
 //   every row's position skip the mask.

@@ -49,9 +49,10 @@ case " $STAGES " in *" tests "*)
     step "$(basename "$t")" 180 "$t" --test-threads=1 --nocapture
   done ;;
 esac
-case " $STAGES " in *" fixtures_hilo "*)
-  # The fixtures with prefill attention keeping P as BF16 hi + lo (TANDEM_FLASH_PREFILL=hilo).
-  step "cuda_fixtures, P as BF16 hi+lo" 180 env TANDEM_FLASH_PREFILL=hilo "$D/tests/cuda_fixtures" --test-threads=1 --nocapture ;;
+case " $STAGES " in *" fixtures_f16p "*)
+  # The fixtures and model tests with prefill attention taking P and V as F16 (TANDEM_FLASH_PREFILL=f16).
+  step "cuda_fixtures, P as F16" 180 env TANDEM_FLASH_PREFILL=f16 "$D/tests/cuda_fixtures" --test-threads=1 --nocapture
+  step "cuda_backend, P as F16" 180 env TANDEM_FLASH_PREFILL=f16 "$D/tests/cuda_backend" --test-threads=1 --nocapture ;;
 esac
 case " $STAGES " in *" generate "*)
   step "generate tiny-llama cuda" 120 "$D/tandem" generate --model tiny-llama --load-format dummy \

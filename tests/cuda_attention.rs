@@ -58,9 +58,9 @@ enum AttnKernel {
     /// The tensor-core kernel for prefill chunks (and mixed batches), P of prefill blocks as plain
     /// BF16 (`TANDEM_FLASH_PREFILL=bf16`).
     Flash,
-    /// The same with P of prefill blocks as BF16 hi + lo (`TANDEM_FLASH_PREFILL=hilo`).
+    /// The same with P of prefill blocks as BF16 hi + lo (the default).
     FlashHiLo,
-    /// The same with P and V of prefill blocks as F16 (the default).
+    /// The same with P and V of prefill blocks as F16 (`TANDEM_FLASH_PREFILL=f16`).
     FlashF16,
     /// The tensor-core kernel for decode-only batches.
     Decode,
