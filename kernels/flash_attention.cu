@@ -9,10 +9,10 @@
 // once per block). Scores are kept in log2 units (scale * log2 e) so the exponentials are ex2.
 // - Multi-query items (prefill chunks, flash_prefill_body): up to 128 rows, 32 per warp (two
 //   16-row MMA tiles share every K/V fragment read from shared memory), Q staged in shared memory.
-//   The _hilo kernels (the default) keep P as BF16 hi + lo (two P V MMAs); the _f16p kernels take P
-//   and V as F16 (one MMA; each V tile converted from BF16 in shared memory, exact in F16's range;
-//   P 3 more bits than BF16); the others round P to BF16 (one MMA, as FlashAttention does). Tiles wholly below
-//   every row's position skip the mask.
+//   The _hilo kernels (the default) keep P as BF16 hi + lo (two P V MMAs); the _f16p kernels take
+//   P and V as F16 (one MMA; each V tile converted from BF16 in shared memory, exact in F16's
+//   range; P 3 more bits than BF16); the others round P to BF16 (one MMA, as FlashAttention does).
+//   Tiles wholly below every row's position skip the mask.
 // - One-query items in mixed batches (flash_body): at most 64 rows, MT = ceil(rows / 16) row tiles
 //   of 16; warp w takes row tile w % MT and the key slice w / MT of each 64-key tile
 //   (KS = 4 / MT slices), so G <= 16 rows keep all 4 warps busy; P keeps BF16 hi + lo. The warps'
@@ -245,16 +245,16 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh
 
 #define FP_ROWS 128  // rows per multi-query item: 4 warps x 32
 
-// A multi-query item (flash_body's layout, without key slices): warp w owns rows 32w..32w+31 as
-// two 16-row MMA tiles over all keys, so a row's result does not depend on how many tokens share
-// its item (chunked and whole prefills agree bit for bit). Q sits in shared memory and is read per
-// 16-dim step; each K/V fragment read from shared memory feeds both row tiles.
-// Shared memory: Q FP_ROWS * (D + 8) BF16, then K and V stages 2 * 2 * FA_KT * (D + 8) BF16.
 // How a prefill block multiplies P by V (the kernel families below).
 #define P_BF16 0
 #define P_HILO 1
 #define P_F16 2
 
+// A multi-query item (flash_body's layout, without key slices): warp w owns rows 32w..32w+31 as
+// two 16-row MMA tiles over all keys, so a row's result does not depend on how many tokens share
+// its item (chunked and whole prefills agree bit for bit). Q sits in shared memory and is read per
+// 16-dim step; each K/V fragment read from shared memory feeds both row tiles.
+// Shared memory: Q FP_ROWS * (D + 8) BF16, then K and V stages 2 * 2 * FA_KT * (D + 8) BF16.
 template <int D, int PM>
 __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile, int kvh) {
     constexpr int STR = D + 8;

@@ -244,7 +244,11 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     // Tensor cores: a token of a multi-query tile gets the same bits whatever else shares its
     // tile (so chunked and whole prefills agree exactly), with either P.
     let mut compared = 0;
-    for kernel in [AttnKernel::Flash, AttnKernel::FlashHiLo, AttnKernel::FlashF16] {
+    for kernel in [
+        AttnKernel::Flash,
+        AttnKernel::FlashHiLo,
+        AttnKernel::FlashF16,
+    ] {
         let (big, big_multi, _) = run(kernel, flash_q_per_tile, None);
         let (small, small_multi, _) = run(kernel, 2, None);
         let row = nh * hd;
