@@ -10,27 +10,33 @@
 #define SAMPLE_THREADS 1024
 #define SAMPLE_UNROLL 8
 
-// Sum (or count) of w >= t over the row, where w_i = exp((x_i - mx) * inv_temp).
-__device__ float mass_at_least(const float* x, int vocab, float mx, float inv_temp, float t, bool count,
-                               float* scratch) {
-    float acc = 0.0f;
-    // One block streams the row ~37 times per sample: each thread loads 8 elements before it uses
-    // them, so 8 loads are in flight instead of one L2 round trip per element. Each thread still adds
-    // its elements in index order, so the sum has the same bits.
-    for (int base = threadIdx.x; base < vocab; base += SAMPLE_UNROLL * blockDim.x) {
-        float v[SAMPLE_UNROLL];
+// Calls f(w_i) for this thread's elements of the row, in index order, w_i = exp((x_i - mx) *
+// inv_temp). One block streams the row several times per sample: each thread loads UNROLL elements
+// before it uses them, so UNROLL loads are in flight instead of one L2 round trip per element.
+template <int UNROLL, typename F>
+__device__ __forceinline__ void for_each_weight(const float* x, int vocab, float mx, float inv_temp, F f) {
+    for (int base = threadIdx.x; base < vocab; base += UNROLL * blockDim.x) {
+        float v[UNROLL];
 #pragma unroll
-        for (int u = 0; u < SAMPLE_UNROLL; u++) {
+        for (int u = 0; u < UNROLL; u++) {
             int i = base + u * blockDim.x;
             v[u] = i < vocab ? x[i] : 0.0f;
         }
 #pragma unroll
-        for (int u = 0; u < SAMPLE_UNROLL; u++) {
+        for (int u = 0; u < UNROLL; u++) {
             if (base + u * blockDim.x >= vocab) break;
-            float w = __expf((v[u] - mx) * inv_temp);
-            if (w >= t) acc += count ? 1.0f : w;
+            f(__expf((v[u] - mx) * inv_temp));
         }
     }
+}
+
+// Sum (or count) of w >= t over the row.
+__device__ float mass_at_least(const float* x, int vocab, float mx, float inv_temp, float t, bool count,
+                               float* scratch) {
+    float acc = 0.0f;
+    for_each_weight<SAMPLE_UNROLL>(x, vocab, mx, inv_temp, [&](float w) {
+        if (w >= t) acc += count ? 1.0f : w;
+    });
     return block_sum(acc, scratch);
 }
 
@@ -44,8 +50,8 @@ __device__ float mass_at_least(const float* x, int vocab, float mx, float inv_te
 // at once (8 passes instead of bisection's 31). Each threshold's sum is added in mass_at_least's
 // order (per thread in index order, then block_sum's two butterflies), so the result is the
 // bisection's, bit for bit.
-__device__ unsigned bisect(const float* x, int vocab, float mx, float inv_temp, unsigned lo, float goal, bool count,
-                           bool strict) {
+__device__ unsigned largest_threshold(const float* x, int vocab, float mx, float inv_temp, unsigned lo, float goal,
+                                      bool count, bool strict) {
     __shared__ float partial[SEARCH_WAYS][32];
     __shared__ float total[SEARCH_WAYS];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
@@ -57,23 +63,12 @@ __device__ unsigned bisect(const float* x, int vocab, float mx, float inv_temp, 
             t[j] = __uint_as_float(lo + (unsigned)((unsigned long long)(hi - lo) * (j + 1) / (SEARCH_WAYS + 1)));
             acc[j] = 0.0f;
         }
-        for (int base = threadIdx.x; base < vocab; base += SEARCH_UNROLL * blockDim.x) {
-            float v[SEARCH_UNROLL];
+        for_each_weight<SEARCH_UNROLL>(x, vocab, mx, inv_temp, [&](float w) {
+            float add = count ? 1.0f : w;
 #pragma unroll
-            for (int u = 0; u < SEARCH_UNROLL; u++) {
-                int i = base + u * blockDim.x;
-                v[u] = i < vocab ? x[i] : 0.0f;
-            }
-#pragma unroll
-            for (int u = 0; u < SEARCH_UNROLL; u++) {
-                if (base + u * blockDim.x >= vocab) break;
-                float w = __expf((v[u] - mx) * inv_temp);
-                float add = count ? 1.0f : w;
-#pragma unroll
-                for (int j = 0; j < SEARCH_WAYS; j++)
-                    if (w >= t[j]) acc[j] += add;
-            }
-        }
+            for (int j = 0; j < SEARCH_WAYS; j++)
+                if (w >= t[j]) acc[j] += add;
+        });
         __syncthreads();  // the previous pass's totals are read
 #pragma unroll
         for (int j = 0; j < SEARCH_WAYS; j++) {
@@ -147,15 +142,15 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(int* 
 
     unsigned t_keep = 0;  // keep w >= t_keep
     if (top_k > 0 && top_k < vocab)
-        t_keep = bisect(x, vocab, mx, inv_temp, 0u, (float)top_k, true, false);
+        t_keep = largest_threshold(x, vocab, mx, inv_temp, 0u, (float)top_k, true, false);
     if (top_p < 1.0f) {
         float kept = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(t_keep), false, scratch);
-        t_keep = bisect(x, vocab, mx, inv_temp, t_keep, top_p * kept, false, false);
+        t_keep = largest_threshold(x, vocab, mx, inv_temp, t_keep, top_p * kept, false, false);
     }
     float z = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(t_keep), false, scratch);
     float target = u * z;
     // The chosen token's weight: the largest w whose "at least w" mass exceeds target.
-    unsigned level_bits = bisect(x, vocab, mx, inv_temp, t_keep, target, false, true);
+    unsigned level_bits = largest_threshold(x, vocab, mx, inv_temp, t_keep, target, false, true);
     float level = __uint_as_float(level_bits);
     float above = mass_at_least(x, vocab, mx, inv_temp, __uint_as_float(level_bits + 1), false, scratch);
     int nth = (int)((target - above) / level);  // which of the tokens tied at `level`, by index
