@@ -13,7 +13,7 @@
 //! 1. `EngineHandle::generate_remote_prefill(req)` validates the request, allocates KV blocks
 //!    for the whole prompt (reusing local prefix-cache hits) and *parks* the sequence. It returns a
 //!    `RemotePrefillTicket { request_id, block_ids, num_cached_blocks, layout, expires_at_unix_ms }`
-//!    and the output stream (a prefill worker drops a job popped after `expires_at_unix_ms`). Blocks `block_ids[num_cached_blocks..]` must be written; the first ones already hold
+//!    and the output stream (a prefill worker drops a job popped from `expires_at_unix_ms` on). Blocks `block_ids[num_cached_blocks..]` must be written; the first ones already hold
 //!    this prompt's KV. If no blocks are free it answers `Unavailable` (prefill locally instead).
 //! 2. The transfer writes the KV: `EngineHandle::import_kv(request_id, block_ids, bytes)` runs
 //!    `Backend::import_blocks` on the step thread, and only into the parked request's own

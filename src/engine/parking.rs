@@ -44,17 +44,17 @@ impl Core {
         let num_cached_blocks = hits.len();
         seq.blocks = hits;
         seq.blocks.extend(new);
+        // The wall clock first, so the ticket never expires after the engine stops waiting.
+        let (wall, now) = (std::time::SystemTime::now(), Instant::now());
         seq.state = SeqState::Parked {
-            deadline: Instant::now() + self.remote_prefill_timeout,
+            deadline: now + self.remote_prefill_timeout,
         };
         let ticket = RemotePrefillTicket {
             request_id: seq.request_id.clone(),
             block_ids: seq.blocks.clone(),
             num_cached_blocks,
             layout: self.layout,
-            expires_at_unix_ms: Some(super::remote::unix_ms(
-                std::time::SystemTime::now() + self.remote_prefill_timeout,
-            )),
+            expires_at_unix_ms: Some(super::remote::unix_ms(wall + self.remote_prefill_timeout)),
         };
         let (id, request_id) = (seq.id, seq.request_id.clone());
         self.sched.insert(seq);

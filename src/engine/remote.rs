@@ -29,10 +29,12 @@ impl RemotePrefillTicket {
         &self.block_ids[self.num_cached_blocks..]
     }
 
-    /// Has the decode side stopped waiting for it (by this machine's clock)?
+    /// Has the decode side stopped waiting for it (by this machine's clock)? From the expiry's
+    /// millisecond on: the decode side may give up within that millisecond and finish the request
+    /// before the job is taken.
     pub fn expired(&self) -> bool {
         self.expires_at_unix_ms
-            .is_some_and(|t| unix_ms(std::time::SystemTime::now()) > t)
+            .is_some_and(|t| unix_ms(std::time::SystemTime::now()) >= t)
     }
 }
 
