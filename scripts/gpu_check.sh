@@ -51,6 +51,8 @@ case " $STAGES " in *" tests "*)
 esac
 case " $STAGES " in *" fixtures_f16p "*)
   # The fixtures and model tests with prefill attention taking P and V as F16 (TANDEM_FLASH_PREFILL=f16).
+  # cuda_backend's decode-vs-fresh-prefill check is expected to exceed its 3e-2 bound on the FP8 model
+  # (measured 3.1e-2 at 6e614b0): why F16 is not the default.
   step "cuda_fixtures, P as F16" 180 env TANDEM_FLASH_PREFILL=f16 "$D/tests/cuda_fixtures" --test-threads=1 --nocapture
   step "cuda_backend, P as F16" 180 env TANDEM_FLASH_PREFILL=f16 "$D/tests/cuda_backend" --test-threads=1 --nocapture ;;
 esac
