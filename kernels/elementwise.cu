@@ -204,37 +204,56 @@ __device__ __forceinline__ void residual_add4(float* r, const A* d, int c, int c
     }
 }
 
-// 4 consecutive values of a row as stored (BF16: one 8-byte load kept as two words).
-template <typename A>
-struct Raw4 {
-    unsigned w[2];
+// N consecutive values of a row in registers, stored as A (BF16 pairs: half the registers, and
+// the bytes of one 8- or 16-byte load as they are).
+template <typename A, int N>
+struct Packed {
+    unsigned w[N / 2];
+    // p[c..c+N], zero past cols; vec: the rows are N-aligned (vec_ok / vec8_ok).
     __device__ __forceinline__ void load(const bf16* p, int c, int cols, bool vec) {
-        if (vec && c + LANE_COLS <= cols) {
-            uint2 x = *(const uint2*)(p + c);
-            w[0] = x.x, w[1] = x.y;
+        if (vec && c + N <= cols) {
+            if constexpr (N == 8) {
+                uint4 x = *(const uint4*)(p + c);
+                w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
+            } else {
+                uint2 x = *(const uint2*)(p + c);
+                w[0] = x.x, w[1] = x.y;
+            }
         } else {
 #pragma unroll
-            for (int j = 0; j < 2; j++) {
+            for (int j = 0; j < N / 2; j++) {
                 unsigned lo = c + 2 * j < cols ? p[c + 2 * j] : 0, hi = c + 2 * j + 1 < cols ? p[c + 2 * j + 1] : 0;
                 w[j] = lo | (hi << 16);
             }
         }
     }
+    // v rounded to BF16 already.
+    __device__ __forceinline__ void set(const float* v) {
+#pragma unroll
+        for (int j = 0; j < N / 2; j++)
+            w[j] = (__float_as_uint(v[2 * j]) >> 16) | (__float_as_uint(v[2 * j + 1]) & 0xffff0000u);
+    }
     __device__ __forceinline__ void get(float* v) const {
 #pragma unroll
-        for (int j = 0; j < 2; j++) v[2 * j] = __uint_as_float(w[j] << 16), v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        for (int j = 0; j < N / 2; j++) v[2 * j] = __uint_as_float(w[j] << 16), v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
     }
 };
-template <>
-struct Raw4<float> {
-    float f[LANE_COLS];
-    __device__ __forceinline__ void load(const float* p, int c, int cols, bool vec) { load4(p, c, cols, vec, f); }
+template <int N>
+struct Packed<float, N> {
+    float f[N];
+    __device__ __forceinline__ void load(const float* p, int c, int cols, bool vec) {
+#pragma unroll
+        for (int j = 0; j < N; j += LANE_COLS) load4(p, c + j, cols, vec, f + j);
+    }
+    __device__ __forceinline__ void set(const float* v) {
+#pragma unroll
+        for (int j = 0; j < N; j++) f[j] = v[j];
+    }
     __device__ __forceinline__ void get(float* v) const {
 #pragma unroll
-        for (int j = 0; j < LANE_COLS; j++) v[j] = f[j];
+        for (int j = 0; j < N; j++) v[j] = f[j];
     }
 };
-
 // The chunk's sum of squares (the same in every lane of the warp).
 __device__ __forceinline__ float chunk_ss(const float* v) {
     float s = 0.0f;
@@ -298,7 +317,7 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
     float v[K][LANE_COLS], w[PREFETCH ? K : 1][LANE_COLS];
     // Every load of the row first (the delta as stored), then the adds and residual stores: a loop
     // of load-add-store would wait a memory round trip per chunk (the stores may alias the loads).
-    Raw4<A> dr[K];
+    Packed<A, LANE_COLS> dr[K];
 #pragma unroll
     for (int k = 0; k < K; k++) {
         int c = warp + nwarps * k;
@@ -385,51 +404,8 @@ __device__ __forceinline__ void store8_e4m3(fp8* p, int c, int cols, bool vec, c
     }
 }
 
-// 8 consecutive values of a row in registers, stored as A (BF16 pairs: half the registers, and
-// the bytes of a 16-byte load as they are).
 template <typename A>
-struct Held8 {
-    unsigned w[SILU_COLS / 2];
-    // p[c..c+8], zero past cols; vec: the rows are 8-aligned (vec8_ok).
-    __device__ __forceinline__ void load(const bf16* p, int c, int cols, bool vec) {
-        if (vec && c + SILU_COLS <= cols) {
-            uint4 x = *(const uint4*)(p + c);
-            w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
-        } else {
-#pragma unroll
-            for (int j = 0; j < SILU_COLS / 2; j++) {
-                unsigned lo = c + 2 * j < cols ? p[c + 2 * j] : 0, hi = c + 2 * j + 1 < cols ? p[c + 2 * j + 1] : 0;
-                w[j] = lo | (hi << 16);
-            }
-        }
-    }
-    // v rounded to BF16 already.
-    __device__ __forceinline__ void set(const float* v) {
-#pragma unroll
-        for (int j = 0; j < SILU_COLS / 2; j++)
-            w[j] = (__float_as_uint(v[2 * j]) >> 16) | (__float_as_uint(v[2 * j + 1]) & 0xffff0000u);
-    }
-    __device__ __forceinline__ void get(float* v) const {
-#pragma unroll
-        for (int j = 0; j < SILU_COLS / 2; j++) v[2 * j] = __uint_as_float(w[j] << 16), v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-    }
-};
-template <>
-struct Held8<float> {
-    float f[SILU_COLS];
-    __device__ __forceinline__ void load(const float* p, int c, int cols, bool vec) {
-        load4(p, c, cols, vec, f);
-        load4(p, c + LANE_COLS, cols, vec, f + LANE_COLS);
-    }
-    __device__ __forceinline__ void set(const float* v) {
-#pragma unroll
-        for (int j = 0; j < SILU_COLS; j++) f[j] = v[j];
-    }
-    __device__ __forceinline__ void get(float* v) const {
-#pragma unroll
-        for (int j = 0; j < SILU_COLS; j++) v[j] = f[j];
-    }
-};
+using Held8 = Packed<A, SILU_COLS>;
 
 // One block per row, K groups of 8 columns per thread. fetch(c0) loads what columns c0..c0+8 need
 // (zero past cols); all K fetches are issued before any is used, so a thread has its whole share
@@ -601,7 +577,6 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
                                 int block_size) {
     int t = blockIdx.x, half = head_dim / 2;
     int i = threadIdx.x % half, groups = blockDim.x / half, g = threadIdx.x / half;
-    if (g >= groups) return;
     int slot = slots[t];
     int heads = num_q_heads + 2 * num_kv_heads;
     A* row = qkv + (u64)t * row_stride;
