@@ -5,6 +5,7 @@
 #
 #   bash dist/gpu_check.sh              # everything
 #   STAGES="kernels tests" bash dist/gpu_check.sh
+#   SERVE_EXTRA="--enforce-eager" STAGES=serve bash dist/gpu_check.sh   # extra serve flags (A/B runs)
 #   BENCH_EXTRA="--compare-split-blocks-per-sm 2" STAGES=bench bash dist/gpu_check.sh   # extra bench-step flags (A/B runs)
 #
 # Library paths per shared/docs/device.md (never the CUDA stubs folder); NVLink multicast off.
@@ -123,7 +124,7 @@ case " $STAGES " in *" serve "*)
   # OSL 150, concurrency 1, the guide's engine flags).
   M=llama-3.3-70b-fp8-dynamic
   "$D/tandem" serve --model $M --load-format dummy --device cuda --gpu-memory-utilization 0.95 \
-    --max-model-len 3500 --max-num-batched-tokens 3500 --block-size 128 --port 8123 > "$OUT/serve.log" 2>&1 &
+    --max-model-len 3500 --max-num-batched-tokens 3500 --block-size 128 --port 8123 ${SERVE_EXTRA:-} > "$OUT/serve.log" 2>&1 &
   SERVE=$!
   for _ in $(seq 1 120); do
     (exec 3<>/dev/tcp/127.0.0.1/8123) 2>/dev/null && break; sleep 1

@@ -309,3 +309,64 @@ fn kv_blocks_follow_memory_utilization() {
         "pool {pool}"
     );
 }
+
+/// Decode steps replayed from CUDA graphs give the eager steps' logits and tokens bit for bit,
+/// while positions, block tables, tokens and sampling draws change between replays.
+#[test]
+fn decode_graphs_replay_the_eager_steps() {
+    let Some(mut graphs) = backend(true) else {
+        return;
+    };
+    let mut eager = backend(true).unwrap();
+    eager.set_enforce_eager(true);
+    let tables: Vec<Vec<u32>> = (0..3).map(|s| (s * 8..s * 8 + 8).collect()).collect();
+    let sample = |step: usize| {
+        Emit::Sample(DeviceSampling {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.9,
+            uniform: ((step * 7919) % 1000) as f32 / 1000.0,
+        })
+    };
+    let emits = |step: usize| [Emit::Logits, greedy(), sample(step)];
+    let prompts: Vec<Vec<u32>> = (0..3).map(|s| prompt(20 + 7 * s, s as u32)).collect();
+    let prefill = Batch {
+        seqs: (0..3)
+            .map(|s| chunk(&prompts[s], 0, &tables[s], emits(0)[s].clone()))
+            .collect(),
+    };
+    let mut outs = [
+        graphs.step(&prefill).unwrap(),
+        eager.step(&prefill).unwrap(),
+    ];
+    let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    for step in 1..=40 {
+        let next: Vec<u32> = outs[0]
+            .iter()
+            .map(|o| match o {
+                SeqOutput::Logits(l) => argmax(l),
+                SeqOutput::Token(t) => *t,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        let batch = Batch {
+            seqs: (0..3)
+                .map(|s| chunk(&[next[s]], pos[s], &tables[s], emits(step)[s].clone()))
+                .collect(),
+        };
+        outs = [graphs.step(&batch).unwrap(), eager.step(&batch).unwrap()];
+        for s in 0..3 {
+            match (&outs[0][s], &outs[1][s]) {
+                (SeqOutput::Logits(a), SeqOutput::Logits(b)) => {
+                    assert!(a == b, "step {step}: logits differ from the eager step")
+                }
+                (a, b) => assert_eq!(a, b, "step {step}, sequence {s}"),
+            }
+            pos[s] += 1;
+        }
+    }
+    let (captured, replayed) = graphs.graph_counts();
+    println!("graphs: {captured} captured, {replayed} steps replayed");
+    assert!(captured >= 1 && replayed >= 20, "{captured} / {replayed}");
+    assert_eq!(eager.graph_counts(), (0, 0));
+}

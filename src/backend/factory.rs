@@ -59,6 +59,8 @@ pub struct BackendOptions {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub cpu_default_blocks: usize,
+    /// CUDA: no decode-step CUDA graphs (vLLM's `--enforce-eager`).
+    pub enforce_eager: bool,
 }
 
 /// Loads a model onto the device: host weights for the CPU and real checkpoints; dummy weights
@@ -122,6 +124,7 @@ fn cuda_options(opts: &BackendOptions) -> CudaOptions {
         gpu_memory_utilization: opts.gpu_memory_utilization,
         max_num_batched_tokens: opts.max_num_batched_tokens,
         max_num_seqs: opts.max_num_seqs,
+        enforce_eager: opts.enforce_eager,
         ..Default::default()
     }
 }

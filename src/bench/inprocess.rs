@@ -158,6 +158,7 @@ pub fn start_engines(d: &LocalDeployment, n: usize) -> Result<(Vec<EngineHandle>
         max_num_batched_tokens: d.engine.max_num_batched_tokens,
         max_num_seqs: d.engine.max_num_seqs,
         cpu_default_blocks: CPU_KV_BLOCKS,
+        enforce_eager: false,
     };
     let mut engines = Vec::new();
     for _ in 0..n {

@@ -52,6 +52,13 @@ pub struct Args {
     /// instead of the fused one (`_pair` keys; one GPU only).
     #[arg(long)]
     pub compare_combine_pair: bool,
+    /// Launch every kernel one by one (no decode-step CUDA graphs).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Also time each decode batch with the other of graphs and eager launches (`_eager` or
+    /// `_graphs` keys; one GPU only).
+    #[arg(long)]
+    pub compare_eager: bool,
     /// Timed repetitions per measurement (after 3 warm-ups); the median is reported.
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
@@ -85,6 +92,12 @@ trait Bench: Backend {
         bail!("--compare-combine-pair runs on one GPU only")
     }
     fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>>;
+    fn set_enforce_eager(&mut self, on: bool) -> Result<()> {
+        if on {
+            return Ok(()); // tensor-parallel steps always launch eagerly
+        }
+        bail!("decode-step CUDA graphs run on one GPU only")
+    }
 }
 
 impl Bench for CudaBackend {
@@ -111,6 +124,10 @@ impl Bench for CudaBackend {
     }
     fn set_fused_combine(&mut self, on: bool) -> Result<()> {
         CudaBackend::set_fused_combine(self, on);
+        Ok(())
+    }
+    fn set_enforce_eager(&mut self, on: bool) -> Result<()> {
+        CudaBackend::set_enforce_eager(self, on);
         Ok(())
     }
     fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>> {
@@ -196,6 +213,7 @@ pub fn run(args: Args) -> Result<()> {
         gpu_memory_utilization: args.gpu_memory_utilization,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: max_batch.max(256),
+        enforce_eager: args.enforce_eager,
         ..Default::default()
     };
     let tp = args.tensor_parallel_size.max(1);
@@ -293,6 +311,18 @@ pub fn run(args: Args) -> Result<()> {
             );
             results.insert(pair_key, pair.into());
             b.set_fused_combine(true)?;
+        }
+        if args.compare_eager {
+            b.set_enforce_eager(!args.enforce_eager)?;
+            let other = time_steps(b, &batch, args.iters)?;
+            let what = if args.enforce_eager {
+                "graphs"
+            } else {
+                "eager"
+            };
+            eprintln!("  {what}: {other:.3} ms/step");
+            results.insert(format!("{key}_{what}"), other.into());
+            b.set_enforce_eager(args.enforce_eager)?;
         }
         results.insert(key, ms.into());
     }

@@ -60,6 +60,9 @@ pub struct EngineArgs {
     /// Seconds a decode worker waits for a remote prefill before prefilling locally.
     #[arg(long, default_value_t = 30.0)]
     pub remote_prefill_timeout: f64,
+    /// Launch every kernel of every step one by one (CUDA): no decode-step CUDA graphs.
+    #[arg(long)]
+    pub enforce_eager: bool,
 }
 
 /// KV blocks used on the CPU when `--num-kv-blocks` is not given.
@@ -104,6 +107,7 @@ impl EngineArgs {
             },
             max_num_seqs: self.max_num_seqs,
             cpu_default_blocks: DEFAULT_CPU_KV_BLOCKS,
+            enforce_eager: self.enforce_eager,
         }
     }
 }

@@ -21,9 +21,11 @@ use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Context, Result};
+use graphs::{DecodeGraph, StepGraphs, GRAPH_CAPACITY};
 use linear::Lin;
 
 mod combine;
+mod graphs;
 mod kv_io;
 mod linear;
 
@@ -46,6 +48,9 @@ pub struct CudaOptions {
     /// the per-token scale of the whole row (a max all-reduce over ranks), so TP gives TP1's numbers;
     /// off, each rank scales its own slice, as vLLM does (one all-reduce fewer per linear).
     pub tp_whole_row_fp8_scales: bool,
+    /// Launches every step's kernels one by one (vLLM's flag); otherwise decode steps replay
+    /// CUDA graphs (see `backend/graphs.rs`).
+    pub enforce_eager: bool,
 }
 
 impl Default for CudaOptions {
@@ -60,6 +65,7 @@ impl Default for CudaOptions {
             precision: Precision::Bf16,
             split_min_keys: 128,
             tp_whole_row_fp8_scales: false,
+            enforce_eager: false,
         }
     }
 }
@@ -134,6 +140,8 @@ pub struct CudaBackend {
     opts: CudaOptions,
     // Field order is drop order: everything on the device goes before the context in `gpu`.
     profiler: Profiler,
+    /// Captured decode steps.
+    graphs: StepGraphs<DecodeGraph>,
     ws: Workspace,
     kv: DeviceBuffer,
     weights: GpuWeights,
@@ -279,6 +287,7 @@ impl CudaBackend {
             attention_target_blocks,
             layer_kv_hook: None,
             fused_combine: std::env::var("TANDEM_COMBINE_FP8").map_or(true, |v| v != "0"),
+            graphs: StepGraphs::new(GRAPH_CAPACITY),
         })
     }
 
@@ -347,17 +356,26 @@ impl CudaBackend {
     /// Changes the fewest keys per split-decode part (benchmarks compare settings).
     pub fn set_split_min_keys(&mut self, keys: usize) {
         self.opts.split_min_keys = keys.max(32);
+        self.graphs.clear();
     }
 
     /// Changes how many attention blocks per multiprocessor split decode aims for.
     pub fn set_attention_blocks_per_sm(&mut self, blocks: usize) {
         self.attention_target_blocks = blocks.max(1) * self.multiprocessors;
+        self.graphs.clear();
     }
 
     /// Fused (combine + FP8 quantize) or unfused merging of split decode rows (benchmarks
     /// compare them).
     pub fn set_fused_combine(&mut self, on: bool) {
         self.fused_combine = on;
+        self.graphs.clear();
+    }
+
+    /// Eager launches (`true`) or decode-step CUDA graphs (benchmarks compare them).
+    pub fn set_enforce_eager(&mut self, on: bool) {
+        self.opts.enforce_eager = on;
+        self.graphs.clear();
     }
 
     /// Times every kernel of later steps with CUDA events (see [`Self::take_profile`]).
@@ -385,7 +403,6 @@ impl CudaBackend {
     }
 
     fn forward(&mut self, plan: &StepPlan) -> Result<Vec<SeqOutput>> {
-        let c = self.config.clone();
         let n = plan.num_tokens;
         let ne = plan.emit_seqs.len();
         ensure!(
@@ -400,13 +417,42 @@ impl CudaBackend {
         );
         if plan.packed.len() * 4 > self.ws.meta.bytes {
             self.ws.meta = self.gpu.alloc(plan.packed.len() * 8)?;
+            // Graphs read the plan from the old buffer.
+            self.graphs.clear();
         }
         self.gpu.copy_to(&self.ws.meta, 0, &plan.packed)?;
         self.mark("start")?;
+        if ne == 0 {
+            self.launch_layers(plan)?;
+            self.gpu.sync()?;
+            self.profiler.collect()?;
+            return Ok(vec![SeqOutput::Nothing; plan.num_seqs]);
+        }
+        if self.graphable(plan) {
+            self.launch_decode(plan)?;
+        } else {
+            self.launch_step(plan)?;
+        }
+        let mut tokens = vec![0i32; ne];
+        self.gpu.copy_from(&self.ws.tokens_out, 0, &mut tokens)?;
+        self.profiler.collect()?;
+        self.collect(plan, &tokens)
+    }
+
+    /// Queues the whole step, layers and head, with no host synchronization (graphs capture it).
+    fn launch_step(&mut self, plan: &StepPlan) -> Result<()> {
+        self.launch_layers(plan)?;
+        self.launch_head(plan)
+    }
+
+    /// Queues the embedding and every layer; the plan is in `ws.meta`.
+    fn launch_layers(&mut self, plan: &StepPlan) -> Result<()> {
+        let c = self.config.clone();
+        let n = plan.num_tokens;
         let meta = self.ws.meta.ptr;
         let m = |off: usize| meta + 4 * off as u64;
         let at = &plan.at;
-        let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
+        let h = c.hidden_size;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qkv_n = c.q_size() + 2 * c.kv_size();
         let ws = &self.ws;
@@ -479,11 +525,18 @@ impl CudaBackend {
             self.silu_linear(Lin::Down(i), n, delta)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
         }
-        if ne == 0 {
-            self.gpu.sync()?;
-            self.profiler.collect()?;
-            return Ok(vec![SeqOutput::Nothing; plan.num_seqs]);
-        }
+        Ok(())
+    }
+
+    /// Queues the final norm, lm_head and sampling of the emitting rows into `ws.tokens_out`.
+    fn launch_head(&mut self, plan: &StepPlan) -> Result<()> {
+        let c = &self.config;
+        let (h, eps, full_vocab) = (c.hidden_size, c.rms_norm_eps as f32, c.vocab_size);
+        let ne = plan.emit_seqs.len();
+        let meta = self.ws.meta.ptr;
+        let m = |off: usize| meta + 4 * off as u64;
+        let at = &plan.at;
+        let (residual, delta) = (self.ws.residual.ptr, self.ws.delta.ptr);
         let (last_norm, logits, tokens_out) = (
             self.ws.last_norm.ptr,
             self.ws.logits.ptr,
@@ -513,7 +566,7 @@ impl CudaBackend {
         self.mark("lm_head")?;
         let (logits, vocab) = match &self.tp {
             Some(tp) => (tp.gather_logits(logits, ne, &self.gpu)?.ptr, tp.vocab),
-            None => (logits, c.vocab_size),
+            None => (logits, full_vocab),
         };
         if self.tp.is_some() {
             self.mark("gather logits")?;
@@ -521,10 +574,7 @@ impl CudaBackend {
         self.ops()
             .sample_tokens(tokens_out, logits, m(at.sample_params), ne, vocab)?;
         self.mark("sample")?;
-        let mut tokens = vec![0i32; ne];
-        self.gpu.copy_from(&self.ws.tokens_out, 0, &mut tokens)?;
-        self.profiler.collect()?;
-        self.collect(plan, &tokens)
+        Ok(())
     }
 
     fn collect(&self, plan: &StepPlan, tokens: &[i32]) -> Result<Vec<SeqOutput>> {

@@ -5,7 +5,7 @@ use crate::backend::{Batch, Emit};
 use anyhow::{bail, Result};
 
 /// Offsets (in `i32` elements) of each array inside the packed buffer.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Offsets {
     pub tokens: usize,
     pub positions: usize,
@@ -192,9 +192,10 @@ pub fn plan_step(
         group_nparts: put(&g_nparts),
         group_q0: put(&g_q0),
         block_table_start: put(&bt_start),
-        block_tables: put(&tables),
         emit_rows: put(&emit_rows),
         sample_params: put(&params),
+        // Last: the only array whose length grows with the context (CUDA graphs key on offsets).
+        block_tables: put(&tables),
     };
     Ok(StepPlan {
         packed,
@@ -257,6 +258,24 @@ mod tests {
         assert_eq!(get(at.emit_rows, 1), vec![5]);
         assert_eq!(p.emit_seqs, vec![1]);
         assert_eq!(f32::from_bits(p.packed[at.sample_params + 1] as u32), 3.0);
+    }
+
+    #[test]
+    fn a_longer_context_moves_no_offset() {
+        // CUDA graphs bake the offsets in: a sequence crossing into a new block must not move them.
+        let at = |start: usize| {
+            let batch = Batch {
+                seqs: vec![
+                    chunk(vec![1], start, (0..8).collect(), Emit::Logits),
+                    chunk(vec![2], 3, vec![9], Emit::Logits),
+                ],
+            };
+            plan_step(&batch, 4, 16, 10, 2, None).unwrap()
+        };
+        let (short, long) = (at(2), at(13));
+        assert_eq!(short.at, long.at);
+        assert!(long.packed.len() > short.packed.len());
+        assert_eq!(long.at.block_tables + 4 + 1, long.packed.len());
     }
 
     #[test]
