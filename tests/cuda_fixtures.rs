@@ -237,8 +237,7 @@ fn against_cpu(name: &str, tolerance: f32) {
         let out = backend.step(&rest).unwrap();
         let mut toks: Vec<u32> = out.iter().map(|o| out_token(o).0).collect();
         logits.extend(out.iter().filter_map(|o| out_token(o).1));
-        let mut pos = f.prompt.len();
-        for _ in 1..steps {
+        for pos in f.prompt.len()..f.prompt.len() + steps - 1 {
             let seqs = [&a, &b]
                 .iter()
                 .zip(&toks)
@@ -252,7 +251,6 @@ fn against_cpu(name: &str, tolerance: f32) {
             let out = backend.step(&Batch { seqs }).unwrap();
             toks = out.iter().map(|o| out_token(o).0).collect();
             logits.extend(out.iter().filter_map(|o| out_token(o).1));
-            pos += 1;
         }
         outs.push(logits);
     }

@@ -136,11 +136,11 @@ fn rope_case(e: &Env, rng: &mut ChaCha8Rng, n: usize, nh: usize, nkv: usize, hd:
         .rope(dq.ptr, dp.ptr, di.ptr, n, stride, nh, nkv, hd)
         .unwrap();
     let mut want: Vec<f64> = qkv.iter().map(|x| x.to_f64()).collect();
-    for t in 0..n {
+    for (t, &p) in pos.iter().enumerate().take(n) {
         for head in 0..nh + nkv {
             let base = t * stride + head * hd;
             for i in 0..hd / 2 {
-                let ang = pos[t] as f64 * inv[i] as f64;
+                let ang = p as f64 * inv[i] as f64;
                 let (s, c) = ang.sin_cos();
                 let (x0, x1) = (qkv[base + i].to_f64(), qkv[base + i + hd / 2].to_f64());
                 want[base + i] = x0 * c - x1 * s;
