@@ -571,10 +571,16 @@ __device__ void kv_write_t(C* k_cache, C* v_cache, const A* qkv, const int* slot
 // (head_dim/2); grid.y splits the heads further for few rows). Its angle is computed once for all of
 // them: q and k pairs are rotated in place, k (rotated) and v pairs also written to the token's
 // cache slot (slot < 0: no cache write). Grid (rows, head blocks).
-template <typename A>
-__device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* positions, const float* inv_freq,
+// A KV element: the activation type's value, or for FP8 pools (C = fp8) e4m3(v / scale), saturating
+// (`inv_scale` = 1 / the pool's scale).
+__device__ __forceinline__ void st_kv(float* p, u64 i, float v, float) { p[i] = v; }
+__device__ __forceinline__ void st_kv(bf16* p, u64 i, float v, float) { p[i] = f2bf(v); }
+__device__ __forceinline__ void st_kv(fp8* p, u64 i, float v, float inv_scale) { p[i] = f2e4m3(v * inv_scale); }
+
+template <typename A, typename C>
+__device__ void rope_kv_write_t(A* qkv, C* k_cache, C* v_cache, const int* positions, const float* inv_freq,
                                 const int* slots, int row_stride, int num_q_heads, int num_kv_heads, int head_dim,
-                                int block_size) {
+                                int block_size, float k_inv_scale, float v_inv_scale) {
     int t = blockIdx.x, half = head_dim / 2;
     int i = threadIdx.x % half, groups = blockDim.x / half, g = threadIdx.x / half;
     int slot = slots[t];
@@ -605,7 +611,8 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
             if (head >= heads) break;
             u64 at = (u64)head * head_dim + i;
             int kv = head - num_q_heads;  // k heads 0..num_kv_heads, then v heads
-            A* cache = kv >= 0 && slot >= 0 ? (kv < num_kv_heads ? k_cache : v_cache) : nullptr;
+            C* cache = kv >= 0 && slot >= 0 ? (kv < num_kv_heads ? k_cache : v_cache) : nullptr;
+            float inv_scale = kv < num_kv_heads ? k_inv_scale : v_inv_scale;
             u64 dst = cache_base + (u64)(kv % num_kv_heads) * block_size * head_dim;
             float y0 = x0[b], y1 = x1[b];
             if (kv < num_kv_heads) {
@@ -614,8 +621,10 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
                 st(row, at + half, y1);
             }
             if (cache) {
-                st(cache, dst, y0);
-                st(cache, dst + half, y1);
+                // The cache takes the value as the activation type holds it (what attention reads
+                // back from a BF16 pool), then its own type.
+                st_kv(cache, dst, as_act<A>(y0), inv_scale);
+                st_kv(cache, dst + half, as_act<A>(y1), inv_scale);
             }
         }
     }
@@ -688,8 +697,8 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
                                                       const float* inv_freq, const int* slots, int row_stride, \
                                                       int num_q_heads, int num_kv_heads, int head_dim,         \
                                                       int block_size) { pdl_enter();                           \
-        rope_kv_write_t<A>(qkv, k_cache, v_cache, positions, inv_freq, slots, row_stride, num_q_heads,        \
-                           num_kv_heads, head_dim, block_size);                                               \
+        rope_kv_write_t<A, A>(qkv, k_cache, v_cache, positions, inv_freq, slots, row_stride, num_q_heads,     \
+                              num_kv_heads, head_dim, block_size, 1.0f, 1.0f);                                \
     }                                                                                                         \
     extern "C" __global__ void kv_write_##SUFFIX(A* k_cache, A* v_cache, const A* qkv, const int* slots,      \
                                                  int row_stride, int k_col, int v_col, int num_kv_heads,      \
@@ -700,6 +709,16 @@ __device__ void rope_kv_write_t(A* qkv, A* k_cache, A* v_cache, const int* posit
 
 ELEMENTWISE_KERNELS(bf16, bf16)
 ELEMENTWISE_KERNELS(float, f32)
+
+// rope_kv_write into an FP8 pool (`--kv-cache-dtype fp8`; BF16 activations).
+extern "C" __global__ void rope_kv_write_kv8_bf16(bf16* qkv, fp8* k_cache, fp8* v_cache, const int* positions,
+                                                  const float* inv_freq, const int* slots, int row_stride,
+                                                  int num_q_heads, int num_kv_heads, int head_dim, int block_size,
+                                                  float k_inv_scale, float v_inv_scale) {
+    pdl_enter();
+    rope_kv_write_t<bf16, fp8>(qkv, k_cache, v_cache, positions, inv_freq, slots, row_stride, num_q_heads,
+                               num_kv_heads, head_dim, block_size, k_inv_scale, v_inv_scale);
+}
 
 // In place, F32 rows: x = e4m3(x / scale) * scale with the per-row scale of quantize_fp8. The
 // reference-precision mode computes an FP8 linear as an F32 product of exactly these values and

@@ -20,8 +20,41 @@
 // Pure decode steps (G <= 8) run flash_decode_hd* (flash_decode.cu) instead. flash_common.cuh is
 // prepended (mma.sync / ldmatrix / cp.async helpers, FlashArgs, the parameter list).
 
+// FP8 KV: tile k0.. of keys (before kend) as e4m3 rows into raw stage `stage` (16-code chunks).
+template <int D>
+__device__ __forceinline__ void kv8_load_tile(fp8* Kr, fp8* Vr, const FlashArgs& a, int stage, int k0, int kend,
+                                              const int* bt, int kvh, int tid) {
+    constexpr int CH8 = D / 16;
+    const fp8 *kc = (const fp8*)a.k_cache, *vc = (const fp8*)a.v_cache;
+    int bs = a.block_size, nkv = a.num_kv_heads;
+#pragma unroll
+    for (int u = 0; u < (FA_KT * CH8 + 127) / 128; u++) {
+        int idx = tid + u * 128;
+        if (FA_KT * CH8 % 128 == 0 || idx < FA_KT * CH8) {
+            int j = idx / CH8, ch = idx % CH8, key = k0 + j;
+            bool ok = key < kend;
+            u64 src = 0;
+            if (ok) src = (((u64)bt[key / bs] * nkv + kvh) * bs + key % bs) * D + ch * 16;
+            int dst = (stage * FA_KT + j) * D + ch * 16;
+            cp_async16(smem_u32(Kr + dst), kc + src, ok);
+            cp_async16(smem_u32(Vr + dst), vc + src, ok);
+        }
+    }
+}
+
+// FP8 KV: the landed raw stage into the BF16 tiles; a block barrier after (the MMAs read them).
+template <int D>
+__device__ __forceinline__ void kv8_convert_tile(bf16* Ks, bf16* Vs, const fp8* Kr, const fp8* Vr,
+                                                 const FlashArgs& a, int stage, int tid) {
+    kv8_to_bf16_rows<D>(Ks, Kr + stage * FA_KT * D, FA_KT, a.k_scale, tid, FA_WARPS * 32);
+    kv8_to_bf16_rows<D>(Vs, Vr + stage * FA_KT * D, FA_KT, a.v_scale, tid, FA_WARPS * 32);
+    __syncthreads();
+}
+
 // Shared memory: max(K and V stages: 2 * 2 * FA_KT * (D + 8) BF16, merge: 4 * 16 * (D + 4) + 4 * 16 * 2 F32).
-template <int D, int KS>
+// KV8 (FP8 pools): cp.async lands e4m3 tiles in a double-buffered raw stage after the BF16 tiles,
+// which are then single (Ks / Vs stage 0): each tile is converted there before the MMAs read it.
+template <int D, int KS, bool KV8>
 __device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh, int MT) {
     constexpr int STR = D + 8;      // shared row stride (BF16): odd number of 16-byte chunks, no bank conflicts
     constexpr int KW = FA_KT / KS;  // keys per warp per tile
@@ -31,8 +64,10 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh
     constexpr int CH = D / 8;       // 16-byte chunks per key row
     constexpr int OSTR = D + 4;     // merge buffer row stride (F32)
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    bf16* Ks = (bf16*)fa_smem;       // [2][FA_KT][STR]
-    bf16* Vs = Ks + 2 * FA_KT * STR;  // [2][FA_KT][STR]
+    bf16* Ks = (bf16*)fa_smem;       // [2][FA_KT][STR] (KV8: [1])
+    bf16* Vs = Ks + (KV8 ? 1 : 2) * FA_KT * STR;
+    fp8* Kr = (fp8*)(Vs + (KV8 ? 1 : 2) * FA_KT * STR);  // KV8: [2][FA_KT][D] e4m3
+    fp8* Vr = Kr + 2 * FA_KT * D;
 
     int tid = threadIdx.x;
     int G = a.num_q_heads / a.num_kv_heads;
@@ -74,6 +109,10 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh
     const int* bt = a.block_tables + a.block_table_start[seq];
     int bs = a.block_size, nkv = a.num_kv_heads;
     auto load = [&](int stage, int k0) {
+        if constexpr (KV8) {
+            kv8_load_tile<D>(Kr, Vr, a, stage, k0, kend, bt, kvh, tid);
+            return;
+        }
 #pragma unroll
         for (int u = 0; u < (FA_KT * CH + 127) / 128; u++) {
             int idx = tid + u * 128;
@@ -98,10 +137,12 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
+        if constexpr (KV8) kv8_convert_tile<D>(Ks, Vs, Kr, Vr, a, it & 1, tid);
+        int stage = KV8 ? 0 : (it & 1);
         int kw0 = k0 + ks * KW;
         if (active && kw0 <= wpos && kw0 < kend) {
-            const bf16* Kt = Ks + ((it & 1) * FA_KT + ks * KW) * STR;
-            const bf16* Vt = Vs + ((it & 1) * FA_KT + ks * KW) * STR;
+            const bf16* Kt = Ks + (stage * FA_KT + ks * KW) * STR;
+            const bf16* Vt = Vs + (stage * FA_KT + ks * KW) * STR;
             int mi = lane >> 3, rr = lane & 7;
             float s[2 * NB][4];
 #pragma unroll
@@ -255,7 +296,7 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh
 // its item (chunked and whole prefills agree bit for bit). Q sits in shared memory and is read per
 // 16-dim step; each K/V fragment read from shared memory feeds both row tiles.
 // Shared memory: Q FP_ROWS * (D + 8) BF16, then K and V stages 2 * 2 * FA_KT * (D + 8) BF16.
-template <int D, int PM>
+template <int D, int PM, bool KV8>
 __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile, int kvh) {
     constexpr int STR = D + 8;
     constexpr int DK = D / 16;
@@ -264,8 +305,10 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
     constexpr int NB = FA_KT / 16;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16* Qs = (bf16*)fa_smem;         // [FP_ROWS][STR]
-    bf16* Ks = Qs + FP_ROWS * STR;     // [2][FA_KT][STR]
-    bf16* Vs = Ks + 2 * FA_KT * STR;   // [2][FA_KT][STR]
+    bf16* Ks = Qs + FP_ROWS * STR;     // [2][FA_KT][STR] (KV8: [1], as in flash_body)
+    bf16* Vs = Ks + (KV8 ? 1 : 2) * FA_KT * STR;
+    fp8* Kr = (fp8*)(Vs + (KV8 ? 1 : 2) * FA_KT * STR);  // KV8: [2][FA_KT][D] e4m3
+    fp8* Vr = Kr + 2 * FA_KT * D;
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     int G = a.num_q_heads / a.num_kv_heads;
     int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
@@ -316,6 +359,10 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
     bool bs_pow2 = (bs & (bs - 1)) == 0;
     int bs_log2 = __ffs(bs) - 1;
     auto load = [&](int stage, int k0) {
+        if constexpr (KV8) {
+            kv8_load_tile<D>(Kr, Vr, a, stage, k0, kend, bt, kvh, tid);
+            return;
+        }
 #pragma unroll
         for (int u = 0; u < (FA_KT * CH + 127) / 128; u++) {
             int idx = tid + u * 128;
@@ -353,9 +400,11 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
+        if constexpr (KV8) kv8_convert_tile<D>(Ks, Vs, Kr, Vr, a, it & 1, tid);
+        int stage = KV8 ? 0 : (it & 1);
         if (PM == P_F16) {
             // The V tile to F16 in place, once for the block's 4 warps (padding columns included).
-            uint4* vt = (uint4*)(Vs + (it & 1) * FA_KT * STR);
+            uint4* vt = (uint4*)(Vs + stage * FA_KT * STR);
             for (int idx = tid; idx < FA_KT * STR / 8; idx += FA_WARPS * 32) {
                 uint4 x = vt[idx];
                 vt[idx] = make_uint4(bf16x2_to_f16x2(x.x), bf16x2_to_f16x2(x.y), bf16x2_to_f16x2(x.z),
@@ -364,8 +413,8 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
             __syncthreads();
         }
         if (active && k0 <= wmax) {
-            const bf16* Kt = Ks + (it & 1) * FA_KT * STR;
-            const bf16* Vt = Vs + (it & 1) * FA_KT * STR;
+            const bf16* Kt = Ks + stage * FA_KT * STR;
+            const bf16* Vt = Vs + stage * FA_KT * STR;
             float s[2][2 * NB][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
@@ -508,7 +557,7 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
         }
 }
 
-template <int D, int PM>
+template <int D, int PM, bool KV8 = false>
 __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
     // Longest items first over all kv heads: a prefill's late tiles see the most keys, so they
     // should not form the tail.
@@ -519,13 +568,13 @@ __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
     int MT = (rows + 15) / 16;
     // A decode item (in a mixed batch) splits its keys over the warps its rows leave over.
     if (qn > 1)
-        flash_prefill_body<D, PM>(a, tile, kvh);
+        flash_prefill_body<D, PM, KV8>(a, tile, kvh);
     else if (MT == 1)
-        flash_body<D, 4>(a, tile, kvh, 1);
+        flash_body<D, 4, KV8>(a, tile, kvh, 1);
     else if (MT == 2)
-        flash_body<D, 2>(a, tile, kvh, 2);
+        flash_body<D, 2, KV8>(a, tile, kvh, 2);
     else
-        flash_body<D, 1>(a, tile, kvh, MT);
+        flash_body<D, 1, KV8>(a, tile, kvh, MT);
 }
 
 // One kernel per head_dim (16..128, multiples of 16) and P V product; 4 warps per block, 2 blocks
@@ -555,3 +604,12 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd80(F
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd96(FLASH_PARAMS) { flash_attention_t<96, P_F16>(FLASH_ARGS); }
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd112(FLASH_PARAMS) { flash_attention_t<112, P_F16>(FLASH_ARGS); }
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_f16p_hd128(FLASH_PARAMS) { flash_attention_t<128, P_F16>(FLASH_ARGS); }
+// FP8 KV pools (P as BF16 hi + lo).
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd16(FLASH_PARAMS) { flash_attention_t<16, P_HILO, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd32(FLASH_PARAMS) { flash_attention_t<32, P_HILO, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd48(FLASH_PARAMS) { flash_attention_t<48, P_HILO, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd64(FLASH_PARAMS) { flash_attention_t<64, P_HILO, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd80(FLASH_PARAMS) { flash_attention_t<80, P_HILO, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd96(FLASH_PARAMS) { flash_attention_t<96, P_HILO, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd112(FLASH_PARAMS) { flash_attention_t<112, P_HILO, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd128(FLASH_PARAMS) { flash_attention_t<128, P_HILO, true>(FLASH_ARGS); }

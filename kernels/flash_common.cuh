@@ -85,6 +85,38 @@ __device__ __forceinline__ float ex2(float x) {
     return r;
 }
 
+// Two e4m3 codes (`x`'s low byte the lower column) times `scale` as BF16x2. e4m3 -> F16 is exact.
+__device__ __forceinline__ unsigned e4m3x2_to_bf16x2(unsigned short x, float scale) {
+    unsigned h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(x));
+    float lo, hi;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"((unsigned short)(h2 & 0xffffu)));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"((unsigned short)(h2 >> 16)));
+    return pack_bf16(lo * scale, hi * scale);
+}
+
+// FP8 KV (`--kv-cache-dtype fp8`): `rows` key rows of D e4m3 codes (dense, as cp.async landed
+// them) into BF16 rows of stride D + 8 (the layout the MMA loops read), times the pool's scale.
+// Threads tid, tid + nthreads, ... take 16-code chunks.
+template <int D>
+__device__ __forceinline__ void kv8_to_bf16_rows(bf16* dst, const fp8* raw, int rows, float scale, int tid,
+                                                 int nthreads) {
+    constexpr int CH8 = D / 16;
+    for (int idx = tid; idx < rows * CH8; idx += nthreads) {
+        int j = idx / CH8, ch = idx % CH8;
+        uint4 x = *(const uint4*)(raw + j * D + ch * 16);
+        unsigned w[4] = {x.x, x.y, x.z, x.w}, o[8];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            o[2 * e] = e4m3x2_to_bf16x2((unsigned short)(w[e] & 0xffffu), scale);
+            o[2 * e + 1] = e4m3x2_to_bf16x2((unsigned short)(w[e] >> 16), scale);
+        }
+        uint4* out = (uint4*)(dst + j * (D + 8) + ch * 16);
+        out[0] = make_uint4(o[0], o[1], o[2], o[3]);
+        out[1] = make_uint4(o[4], o[5], o[6], o[7]);
+    }
+}
+
 struct FlashArgs {
     bf16* out;
     const bf16 *qkv, *k_cache, *v_cache;
@@ -93,6 +125,8 @@ struct FlashArgs {
     float *part_ml, *part_acc;
     int row_stride, num_q_heads, num_kv_heads, block_size;
     float scale;
+    // FP8 KV pools (the _kv8 kernels, which read k_cache / v_cache as e4m3): value = code * scale.
+    float k_scale, v_scale;
 };
 
 #define FLASH_PARAMS                                                                                           \
@@ -100,10 +134,10 @@ struct FlashArgs {
         const int *tile_seq, const int *tile_q_start, const int *tile_q_len, const int *block_tables,          \
         const int *block_table_start, const int *tile_kbeg, const int *tile_kend, const int *tile_part,        \
         float *part_ml, float *part_acc, int row_stride, int num_q_heads, int num_kv_heads, int block_size,    \
-        float scale
+        float scale, float k_scale, float v_scale
 #define FLASH_ARGS                                                                                             \
     FlashArgs {                                                                                                \
         out, qkv, k_cache, v_cache, positions, tile_seq, tile_q_start, tile_q_len, block_tables,               \
             block_table_start, tile_kbeg, tile_kend, tile_part, part_ml, part_acc, row_stride, num_q_heads,   \
-            num_kv_heads, block_size, scale                                                                    \
+            num_kv_heads, block_size, scale, k_scale, v_scale                                                  \
     }

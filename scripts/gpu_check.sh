@@ -13,7 +13,7 @@ set -uo pipefail
 D=${DIST:-$(cd "$(dirname "$0")" && pwd)}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"kernels tests generate bench kvgpu serve tp tp4"}
+STAGES=${STAGES:-"kernels tests generate bench bench_kv8 kvgpu serve tp tp4"}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/nccl
 NCCL_LIB=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2
@@ -71,6 +71,14 @@ case " $STAGES " in *" bench "*)
     --load-format dummy --batch 1,32 --context 3000 --prompt-len 3000 --prefill-batch 1,2 \
     --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" ${BENCH_EXTRA:-}
   sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step.json" ;;
+esac
+
+case " $STAGES " in *" bench_kv8 "*)
+  # The same decode and prefill steps with an FP8 (e4m3) KV pool (--kv-cache-dtype fp8).
+  step "bench-step 70B fp8 dummy, fp8 KV" 300 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
+    --load-format dummy --batch 1,32 --context 3000 --prompt-len 3000 --prefill-batch 1 \
+    --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" --kv-cache-dtype fp8 ${BENCH_EXTRA:-}
+  sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_kv8.json" ;;
 esac
 
 case " $STAGES " in *" gemm "*)

@@ -9,7 +9,7 @@ use tandem::backend::cuda::device::DeviceBuffer;
 use tandem::backend::cuda::meta::{plan_step, SplitPolicy};
 use tandem::backend::cuda::ops::{
     combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported, AttentionArgs,
-    Ops, Precision, PrefillP,
+    Fp8KvScales, Ops, Precision, PrefillP,
 };
 use tandem::backend::{Batch, Emit, SeqChunk};
 
@@ -133,7 +133,11 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         ..tight
     };
     // Output rows (as f32) and, per token, whether its tile had more than one query.
-    let run = |kernel: AttnKernel, q_per_tile: usize, policy: Option<SplitPolicy>| {
+    let bf16_pools = (&dk, &dv, None);
+    let run_on = |kernel: AttnKernel,
+                  q_per_tile: usize,
+                  policy: Option<SplitPolicy>,
+                  pools: (&DeviceBuffer, &DeviceBuffer, Option<Fp8KvScales>)| {
         let plan = plan_step(&batch, bs, c.num_blocks, 1, q_per_tile, policy).unwrap();
         let meta = e.gpu.upload(&plan.packed).unwrap();
         let m = |off: usize| meta.ptr + 4 * off as u64;
@@ -144,8 +148,8 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         let args = AttentionArgs {
             out: out.ptr,
             qkv: dq.ptr,
-            k_cache: dk.ptr,
-            v_cache: dv.ptr,
+            k_cache: pools.0.ptr,
+            v_cache: pools.1.ptr,
             positions: m(at.positions),
             tile_seq: m(at.tile_seq),
             tile_q_start: m(at.tile_q_start),
@@ -166,6 +170,7 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             scale: 1.0 / (hd as f32).sqrt(),
             q_per_tile,
             decode_only: plan.all_decode,
+            kv_fp8: pools.2,
         };
         match kernel {
             AttnKernel::Flash => e.ops().flash_attention_p(&args, PrefillP::Bf16).unwrap(),
@@ -200,6 +205,9 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             multi[q0..q0 + qn].iter_mut().for_each(|x| *x = qn > 1);
         }
         (e.bf16s(&out, n * nh * hd), multi, plan.num_parts)
+    };
+    let run = |kernel: AttnKernel, q_per_tile: usize, policy: Option<SplitPolicy>| {
+        run_on(kernel, q_per_tile, policy, bf16_pools)
     };
     let group = nh / nkv;
     let all_decode = c.seqs.iter().all(|s| s.1 == 1);
@@ -236,6 +244,35 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             let what =
                 format!("decode vs prefill kernel nh={nh} nkv={nkv} hd={hd} bs={bs} parts={parts}");
             check(&what, &decode, &prefill, 3e-3);
+        }
+    }
+    // FP8 pools: the _kv8 kernels on e4m3 codes give the BF16 kernels' bits on the dequantized
+    // values (code * scale rounded to BF16, which is what they convert each tile to).
+    let scales = Fp8KvScales { k: 0.25, v: 0.5 };
+    let fp8_pool = |x: &[bf16], scale: f32| -> (Vec<u8>, Vec<bf16>) {
+        x.iter()
+            .map(|v| {
+                let code = float8::F8E4M3::from_f32(v.to_f32() / scale);
+                (code.to_bits(), bf16::from_f32(code.to_f32() * scale))
+            })
+            .unzip()
+    };
+    let ((k8, kdq), (v8, vdq)) = (fp8_pool(&kc, scales.k), fp8_pool(&vc, scales.v));
+    let (dk8, dv8) = (e.gpu.upload(&k8).unwrap(), e.gpu.upload(&v8).unwrap());
+    let (dkq, dvq) = (e.gpu.upload(&kdq).unwrap(), e.gpu.upload(&vdq).unwrap());
+    let mut kv8_kernels = vec![AttnKernel::FlashHiLo];
+    if kernels.contains(&AttnKernel::Decode) {
+        kv8_kernels.push(AttnKernel::Decode);
+    }
+    for kernel in kv8_kernels {
+        for policy in [None, Some(serving)] {
+            let (fp8, _, parts) =
+                run_on(kernel, flash_q_per_tile, policy, (&dk8, &dv8, Some(scales)));
+            let (deq, _, _) = run_on(kernel, flash_q_per_tile, policy, (&dkq, &dvq, None));
+            assert!(
+                fp8.iter().zip(&deq).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{kernel:?} on FP8 pools differs from the dequantized BF16 pools (nh={nh} nkv={nkv} hd={hd} bs={bs} parts={parts})"
+            );
         }
     }
     if all_decode {

@@ -10,7 +10,7 @@
 use tandem::backend::cpu::CpuBackend;
 use tandem::backend::cuda::ops::Precision;
 use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
-use tandem::backend::{Backend, Batch, Emit, SeqChunk, SeqOutput};
+use tandem::backend::{Backend, Batch, Emit, KvCacheDtype, SeqChunk, SeqOutput};
 
 mod cpu_support;
 
@@ -81,7 +81,12 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn backend(f: &Fixture, precision: Precision) -> CudaBackend {
+    backend_kv(f, precision, KvCacheDtype::Auto)
+}
+
+fn backend_kv(f: &Fixture, precision: Precision, kv_cache_dtype: KvCacheDtype) -> CudaBackend {
     let opts = CudaOptions {
+        kv_cache_dtype,
         block_size: BS,
         num_blocks: Some(64),
         max_num_batched_tokens: 256,
@@ -153,13 +158,14 @@ fn run_fixture(name: &str, tolerance: f32) {
 
 /// BF16 precision (serving): activations and KV rounded to BF16, so logits move by ~1e-2
 /// relative; reports how many greedy tokens still agree and bounds the logit error.
-fn bf16_precision_report(name: &str, bound: f32) {
+fn bf16_precision_report(name: &str, bound: f32, kv: KvCacheDtype) {
     if !gpu_available() {
         eprintln!("skipping: no CUDA GPU on this machine");
         return;
     }
     let f = fixture(name);
-    let mut b = backend(&f, Precision::Bf16);
+    let mut b = backend_kv(&f, Precision::Bf16, kv);
+    let name = &format!("{name} (KV {kv:?})");
     let need = (f.prompt.len() + f.tokens.len()).div_ceil(BS);
     let table: Vec<u32> = (0..need as u32).collect();
     let (tokens, logits) = generate(
@@ -297,10 +303,21 @@ fn fp8_fixture_matches_reference() {
 
 #[test]
 fn bf16_fixture_in_bf16_precision() {
-    bf16_precision_report("llama-bf16", 0.5);
+    bf16_precision_report("llama-bf16", 0.5, KvCacheDtype::Auto);
+}
+
+/// `--kv-cache-dtype fp8`'s effect on accuracy: the same report with e4m3 KV.
+#[test]
+fn bf16_fixture_with_fp8_kv_cache() {
+    bf16_precision_report("llama-bf16", 1.0, KvCacheDtype::Fp8);
+}
+
+#[test]
+fn fp8_fixture_with_fp8_kv_cache() {
+    bf16_precision_report("llama-fp8", 3.0, KvCacheDtype::Fp8);
 }
 
 #[test]
 fn fp8_fixture_in_bf16_precision() {
-    bf16_precision_report("llama-fp8", 3.0);
+    bf16_precision_report("llama-fp8", 3.0, KvCacheDtype::Auto);
 }

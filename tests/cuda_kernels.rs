@@ -6,7 +6,7 @@ use half::bf16;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tandem::backend::cuda::device::DeviceBuffer;
-use tandem::backend::cuda::ops::{Ops, Precision};
+use tandem::backend::cuda::ops::{Fp8KvScales, Ops, Precision};
 
 mod gpu_kernel_support;
 
@@ -371,7 +371,7 @@ fn rope_kv_write_matches_rope_then_kv_write() {
             )
             .unwrap();
             ops.rope_kv_write(
-                q2.ptr, k2.ptr, v2.ptr, dp.ptr, di.ptr, ds.ptr, n, nh, nkv, hd, bs,
+                q2.ptr, k2.ptr, v2.ptr, dp.ptr, di.ptr, ds.ptr, n, nh, nkv, hd, bs, None,
             )
             .unwrap();
             let what = format!("rope_kv_write {act:?} {n}x({nh}+{nkv}+{nkv})x{hd}");
@@ -394,6 +394,48 @@ fn rope_kv_write_matches_rope_then_kv_write() {
                     poison + written >= cache_bytes && poison < cache_bytes,
                     "{what}: {poison} poisoned bytes of {cache_bytes}, {written} written"
                 );
+            }
+            if act != Precision::Bf16 {
+                continue;
+            }
+            // Into FP8 pools: the same rotated rows, and each written cache element the e4m3 code
+            // of the BF16 pool's value over the scale (0xFF, a NaN code, stays where nothing went).
+            let scales = Fp8KvScales { k: 0.5, v: 2.0 };
+            let q3 = upload(&qkv).unwrap();
+            let elems = cache_bytes / 2;
+            let (k3, v3) = (e.poisoned(elems), e.poisoned(elems));
+            ops.rope_kv_write(
+                q3.ptr,
+                k3.ptr,
+                v3.ptr,
+                dp.ptr,
+                di.ptr,
+                ds.ptr,
+                n,
+                nh,
+                nkv,
+                hd,
+                bs,
+                Some(scales),
+            )
+            .unwrap();
+            assert_eq!(
+                bytes(&q2, qkv_bytes),
+                bytes(&q3, qkv_bytes),
+                "{what} fp8: qkv"
+            );
+            for (bf, f8, scale, name) in [(&kb, &k3, scales.k, "k"), (&vb, &v3, scales.v, "v")] {
+                let codes = bytes(f8, elems);
+                for (i, pair) in bf.chunks(2).enumerate() {
+                    let bits = u16::from_le_bytes([pair[0], pair[1]]);
+                    let want = if bits == 0xFFFF {
+                        0xFF
+                    } else {
+                        let v = bf16::from_bits(bits).to_f32();
+                        float8::F8E4M3::from_f32(v / scale).to_bits()
+                    };
+                    assert_eq!(codes[i], want, "{what} fp8 {name} cache element {i}");
+                }
             }
         }
     }

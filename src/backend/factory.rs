@@ -2,7 +2,7 @@
 
 use super::cpu::CpuBackend;
 use super::cuda::{gpu_available, CudaBackend, CudaOptions, TpBackend, TpWeights, WeightSource};
-use super::{Backend, DeviceKind};
+use super::{Backend, DeviceKind, KvCacheDtype};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use crate::model::{load_weights, LoadFormat, ModelFiles};
@@ -61,6 +61,7 @@ pub struct BackendOptions {
     pub cpu_default_blocks: usize,
     /// CUDA: no decode-step CUDA graphs (vLLM's `--enforce-eager`).
     pub enforce_eager: bool,
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 /// Loads a model onto the device: host weights for the CPU and real checkpoints; dummy weights
@@ -100,6 +101,9 @@ pub fn build_backend(
             };
             Ok(Box::new(backend))
         }
+        _ if opts.kv_cache_dtype == KvCacheDtype::Fp8 => {
+            bail!("--kv-cache-dtype fp8 needs CUDA (--device cuda); the CPU backend keeps F32 KV")
+        }
         _ if tp > 1 => bail!(
             "--tensor-parallel-size {tp} needs CUDA GPUs (--device cuda); the CPU backend runs one model on one device"
         ),
@@ -125,6 +129,7 @@ fn cuda_options(opts: &BackendOptions) -> CudaOptions {
         max_num_batched_tokens: opts.max_num_batched_tokens,
         max_num_seqs: opts.max_num_seqs,
         enforce_eager: opts.enforce_eager,
+        kv_cache_dtype: opts.kv_cache_dtype,
         ..Default::default()
     }
 }

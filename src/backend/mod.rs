@@ -22,6 +22,17 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// What the KV cache stores (vLLM's `--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvCacheDtype {
+    /// The activations' type (BF16 when serving).
+    #[default]
+    Auto,
+    /// e4m3 codes with per-tensor scales (CUDA, BF16 activations): half the bytes per token.
+    #[value(alias = "fp8_e4m3")]
+    Fp8,
+}
+
 /// The slice of one sequence that a step processes.
 #[derive(Debug, Clone)]
 pub struct SeqChunk {

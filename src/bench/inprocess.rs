@@ -159,6 +159,7 @@ pub fn start_engines(d: &LocalDeployment, n: usize) -> Result<(Vec<EngineHandle>
         max_num_seqs: d.engine.max_num_seqs,
         cpu_default_blocks: CPU_KV_BLOCKS,
         enforce_eager: false,
+        kv_cache_dtype: Default::default(),
     };
     let mut engines = Vec::new();
     for _ in 0..n {

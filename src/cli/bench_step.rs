@@ -6,7 +6,7 @@
 //! `--tensor-parallel-size N` the model is split over GPUs 0..N (profiles are rank 0's).
 
 use crate::backend::cuda::{CudaBackend, CudaOptions, TpBackend, TpWeights, WeightSource};
-use crate::backend::{Backend, Batch, DeviceSampling, Emit, SeqChunk};
+use crate::backend::{Backend, Batch, DeviceSampling, Emit, KvCacheDtype, SeqChunk};
 use crate::model::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -55,6 +55,9 @@ pub struct Args {
     /// Launch every kernel one by one (no decode-step CUDA graphs).
     #[arg(long)]
     pub enforce_eager: bool,
+    /// KV cache storage: `auto` (BF16) or `fp8` (e4m3).
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Also time each decode batch with the other of graphs and eager launches (`_eager` or
     /// `_graphs` keys; one GPU only).
     #[arg(long)]
@@ -214,6 +217,7 @@ pub fn run(args: Args) -> Result<()> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: max_batch.max(256),
         enforce_eager: args.enforce_eager,
+        kv_cache_dtype: args.kv_cache_dtype,
         ..Default::default()
     };
     let tp = args.tensor_parallel_size.max(1);
@@ -245,6 +249,10 @@ pub fn run(args: Args) -> Result<()> {
     results.insert("tensor_parallel_size".into(), tp.into());
     results.insert("kv_blocks".into(), num_blocks.into());
     results.insert("kv_capacity_tokens".into(), (num_blocks * bs).into());
+    results.insert(
+        "kv_cache_dtype".into(),
+        format!("{:?}", args.kv_cache_dtype).to_lowercase().into(),
+    );
     results.insert(
         "gpu_memory_utilization".into(),
         args.gpu_memory_utilization.into(),

@@ -6,7 +6,7 @@ use crate::backend::factory::BackendOptions;
 use crate::model::LlamaConfig;
 
 /// Defined beside the backends (which `backend::factory` builds from it); re-exported for the CLI.
-pub use crate::backend::DeviceKind;
+pub use crate::backend::{DeviceKind, KvCacheDtype};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -63,6 +63,9 @@ pub struct EngineArgs {
     /// Launch every kernel of every step one by one (CUDA): no decode-step CUDA graphs.
     #[arg(long)]
     pub enforce_eager: bool,
+    /// KV cache storage: `auto` (the activations' type) or `fp8` (e4m3, CUDA: twice the tokens).
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 /// KV blocks used on the CPU when `--num-kv-blocks` is not given.
@@ -108,6 +111,7 @@ impl EngineArgs {
             max_num_seqs: self.max_num_seqs,
             cpu_default_blocks: DEFAULT_CPU_KV_BLOCKS,
             enforce_eager: self.enforce_eager,
+            kv_cache_dtype: self.kv_cache_dtype,
         }
     }
 }
@@ -174,6 +178,39 @@ mod tests {
                 opts.tensor_parallel_size
             ),
             (Some(7), 64, 2)
+        );
+        assert_eq!(opts.kv_cache_dtype, KvCacheDtype::Auto);
+        assert!(!opts.enforce_eager);
+    }
+
+    #[test]
+    fn kv_cache_dtype_and_enforce_eager_parse_as_in_vllm() {
+        let config = crate::model::ModelFiles::resolve("tiny-llama")
+            .unwrap()
+            .config;
+        for name in ["fp8", "fp8_e4m3"] {
+            let cli = Cli::parse_from(["t", "--kv-cache-dtype", name, "--enforce-eager"]);
+            let opts = cli.engine.backend_options(16, 0, &config);
+            assert_eq!(opts.kv_cache_dtype, KvCacheDtype::Fp8);
+            assert!(opts.enforce_eager);
+        }
+        assert!(Cli::try_parse_from(["t", "--kv-cache-dtype", "int4"]).is_err());
+        // The CPU backend keeps F32 KV: an FP8 pool is refused with a clear error.
+        let files = crate::model::ModelFiles::resolve("tiny-llama").unwrap();
+        let cli = Cli::parse_from(["t", "--kv-cache-dtype", "fp8"]);
+        let opts = cli.engine.backend_options(16, 0, &files.config);
+        let err = crate::backend::factory::build_backend(
+            DeviceKind::Cpu,
+            &files,
+            LoadFormat::Dummy,
+            0,
+            &opts,
+        )
+        .err()
+        .expect("fp8 KV on the CPU is refused");
+        assert!(
+            err.to_string().contains("--kv-cache-dtype fp8 needs CUDA"),
+            "{err}"
         );
     }
 }

@@ -14,10 +14,12 @@ use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::meta::{plan_step, SplitPolicy, StepPlan};
 use super::nccl::{TpRank, TpSetup};
-use super::ops::{combine_fp8_scratch_bytes, AttentionArgs, Ops, Precision};
+use super::ops::{
+    combine_fp8_scratch_bytes, flash_supported, AttentionArgs, Fp8KvScales, Ops, Precision,
+};
 use super::shard::Shard;
 use super::weights::{GpuLinear, GpuWeights};
-use crate::backend::{Backend, Batch, KvDtype, KvLayout, SeqOutput};
+use crate::backend::{Backend, Batch, KvCacheDtype, KvDtype, KvLayout, SeqOutput};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Context, Result};
@@ -51,6 +53,8 @@ pub struct CudaOptions {
     /// Launches every step's kernels one by one (vLLM's flag); otherwise decode steps replay
     /// CUDA graphs (see `backend/graphs.rs`).
     pub enforce_eager: bool,
+    /// FP8 (e4m3) or activation-typed KV pool.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl Default for CudaOptions {
@@ -66,6 +70,7 @@ impl Default for CudaOptions {
             split_min_keys: 128,
             tp_whole_row_fp8_scales: false,
             enforce_eager: false,
+            kv_cache_dtype: KvCacheDtype::Auto,
         }
     }
 }
@@ -197,6 +202,14 @@ impl CudaBackend {
             "--gpu-memory-utilization must be in (0, 1], got {}",
             opts.gpu_memory_utilization
         );
+        if opts.kv_cache_dtype == KvCacheDtype::Fp8 {
+            let group = config.num_attention_heads / config.num_key_value_heads.max(1);
+            ensure!(
+                flash_supported(group, config.head_dim, opts.precision),
+                "--kv-cache-dtype fp8 needs BF16 activations and the tensor-core attention \
+                 (head_dim 16..=128 in steps of 16, at most 64 query heads per kv head)"
+            );
+        }
         let gpu = Gpu::new(opts.device)?;
         let tp = match tp {
             Some(setup) => Some(TpRank::new(
@@ -241,7 +254,7 @@ impl CudaBackend {
             opts.max_num_seqs,
             p,
         )?;
-        let block_bytes = Self::layout_for(config, opts.block_size, p).block_bytes();
+        let block_bytes = Self::layout_for(config, &opts).block_bytes();
         let num_blocks = match opts.num_blocks {
             Some(n) => n,
             None => {
@@ -291,25 +304,31 @@ impl CudaBackend {
         })
     }
 
-    fn layout_for(c: &LlamaConfig, block_size: usize, p: Precision) -> KvLayout {
+    fn layout_for(c: &LlamaConfig, opts: &CudaOptions) -> KvLayout {
         KvLayout {
             num_layers: c.num_hidden_layers,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
-            block_size,
-            dtype: match p {
-                Precision::Bf16 => KvDtype::Bf16,
-                Precision::F32 => KvDtype::F32,
+            block_size: opts.block_size,
+            dtype: match (opts.kv_cache_dtype, opts.precision) {
+                (KvCacheDtype::Fp8, _) => KvDtype::F8E4M3,
+                (KvCacheDtype::Auto, Precision::Bf16) => KvDtype::Bf16,
+                (KvCacheDtype::Auto, Precision::F32) => KvDtype::F32,
             },
         }
     }
 
+    /// The scales of an FP8 pool (None: the pool holds activation-typed values). Per-tensor and
+    /// 1.0, vLLM's default without calibrated scales: e4m3 then spans 2^-9..448, which holds
+    /// Llama's k and v (|x| of order 1..10) at 3 significant bits.
+    fn kv_fp8(&self) -> Option<Fp8KvScales> {
+        (self.opts.kv_cache_dtype == KvCacheDtype::Fp8).then_some(Fp8KvScales { k: 1.0, v: 1.0 })
+    }
+
     /// Bytes of one block of one layer's K (or V).
     fn block_part_bytes(&self) -> usize {
-        self.config.num_key_value_heads
-            * self.opts.block_size
-            * self.config.head_dim
-            * self.opts.precision.bytes()
+        let l = Self::layout_for(&self.config, &self.opts);
+        l.num_kv_heads * l.block_size * l.head_dim * l.dtype.size_bytes()
     }
 
     /// Bytes of one layer's K (or V) pool.
@@ -344,12 +363,16 @@ impl CudaBackend {
     /// Fills the whole KV pool with random values (benchmarks that skip the prefill).
     pub fn fill_kv_random(&mut self, seed: u64) -> Result<()> {
         self.gpu.bind()?;
-        ensure!(
-            self.opts.precision == Precision::Bf16,
-            "random KV fill is for BF16 pools"
-        );
-        self.ops()
-            .fill_bf16(self.kv.ptr, self.kv.bytes / 2, seed, -1.0, 1.0)?;
+        match self.kv_layout().dtype {
+            KvDtype::Bf16 => {
+                self.ops()
+                    .fill_bf16(self.kv.ptr, self.kv.bytes / 2, seed, -1.0, 1.0)?
+            }
+            KvDtype::F8E4M3 => self
+                .ops()
+                .fill_fp8(self.kv.ptr, self.kv.bytes, seed, -1.0, 1.0)?,
+            KvDtype::F32 => bail!("random KV fill is for BF16 and FP8 pools"),
+        }
         self.gpu.sync()
     }
 
@@ -485,6 +508,7 @@ impl CudaBackend {
                 nkv,
                 hd,
                 self.opts.block_size,
+                self.kv_fp8(),
             )?;
             self.mark("rope+kv_write")?;
             if let Some(hook) = self.layer_kv_hook.as_mut() {
@@ -515,6 +539,7 @@ impl CudaBackend {
                 scale: 1.0 / (hd as f32).sqrt(),
                 q_per_tile,
                 decode_only: plan.all_decode,
+                kv_fp8: self.kv_fp8(),
             })?;
             self.mark("attention")?;
             let groups = [m(at.group_part0), m(at.group_nparts), m(at.group_q0)];
@@ -602,7 +627,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        Self::layout_for(&self.config, self.opts.block_size, self.opts.precision)
+        Self::layout_for(&self.config, &self.opts)
     }
 
     fn num_kv_blocks(&self) -> usize {

@@ -94,6 +94,7 @@ const PLAIN: &[(&str, &[&str])] = &[
             "fill_uniform_bf16",
             "fill_uniform_fp8",
             "fill_uniform_f32",
+            "rope_kv_write_kv8_bf16",
         ],
     ),
     ("sampling", &["sample_tokens"]),
@@ -117,7 +118,7 @@ const PLAIN: &[(&str, &[&str])] = &[
 ];
 
 /// The tensor-core attention, one kernel per head_dim (see `Ops::flash_attention`; `_hilo`: P as
-/// BF16 hi + lo; `_f16p`: P and V as F16).
+/// BF16 hi + lo; `_f16p`: P and V as F16; `_kv8`: FP8 KV pools).
 pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hd16",
     "flash_attention_hd32",
@@ -143,6 +144,14 @@ pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_f16p_hd96",
     "flash_attention_f16p_hd112",
     "flash_attention_f16p_hd128",
+    "flash_attention_hilo_kv8_hd16",
+    "flash_attention_hilo_kv8_hd32",
+    "flash_attention_hilo_kv8_hd48",
+    "flash_attention_hilo_kv8_hd64",
+    "flash_attention_hilo_kv8_hd80",
+    "flash_attention_hilo_kv8_hd96",
+    "flash_attention_hilo_kv8_hd112",
+    "flash_attention_hilo_kv8_hd128",
 ];
 
 /// The decode-only tensor-core attention (`Ops::flash_decode`), one kernel per head_dim.
@@ -155,6 +164,14 @@ pub const FLASH_DECODE: &[&str] = &[
     "flash_decode_hd96",
     "flash_decode_hd112",
     "flash_decode_hd128",
+    "flash_decode_kv8_hd16",
+    "flash_decode_kv8_hd32",
+    "flash_decode_kv8_hd48",
+    "flash_decode_kv8_hd64",
+    "flash_decode_kv8_hd80",
+    "flash_decode_kv8_hd96",
+    "flash_decode_kv8_hd112",
+    "flash_decode_kv8_hd128",
 ];
 
 /// Every kernel name of a module.
@@ -317,42 +334,12 @@ pub fn pdl_enabled() -> bool {
 }
 
 /// Kernels that need more than 48 KiB of dynamic shared memory, and how much they may use.
-const BIG_SHARED: &[(&str, i32)] = &[
-    ("paged_attention_bf16", 96 * 1024),
-    ("paged_attention_f32", 96 * 1024),
-    ("flash_attention_hd16", 112 * 1024),
-    ("flash_attention_hd32", 112 * 1024),
-    ("flash_attention_hd48", 112 * 1024),
-    ("flash_attention_hd64", 112 * 1024),
-    ("flash_attention_hd80", 112 * 1024),
-    ("flash_attention_hd96", 112 * 1024),
-    ("flash_attention_hd112", 112 * 1024),
-    ("flash_attention_hd128", 112 * 1024),
-    ("flash_attention_hilo_hd16", 112 * 1024),
-    ("flash_attention_hilo_hd32", 112 * 1024),
-    ("flash_attention_hilo_hd48", 112 * 1024),
-    ("flash_attention_hilo_hd64", 112 * 1024),
-    ("flash_attention_hilo_hd80", 112 * 1024),
-    ("flash_attention_hilo_hd96", 112 * 1024),
-    ("flash_attention_hilo_hd112", 112 * 1024),
-    ("flash_attention_hilo_hd128", 112 * 1024),
-    ("flash_attention_f16p_hd16", 112 * 1024),
-    ("flash_attention_f16p_hd32", 112 * 1024),
-    ("flash_attention_f16p_hd48", 112 * 1024),
-    ("flash_attention_f16p_hd64", 112 * 1024),
-    ("flash_attention_f16p_hd80", 112 * 1024),
-    ("flash_attention_f16p_hd96", 112 * 1024),
-    ("flash_attention_f16p_hd112", 112 * 1024),
-    ("flash_attention_f16p_hd128", 112 * 1024),
-    ("flash_decode_hd16", 96 * 1024),
-    ("flash_decode_hd32", 96 * 1024),
-    ("flash_decode_hd48", 96 * 1024),
-    ("flash_decode_hd64", 96 * 1024),
-    ("flash_decode_hd80", 96 * 1024),
-    ("flash_decode_hd96", 96 * 1024),
-    ("flash_decode_hd112", 96 * 1024),
-    ("flash_decode_hd128", 96 * 1024),
-];
+fn big_shared() -> impl Iterator<Item = (&'static str, i32)> {
+    let paged = ["paged_attention_bf16", "paged_attention_f32"].map(|n| (n, 96 * 1024));
+    let flash = FLASH_ATTENTION.iter().map(|&n| (n, 112 * 1024));
+    let decode = FLASH_DECODE.iter().map(|&n| (n, 96 * 1024));
+    paged.into_iter().chain(flash).chain(decode)
+}
 
 impl Kernels {
     pub fn load() -> Result<Self> {
@@ -375,14 +362,14 @@ impl Kernels {
                 functions.insert(fname, Kernel { f, pdl });
             }
         }
-        for (fname, bytes) in BIG_SHARED {
-            let f = functions[*fname].f;
+        for (fname, bytes) in big_shared() {
+            let f = functions[fname].f;
             // SAFETY: a valid function handle.
             unsafe {
                 result::function::set_function_attribute(
                     f,
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    *bytes,
+                    bytes,
                 )?;
                 // All of the unified L1/shared memory as shared, so several blocks fit per SM.
                 result::function::set_function_attribute(

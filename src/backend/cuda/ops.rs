@@ -46,6 +46,13 @@ impl Precision {
     }
 }
 
+/// The per-tensor scales of an FP8 (e4m3) KV pool: a value is its code times the scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fp8KvScales {
+    pub k: f32,
+    pub v: f32,
+}
+
 pub struct Ops<'a> {
     pub k: &'a Kernels,
     pub stream: CUstream,

@@ -2,7 +2,7 @@
 //! decode-only kernel) where they take the shape, the CUDA-core kernel (`attention.cu`) otherwise,
 //! and the merge of split decode parts.
 
-use super::{Ops, Precision};
+use super::{Fp8KvScales, Ops, Precision};
 use crate::backend::cuda::kernels::Arg;
 use anyhow::{ensure, Result};
 
@@ -142,14 +142,20 @@ impl Ops<'_> {
         );
         let (hd, keys) = (a.head_dim, FLASH_KEYS_PER_TILE);
         // Q of a multi-query block, then double-buffered K and V tiles (rows padded by 8); a
-        // one-query item's final merge of 4 warps reuses them.
+        // one-query item's final merge of 4 warps reuses them. FP8 pools: single BF16 tiles, then
+        // double-buffered e4m3 tiles.
         let q = FLASH_ROWS * (hd + 8) * 2;
-        let stages = 2 * 2 * keys * (hd + 8) * 2;
+        let stages = match a.kv_fp8 {
+            Some(_) => 2 * keys * (hd + 8) * 2 + 2 * 2 * keys * hd,
+            None => 2 * 2 * keys * (hd + 8) * 2,
+        };
         let merge = (4 * 16 * (hd + 4) + 4 * 16 * 2) * 4;
-        let name = match p {
-            PrefillP::HiLo => "flash_attention_hilo",
-            PrefillP::F16 => "flash_attention_f16p",
-            PrefillP::Bf16 => "flash_attention",
+        // FP8 pools have the hi + lo kernels only.
+        let name = match (p, a.kv_fp8) {
+            (_, Some(_)) => "flash_attention_hilo_kv8",
+            (PrefillP::HiLo, None) => "flash_attention_hilo",
+            (PrefillP::F16, None) => "flash_attention_f16p",
+            (PrefillP::Bf16, None) => "flash_attention",
         };
         self.go(
             &format!("{name}_hd{hd}"),
@@ -173,21 +179,32 @@ impl Ops<'_> {
         );
         let hd = a.head_dim;
         // Per warp a ring of 3 slots of 16 key rows (padded by 8), then Q's 8 rows; the final
-        // merge of the 4 warps reuses the rings.
-        let rings = 4 * 3 * 16 * (hd + 8) * 2;
+        // merge of the 4 warps reuses the rings. FP8 pools: rings of e4m3 rows (unpadded), then
+        // a BF16 slot per warp for the converted rows.
         let merge = (4 * 8 * (hd + 4) + 4 * 8 * 2) * 4;
         let q = 8 * (hd + 8) * 2;
+        let (name, shared) = match a.kv_fp8 {
+            Some(_) => {
+                let rings = 4 * 3 * 16 * hd + 4 * 16 * (hd + 8) * 2;
+                ("flash_decode_kv8", rings.max(merge) + q)
+            }
+            None => ("flash_decode", (4 * 3 * 16 * (hd + 8) * 2).max(merge) + q),
+        };
         self.go(
-            &format!("flash_decode_hd{hd}"),
+            &format!("{name}_hd{hd}"),
             (a.num_tiles as u32, a.kv_heads as u32, 1),
             128,
-            (rings.max(merge) + q) as u32,
+            shared as u32,
             &flash_args(a),
         )
     }
 
     /// The CUDA-core kernel (F32 reference precision, and shapes the tensor-core one does not take).
     pub fn paged_attention_cuda_cores(&self, a: &AttentionArgs) -> Result<()> {
+        ensure!(
+            a.kv_fp8.is_none(),
+            "an FP8 KV pool needs the tensor-core attention (BF16, head_dim 16..=128 in steps of 16)"
+        );
         let group = a.q_heads / a.kv_heads;
         ensure!(
             group <= ATTENTION_ROWS,
@@ -342,9 +359,15 @@ fn common_args(a: &AttentionArgs) -> [Arg; 18] {
 
 /// The argument list shared by `flash_attention_hd*` and `flash_decode_hd*`.
 fn flash_args(a: &AttentionArgs) -> Vec<Arg> {
+    let s = a.kv_fp8.unwrap_or(Fp8KvScales { k: 1.0, v: 1.0 });
     [
         common_args(a).as_slice(),
-        &[Arg::I32(a.block_size as i32), Arg::F32(a.scale)],
+        &[
+            Arg::I32(a.block_size as i32),
+            Arg::F32(a.scale),
+            Arg::F32(s.k),
+            Arg::F32(s.v),
+        ],
     ]
     .concat()
 }
@@ -378,4 +401,6 @@ pub struct AttentionArgs {
     pub q_per_tile: usize,
     /// Every work item has one query token (a pure decode step): the decode kernel may run.
     pub decode_only: bool,
+    /// The pool holds e4m3 codes with these scales (the tensor-core kernels' `_kv8` versions).
+    pub kv_fp8: Option<Fp8KvScales>,
 }

@@ -1,7 +1,7 @@
 //! The fusions that write an FP8 linear's quantized input directly (the same bits as the unfused
 //! kernel followed by `quantize_fp8`), and rope fused with the paged KV write.
 
-use super::{rows, Ops, NORM_CHUNK_COLS, ROPE_THREADS};
+use super::{rows, Fp8KvScales, Ops, Precision, NORM_CHUNK_COLS, ROPE_THREADS};
 use crate::backend::cuda::kernels::Arg;
 use anyhow::{ensure, Result};
 
@@ -185,7 +185,8 @@ impl Ops<'_> {
 
     /// [`Self::rope`] then [`Self::kv_write`] in one launch (the same bits): rotates the q and k
     /// heads of rows laid out q | k | v (`row_stride` = (q_heads + 2 kv_heads) * head_dim) in
-    /// place and writes each token's k and v heads to `slots[t]` (< 0: skipped).
+    /// place and writes each token's k and v heads to `slots[t]` (< 0: skipped); into an FP8 pool
+    /// with `kv_fp8`'s scales (e4m3 of the BF16 value over the scale, saturating).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_kv_write(
         &self,
@@ -200,17 +201,27 @@ impl Ops<'_> {
         kv_heads: usize,
         head_dim: usize,
         block_size: usize,
+        kv_fp8: Option<Fp8KvScales>,
     ) -> Result<()> {
         ensure!(
             head_dim.is_multiple_of(2) && head_dim <= 2048,
             "rope of head_dim {head_dim} (even, at most 2048)"
         );
         let (head_blocks, threads) = rope_kv_write_shape(n, q_heads + 2 * kv_heads, head_dim);
-        self.go(
-            &self.typed("rope_kv_write"),
-            (n as u32, head_blocks, 1),
-            threads,
-            0,
+        let (name, scales) = match kv_fp8 {
+            Some(s) => {
+                ensure!(
+                    self.act == Precision::Bf16,
+                    "an FP8 KV pool takes BF16 activations"
+                );
+                (
+                    "rope_kv_write_kv8_bf16".to_string(),
+                    vec![Arg::F32(1.0 / s.k), Arg::F32(1.0 / s.v)],
+                )
+            }
+            None => (self.typed("rope_kv_write"), vec![]),
+        };
+        let args = [
             &[
                 Arg::Ptr(qkv),
                 Arg::Ptr(k_cache),
@@ -223,8 +234,11 @@ impl Ops<'_> {
                 Arg::I32(kv_heads as i32),
                 Arg::I32(head_dim as i32),
                 Arg::I32(block_size as i32),
-            ],
-        )
+            ][..],
+            &scales,
+        ]
+        .concat();
+        self.go(&name, (n as u32, head_blocks, 1), threads, 0, &args)
     }
 }
 
