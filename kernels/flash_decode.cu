@@ -9,24 +9,76 @@
 #define FD_SLOTS 3
 #define FD_KEYS 16
 
-// FP8 KV (KV8): the rings hold the e4m3 rows as they arrive (16 keys x D bytes a slot); each warp
-// converts a landed slot into its own BF16 slot before the MMAs read it, so the math is the BF16
-// kernel's on the dequantized values (half the bytes read from HBM).
-template <int D, bool KV8>
+// The end of a decode block: each warp's unnormalized rows (o, with its max m0 and partial sum l0)
+// go to shared memory, reusing the rings, at the columns col(n, e) gives for o[n][e]; then all
+// threads merge the 4 warps' states and write the item's row (or its split part). The output
+// is scaled by out_scale (an FP8 pool's v scale).
+template <int D, typename Col>
+__device__ __forceinline__ void flash_decode_merge(const FlashArgs& a, float (&o)[D / 8][4], float m0, float l0,
+                                                   Col col, float out_scale) {
+    constexpr int DN = D / 8;
+    constexpr int OSTR = D + 4;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    int tile = blockIdx.x, kvh = blockIdx.y, tid = threadIdx.x;
+    int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    int G = a.num_q_heads / a.num_kv_heads;
+    int q0 = a.tile_q_start[tile];
+    float* Os = (float*)fa_smem;           // [4 warps][8][OSTR]
+    float* ML = Os + FA_WARPS * 8 * OSTR;  // [4 warps][8][2]
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+    {
+        float* row0 = Os + (warp * 8 + g) * OSTR;  // rows 8..15 are padding
+#pragma unroll
+        for (int n = 0; n < DN; n++) {
+            row0[col(n, 0)] = o[n][0];
+            row0[col(n, 1)] = o[n][1];
+        }
+        if (t == 0) {
+            ML[(warp * 8 + g) * 2] = m0;
+            ML[(warp * 8 + g) * 2 + 1] = l0;
+        }
+    }
+    __syncthreads();
+    int part = a.tile_part[tile];
+    for (int idx = tid; idx < G * D; idx += FA_WARPS * 32) {
+        int r = idx / D, d = idx % D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < FA_WARPS; w++) M = fmaxf(M, ML[(w * 8 + r) * 2]);
+        float base = M == NEG_INF ? 0.0f : M;
+        float L = 0.0f, acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < FA_WARPS; w++) {
+            float sc = ex2(ML[(w * 8 + r) * 2] - base);  // 0 for a warp without keys (m = -inf)
+            L += ML[(w * 8 + r) * 2 + 1] * sc;
+            acc += Os[(w * 8 + r) * OSTR + d] * sc;
+        }
+        acc *= out_scale;
+        if (part >= 0) {
+            u64 row = ((u64)part * a.num_kv_heads + kvh) * G + r;
+            if (d == 0) {
+                a.part_ml[2 * row] = M * FA_LN2;
+                a.part_ml[2 * row + 1] = L;
+            }
+            a.part_acc[row * D + d] = acc;
+        } else {
+            a.out[(u64)q0 * a.num_q_heads * D + (kvh * G + r) * D + d] = f2bf(acc / L);
+        }
+    }
+}
+
+template <int D>
 __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
     constexpr int STR = D + 8;
     constexpr int DK = D / 16;
     constexpr int DN = D / 8;
     constexpr int CH = D / 8;        // 16-byte chunks per key row
     constexpr int SLOT = FD_KEYS * STR;  // BF16 elements per slot
-    constexpr int OSTR = D + 4;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     int tile = blockIdx.x, kvh = blockIdx.y, tid = threadIdx.x;
     int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    constexpr int RING_BYTES = FA_WARPS * FD_SLOTS * (KV8 ? FD_KEYS * D : SLOT * 2);
     bf16* ring = (bf16*)fa_smem + warp * FD_SLOTS * SLOT;
-    fp8* ring8 = (fp8*)fa_smem + warp * FD_SLOTS * FD_KEYS * D;
-    bf16* conv = (bf16*)(fa_smem + RING_BYTES) + warp * SLOT;  // KV8: this warp's converted slot
     int G = a.num_q_heads / a.num_kv_heads;
     int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile];
     int kbeg = a.tile_kbeg[tile];
@@ -41,7 +93,7 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
     // Q (rows = the G heads, zero up to 8) in shared memory after the rings; read per k-step with
     // ldmatrix (rows 8..15 of the MMA tile are zero registers), which keeps the kernel under 128
     // registers.
-    bf16* Qs = (bf16*)(fa_smem + RING_BYTES + (KV8 ? FA_WARPS * SLOT * 2 : 0));  // [8][STR]
+    bf16* Qs = (bf16*)fa_smem + FA_WARPS * FD_SLOTS * SLOT;  // [8][STR]
     for (int idx = tid; idx < 8 * CH; idx += FA_WARPS * 32) {
         int r = idx / CH, ch = idx % CH;
         bool ok = r < G;
@@ -62,24 +114,7 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
 
     // Half-step h: K (even h) or V (odd h) of 16-key step h / 2, into slot h % FD_SLOTS.
     auto issue = [&](int h) {
-        if (KV8 && h < 2 * nsteps) {
-            // 16-code chunks of whole key rows; each row found through the block table.
-            constexpr int CH8 = D / 16;
-            const fp8* cache = (const fp8*)((h & 1) ? a.v_cache : a.k_cache);
-            int k0 = wbeg + (h >> 1) * FD_KEYS;
-            fp8* dst = ring8 + (h % FD_SLOTS) * FD_KEYS * D;
-#pragma unroll
-            for (int u = 0; u < (FD_KEYS * CH8 + 31) / 32; u++) {
-                int idx = lane + u * 32;
-                if (idx < FD_KEYS * CH8) {
-                    int j = idx / CH8, ch = idx % CH8, key = k0 + j;
-                    bool ok = key < wend;
-                    u64 src = 0;
-                    if (ok) src = (((u64)bt[key / bs] * nkv + kvh) * bs + key % bs) * D + ch * 16;
-                    cp_async16(smem_u32(dst + j * D + ch * 16), cache + src, ok);
-                }
-            }
-        } else if (h < 2 * nsteps) {
+        if (h < 2 * nsteps) {
             const bf16* cache = (h & 1) ? a.v_cache : a.k_cache;
             int k0 = wbeg + (h >> 1) * FD_KEYS;
             bf16* dst = ring + (h % FD_SLOTS) * SLOT;
@@ -119,11 +154,6 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
             cp_async_wait<FD_SLOTS - 1>();
             __syncwarp();
             const bf16* buf = ring + (h % FD_SLOTS) * SLOT;
-            if constexpr (KV8) {
-                kv8_to_bf16_rows<D>(conv, ring8 + (h % FD_SLOTS) * FD_KEYS * D, FD_KEYS, a.k_scale, lane, 32);
-                __syncwarp();
-                buf = conv;
-            }
             float sc[2][4];
 #pragma unroll
             for (int n = 0; n < 2; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
@@ -173,11 +203,6 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
             cp_async_wait<FD_SLOTS - 1>();
             __syncwarp();
             const bf16* buf = ring + ((h + 1) % FD_SLOTS) * SLOT;
-            if constexpr (KV8) {
-                kv8_to_bf16_rows<D>(conv, ring8 + ((h + 1) % FD_SLOTS) * FD_KEYS * D, FD_KEYS, a.v_scale, lane, 32);
-                __syncwarp();
-                buf = conv;
-            }
             unsigned ph[4], pl[4];  // rows 8..15 (words 1 and 3) are padding: zero
             split_bf16(p[0][0], p[0][1], ph[0], pl[0]);
             split_bf16(p[1][0], p[1][1], ph[2], pl[2]);
@@ -199,65 +224,16 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
     cp_async_wait<0>();
     __syncthreads();
 
-    float* Os = (float*)fa_smem;           // [4 warps][8][OSTR]
-    float* ML = Os + FA_WARPS * 8 * OSTR;  // [4 warps][8][2]
-#pragma unroll
-    for (int x = 1; x <= 2; x <<= 1) l0 += __shfl_xor_sync(0xffffffffu, l0, x);
-    {
-        float* row0 = Os + (warp * 8 + g) * OSTR + 2 * t;  // rows 8..15 are padding
-#pragma unroll
-        for (int n = 0; n < DN; n++) {
-            row0[n * 8] = o[n][0];
-            row0[n * 8 + 1] = o[n][1];
-        }
-        if (t == 0) {
-            ML[(warp * 8 + g) * 2] = m0;
-            ML[(warp * 8 + g) * 2 + 1] = l0;
-        }
-    }
-    __syncthreads();
-    int part = a.tile_part[tile];
-    for (int idx = tid; idx < G * D; idx += FA_WARPS * 32) {
-        int r = idx / D, d = idx % D;
-        float M = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < FA_WARPS; w++) M = fmaxf(M, ML[(w * 8 + r) * 2]);
-        float base = M == NEG_INF ? 0.0f : M;
-        float L = 0.0f, acc = 0.0f;
-#pragma unroll
-        for (int w = 0; w < FA_WARPS; w++) {
-            float sc = ex2(ML[(w * 8 + r) * 2] - base);  // 0 for a warp without keys (m = -inf)
-            L += ML[(w * 8 + r) * 2 + 1] * sc;
-            acc += Os[(w * 8 + r) * OSTR + d] * sc;
-        }
-        if (part >= 0) {
-            u64 row = ((u64)part * a.num_kv_heads + kvh) * G + r;
-            if (d == 0) {
-                a.part_ml[2 * row] = M * FA_LN2;
-                a.part_ml[2 * row + 1] = L;
-            }
-            a.part_acc[row * D + d] = acc;
-        } else {
-            a.out[(u64)q0 * a.num_q_heads * D + (kvh * G + r) * D + d] = f2bf(acc / L);
-        }
-    }
+    // Thread (g, t) holds output columns 8n + 2t, 8n + 2t + 1 of row g in o[n][0], o[n][1].
+    flash_decode_merge<D>(a, o, m0, l0, [](int n, int e) { return n * 8 + 2 * (threadIdx.x & 3) + e; }, 1.0f);
 }
 
 // Decode-only launches (every item one query, G <= 8); 4 warps, 4 blocks per SM.
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd16(FLASH_PARAMS) { pdl_enter(); flash_decode_body<16, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd32(FLASH_PARAMS) { pdl_enter(); flash_decode_body<32, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd48(FLASH_PARAMS) { pdl_enter(); flash_decode_body<48, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd64(FLASH_PARAMS) { pdl_enter(); flash_decode_body<64, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd80(FLASH_PARAMS) { pdl_enter(); flash_decode_body<80, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd96(FLASH_PARAMS) { pdl_enter(); flash_decode_body<96, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd112(FLASH_PARAMS) { pdl_enter(); flash_decode_body<112, false>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd128(FLASH_PARAMS) { pdl_enter(); flash_decode_body<128, false>(FLASH_ARGS); }
-// FP8 KV pools (e4m3 codes times k_scale / v_scale).
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_kv8_hd16(FLASH_PARAMS) { pdl_enter(); flash_decode_body<16, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_kv8_hd32(FLASH_PARAMS) { pdl_enter(); flash_decode_body<32, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_kv8_hd48(FLASH_PARAMS) { pdl_enter(); flash_decode_body<48, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_kv8_hd64(FLASH_PARAMS) { pdl_enter(); flash_decode_body<64, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_kv8_hd80(FLASH_PARAMS) { pdl_enter(); flash_decode_body<80, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_kv8_hd96(FLASH_PARAMS) { pdl_enter(); flash_decode_body<96, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_kv8_hd112(FLASH_PARAMS) { pdl_enter(); flash_decode_body<112, true>(FLASH_ARGS); }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_kv8_hd128(FLASH_PARAMS) { pdl_enter(); flash_decode_body<128, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd16(FLASH_PARAMS) { pdl_enter(); flash_decode_body<16>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd32(FLASH_PARAMS) { pdl_enter(); flash_decode_body<32>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd48(FLASH_PARAMS) { pdl_enter(); flash_decode_body<48>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd64(FLASH_PARAMS) { pdl_enter(); flash_decode_body<64>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd80(FLASH_PARAMS) { pdl_enter(); flash_decode_body<80>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd96(FLASH_PARAMS) { pdl_enter(); flash_decode_body<96>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd112(FLASH_PARAMS) { pdl_enter(); flash_decode_body<112>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 4) flash_decode_hd128(FLASH_PARAMS) { pdl_enter(); flash_decode_body<128>(FLASH_ARGS); }

@@ -246,8 +246,10 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             check(&what, &decode, &prefill, 3e-3);
         }
     }
-    // FP8 pools: the _kv8 kernels on e4m3 codes give the BF16 kernels' bits on the dequantized
-    // values (code * scale rounded to BF16, which is what they convert each tile to).
+    // FP8 pools: the prefill / mixed _kv8 kernel on e4m3 codes gives the BF16 kernel's bits on the
+    // dequantized values (code * scale rounded to BF16, which is what it converts each tile to);
+    // the decode one (F16 fragments straight from the codes, dims in another order, P as F16
+    // hi + lo) agrees with the BF16 decode kernel to rounding.
     let scales = Fp8KvScales { k: 0.25, v: 0.5 };
     let fp8_pool = |x: &[bf16], scale: f32| -> (Vec<u8>, Vec<bf16>) {
         x.iter()
@@ -269,10 +271,18 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             let (fp8, _, parts) =
                 run_on(kernel, flash_q_per_tile, policy, (&dk8, &dv8, Some(scales)));
             let (deq, _, _) = run_on(kernel, flash_q_per_tile, policy, (&dkq, &dvq, None));
-            assert!(
-                fp8.iter().zip(&deq).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{kernel:?} on FP8 pools differs from the dequantized BF16 pools (nh={nh} nkv={nkv} hd={hd} bs={bs} parts={parts})"
-            );
+            let what = format!("{kernel:?} on FP8 pools vs dequantized BF16 pools nh={nh} nkv={nkv} hd={hd} bs={bs} parts={parts}");
+            if kernel == AttnKernel::Decode {
+                let deq: Vec<f64> = deq.iter().map(|&x| x as f64).collect();
+                check(&what, &fp8, &deq, 2e-3);
+            } else {
+                assert!(
+                    fp8.iter()
+                        .zip(&deq)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: not bit for bit"
+                );
+            }
         }
     }
     if all_decode {

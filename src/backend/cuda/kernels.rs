@@ -32,7 +32,8 @@ pub const MODULES: &[(&str, &str)] = &[
         "flash_decode",
         concat!(
             include_str!("../../../kernels/flash_common.cuh"),
-            include_str!("../../../kernels/flash_decode.cu")
+            include_str!("../../../kernels/flash_decode.cu"),
+            include_str!("../../../kernels/flash_decode_kv8.cu")
         ),
     ),
     ("sampling", include_str!("../../../kernels/sampling.cu")),

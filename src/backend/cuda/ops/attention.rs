@@ -179,15 +179,12 @@ impl Ops<'_> {
         );
         let hd = a.head_dim;
         // Per warp a ring of 3 slots of 16 key rows (padded by 8), then Q's 8 rows; the final
-        // merge of the 4 warps reuses the rings. FP8 pools: rings of e4m3 rows (unpadded), then
-        // a BF16 slot per warp for the converted rows.
+        // merge of the 4 warps reuses the rings. FP8 pools: rings of e4m3 rows (padded by 16
+        // bytes), Q as F16.
         let merge = (4 * 8 * (hd + 4) + 4 * 8 * 2) * 4;
         let q = 8 * (hd + 8) * 2;
         let (name, shared) = match a.kv_fp8 {
-            Some(_) => {
-                let rings = 4 * 3 * 16 * hd + 4 * 16 * (hd + 8) * 2;
-                ("flash_decode_kv8", rings.max(merge) + q)
-            }
+            Some(_) => ("flash_decode_kv8", (4 * 3 * 16 * (hd + 16)).max(merge) + q),
             None => ("flash_decode", (4 * 3 * 16 * (hd + 8) * 2).max(merge) + q),
         };
         self.go(
