@@ -6,9 +6,9 @@
 //   group, converted to two F16x2 as the k-step's b0 (dims 4t, 4t+1) and b1 (4t+2, 4t+3). The dot
 //   product is the same sum in another order of dims, so Q's fragments take the same order (Q is
 //   staged once as F16: exact for BF16 values within F16's range).
-// - P V in F16 (P rounded to F16: 11 significant bits against the codes' 4, and one MMA per
-//   fragment instead of hi + lo's two; MMA issue bounds this kernel, not HBM): transposed
-//   ldmatrix gives keys 2t, 2t+1 of dims 2g, 2g+1;
+// - P V in F16 with P as hi + lo (~22 bits; P rounded to F16 alone was 5% faster, but the FP8
+//   test model's decode then left its fresh prefill by up to 7e-2, with hi + lo by nothing):
+//   transposed ldmatrix gives keys 2t, 2t+1 of dims 2g, 2g+1;
 //   a byte permute splits them into the fragments of even dims and of odd dims (two MMAs), so
 //   o[2j] holds dims 16j + 4t, + 2 and o[2j + 1] dims 16j + 4t + 1, + 3.
 // k_scale folds into the score scale, v_scale into the merged output: codes are used as they are.
@@ -18,6 +18,18 @@ __device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned x) {
     unsigned r;
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)(x & 0xffffu)));
     return r;
+}
+
+__device__ __forceinline__ float f16_lo(unsigned x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(x & 0xffffu)));
+    return f;
+}
+
+// (lo, hi) as F16x2 `h` plus the F16x2 `l` of what rounding left over.
+__device__ __forceinline__ void split_f16(float lo, float hi, unsigned& h, unsigned& l) {
+    h = pack_f16(lo, hi);
+    l = pack_f16(lo - f16_lo(h), hi - f16_lo(h >> 16));
 }
 
 template <int D>
@@ -158,12 +170,14 @@ __device__ __forceinline__ void flash_decode_kv8_body(const FlashArgs& a) {
             __syncwarp();  // every lane is done with the slot before it is refilled
             issue(h + FD_SLOTS);
         }
-        {  // V of the step: O += P V (F16)
+        {  // V of the step: O += P V with P = hi + lo (F16)
             cp_async_wait<FD_SLOTS - 1>();
             __syncwarp();
             const fp8* buf = ring + ((h + 1) % FD_SLOTS) * SLOT;
-            // Rows 8..15 (words 1 and 3) are padding: zero.
-            unsigned ph[4] = {pack_f16(p[0][0], p[0][1]), 0u, pack_f16(p[1][0], p[1][1]), 0u};
+            unsigned ph[4], pl[4];  // rows 8..15 (words 1 and 3) are padding: zero
+            split_f16(p[0][0], p[0][1], ph[0], pl[0]);
+            split_f16(p[1][0], p[1][1], ph[2], pl[2]);
+            ph[1] = ph[3] = pl[1] = pl[3] = 0u;
             // x4 trans: keys +0..7 / +8..15 (matrix bit 0) x dims +0..15 / +16..31 (matrix bit 1).
             unsigned base = smem_u32(buf + ((mi & 1) * 8 + rr) * RSTR + (mi >> 1) * 16);
             // A transposed register holds codes (key 2t: dims 2g, 2g + 1 | key 2t + 1: the same).
@@ -174,6 +188,8 @@ __device__ __forceinline__ void flash_decode_kv8_body(const FlashArgs& a) {
                 unsigned d1 = e4m3x2_to_f16x2(__byte_perm(hi_keys, 0, 0x4431));
                 mma_f16(o[2 * dp], ph, e0, e1);
                 mma_f16(o[2 * dp + 1], ph, d0, d1);
+                mma_f16(o[2 * dp], pl, e0, e1);
+                mma_f16(o[2 * dp + 1], pl, d0, d1);
             };
 #pragma unroll
             for (int j = 0; j < D / 32; j++) {

@@ -123,14 +123,7 @@ fn consistency(fp8: bool, kv: KvCacheDtype) {
     let Some(mut b) = backend_kv(fp8, kv) else {
         return;
     };
-    // An FP8 pool: decode reads the e4m3 codes as F16 fragments (P as F16) while prefill converts
-    // tiles to BF16 (P as hi + lo); the FP8 model's activation quantization amplifies that
-    // rounding (3.0e-2 measured), far below what a wrong block or scale gives (~1).
-    let tol = match (fp8, kv) {
-        (true, KvCacheDtype::Fp8) => 5e-2,
-        (true, KvCacheDtype::Auto) => 3e-2,
-        (false, _) => 1e-2,
-    };
+    let tol = if fp8 { 3e-2 } else { 1e-2 };
     let p = prompt(45, 1);
     let blocks_a: Vec<u32> = (0..4).collect();
     let blocks_b: Vec<u32> = (10..14).collect();
