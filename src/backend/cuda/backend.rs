@@ -319,8 +319,8 @@ impl CudaBackend {
     }
 
     /// The scales of an FP8 pool (None: the pool holds activation-typed values). Per-tensor and
-    /// 1.0, vLLM's default without calibrated scales: e4m3 then spans 2^-9..448, which holds
-    /// Llama's k and v (|x| of order 1..10) at 3 significant bits.
+    /// 1.0, vLLM's default without calibrated scales: codes then span 2^-9..448 (saturating) with
+    /// 3 significant bits. A checkpoint's calibrated KV scales are not read yet.
     fn kv_fp8(&self) -> Option<Fp8KvScales> {
         (self.opts.kv_cache_dtype == KvCacheDtype::Fp8).then_some(Fp8KvScales { k: 1.0, v: 1.0 })
     }
