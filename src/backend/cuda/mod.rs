@@ -3,7 +3,7 @@
 //! `device` (context, stream, cuMemAlloc buffers) · `kernels` (NVRTC + disk cache of
 //! `kernels/*.cu`) · `ops` (typed kernel launches) · `gemm` (cuBLASLt FP8/BF16 and the FP8 path choice; `gemm_tune` its autotuning) · `fp8_stream` (decode-size FP8 kernel) · `weights`
 //! (upload or dummy generation on the GPU) · `meta` (a step's packed index arrays) · `backend`
-//! (the forward pass and the `Backend` impl) · `shard`, `nccl`, `tp` (tensor parallelism: one thread per
+//! (the forward pass and the `Backend` impl; `backend/graphs.rs` its decode-step CUDA graphs) · `shard`, `nccl`, `tp` (tensor parallelism: one thread per
 //! GPU, NCCL all-reduces inside the forward) · `peer_all_reduce` (one-shot all-reduce over NVLink
 //! for decode-size messages).
 
