@@ -68,6 +68,44 @@ __device__ __forceinline__ void flash_decode_merge(const FlashArgs& a, float (&o
     }
 }
 
+// One 16-key step's online softmax for a decode warp: the scores sc (keys n * 8 + 2t + e of head g,
+// unscaled) times c, masked past wend, become the probabilities p; the running
+// max m0, partial row sum l0 and the accumulator o are rescaled to the new max.
+template <int D>
+__device__ __forceinline__ void decode_softmax_step(const float (&sc)[2][4], float (&p)[2][2], float (&o)[D / 8][4],
+                                                    float& m0, float& l0, int k0, int wend, float c) {
+    int t = threadIdx.x & 3;
+    float mx = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < 2; n++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            int key = k0 + n * 8 + 2 * t + e;
+            p[n][e] = key < wend ? sc[n][e] * c : NEG_INF;
+            mx = fmaxf(mx, p[n][e]);
+        }
+    }
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+    // Every step has a valid key (k0 < wend), so the new maximum is finite.
+    float mn = fmaxf(m0, mx);
+    float corr = ex2(m0 - mn);
+    m0 = mn;
+    float ps = 0.0f;
+#pragma unroll
+    for (int n = 0; n < 2; n++) {
+        p[n][0] = ex2(p[n][0] - mn);
+        p[n][1] = ex2(p[n][1] - mn);
+        ps += p[n][0] + p[n][1];
+    }
+    l0 = l0 * corr + ps;  // per-thread partial row sum; the quad is summed at the end
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        o[n][0] *= corr;
+        o[n][1] *= corr;
+    }
+}
+
 template <int D>
 __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
     constexpr int STR = D + 8;
@@ -167,35 +205,7 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
                 mma_bf16(sc[0], qa, b0, b1);
                 mma_bf16(sc[1], qa, b2, b3);
             }
-            float mx = NEG_INF;
-#pragma unroll
-            for (int n = 0; n < 2; n++) {
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int key = k0 + n * 8 + 2 * t + e;
-                    p[n][e] = key < wend ? sc[n][e] * c : NEG_INF;
-                    mx = fmaxf(mx, p[n][e]);
-                }
-            }
-#pragma unroll
-            for (int x = 1; x <= 2; x <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
-            // Every step has a valid key (k0 < wend), so the new maximum is finite.
-            float mn = fmaxf(m0, mx);
-            float corr = ex2(m0 - mn);
-            m0 = mn;
-            float ps = 0.0f;
-#pragma unroll
-            for (int n = 0; n < 2; n++) {
-                p[n][0] = ex2(p[n][0] - mn);
-                p[n][1] = ex2(p[n][1] - mn);
-                ps += p[n][0] + p[n][1];
-            }
-            l0 = l0 * corr + ps;  // per-thread partial row sum; the quad is summed at the end
-#pragma unroll
-            for (int n = 0; n < DN; n++) {
-                o[n][0] *= corr;
-                o[n][1] *= corr;
-            }
+            decode_softmax_step<D>(sc, p, o, m0, l0, k0, wend, c);
             __syncwarp();  // every lane is done with the slot before it is refilled
             issue(h + FD_SLOTS);
         }

@@ -139,34 +139,7 @@ __device__ __forceinline__ void flash_decode_kv8_body(const FlashArgs& a) {
                 mma_f16(sc[0], qa, e4m3x2_to_f16x2(r0), e4m3x2_to_f16x2(r0 >> 16));
                 mma_f16(sc[1], qa, e4m3x2_to_f16x2(r1), e4m3x2_to_f16x2(r1 >> 16));
             }
-            float mx = NEG_INF;
-#pragma unroll
-            for (int n = 0; n < 2; n++) {
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int key = k0 + n * 8 + 2 * t + e;
-                    p[n][e] = key < wend ? sc[n][e] * c : NEG_INF;
-                    mx = fmaxf(mx, p[n][e]);
-                }
-            }
-#pragma unroll
-            for (int x = 1; x <= 2; x <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
-            float mn = fmaxf(m0, mx);
-            float corr = ex2(m0 - mn);
-            m0 = mn;
-            float ps = 0.0f;
-#pragma unroll
-            for (int n = 0; n < 2; n++) {
-                p[n][0] = ex2(p[n][0] - mn);
-                p[n][1] = ex2(p[n][1] - mn);
-                ps += p[n][0] + p[n][1];
-            }
-            l0 = l0 * corr + ps;
-#pragma unroll
-            for (int n = 0; n < DN; n++) {
-                o[n][0] *= corr;
-                o[n][1] *= corr;
-            }
+            decode_softmax_step<D>(sc, p, o, m0, l0, k0, wend, c);
             __syncwarp();  // every lane is done with the slot before it is refilled
             issue(h + FD_SLOTS);
         }
