@@ -47,6 +47,7 @@ __device__ __forceinline__ void paged_attention_t(
     int tile = blockIdx.x, kvh = blockIdx.y;
     int G = num_q_heads / num_kv_heads;
     int seq = tile_seq[tile], q0 = tile_q_start[tile], qn = tile_q_len[tile];
+    if (seq < 0) return;  // padding: decode plans round their work items up (graph keys)
     int R = q_per_tile * G;
     int kstride = head_dim + KPAD;
     float* Qs = smem;                      // [R, head_dim], pre-scaled

@@ -72,6 +72,7 @@ __device__ __forceinline__ void flash_body(const FlashArgs& a, int tile, int kvh
     int tid = threadIdx.x;
     int G = a.num_q_heads / a.num_kv_heads;
     int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
+    if (seq < 0) return;  // padding: decode plans round their work items up (graph keys)
     int R = qn * G;
     int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     int mt = warp % MT, ks = warp / MT;
@@ -312,6 +313,7 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     int G = a.num_q_heads / a.num_kv_heads;
     int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
+    if (seq < 0) return;  // padding: decode plans round their work items up (graph keys)
     int R = qn * G;
     bool active = warp * 32 < R;
 

@@ -119,6 +119,7 @@ __device__ __forceinline__ void flash_decode_body(const FlashArgs& a) {
     bf16* ring = (bf16*)fa_smem + warp * FD_SLOTS * SLOT;
     int G = a.num_q_heads / a.num_kv_heads;
     int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile];
+    if (seq < 0) return;  // padding: decode plans round their work items up (graph keys)
     int kbeg = a.tile_kbeg[tile];
     int kend = min(a.positions[q0] + 1, a.tile_kend[tile]);
     // This warp's keys [wbeg, wend): quarters in whole 16-key steps.

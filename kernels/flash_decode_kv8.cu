@@ -46,6 +46,7 @@ __device__ __forceinline__ void flash_decode_kv8_body(const FlashArgs& a) {
     unsigned short* Qs = (unsigned short*)(fa_smem + FA_WARPS * FD_SLOTS * SLOT);  // [8][QSTR] F16
     int G = a.num_q_heads / a.num_kv_heads;
     int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile];
+    if (seq < 0) return;  // padding: decode plans round their work items up (graph keys)
     int kbeg = a.tile_kbeg[tile];
     int kend = min(a.positions[q0] + 1, a.tile_kend[tile]);
     int steps = kend > kbeg ? (kend - kbeg + FD_KEYS - 1) / FD_KEYS : 0;

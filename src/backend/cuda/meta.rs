@@ -49,6 +49,9 @@ pub struct StepPlan {
     pub emit_logits: Vec<bool>,
 }
 
+/// A decode step's attention work items are padded to a multiple of this.
+pub const DECODE_ITEM_ROUNDING: usize = 8;
+
 /// How one-query (decode) tiles are split over their keys (flash-decoding), so that a few long
 /// sequences still give enough blocks to fill the GPU. Parts per tile are rounded down, so the
 /// blocks stay within `target_blocks` (one wave when that is what fits on the GPU at once).
@@ -169,6 +172,19 @@ pub fn plan_step(
             parts += ns;
         }
     }
+    // A decode step's item count moves with the context (the split above); rounded up with
+    // items the kernels skip (sequence -1), it changes rarely, and so does the step's graph key.
+    let all_decode = items_qn.iter().all(|&q| q == 1);
+    if all_decode {
+        while items_seq.len() % DECODE_ITEM_ROUNDING != 0 {
+            items_seq.push(-1);
+            items_q0.push(0);
+            items_qn.push(1);
+            kbeg.push(0);
+            kend.push(0);
+            part.push(-1);
+        }
+    }
     let (tile_seq, tile_q_start, tile_q_len) = (items_seq, items_q0, items_qn);
     let mut packed = Vec::with_capacity(
         3 * n + 3 * tile_seq.len() + bt_start.len() + tables.len() + 5 * emit_rows.len(),
@@ -205,7 +221,7 @@ pub fn plan_step(
         num_groups: g_part0.len(),
         num_parts: parts,
         num_seqs: batch.seqs.len(),
-        all_decode: tile_q_len.iter().all(|&q| q == 1),
+        all_decode,
         emit_seqs,
         emit_logits,
     })
@@ -397,5 +413,35 @@ mod tests {
                 .unwrap()
                 .all_decode
         );
+    }
+
+    #[test]
+    fn decode_items_are_padded_so_the_key_holds_as_the_context_grows() {
+        let policy = SplitPolicy {
+            target_blocks: 528,
+            kv_heads: 8,
+            max_parts: 2048,
+            min_keys: 128,
+        };
+        let mut seen = std::collections::HashSet::new();
+        // A served request's decode: context 3,000 to 3,150 (ISL 3000 / OSL 150).
+        for pos in 2999..3150 {
+            let one = Batch {
+                seqs: vec![chunk(vec![1], pos, (0..25).collect(), Emit::Logits)],
+            };
+            let p = plan_step(&one, 128, 25, 10, 8, Some(policy)).unwrap();
+            assert_eq!(p.num_tiles % DECODE_ITEM_ROUNDING, 0);
+            let real = (0..p.num_tiles)
+                .filter(|&t| p.packed[p.at.tile_seq + t] >= 0)
+                .count();
+            assert_eq!(real, p.num_parts, "every real item is a part of the split");
+            for t in real..p.num_tiles {
+                assert_eq!(p.packed[p.at.tile_seq + t], -1, "padding comes last");
+                assert_eq!(p.packed[p.at.tile_part + t], -1);
+            }
+            seen.insert((p.num_tiles, p.num_groups, p.at.clone()));
+        }
+        // Unpadded, the item count takes the values 19, 20 and 24 over this range.
+        assert_eq!(seen.len(), 1, "{seen:?}");
     }
 }
