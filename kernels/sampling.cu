@@ -185,3 +185,11 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(int* 
     __syncthreads();
     if (threadIdx.x == 0) out[s] = best_i[2] >= 0 ? best_i[2] : best_i[0];
 }
+
+// Async scheduling: a decode token the host has not read yet. pairs[2i] is a flat token index of
+// this step's plan, pairs[2i + 1] the row of the previous step's sampled tokens that goes there.
+extern "C" __global__ void take_previous_tokens(int* tokens, const int* sampled, const int* pairs, int n) {
+    pdl_enter();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) tokens[pairs[2 * i]] = sampled[pairs[2 * i + 1]];
+}

@@ -6,6 +6,7 @@
 #   bash dist/gpu_check.sh              # everything
 #   STAGES="kernels tests" bash dist/gpu_check.sh
 #   SERVE_EXTRA="--enforce-eager" STAGES=serve bash dist/gpu_check.sh   # extra serve flags (A/B runs)
+#   STAGES="serve serve_sync" bash dist/gpu_check.sh   # served with and without async scheduling
 #   BENCH_EXTRA="--compare-split-blocks-per-sm 2" STAGES=bench bash dist/gpu_check.sh   # extra bench-step flags (A/B runs)
 #
 # Library paths per shared/docs/device.md (never the CUDA stubs folder); NVLink multicast off.
@@ -127,33 +128,38 @@ case " $STAGES " in *" kvgpu "*)
   fi ;;
 esac
 
-case " $STAGES " in *" serve "*)
-  # The 70B dummy model behind `tandem serve`, measured by `tandem bench` as the guide does (ISL 3000 /
-  # OSL 150, concurrency 1, the guide's engine flags).
-  M=llama-3.3-70b-fp8-dynamic
+# The 70B dummy model behind `tandem serve`, measured by `tandem bench` as the guide does (ISL 3000 /
+# OSL 150, concurrency 1, the guide's engine flags). serve_run NAME EXTRA_SERVE_FLAGS
+serve_run() {
+  local name=$1 extra=$2 M=llama-3.3-70b-fp8-dynamic
   "$D/tandem" serve --model $M --load-format dummy --device cuda --gpu-memory-utilization 0.95 \
-    --max-model-len 3500 --max-num-batched-tokens 3500 --block-size 128 --port 8123 ${SERVE_EXTRA:-} > "$OUT/serve.log" 2>&1 &
+    --max-model-len 3500 --max-num-batched-tokens 3500 --block-size 128 --port 8123 $extra > "$OUT/serve_$name.log" 2>&1 &
   SERVE=$!
   for _ in $(seq 1 120); do
     (exec 3<>/dev/tcp/127.0.0.1/8123) 2>/dev/null && break; sleep 1
   done
-  step "serve + bench 70B c=1 (isl 3000 osl 150)" 300 "$D/tandem" bench --url http://127.0.0.1:8123 \
+  step "serve $name + bench c=${SERVE_CONCURRENCY:-1}" 300 "$D/tandem" bench --url http://127.0.0.1:8123 \
     --model $M --tokenizer "$D/models/$M" --isl 3000 --osl 150 --concurrency ${SERVE_CONCURRENCY:-1} \
-    --artifact-dir "$OUT/agg-1gpu" --deployment-kind tandem --mode aggregated --tp 1 --dp 1 --no-progress
+    --artifact-dir "$OUT/agg-1gpu-$name" --deployment-kind tandem --mode aggregated --tp 1 --dp 1 --no-progress
+  ROWS+=("$(grep -A2 'TTFT avg' "$OUT/step.log" | head -3 | sed 's/^/  /')")
   # Decode through the server at temperature 0 (greedy) and 1 (the sampling kernel): one request of
   # 300 tokens after a 2-token prompt; ms per token = wall time / 300.
   for temp in 0 1.0; do
     t0=$(date +%s%N)
     curl -s -m 60 http://127.0.0.1:8123/v1/completions -H 'content-type: application/json' \
       -d "{\"model\":\"$M\",\"prompt\":\"Hello world\",\"max_tokens\":300,\"temperature\":$temp,\"ignore_eos\":true}" \
-      > "$OUT/serve_temp_$temp.json"
+      > "$OUT/serve_${name}_temp_$temp.json"
     ms=$(( ($(date +%s%N) - t0) / 1000 ))
-    ROWS+=("$(printf '  serve decode T=%-4s %s ms/token (%s)' $temp "$(awk "BEGIN{printf \"%.2f\", $ms/300/1000}")" \
-      "$(grep -o '"completion_tokens":[0-9]*' "$OUT/serve_temp_$temp.json")")")
+    ROWS+=("$(printf '  serve %s decode T=%-4s %s ms/token (%s)' $name $temp "$(awk "BEGIN{printf \"%.2f\", $ms/300/1000}")" \
+      "$(grep -o '"completion_tokens":[0-9]*' "$OUT/serve_${name}_temp_$temp.json")")")
   done
+  curl -s -m 5 http://127.0.0.1:8123/metrics | grep -E '^tandem_engine_' | sed "s/^/  $name /" >> "$LOG"
   kill $SERVE; wait $SERVE 2>/dev/null
-  tail -n 20 "$OUT/serve.log" ;;
-esac
+  tail -n 20 "$OUT/serve_$name.log"
+}
+case " $STAGES " in *" serve "*) serve_run default "${SERVE_EXTRA:-}" ;; esac
+# A/B: every step read back before the next is scheduled (no async scheduling).
+case " $STAGES " in *" serve_sync "*) serve_run sync "--async-scheduling=false ${SERVE_EXTRA:-}" ;; esac
 
 case " $STAGES " in *" tp "*)
   # Tensor parallelism over 2 GPUs: TP2 against TP1 on the fixtures, then the 70B dummy's decode step.

@@ -430,3 +430,90 @@ fn decode_graphs_replay_the_eager_steps() {
     assert!(captured >= 1 && replayed >= 20, "{captured} / {replayed}");
     assert_eq!(eager.graph_counts(), (0, 0));
 }
+
+/// Async scheduling on the GPU: with two steps pending at a time and each decode's input token
+/// taken on the device from the step before (`PreviousToken`), the sampled tokens equal those of
+/// steps run one by one with the tokens passed from the host; rows change places between steps
+/// and a step with logits waits to be read before the next is launched.
+#[test]
+fn queued_steps_take_their_tokens_on_the_device() {
+    use tandem::backend::PreviousToken;
+    let Some(mut queued) = backend(true) else {
+        return;
+    };
+    let mut plain = backend(true).unwrap();
+    let tables: Vec<Vec<u32>> = (0..3).map(|s| (s * 8..s * 8 + 8).collect()).collect();
+    let sample = |step: usize, s: usize| {
+        Emit::Sample(DeviceSampling {
+            temperature: if s == 0 { 0.0 } else { 1.0 },
+            top_k: 0,
+            top_p: 0.95,
+            uniform: ((step * 7919 + s * 31) % 1000) as f32 / 1000.0,
+        })
+    };
+    let prompts: Vec<Vec<u32>> = (0..3).map(|s| prompt(17 + 9 * s, s as u32)).collect();
+    let prefill = Batch {
+        seqs: (0..3)
+            .map(|s| chunk(&prompts[s], 0, &tables[s], sample(0, s)))
+            .collect(),
+    };
+    let token = |o: &SeqOutput| match o {
+        SeqOutput::Token(t) => *t,
+        other => panic!("unexpected {other:?}"),
+    };
+    // Reference: one step at a time, tokens from the host.
+    let mut expected = vec![plain.step(&prefill).unwrap()];
+    let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    // Step k runs the sequences in a rotated order (row r is sequence (r + k) % 3).
+    let order = |k: usize| -> Vec<usize> { (0..3).map(|r| (r + k) % 3).collect() };
+    for k in 1..=12 {
+        let prev = &expected[k - 1];
+        let prev_order = order(k - 1);
+        let seqs = order(k)
+            .iter()
+            .map(|&s| {
+                let row = prev_order.iter().position(|&x| x == s).unwrap();
+                chunk(&[token(&prev[row])], pos[s], &tables[s], sample(k, s))
+            })
+            .collect();
+        expected.push(plain.step(&Batch { seqs }).unwrap());
+        pos.iter_mut().for_each(|p| *p += 1);
+    }
+    // Queued: step k is launched before step k - 1 is read; inputs are placeholders.
+    let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    queued.launch_step(&prefill, &[]).unwrap();
+    let mut got = vec![];
+    for k in 1..=12 {
+        let prev_order = order(k - 1);
+        let mut previous = vec![];
+        let seqs = order(k)
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let row = prev_order.iter().position(|&x| x == s).unwrap();
+                previous.push(PreviousToken { seq: i, row });
+                chunk(&[0], pos[s], &tables[s], sample(k, s))
+            })
+            .collect();
+        queued.launch_step(&Batch { seqs }, &previous).unwrap();
+        got.push(queued.finish_step().unwrap());
+        pos.iter_mut().for_each(|p| *p += 1);
+    }
+    got.push(queued.finish_step().unwrap());
+    assert!(queued.finish_step().is_err(), "nothing is pending");
+    assert_eq!(got, expected, "queued steps vs one by one");
+    // A step returning logits: the next launch waits until it is read.
+    let last = Batch {
+        seqs: vec![chunk(&[1], pos[0], &tables[0], Emit::Logits)],
+    };
+    queued.launch_step(&last, &[]).unwrap();
+    let next = Batch {
+        seqs: vec![chunk(&[2], pos[0] + 1, &tables[0], sample(0, 0))],
+    };
+    let err = queued.launch_step(&next, &[]).unwrap_err();
+    assert!(err.to_string().contains("logits"), "{err}");
+    assert!(matches!(
+        queued.finish_step().unwrap()[0],
+        SeqOutput::Logits(_)
+    ));
+}

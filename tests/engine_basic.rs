@@ -242,10 +242,25 @@ async fn same_seed_same_output_whatever_the_batch() {
 
 #[tokio::test]
 async fn eos_stop_ids_min_tokens_and_logprobs() {
+    eos_stops_min_tokens_and_logprobs(false).await;
+}
+
+/// The same with async scheduling: a stop token ends the stream although the step after it was
+/// launched already; logits (logprobs, min_tokens) make the engine read a step before the next.
+#[tokio::test]
+async fn eos_stop_ids_min_tokens_and_logprobs_with_async_scheduling() {
+    eos_stops_min_tokens_and_logprobs(true).await;
+}
+
+async fn eos_stops_min_tokens_and_logprobs(queued: bool) {
     let prompt = vec![1, 2, 3];
     let reference = MockBackend::reference_greedy(&prompt, 20, VOCAB, &[]);
     let eos = reference[4];
-    let backend = MockBackend::new(VOCAB, 4, 64).with_eos(eos);
+    let mut backend = MockBackend::new(VOCAB, 4, 64).with_eos(eos);
+    if queued {
+        backend = backend.with_queued_steps();
+    }
+    let taken = backend.previous_taken();
     let e = Engine::start(Box::new(backend), None, EngineConfig::default());
     let mut req = greedy("a", prompt.clone(), 20);
     req.params.ignore_eos = false;
@@ -284,6 +299,8 @@ async fn eos_stop_ids_min_tokens_and_logprobs() {
         "before EOS would be sampled the path is the same"
     );
     assert_all_blocks_free(&e);
+    let taken = taken.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(queued, taken > 0, "{taken} tokens taken on the device");
 }
 
 #[tokio::test]

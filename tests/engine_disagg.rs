@@ -79,6 +79,43 @@ async fn disaggregated_equals_aggregated() {
     }
 }
 
+/// Prefill and decode engines that schedule asynchronously (queued mock steps), with KV imports
+/// arriving while the decode engine runs other requests: the same tokens as an aggregated engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_with_async_scheduling_equals_aggregated() {
+    let queued = || {
+        let backend = MockBackend::new(VOCAB, 4, 64)
+            .with_queued_steps()
+            .with_step_delay(Duration::from_millis(2));
+        let taken = backend.previous_taken();
+        (
+            Engine::start(Box::new(backend), None, Default::default()),
+            taken,
+        )
+    };
+    let agg = engine(Default::default());
+    let ((prefill, _), (decode, taken)) = (queued(), queued());
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| (0..5 + 3 * i).map(|t| t * 11 + i).collect())
+        .collect();
+    let mut tasks = vec![];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let (p, d, prompt) = (prefill.clone(), decode.clone(), prompt.clone());
+        tasks.push(tokio::spawn(async move {
+            disaggregated(&p, &d, seeded(&format!("q{i}"), prompt)).await
+        }));
+    }
+    for (task, prompt) in tasks.into_iter().zip(prompts) {
+        let got = task.await.unwrap();
+        let want = run(&agg, seeded("a", prompt)).await;
+        assert_eq!(got.tokens, want.tokens);
+    }
+    assert!(taken.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    for e in [&agg, &prefill, &decode] {
+        assert_all_blocks_free(e);
+    }
+}
+
 #[tokio::test]
 async fn decode_side_prefix_hits_are_not_rewritten() {
     let (prefill, decode) = (engine(Default::default()), engine(Default::default()));

@@ -92,7 +92,8 @@ async fn run_all(e: &EngineHandle, jobs: &[Job]) -> Vec<Vec<u32>> {
     out
 }
 
-/// Each job alone on a fresh engine: the expected tokens.
+/// Each job alone on a fresh engine that finishes every step before it schedules the next (a
+/// backend that does not queue steps): the expected tokens.
 async fn alone(jobs: &[Job], block_size: usize, num_blocks: usize) -> Vec<Vec<u32>> {
     let e = Engine::start(
         Box::new(MockBackend::new(VOCAB, block_size, num_blocks)),
@@ -140,8 +141,10 @@ fn check_log(log: &StepLog, budget: usize, max_seqs: usize, chunked: bool) -> Ha
 
 async fn mix(config: EngineConfig, block_size: usize, num_blocks: usize, jobs: Vec<Job>) -> usize {
     let expected = alone(&jobs, block_size, num_blocks).await;
-    let backend = MockBackend::new(VOCAB, block_size, num_blocks);
+    let backend = MockBackend::new(VOCAB, block_size, num_blocks).with_queued_steps();
     let log = backend.log();
+    let taken = backend.previous_taken();
+    let async_scheduling = config.async_scheduling;
     let (budget, max_seqs, chunked) = (
         config.max_num_batched_tokens,
         config.max_num_seqs,
@@ -161,6 +164,9 @@ async fn mix(config: EngineConfig, block_size: usize, num_blocks: usize, jobs: V
         }
     }
     assert_all_blocks_free(&e);
+    // Async scheduling ran decodes whose input token the engine had not read yet.
+    let taken = taken.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(async_scheduling, taken > 0, "{taken} previous tokens taken");
     let preemptions = e.metrics().num_preemptions;
     let admissions = check_log(&log, budget, max_seqs, chunked);
     let readmitted = admissions.values().filter(|&&n| n > 1).count();
@@ -191,6 +197,18 @@ async fn mix_without_prefix_caching_or_chunked_prefill() {
         ..Default::default()
     };
     mix(config, 4, 30, jobs(60, 2, 40, 40, 20, 30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mix_with_every_step_read_before_the_next() {
+    let config = EngineConfig {
+        max_num_batched_tokens: 16,
+        max_num_seqs: 12,
+        async_scheduling: false,
+        ..Default::default()
+    };
+    let preempted = mix(config, 4, 40, jobs(80, 1, 40, 40, 25, 30)).await;
+    assert!(preempted > 0, "the workload was meant to cause preemption");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

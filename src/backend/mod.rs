@@ -9,9 +9,11 @@ pub mod cpu;
 pub mod cuda;
 pub mod factory;
 pub mod sampling;
+pub mod steps;
 
 use crate::model::config::LlamaConfig;
 use anyhow::Result;
+pub use steps::{PreviousToken, StepQueue};
 
 /// Which device runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -144,6 +146,19 @@ pub trait Backend: Send {
     /// Runs one forward pass: writes the KV of every chunk's tokens into its blocks, then returns
     /// one output per sequence, in batch order.
     fn step(&mut self, batch: &Batch) -> Result<Vec<SeqOutput>>;
+    /// Queues a step and returns without waiting for it when the device allows (`finish_step`
+    /// gives its outputs, steps finish in launch order). The chunks in `previous` start with the
+    /// token the previous launched step sampled (`steps`). A step after one that returns logits is
+    /// launched only once that one is finished.
+    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()>;
+    /// Waits for the oldest launched step and returns its outputs, one per sequence.
+    fn finish_step(&mut self) -> Result<Vec<SeqOutput>>;
+    /// `launch_step` returns before the step is computed (a GPU's stream), so the engine gains by
+    /// scheduling the next step meanwhile. Backends that compute in `finish_step` say no: the
+    /// engine then finishes each step before it schedules the next.
+    fn queues_steps(&self) -> bool {
+        false
+    }
     /// Copies blocks out to host memory. Wire format: for each block in order, for each layer,
     /// K then V, each `[num_kv_heads, block_size, head_dim]` in `kv_layout().dtype`, little endian.
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>>;

@@ -60,6 +60,10 @@ pub struct EngineArgs {
     /// Seconds a decode worker waits for a remote prefill before prefilling locally.
     #[arg(long, default_value_t = 30.0)]
     pub remote_prefill_timeout: f64,
+    /// Schedule the next step while the device computes this one (on by default;
+    /// `--async-scheduling=false` waits for each step's tokens first).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub async_scheduling: bool,
     /// Launch every kernel of every step one by one (CUDA): no decode-step CUDA graphs.
     #[arg(long)]
     pub enforce_eager: bool,
@@ -85,6 +89,7 @@ impl EngineArgs {
             remote_prefill_timeout: std::time::Duration::from_secs_f64(
                 self.remote_prefill_timeout.max(0.0),
             ),
+            async_scheduling: self.async_scheduling,
         }
     }
 
@@ -139,6 +144,14 @@ mod tests {
         assert_eq!(c.max_num_batched_tokens, 512);
         assert!(!c.enable_prefix_caching);
         assert!(c.enable_chunked_prefill);
+        assert!(c.async_scheduling, "on by default");
+        for (flag, on) in [
+            ("--async-scheduling", true),
+            ("--async-scheduling=false", false),
+        ] {
+            let cli = Cli::parse_from(["t", flag]);
+            assert_eq!(cli.engine.engine_config().async_scheduling, on, "{flag}");
+        }
         let cli = Cli::parse_from([
             "t",
             "--enable-prefix-caching",

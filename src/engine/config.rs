@@ -21,6 +21,9 @@ pub struct EngineConfig {
     pub max_queue_len: usize,
     /// How long a sequence waits for its remote prefill before prefilling locally.
     pub remote_prefill_timeout: Duration,
+    /// Schedule and launch step n + 1 while the device computes step n (vLLM's
+    /// `--async-scheduling`); a decode's input token then comes from the device (`backend::steps`).
+    pub async_scheduling: bool,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +37,7 @@ impl Default for EngineConfig {
             num_kv_blocks: None,
             max_queue_len: 4096,
             remote_prefill_timeout: Duration::from_secs(30),
+            async_scheduling: true,
         }
     }
 }

@@ -1,11 +1,12 @@
 //! The step loop, on its own OS thread: take commands, schedule, run the backend, sample, stream.
 
-use crate::backend::{Backend, Batch, Emit, KvLayout, SeqChunk, SeqOutput};
+use crate::backend::{Backend, KvLayout};
 use crate::engine::detokenize::TokenDecoder;
 use crate::engine::device_kv::DeviceKvState;
 use crate::engine::remote::{PrefillExport, RemotePrefillTicket};
 use crate::engine::scheduler::Scheduler;
 use crate::engine::sequence::{OutputSender, SeqId, SeqState, Sequence, Sink};
+use crate::engine::step::InFlight;
 use crate::engine::types::{EngineError, EngineMetrics, GenerateOutput, TokenLogprob};
 use crate::kv::transfer::cuda::DeviceKv;
 use parking_lot::Mutex;
@@ -80,6 +81,11 @@ pub struct Core {
     pub outbox: Vec<(OutputSender, GenerateOutput)>,
     /// Copiers and device-export requests of the GPU KV path (`device_kv`).
     pub device_kv: DeviceKvState,
+    /// Launch the next step before reading this one (`EngineConfig::async_scheduling`).
+    pub async_scheduling: bool,
+    /// The launched step not read yet (`step.rs`).
+    pub(crate) in_flight: Option<InFlight>,
+    pub last_finish: Option<Instant>,
 }
 
 impl Core {
@@ -130,15 +136,29 @@ impl Core {
             }
             self.expire_parked();
             self.reap_cancelled();
+            if self.in_flight.as_ref().is_some_and(|s| s.has_logits) {
+                self.drain()?;
+            }
             let scheduled = self.sched.schedule();
+            let launched = match scheduled.is_empty() {
+                true => None,
+                false => Some(self.launch(&scheduled)?),
+            };
+            // The device computes the new step while the host reads the one before.
+            let previous = std::mem::replace(&mut self.in_flight, launched);
+            let finished = previous.is_some();
+            let mut generated = match previous {
+                Some(step) => self.finish(step)?,
+                None => 0,
+            };
+            if !self.async_scheduling {
+                if let Some(step) = self.in_flight.take() {
+                    generated += self.finish(step)?;
+                }
+            }
             // Work that cannot run now (its blocks are held by parked sequences) waits for a
             // command or a timeout instead of spinning.
-            self.stalled = scheduled.is_empty();
-            if scheduled.is_empty() {
-                self.publish_metrics(0);
-                continue;
-            }
-            let generated = self.step(&scheduled)?;
+            self.stalled = scheduled.is_empty() && !finished;
             self.publish_metrics(generated);
             if cfg!(debug_assertions) {
                 self.sched.check_invariants();
@@ -148,7 +168,7 @@ impl Core {
 
     /// Applies queued commands; blocks while there is nothing to run. `Ok(false)` = stop.
     fn take_commands(&mut self) -> Result<bool, String> {
-        if !self.sched.has_work() || self.stalled {
+        if (!self.sched.has_work() || self.stalled) && self.in_flight.is_none() {
             let idle_wait = if self.stalled {
                 Duration::from_millis(5)
             } else {
@@ -160,7 +180,7 @@ impl Core {
             });
             match self.rx.recv_timeout(wait) {
                 Ok(cmd) => {
-                    if !self.apply(cmd) {
+                    if !self.apply(cmd)? {
                         return Ok(false);
                     }
                 }
@@ -171,7 +191,7 @@ impl Core {
         loop {
             match self.rx.try_recv() {
                 Ok(cmd) => {
-                    if !self.apply(cmd) {
+                    if !self.apply(cmd)? {
                         return Ok(false);
                     }
                 }
@@ -193,7 +213,16 @@ impl Core {
             .min()
     }
 
-    fn apply(&mut self, cmd: Command) -> bool {
+    /// Applies a command; `Ok(false)` = shut down.
+    fn apply(&mut self, cmd: Command) -> Result<bool, String> {
+        if matches!(
+            cmd,
+            Command::ImportKv { .. } | Command::ImportDeviceKv { .. }
+        ) {
+            // Its blocks may have been freed by a sequence that a launched step still writes;
+            // an import is not ordered behind that step on the device.
+            self.drain()?;
+        }
         match cmd {
             Command::Add(mut seq) => {
                 seq.counted_in_queue = true;
@@ -239,9 +268,9 @@ impl Core {
             Command::FailRemote { request_id, reply } => {
                 let _ = reply.send(self.fail_remote(&request_id));
             }
-            Command::Shutdown => return false,
+            Command::Shutdown => return Ok(false),
         }
-        true
+        Ok(true)
     }
 
     /// Drops sequences whose client went away (a Cancel command may still be on its way).
@@ -259,67 +288,6 @@ impl Core {
                 self.parked.remove(&seq.request_id);
             }
         }
-    }
-
-    /// Runs one backend step; returns the number of tokens generated.
-    fn step(&mut self, scheduled: &[crate::engine::scheduler::Scheduled]) -> Result<usize, String> {
-        let mut batch = Batch::default();
-        for s in scheduled {
-            let seq = self.sched.seqs.get_mut(&s.id).expect("scheduled sequence");
-            let start = seq.num_computed;
-            let emit = if start + s.num_tokens == seq.tokens.len() {
-                seq.sampler.next_emit(seq.generated().len())
-            } else {
-                Emit::Nothing
-            };
-            batch.seqs.push(SeqChunk {
-                tokens: seq.tokens[start..start + s.num_tokens].to_vec(),
-                start_pos: start,
-                block_table: seq.blocks.clone(),
-                emit,
-            });
-        }
-        let t0 = Instant::now();
-        let outputs = self
-            .backend
-            .step(&batch)
-            .map_err(|e| format!("backend step failed: {e:#}"))?;
-        self.last_step_ms = t0.elapsed().as_secs_f64() * 1e3;
-        self.steps += 1;
-        if outputs.len() != batch.seqs.len() {
-            return Err(format!(
-                "backend returned {} outputs for {} sequences",
-                outputs.len(),
-                batch.seqs.len()
-            ));
-        }
-        let mut generated = 0;
-        for ((s, chunk), out) in scheduled.iter().zip(&batch.seqs).zip(outputs) {
-            let seq = self.sched.seqs.get_mut(&s.id).expect("scheduled sequence");
-            seq.num_computed += s.num_tokens;
-            if self.sched.pool.prefix_caching() {
-                seq.commit_full_blocks(&mut self.sched.pool);
-            }
-            let (token, logprob) = match (&chunk.emit, out) {
-                (Emit::Nothing, _) => continue,
-                (_, SeqOutput::Token(t)) => (t, None),
-                (_, SeqOutput::Logits(l)) => {
-                    seq.sampler
-                        .sample_logits(l, &seq.tokens[..seq.prompt_len], seq.generated())
-                }
-                (_, SeqOutput::Nothing) => {
-                    return Err("backend returned no output for a sequence that needed one".into())
-                }
-            };
-            if token as usize >= self.vocab_size {
-                return Err(format!(
-                    "backend produced token {token} outside the vocabulary"
-                ));
-            }
-            generated += 1;
-            self.on_token(s.id, token, logprob);
-        }
-        Ok(generated)
     }
 
     /// A new token: the answer of a prefill-only request, or the next token of a stream.

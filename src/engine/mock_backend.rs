@@ -7,10 +7,13 @@
 //! `MockBackend::reference_greedy` gives the exact expected tokens.
 
 use crate::backend::sampling;
-use crate::backend::{Backend, Batch, Emit, KvDtype, KvLayout, SeqOutput};
+use crate::backend::{
+    Backend, Batch, Emit, KvDtype, KvLayout, PreviousToken, SeqOutput, StepQueue,
+};
 use crate::model::config::LlamaConfig;
 use anyhow::{bail, ensure, Result};
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -36,6 +39,10 @@ pub struct MockBackend {
     fail_at_step: Option<usize>,
     panic_at_step: Option<usize>,
     steps: usize,
+    queue: StepQueue,
+    /// Tokens taken from the previous step's samples (async scheduling).
+    previous_taken: Arc<AtomicUsize>,
+    queued_steps: bool,
 }
 
 impl MockBackend {
@@ -49,12 +56,22 @@ impl MockBackend {
             fail_at_step: None,
             panic_at_step: None,
             steps: 0,
+            queue: StepQueue::default(),
+            previous_taken: Arc::default(),
+            queued_steps: false,
         }
     }
 
     /// Declares an EOS id in the model config.
     pub fn with_eos(mut self, eos: u32) -> Self {
         self.config = mock_config(self.config.vocab_size, &[eos]);
+        self
+    }
+
+    /// Says it queues steps, as a GPU does (the engine then schedules asynchronously; the mock
+    /// still computes a step when it is finished).
+    pub fn with_queued_steps(mut self) -> Self {
+        self.queued_steps = true;
         self
     }
 
@@ -76,6 +93,11 @@ impl MockBackend {
     }
 
     /// Every step's chunks, for budget and order checks.
+    /// How many input tokens came from the previous step's samples so far.
+    pub fn previous_taken(&self) -> Arc<AtomicUsize> {
+        self.previous_taken.clone()
+    }
+
     pub fn log(&self) -> StepLog {
         self.log.clone()
     }
@@ -190,6 +212,24 @@ impl Backend for MockBackend {
                 .collect(),
         );
         Ok(outputs)
+    }
+
+    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
+        self.previous_taken
+            .fetch_add(previous.len(), Ordering::Relaxed);
+        self.queue.launch(batch, previous);
+        Ok(())
+    }
+
+    fn finish_step(&mut self) -> Result<Vec<SeqOutput>> {
+        let batch = self.queue.next()?;
+        let outputs = self.step(&batch)?;
+        self.queue.done(&outputs);
+        Ok(outputs)
+    }
+
+    fn queues_steps(&self) -> bool {
+        self.queued_steps
     }
 
     /// K holds the token ids (as u32 bits), V their bitwise complement.

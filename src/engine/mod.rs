@@ -48,6 +48,7 @@ pub mod remote;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+mod step;
 pub mod types;
 pub mod validate;
 
@@ -113,6 +114,7 @@ impl Engine {
         };
         let shared = Arc::new(Shared::default());
         let has_pools = !backend.cuda_kv_pools().is_empty();
+        let queues_steps = backend.queues_steps();
         shared
             .cuda_kv
             .store(has_pools, std::sync::atomic::Ordering::Relaxed);
@@ -141,6 +143,9 @@ impl Engine {
             stalled: false,
             outbox: vec![],
             device_kv: Default::default(),
+            async_scheduling: config.async_scheduling && queues_steps,
+            in_flight: None,
+            last_finish: None,
         };
         core.publish_initial_metrics();
         let thread = std::thread::Builder::new()

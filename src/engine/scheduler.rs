@@ -212,6 +212,9 @@ impl Scheduler {
         let bs = self.pool.block_size();
         let seq = &self.seqs[&id];
         debug_assert!(seq.blocks.is_empty());
+        if seq.pending > 0 {
+            return None; // preempted while its token was computed: wait for that token
+        }
         let len = seq.tokens.len();
         // At least the last token is computed: its logits give the next token.
         let hashes = if self.pool.prefix_caching() {

@@ -70,8 +70,14 @@ pub struct Sequence {
     pub prompt_len: usize,
     /// Prompt then generated tokens.
     pub tokens: Vec<u32>,
-    /// Tokens whose KV is in `blocks`.
+    /// Tokens whose KV is in `blocks`, or queued to be written there by a launched step (the
+    /// steps run in order, so a later step reads it).
     pub num_computed: usize,
+    /// Tokens after `tokens` sampled by a launched step the engine has not read yet (async
+    /// scheduling: at most one when a step is scheduled, taken from the last step on the device).
+    pub pending: usize,
+    /// This sequence's batch index in the last step it ran in (where its pending token is).
+    pub last_row: usize,
     pub blocks: Vec<u32>,
     /// Hash chain of the leading full blocks already offered to the prefix cache.
     pub hashes: Vec<u64>,
@@ -102,6 +108,8 @@ impl Sequence {
             prompt_len,
             tokens: req.prompt_tokens,
             num_computed: 0,
+            pending: 0,
+            last_row: 0,
             blocks: vec![],
             hashes: vec![],
             cached_tokens: 0,
@@ -120,7 +128,7 @@ impl Sequence {
     }
 
     pub fn num_uncomputed(&self) -> usize {
-        self.tokens.len() - self.num_computed
+        self.tokens.len() + self.pending - self.num_computed
     }
 
     pub fn usage(&self) -> Usage {
@@ -131,10 +139,11 @@ impl Sequence {
         }
     }
 
-    /// Offers newly completed full blocks to the prefix cache.
+    /// Offers newly completed full blocks (of known tokens) to the prefix cache.
     pub fn commit_full_blocks(&mut self, pool: &mut BlockPool) {
         let bs = pool.block_size();
-        while (self.hashes.len() + 1) * bs <= self.num_computed {
+        let known = self.num_computed.min(self.tokens.len());
+        while (self.hashes.len() + 1) * bs <= known {
             let i = self.hashes.len();
             let parent = self.hashes.last().copied().unwrap_or(0);
             let h = block_hash(parent, &self.tokens[i * bs..(i + 1) * bs]);

@@ -122,7 +122,7 @@ impl FrontendMetrics {
             "tandem_request_latency_seconds",
             "Time from request to last token.",
         );
-        let gauges: [Gauge; 8] = [
+        let gauges: [Gauge; 10] = [
             (
                 "tandem_queue_length",
                 "Requests waiting in the worker's queue.",
@@ -162,6 +162,16 @@ impl FrontendMetrics {
                 "tandem_worker_available",
                 "1 unless the router skips the worker.",
                 |w| w.available as u8 as f64,
+            ),
+            (
+                "tandem_engine_steps",
+                "Steps the worker's engine has run.",
+                |w| w.metrics.steps as f64,
+            ),
+            (
+                "tandem_engine_last_step_seconds",
+                "Wall time of the engine's last step.",
+                |w| w.metrics.last_step_ms / 1e3,
             ),
         ];
         for (name, help, value) in gauges {

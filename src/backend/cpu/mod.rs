@@ -8,7 +8,7 @@ pub mod linear;
 mod llama;
 
 use super::sampling;
-use super::{Backend, Batch, Emit, KvDtype, KvLayout, SeqOutput};
+use super::{Backend, Batch, Emit, KvDtype, KvLayout, PreviousToken, SeqOutput, StepQueue};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Result};
@@ -19,6 +19,7 @@ pub struct CpuBackend {
     config: LlamaConfig,
     model: CpuLlama,
     cache: PagedKvCache,
+    queue: StepQueue,
 }
 
 impl CpuBackend {
@@ -40,6 +41,7 @@ impl CpuBackend {
                 block_size,
                 config.head_dim,
             ),
+            queue: StepQueue::default(),
         })
     }
 
@@ -120,6 +122,18 @@ impl Backend for CpuBackend {
                 _ => SeqOutput::Nothing,
             })
             .collect())
+    }
+
+    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
+        self.queue.launch(batch, previous);
+        Ok(())
+    }
+
+    fn finish_step(&mut self) -> Result<Vec<SeqOutput>> {
+        let batch = self.queue.next()?;
+        let outputs = self.step(&batch)?;
+        self.queue.done(&outputs);
+        Ok(outputs)
     }
 
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {

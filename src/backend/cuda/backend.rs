@@ -19,7 +19,7 @@ use super::ops::{
 };
 use super::shard::Shard;
 use super::weights::{GpuLinear, GpuWeights};
-use crate::backend::{Backend, Batch, KvCacheDtype, KvDtype, KvLayout, SeqOutput};
+use crate::backend::{Backend, Batch, KvCacheDtype, KvDtype, KvLayout, PreviousToken, SeqOutput};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Context, Result};
@@ -30,6 +30,7 @@ mod combine;
 mod graphs;
 mod kv_io;
 mod linear;
+mod pending;
 
 pub use kv_io::LayerKvHook;
 
@@ -147,6 +148,8 @@ pub struct CudaBackend {
     profiler: Profiler,
     /// Captured decode steps.
     graphs: StepGraphs<DecodeGraph>,
+    /// Launched steps not read back yet, and their pinned host buffers.
+    pending: pending::PendingSteps,
     ws: Workspace,
     kv: DeviceBuffer,
     weights: GpuWeights,
@@ -301,6 +304,7 @@ impl CudaBackend {
             layer_kv_hook: None,
             fused_combine: std::env::var("TANDEM_COMBINE_FP8").map_or(true, |v| v != "0"),
             graphs: StepGraphs::new(GRAPH_CAPACITY),
+            pending: Default::default(),
         })
     }
 
@@ -425,45 +429,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn forward(&mut self, plan: &StepPlan) -> Result<Vec<SeqOutput>> {
-        let n = plan.num_tokens;
-        let ne = plan.emit_seqs.len();
-        ensure!(
-            n <= self.opts.max_num_batched_tokens,
-            "step of {n} tokens exceeds --max-num-batched-tokens {}",
-            self.opts.max_num_batched_tokens
-        );
-        ensure!(
-            ne <= self.opts.max_num_seqs,
-            "step of {ne} sequences exceeds --max-num-seqs {}",
-            self.opts.max_num_seqs
-        );
-        if plan.packed.len() * 4 > self.ws.meta.bytes {
-            self.ws.meta = self.gpu.alloc(plan.packed.len() * 8)?;
-            // Graphs read the plan from the old buffer.
-            self.graphs.clear();
-        }
-        self.gpu.copy_to(&self.ws.meta, 0, &plan.packed)?;
-        self.mark("start")?;
-        if ne == 0 {
-            self.launch_layers(plan)?;
-            self.gpu.sync()?;
-            self.profiler.collect()?;
-            return Ok(vec![SeqOutput::Nothing; plan.num_seqs]);
-        }
-        if self.graphable(plan) {
-            self.launch_decode(plan)?;
-        } else {
-            self.launch_step(plan)?;
-        }
-        let mut tokens = vec![0i32; ne];
-        self.gpu.copy_from(&self.ws.tokens_out, 0, &mut tokens)?;
-        self.profiler.collect()?;
-        self.collect(plan, &tokens)
-    }
-
     /// Queues the whole step, layers and head, with no host synchronization (graphs capture it).
-    fn launch_step(&mut self, plan: &StepPlan) -> Result<()> {
+    fn queue_step(&mut self, plan: &StepPlan) -> Result<()> {
         self.launch_layers(plan)?;
         self.launch_head(plan)
     }
@@ -601,24 +568,6 @@ impl CudaBackend {
         self.mark("sample")?;
         Ok(())
     }
-
-    fn collect(&self, plan: &StepPlan, tokens: &[i32]) -> Result<Vec<SeqOutput>> {
-        let mut out = vec![SeqOutput::Nothing; plan.num_seqs];
-        let (logits, v) = match &self.tp {
-            Some(tp) => (tp.full_logits(), tp.vocab),
-            None => (&self.ws.logits, self.config.vocab_size),
-        };
-        for (r, &s) in plan.emit_seqs.iter().enumerate() {
-            out[s] = if plan.emit_logits[r] {
-                let mut row = vec![0f32; v];
-                self.gpu.copy_from(logits, r * v * 4, &mut row)?;
-                SeqOutput::Logits(row)
-            } else {
-                SeqOutput::Token(tokens[r] as u32)
-            };
-        }
-        Ok(out)
-    }
 }
 
 impl Backend for CudaBackend {
@@ -638,6 +587,19 @@ impl Backend for CudaBackend {
         if batch.seqs.is_empty() {
             return Ok(vec![]);
         }
+        ensure!(
+            self.pending.is_empty(),
+            "step() while launched steps are pending"
+        );
+        self.launch_step(batch, &[])?;
+        self.finish_step()
+    }
+
+    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
+        ensure!(
+            self.tp.is_none() || previous.is_empty(),
+            "a tensor-parallel rank takes no previous tokens"
+        );
         self.gpu.bind()?;
         let group = self.config.num_attention_heads / self.config.num_key_value_heads;
         let vocab = self.tp.as_ref().map_or(self.config.vocab_size, |t| t.vocab);
@@ -658,7 +620,24 @@ impl Backend for CudaBackend {
             let at = plan.at.tokens;
             tp.localize_tokens(&mut plan.packed[at..at + plan.num_tokens]);
         }
-        self.forward(&plan)
+        let chunk_starts: Vec<usize> = batch
+            .seqs
+            .iter()
+            .scan(0, |at, c| {
+                let start = *at;
+                *at += c.tokens.len();
+                Some(start)
+            })
+            .collect();
+        self.launch_plan(&plan, previous, &chunk_starts)
+    }
+
+    fn finish_step(&mut self) -> Result<Vec<SeqOutput>> {
+        self.finish_pending()
+    }
+
+    fn queues_steps(&self) -> bool {
+        self.tp.is_none()
     }
 
     fn cuda_kv_pool(&self) -> Option<crate::backend::CudaKvPool> {

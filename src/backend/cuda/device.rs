@@ -1,7 +1,7 @@
 //! The GPU context, its stream, and device buffers from plain `cuMemAlloc` (not the stream-ordered
 //! pool, so the KV pool can later be exported with CUDA IPC and reached by peer copies).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use std::sync::Arc;
 
@@ -127,12 +127,123 @@ impl Gpu {
         Ok(())
     }
 
+    /// Host → device from pinned memory, queued on the stream (`src` must stay untouched until
+    /// the stream passes this point).
+    pub fn copy_to_queued(
+        &self,
+        dst: &DeviceBuffer,
+        src: &mut PinnedI32,
+        len: usize,
+    ) -> Result<()> {
+        ensure!(
+            len <= src.len() && len * 4 <= dst.bytes,
+            "queued copy of {len} i32s overruns"
+        );
+        // SAFETY: bounds checked; both buffers outlive the queued copy (their owner waits on the
+        // step's event before it touches or frees them).
+        unsafe {
+            result::memcpy_htod_async(dst.ptr, &src.as_mut_slice()[..len], self.cu_stream())?
+        };
+        Ok(())
+    }
+
+    /// Device → pinned host memory, queued on the stream (read `dst` after the stream passes).
+    pub fn copy_from_queued(
+        &self,
+        dst: &mut PinnedI32,
+        src: &DeviceBuffer,
+        len: usize,
+    ) -> Result<()> {
+        ensure!(
+            len <= dst.len() && len * 4 <= src.bytes,
+            "queued copy of {len} i32s overruns"
+        );
+        // SAFETY: as in `copy_to_queued`.
+        unsafe {
+            result::memcpy_dtoh_async(&mut dst.as_mut_slice()[..len], src.ptr, self.cu_stream())?
+        };
+        Ok(())
+    }
+
     pub fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         // SAFETY: callers pass ranges inside buffers they own.
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.cu_stream())? };
         Ok(())
     }
 }
+
+/// Page-locked host memory (`cuMemHostAlloc`) of `i32`s: copies between it and the device run
+/// asynchronously, so a step is launched and read back without the host waiting on the stream.
+pub struct PinnedI32 {
+    ptr: *mut i32,
+    len: usize,
+}
+
+impl PinnedI32 {
+    pub fn new(len: usize) -> Result<Self> {
+        let len = len.max(1);
+        // SAFETY: a fresh allocation, owned here and freed once on drop.
+        let ptr = unsafe { result::malloc_host(len * 4, 0)? } as *mut i32;
+        Ok(Self { ptr, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The host's view: only while no copy to or from this buffer is queued.
+    pub fn as_mut_slice(&mut self) -> &mut [i32] {
+        // SAFETY: `len` i32s allocated above; `&mut self` excludes other host views.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedI32 {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_host`, freed once.
+        unsafe {
+            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+// SAFETY: plain host memory; the owner serializes access.
+unsafe impl Send for PinnedI32 {}
+
+/// A CUDA event without timing: recorded after a step's last copy, it is what the host waits on.
+pub struct Event(sys::CUevent);
+
+impl Event {
+    pub fn new() -> Result<Self> {
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        Ok(Self(result::event::create(flags)?))
+    }
+
+    pub fn record(&self, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: a live event and stream.
+        unsafe { result::event::record(self.0, stream)? };
+        Ok(())
+    }
+
+    /// Blocks until the work queued before the last `record` is done.
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: a live event.
+        unsafe { result::event::synchronize(self.0)? };
+        Ok(())
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            let _ = result::event::destroy(self.0);
+        }
+    }
+}
+
+// SAFETY: event handles are not tied to a thread; the owner serializes access.
+unsafe impl Send for Event {}
 
 /// Device memory from `cuMemAlloc`, freed on drop.
 pub struct DeviceBuffer {

@@ -98,7 +98,7 @@ const PLAIN: &[(&str, &[&str])] = &[
             "rope_kv_write_kv8_bf16",
         ],
     ),
-    ("sampling", &["sample_tokens"]),
+    ("sampling", &["sample_tokens", "take_previous_tokens"]),
     ("kv_copy", &["kv_copy_blocks"]),
     (
         "gemm_fp8",

@@ -372,6 +372,28 @@ impl Ops<'_> {
         )
     }
 
+    /// `tokens[pairs[2i]] = sampled[pairs[2i + 1]]` for `n` pairs (async scheduling).
+    pub fn take_previous_tokens(
+        &self,
+        tokens: u64,
+        sampled: u64,
+        pairs: u64,
+        n: usize,
+    ) -> Result<()> {
+        self.go(
+            "take_previous_tokens",
+            (n.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(tokens),
+                Arg::Ptr(sampled),
+                Arg::Ptr(pairs),
+                Arg::I32(n as i32),
+            ],
+        )
+    }
+
     fn fill(&self, name: &str, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
         let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
         self.go(

@@ -21,7 +21,7 @@
 use super::backend::{CudaBackend, CudaOptions, WeightSource};
 use super::nccl::{NcclId, TpSetup};
 use super::shard::Shard;
-use crate::backend::{Backend, Batch, CudaKvPool, KvLayout, SeqOutput};
+use crate::backend::{Backend, Batch, CudaKvPool, KvLayout, PreviousToken, SeqOutput, StepQueue};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -49,6 +49,8 @@ pub struct TpBackend {
     weight_bytes: usize,
     /// Each rank's KV pool (its share of the heads), for GPU-to-GPU KV imports.
     pools: Vec<CudaKvPool>,
+    /// Steps run synchronously on the ranks (their all-reduces take a host epoch per launch).
+    queue: StepQueue,
 }
 
 /// Building a rank: loading weights or generating a 70B's share takes a while.
@@ -168,6 +170,7 @@ impl TpBackend {
             num_blocks,
             weight_bytes: built.iter().map(|b| b.2).sum(),
             pools: built.iter().map(|b| b.3).collect(),
+            queue: StepQueue::default(),
             ranks,
             broken: None,
         })
@@ -322,6 +325,18 @@ impl Backend for TpBackend {
         }
         let batch = Arc::new(batch.clone());
         Ok(self.on_ranks(move |_, b| b.step(&batch))?.swap_remove(0))
+    }
+
+    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
+        self.queue.launch(batch, previous);
+        Ok(())
+    }
+
+    fn finish_step(&mut self) -> Result<Vec<SeqOutput>> {
+        let batch = self.queue.next()?;
+        let outputs = self.step(&batch)?;
+        self.queue.done(&outputs);
+        Ok(outputs)
     }
 
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {

@@ -145,7 +145,7 @@ impl CudaBackend {
     pub(super) fn launch_decode(&mut self, plan: &StepPlan) -> Result<()> {
         let key = GraphKey::of(plan);
         match self.graphs.choose(&key) {
-            GraphUse::Eager => self.launch_step(plan),
+            GraphUse::Eager => self.queue_step(plan),
             GraphUse::Replay => {
                 let graph = self.graphs.get(&key).context("a kept graph")?;
                 graph.0.launch().context("replaying a decode graph")?;
@@ -155,7 +155,7 @@ impl CudaBackend {
                 let stream = self.gpu.stream.clone();
                 stream
                     .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-                let launched = self.launch_step(plan);
+                let launched = self.queue_step(plan);
                 // Ends the capture even when a launch failed, so the stream is usable again.
                 let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
                 launched.context("capturing a decode step")?;
