@@ -301,15 +301,29 @@ __device__ void add_rmsnorm_t(float* residual, const A* delta, const bf16* weigh
 // hidden <= 32 warps * FUSED_MAX_K * CHUNK_COLS.
 #define FUSED_MAX_K 8
 
-template <typename A, int K>
+// A delta still in the accumulator of an unscaled FP8 product (decode's o_proj / down_proj): `acc`
+// [rows, hidden] F32, token scales `sx` (the product's input scales, which this kernel then
+// overwrites with its own: each block reads its row's first), channel scales `sw`. The value is
+// what the product's epilogue (scale_rows_cols_bf16) would have stored: f2bf(acc * sx * sw).
+struct UnscaledDelta {
+    const float* acc;
+    const float* sx;
+    const float* sw;
+};
+
+template <typename A, int K, bool ACC = false>
 __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs,
-                                  int hidden, float eps) {
+                                  int hidden, float eps, UnscaledDelta u = {}) {
     __shared__ float sums[32 * FUSED_MAX_K];
     __shared__ float scratch[32];
     int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     float* r = residual + (u64)t * hidden;
     const A* d = delta ? delta + (u64)t * hidden : nullptr;
     bool vr = vec_ok(r, hidden), vd = d && vec_ok(d, hidden), vw = vec_ok(weight, hidden);
+    const float* ua = ACC ? u.acc + (u64)t * hidden : nullptr;
+    float usx = ACC ? u.sx[t] : 0.0f;
+    bool vu = ACC && vec_ok(ua, hidden) && vec_ok(u.sw, hidden);
+    bool has_delta = ACC || d;
     int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
     // Few chunks per warp (decode shapes): the weights are loaded with the row, before the
     // reduction, so their latency is hidden; more would cost too many registers.
@@ -325,7 +339,16 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
             int c0 = c * CHUNK_COLS + lane * LANE_COLS;
             if constexpr (PREFETCH) load4(weight, c0, hidden, vw, w[k]);
             load4(r, c0, hidden, vr, v[k]);
-            if (d) dr[k].load(d, c0, hidden, vd);
+            if constexpr (ACC) {
+                float a[LANE_COLS], sw[LANE_COLS];
+                load4(ua, c0, hidden, vu, a);
+                load4(u.sw, c0, hidden, vu, sw);
+#pragma unroll
+                for (int j = 0; j < LANE_COLS; j++) a[j] = as_act<A>(a[j] * usx * sw[j]);
+                dr[k].set(a);
+            } else if (d) {
+                dr[k].load(d, c0, hidden, vd);
+            }
         }
     }
 #pragma unroll
@@ -333,7 +356,7 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
         int c = warp + nwarps * k;
         if (c < nchunks) {
             int c0 = c * CHUNK_COLS + lane * LANE_COLS;
-            if (d) {
+            if (has_delta) {
                 float dv[LANE_COLS];
                 dr[k].get(dv);
 #pragma unroll
@@ -636,6 +659,19 @@ __device__ void rope_kv_write_t(A* qkv, C* k_cache, C* v_cache, const int* posit
         float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps) { pdl_enter(); \
         add_rmsnorm_fp8_t<A, K>(residual, delta, weight, xq, xs, hidden, eps);                                \
     }
+// The same with the delta as an unscaled FP8 product (UnscaledDelta; BF16 activations only).
+#define FUSED_NORM_ACC_K(K)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_fp8_acc_k##K##_bf16(                      \
+        float* residual, const float* acc, const float* acc_sw, const bf16* weight, fp8* xq, float* xs,      \
+        int hidden, float eps) {                                                                              \
+        pdl_enter();                                                                                          \
+        add_rmsnorm_fp8_t<bf16, K, true>(residual, nullptr, weight, xq, xs, hidden, eps,                     \
+                                         UnscaledDelta{acc, xs, acc_sw});                                     \
+    }
+FUSED_NORM_ACC_K(1)
+FUSED_NORM_ACC_K(2)
+FUSED_NORM_ACC_K(4)
+FUSED_NORM_ACC_K(8)
 #define FUSED_SILU_K(A, SUFFIX, K)                                                                            \
     extern "C" __global__ void __launch_bounds__(1024)                                                        \
         silu_mul_fp8_k##K##_##SUFFIX(fp8* xq, float* xs, const A* gate_up, int inter) { pdl_enter();          \

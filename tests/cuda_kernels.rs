@@ -441,6 +441,73 @@ fn rope_kv_write_matches_rope_then_kv_write() {
     }
 }
 
+/// The fused norm reading an unscaled FP8 product's accumulator (decode's o_proj / down_proj
+/// delta) gives the bytes of the product's epilogue (scale_rows_cols) followed by the fused norm:
+/// the same residual, quantized row and scales, at decode row counts and widths that are not a
+/// multiple of the 4-column vectors.
+#[test]
+fn fused_norm_of_an_unscaled_product_matches_its_epilogue_then_the_norm() {
+    let Some((e, mut rng)) = env() else { return };
+    let ops = Ops {
+        k: &e.kernels,
+        stream: e.gpu.cu_stream(),
+        act: Precision::Bf16,
+    };
+    for (n, h) in [
+        (1, 8192),
+        (3, 8192),
+        (32, 8192),
+        (96, 8192),
+        (2, 130),
+        (5, 16384),
+        (4, 1000),
+    ] {
+        let res: Vec<f32> = (0..n * h).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let acc: Vec<f32> = (0..n * h)
+            .map(|_| rng.random_range(-300.0..300.0))
+            .collect();
+        let sx: Vec<f32> = (0..n).map(|_| rng.random_range(0.001..0.02)).collect();
+        let sw: Vec<f32> = (0..h).map(|_| rng.random_range(0.0005..0.01)).collect();
+        let w = e.gpu.upload(&rand_bf16(&mut rng, h, 1.5)).unwrap();
+        let (acc_d, sw_d) = (e.gpu.upload(&acc).unwrap(), e.gpu.upload(&sw).unwrap());
+        let (r1, r2) = (e.gpu.upload(&res).unwrap(), e.gpu.upload(&res).unwrap());
+        let (s1, s2) = (e.gpu.upload(&sx).unwrap(), e.gpu.upload(&sx).unwrap());
+        // Epilogue into a BF16 delta, then the fused norm.
+        let delta = e.poisoned(n * h * 2);
+        tandem::backend::cuda::fp8_stream::scale_rows_cols(
+            &e.kernels,
+            n,
+            h,
+            acc_d.ptr,
+            s1.ptr,
+            sw_d.ptr,
+            delta.ptr,
+            e.gpu.cu_stream(),
+        )
+        .unwrap();
+        let q1 = e.poisoned(n * h);
+        ops.add_rmsnorm_fp8(r1.ptr, delta.ptr, w.ptr, q1.ptr, s1.ptr, n, h, 1e-5)
+            .unwrap();
+        // Folded: the norm scales the accumulator itself.
+        let q2 = e.poisoned(n * h);
+        ops.add_rmsnorm_fp8_acc(
+            r2.ptr, acc_d.ptr, sw_d.ptr, w.ptr, q2.ptr, s2.ptr, n, h, 1e-5,
+        )
+        .unwrap();
+        let what = format!("add_rmsnorm_fp8_acc {n}x{h}");
+        let bytes = |b: &DeviceBuffer, len: usize| -> Vec<u8> { e.gpu.download(b, len).unwrap() };
+        assert_eq!(
+            bytes(&r1, n * h * 4),
+            bytes(&r2, n * h * 4),
+            "{what}: residual"
+        );
+        assert_eq!(bytes(&s1, n * 4), bytes(&s2, n * 4), "{what}: scales");
+        assert_eq!(bytes(&q1, n * h), bytes(&q2, n * h), "{what}: values");
+        let res2 = e.f32s(&r2, n * h);
+        assert!(res2 != res, "{what}: the delta was added");
+    }
+}
+
 /// The fused norm/silu + quantize kernels give exactly the bytes of the unfused kernel followed by
 /// quantize_fp8 (BF16 and F32 activations), and the same residual.
 #[test]

@@ -24,7 +24,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Context, Result};
 use graphs::{DecodeGraph, StepGraphs, GRAPH_CAPACITY};
-use linear::Lin;
+use linear::{Delta, Lin};
 
 mod combine;
 mod graphs;
@@ -167,6 +167,9 @@ pub struct CudaBackend {
     /// Merge split decode rows and FP8-quantize them for o_proj in one kernel where it applies
     /// (`TANDEM_COMBINE_FP8=0` keeps the unfused pair, for comparisons).
     fused_combine: bool,
+    /// Leave decode's unscaled o_proj / down_proj products for the next norm to scale
+    /// (`backend/linear.rs` `Delta`; `TANDEM_FOLD_EPILOGUE=0` scales them in a kernel of their own).
+    fold_epilogues: bool,
 }
 
 /// KV blocks that fit in `utilization · total − used` bytes.
@@ -303,6 +306,7 @@ impl CudaBackend {
             attention_target_blocks,
             layer_kv_hook: None,
             fused_combine: std::env::var("TANDEM_COMBINE_FP8").map_or(true, |v| v != "0"),
+            fold_epilogues: std::env::var("TANDEM_FOLD_EPILOGUE").map_or(true, |v| v != "0"),
             graphs: StepGraphs::new(GRAPH_CAPACITY),
             pending: Default::default(),
         })
@@ -458,8 +462,9 @@ impl CudaBackend {
             .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
         self.mark("embed")?;
         self.tp_all_reduce(residual, n * h, Precision::F32)?;
+        // The previous layer's residual delta (none before the first).
+        let mut prev = Delta::Scaled(0);
         for i in 0..c.num_hidden_layers {
-            let prev = if i == 0 { 0 } else { delta };
             let norm_w = self.weights.layers[i].input_norm.ptr;
             self.norm_linear(Lin::Qkv(i), prev, norm_w, n, qkv)?;
             let (kc, vc) = (self.k_cache(i), self.v_cache(i));
@@ -510,11 +515,15 @@ impl CudaBackend {
             })?;
             self.mark("attention")?;
             let groups = [m(at.group_part0), m(at.group_nparts), m(at.group_q0)];
-            self.combine_o_proj(i, groups, plan.num_groups, n, delta)?;
+            let fold = self.folds_epilogue(Lin::GateUp(i));
+            let o = self.combine_o_proj(i, groups, plan.num_groups, n, delta, fold)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
             let norm_w = self.weights.layers[i].post_norm.ptr;
-            self.norm_linear(Lin::GateUp(i), delta, norm_w, n, gate_up)?;
-            self.silu_linear(Lin::Down(i), n, delta)?;
+            self.norm_linear(Lin::GateUp(i), o, norm_w, n, gate_up)?;
+            // The last layer's delta goes to the final norm, which reads it scaled.
+            let last = i + 1 == c.num_hidden_layers;
+            let fold = !last && self.folds_epilogue(Lin::Qkv(i + 1));
+            prev = self.silu_linear(Lin::Down(i), n, delta, fold)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
         }
         Ok(())

@@ -54,7 +54,8 @@ struct Plan {
 /// three of the four shapes. The streaming kernel matches the unscaled path at M = 1 (qkv 1.8 us
 /// faster, down 2.6 us slower) and falls behind from M = 2, so it is off by default: a path switch
 /// by batch size also changes a sequence's numerics with the batch it runs in.
-/// `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the limits (experiments).
+/// `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the limits and
+/// `TANDEM_FP8_STREAM_TARGET_BLOCKS` the streaming kernel's CTA target (experiments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp8Policy {
     /// The streaming kernel for M up to this.
@@ -89,7 +90,7 @@ impl Fp8Policy {
         Self {
             stream_max_m: var("TANDEM_FP8_STREAM_MAX_M", d.stream_max_m),
             unscaled_max_m: var("TANDEM_FP8_UNSCALED_MAX_M", d.unscaled_max_m),
-            target_blocks: d.target_blocks,
+            target_blocks: var("TANDEM_FP8_STREAM_TARGET_BLOCKS", d.target_blocks),
         }
     }
 }
@@ -345,6 +346,28 @@ impl Gemm {
         self.fp8_by(
             path, kernels, m, n, k, x, x_scale, w, w_scale, out, f32_out, stream,
         )
+    }
+
+    /// When [`Self::fp8_linear`] would take the unscaled path: only its product, into the F32
+    /// accumulator returned (scratch, valid until the next product), for a consumer that applies
+    /// the epilogue `acc[m, n] * x_scale[m] * w_scale[n]` itself. `None`, launching nothing,
+    /// otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_unscaled_product(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        w: u64,
+        stream: CUstream,
+    ) -> Result<Option<u64>> {
+        if m == 0 || self.fp8_path(m, n, k, false) != Fp8Path::Unscaled {
+            return Ok(None);
+        }
+        let acc = self.scratch.partial.ptr;
+        self.run(GemmKind::Fp8Unscaled, m, n, k, x, w, acc, stream)?;
+        Ok(Some(acc))
     }
 
     /// The path of an FP8 product under [`Self::fp8_policy`].

@@ -3,13 +3,14 @@
 //! input scaled per rank (one launch instead of attention_combine + quantize_fp8, same bits).
 
 use super::super::ops::combine_fp8_heads_per_block;
-use super::linear::Lin;
+use super::linear::{Delta, Lin};
 use super::CudaBackend;
 use anyhow::Result;
 
 impl CudaBackend {
     /// o_proj of layer `layer` on the `n` attention rows (`ws.attn`) into `out`; `groups` split
     /// decode rows (device arrays of first part, parts, row: `groups_at`) are merged first.
+    /// `fold`: see [`CudaBackend::linear_quantized_into`].
     pub(super) fn combine_o_proj(
         &mut self,
         layer: usize,
@@ -17,11 +18,12 @@ impl CudaBackend {
         groups: usize,
         n: usize,
         out: u64,
-    ) -> Result<()> {
+        fold: bool,
+    ) -> Result<Delta> {
         let lin = Lin::O(layer);
         let attn = self.ws.attn.ptr;
         if groups == 0 {
-            return self.linear(lin, attn, n, out);
+            return self.linear_into(lin, attn, n, out, fold);
         }
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -47,12 +49,12 @@ impl CudaBackend {
                 heads_per_block,
             )?;
             self.mark("attention combine fp8")?;
-            return self.linear_quantized(lin, n, out);
+            return self.linear_quantized_into(lin, n, out, fold);
         }
         let [part0, nparts, q0] = groups_at;
         self.ops()
             .attention_combine(attn, ml, acc, part0, nparts, q0, groups, nh, nkv, hd)?;
         self.mark("attention combine")?;
-        self.linear(lin, attn, n, out)
+        self.linear_into(lin, attn, n, out, fold)
     }
 }

@@ -4,7 +4,17 @@
 use super::super::ops::{Ops, Precision, FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS};
 use super::super::weights::{GpuLinear, GpuWeights};
 use super::CudaBackend;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
+
+/// A layer's residual delta (o_proj or down_proj output) as the next norm reads it: in memory
+/// (0: none), or still the F32 accumulator of an unscaled FP8 product whose epilogue the norm
+/// applies itself (`add_rmsnorm_fp8_acc`: one launch fewer per linear at decode batch sizes; the
+/// token scales are in `ws.xs`).
+#[derive(Clone, Copy)]
+pub(super) enum Delta {
+    Scaled(u64),
+    Unscaled { acc: u64, w_scale: u64 },
+}
 
 #[derive(Clone, Copy)]
 pub(super) enum Lin {
@@ -29,6 +39,19 @@ fn weight(weights: &GpuWeights, lin: Lin) -> (&GpuLinear, &'static str) {
 
 impl CudaBackend {
     pub(super) fn linear(&mut self, lin: Lin, x: u64, m: usize, out: u64) -> Result<()> {
+        self.linear_into(lin, x, m, out, false).map(|_| ())
+    }
+
+    /// `lin` of the rows `x` (quantized first for an FP8 linear); `fold`: see
+    /// [`Self::linear_quantized_into`].
+    pub(super) fn linear_into(
+        &mut self,
+        lin: Lin,
+        x: u64,
+        m: usize,
+        out: u64,
+        fold: bool,
+    ) -> Result<Delta> {
         let stream = self.gpu.cu_stream();
         let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
         let (l, label) = weight(&self.weights, lin);
@@ -69,10 +92,11 @@ impl CudaBackend {
                     ops.quantize_fp8(xq, xs, x, m, *k)?;
                 }
                 self.profiler.mark("quantize fp8", stream)?;
-                return self.linear_quantized(lin, m, out);
+                return self.linear_quantized_into(lin, m, out, fold);
             }
         }
-        self.mark(label)
+        self.mark(label)?;
+        Ok(Delta::Scaled(out))
     }
 
     /// Does `lin` take its FP8 input scales over the whole row of all ranks?
@@ -101,6 +125,27 @@ impl CudaBackend {
 
     /// The FP8 linear `lin` of the input already quantized in `ws.xq` / `ws.xs`.
     pub(super) fn linear_quantized(&mut self, lin: Lin, m: usize, out: u64) -> Result<()> {
+        self.linear_quantized_into(lin, m, out, false).map(|_| ())
+    }
+
+    /// May the delta of a layer's linear stay unscaled for the norm of `consumer`? (One GPU, BF16,
+    /// the fused FP8 norm; `TANDEM_FOLD_EPILOGUE=0` turns it off for comparisons.)
+    pub(super) fn folds_epilogue(&self, consumer: Lin) -> bool {
+        self.fold_epilogues
+            && self.tp.is_none()
+            && self.opts.precision == Precision::Bf16
+            && self.fp8_fusable(consumer, self.config.hidden_size, FUSED_NORM_MAX_COLS)
+    }
+
+    /// [`Self::linear_quantized`]; with `fold`, an unscaled product is left unscaled for the next
+    /// norm (`Delta::Unscaled`) instead of scaled into `out`.
+    pub(super) fn linear_quantized_into(
+        &mut self,
+        lin: Lin,
+        m: usize,
+        out: u64,
+        fold: bool,
+    ) -> Result<Delta> {
         let stream = self.gpu.cu_stream();
         let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
         let f32_out = self.opts.precision == Precision::F32;
@@ -108,6 +153,16 @@ impl CudaBackend {
         let GpuLinear::Fp8 { w, scale, n, k } = l else {
             bail!("a quantized input for a linear that is not FP8");
         };
+        if fold {
+            if let Some(acc) = self
+                .gemm
+                .fp8_unscaled_product(m, *n, *k, xq, w.ptr, stream)?
+            {
+                let w_scale = scale.ptr;
+                self.mark(label)?;
+                return Ok(Delta::Unscaled { acc, w_scale });
+            }
+        }
         self.gemm.fp8_linear(
             &self.kernels,
             m,
@@ -121,15 +176,16 @@ impl CudaBackend {
             f32_out,
             stream,
         )?;
-        self.mark(label)
+        self.mark(label)?;
+        Ok(Delta::Scaled(out))
     }
 
-    /// Adds `delta` (0: nothing) to the residual stream, RMS-normalizes it with `norm_w` and runs
-    /// `lin` on the result: for an FP8 linear the norm writes the quantized input directly.
+    /// Adds `delta` to the residual stream, RMS-normalizes it with `norm_w` and runs `lin` on the
+    /// result: for an FP8 linear the norm writes the quantized input directly.
     pub(super) fn norm_linear(
         &mut self,
         lin: Lin,
-        delta: u64,
+        delta: Delta,
         norm_w: u64,
         n: usize,
         out: u64,
@@ -137,6 +193,19 @@ impl CudaBackend {
         let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps as f32);
         let ws = &self.ws;
         let (residual, xn, xq, xs) = (ws.residual.ptr, ws.xn.ptr, ws.xq.ptr, ws.xs.ptr);
+        let delta = match delta {
+            Delta::Scaled(d) => d,
+            Delta::Unscaled { acc, w_scale } => {
+                ensure!(
+                    self.folds_epilogue(lin),
+                    "an unscaled delta for a norm that cannot fold it"
+                );
+                self.ops()
+                    .add_rmsnorm_fp8_acc(residual, acc, w_scale, norm_w, xq, xs, n, h, eps)?;
+                self.mark("add_rmsnorm fp8")?;
+                return self.linear_quantized(lin, n, out);
+            }
+        };
         if self.fp8_fusable(lin, h, FUSED_NORM_MAX_COLS) {
             self.ops()
                 .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, n, h, eps)?;
@@ -151,8 +220,14 @@ impl CudaBackend {
     }
 
     /// SiLU(gate) * up of the `gate_up` rows, then `lin` (down_proj) of it, fused with the FP8
-    /// quantization when `lin` takes it.
-    pub(super) fn silu_linear(&mut self, lin: Lin, n: usize, out: u64) -> Result<()> {
+    /// quantization when `lin` takes it; `fold`: see [`Self::linear_quantized_into`].
+    pub(super) fn silu_linear(
+        &mut self,
+        lin: Lin,
+        n: usize,
+        out: u64,
+        fold: bool,
+    ) -> Result<Delta> {
         let inter = self.config.intermediate_size;
         let ws = &self.ws;
         let (gate_up, act, xq, xs) = (ws.gate_up.ptr, ws.act.ptr, ws.xq.ptr, ws.xs.ptr);
@@ -160,11 +235,12 @@ impl CudaBackend {
             // act is unused on this path: it holds the split kernels' partial maxima.
             self.ops().silu_mul_fp8(xq, xs, gate_up, act, n, inter)?;
             self.mark("silu_mul fp8")?;
-            self.linear_quantized(lin, n, out)
+            self.linear_quantized_into(lin, n, out, fold)
         } else {
             self.ops().silu_mul(act, gate_up, n, inter)?;
             self.mark("silu_mul")?;
-            self.linear(lin, act, n, out)
+            self.linear(lin, act, n, out)?;
+            Ok(Delta::Scaled(out))
         }
     }
 }

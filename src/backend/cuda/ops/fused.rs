@@ -119,6 +119,47 @@ impl Ops<'_> {
         )
     }
 
+    /// [`Self::add_rmsnorm_fp8`] with the delta still in the F32 accumulator `acc` of an unscaled
+    /// FP8 product whose token scales are in `xs` (overwritten with this kernel's) and channel
+    /// scales in `acc_sw`: the same bits as the product's epilogue followed by the fused norm, one
+    /// launch fewer. BF16 activations; a block per row at any row count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rmsnorm_fp8_acc(
+        &self,
+        residual: u64,
+        acc: u64,
+        acc_sw: u64,
+        weight: u64,
+        xq: u64,
+        xs: u64,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        ensure!(
+            self.act == Precision::Bf16 && hidden <= FUSED_NORM_MAX_COLS,
+            "fused norm of an unscaled product: BF16 and at most {FUSED_NORM_MAX_COLS} columns"
+        );
+        let chunks = hidden.div_ceil(NORM_CHUNK_COLS);
+        let k = fused_k(chunks, 32);
+        self.go(
+            &format!("add_rmsnorm_fp8_acc_k{k}_bf16"),
+            rows(n),
+            32 * chunks.div_ceil(k) as u32,
+            0,
+            &[
+                Arg::Ptr(residual),
+                Arg::Ptr(acc),
+                Arg::Ptr(acc_sw),
+                Arg::Ptr(weight),
+                Arg::Ptr(xq),
+                Arg::Ptr(xs),
+                Arg::I32(hidden as i32),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
     /// Bytes of `scratch` that [`Self::silu_mul_fp8`] needs for up to `n` rows of `inter` (only
     /// the split path for fewer than [`SILU_SPLIT_BELOW_ROWS`] rows uses it).
     pub fn fused_silu_scratch_bytes(n: usize, inter: usize) -> usize {
