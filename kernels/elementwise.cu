@@ -520,16 +520,34 @@ __device__ void quantize_fp8_held_t(fp8* out, float* scales, const A* in, int co
 #define SPLIT_THREADS 128
 #define SPLIT_COLS (SPLIT_THREADS * LANE_COLS)
 
-template <typename A>
-__device__ __forceinline__ int silu_split_values(const A* gate_up, int inter, float* v) {
-    const A* g = gate_up + (u64)blockIdx.y * 2 * inter;
-    bool vec = vec_ok(g, inter);
+// With `ACC`, gate_up is still an unscaled FP8 product (UnscaledDelta, `sx` the row's token scale):
+// each value is what the product's epilogue would have stored, f2bf(acc * sx * sw).
+template <typename A, bool ACC = false>
+__device__ __forceinline__ int silu_split_values(const A* gate_up, int inter, float* v, UnscaledDelta u = {},
+                                                 float sx = 0.0f) {
     int c0 = blockIdx.x * SPLIT_COLS + threadIdx.x * LANE_COLS;
-    float u[LANE_COLS];
-    load4(g, c0, inter, vec, v);
-    load4(g + inter, c0, inter, vec, u);
+    float w[LANE_COLS];
+    if constexpr (ACC) {
+        const float* a = u.acc + (u64)blockIdx.y * 2 * inter;
+        bool vec = vec_ok(a, inter) && vec_ok(u.sw, inter);
+        float sg[LANE_COLS], su[LANE_COLS];
+        load4(a, c0, inter, vec, v);
+        load4(a + inter, c0, inter, vec, w);
+        load4(u.sw, c0, inter, vec, sg);
+        load4(u.sw + inter, c0, inter, vec, su);
 #pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1<A>(v[j], u[j])) : 0.0f;
+        for (int j = 0; j < LANE_COLS; j++) {
+            v[j] = as_act<A>(v[j] * sx * sg[j]);
+            w[j] = as_act<A>(w[j] * sx * su[j]);
+        }
+    } else {
+        const A* g = gate_up + (u64)blockIdx.y * 2 * inter;
+        bool vec = vec_ok(g, inter);
+        load4(g, c0, inter, vec, v);
+        load4(g + inter, c0, inter, vec, w);
+    }
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) v[j] = c0 + j < inter ? as_act<A>(silu_mul1<A>(v[j], w[j])) : 0.0f;
     return c0;
 }
 
@@ -556,6 +574,39 @@ __device__ void silu_split_quant_t(fp8* xq, float* xs, const A* gate_up, const f
     float scale = fp8_scale(amax);
     fp8* q = xq + (u64)blockIdx.y * inter;
     if (c0 < inter) store4_e4m3(q, c0, inter, vec_ok(q, inter), v, Fp8Quant<A>(scale));
+    if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
+}
+
+// The split pair on an unscaled gate_up product (BF16). The token scales `xs` are the product's
+// input scales and then this pair's output: the amax kernel copies row r's input scale to
+// amax_part[rows * gridDim.x + r], which the quant kernel's blocks read while its first block
+// writes the new one.
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    silu_split_amax_acc_bf16(const float* acc, const float* sx, const float* sw, float* amax_part, int inter) {
+    pdl_enter();
+    __shared__ float scratch[32];
+    float v[LANE_COLS];
+    silu_split_values<bf16, true>(nullptr, inter, v, UnscaledDelta{acc, sx, sw}, sx[blockIdx.y]);
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LANE_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
+    amax = block_max(amax, scratch);
+    if (threadIdx.x == 0) amax_part[(u64)blockIdx.y * gridDim.x + blockIdx.x] = amax;
+    if (blockIdx.x == 0 && threadIdx.x == 0) amax_part[(u64)gridDim.y * gridDim.x + blockIdx.y] = sx[blockIdx.y];
+}
+
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) silu_split_quant_acc_bf16(
+    fp8* xq, float* xs, const float* acc, const float* sw, const float* amax_part, int inter) {
+    pdl_enter();
+    float sx = amax_part[(u64)gridDim.y * gridDim.x + blockIdx.y];
+    float v[LANE_COLS];
+    int c0 = silu_split_values<bf16, true>(nullptr, inter, v, UnscaledDelta{acc, nullptr, sw}, sx);
+    const float* p = amax_part + (u64)blockIdx.y * gridDim.x;
+    float amax = 0.0f;
+    for (int b = 0; b < gridDim.x; b++) amax = fmaxf(amax, p[b]);
+    float scale = fp8_scale(amax);
+    fp8* q = xq + (u64)blockIdx.y * inter;
+    if (c0 < inter) store4_e4m3(q, c0, inter, vec_ok(q, inter), v, Fp8Quant<bf16>(scale));
     if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
 }
 
@@ -600,11 +651,16 @@ __device__ __forceinline__ void st_kv(float* p, u64 i, float v, float) { p[i] = 
 __device__ __forceinline__ void st_kv(bf16* p, u64 i, float v, float) { p[i] = f2bf(v); }
 __device__ __forceinline__ void st_kv(fp8* p, u64 i, float v, float inv_scale) { p[i] = f2e4m3(v * inv_scale); }
 
-template <typename A, typename C>
+// With ACC the row is read from an unscaled FP8 qkv product (UnscaledDelta): the values its epilogue
+// would have stored; rotated q and k still go to `qkv`, where attention reads q.
+template <typename A, typename C, bool ACC = false>
 __device__ void rope_kv_write_t(A* qkv, C* k_cache, C* v_cache, const int* positions, const float* inv_freq,
                                 const int* slots, int row_stride, int num_q_heads, int num_kv_heads, int head_dim,
-                                int block_size, float k_inv_scale, float v_inv_scale) {
+                                int block_size, float k_inv_scale, float v_inv_scale, UnscaledDelta u = {}) {
     int t = blockIdx.x, half = head_dim / 2;
+    const float* ua = ACC ? u.acc + (u64)t * row_stride : nullptr;
+    float usx = ACC ? u.sx[t] : 0.0f;
+    auto load = [&](u64 at) { return ACC ? as_act<A>(ua[at] * usx * u.sw[at]) : ld(qkv + (u64)t * row_stride, at); };
     int i = threadIdx.x % half, groups = blockDim.x / half, g = threadIdx.x / half;
     int slot = slots[t];
     int heads = num_q_heads + 2 * num_kv_heads;
@@ -624,8 +680,8 @@ __device__ void rope_kv_write_t(A* qkv, C* k_cache, C* v_cache, const int* posit
             int head = h0 + b * stride;
             if (head < heads) {
                 u64 at = (u64)head * head_dim + i;
-                x0[b] = ld(row, at);
-                x1[b] = ld(row, at + half);
+                x0[b] = load(at);
+                x1[b] = load(at + half);
             }
         }
 #pragma unroll
@@ -745,6 +801,27 @@ FUSED_NORM_ACC_K(8)
 
 ELEMENTWISE_KERNELS(bf16, bf16)
 ELEMENTWISE_KERNELS(float, f32)
+
+// rope_kv_write of an unscaled FP8 qkv product (decode; `acc`, token scales `sx`, channel scales
+// `sw`), into a BF16 or an FP8 pool.
+extern "C" __global__ void rope_kv_write_acc_bf16(bf16* qkv, const float* acc, const float* sx, const float* sw,
+                                                  bf16* k_cache, bf16* v_cache, const int* positions,
+                                                  const float* inv_freq, const int* slots, int row_stride,
+                                                  int num_q_heads, int num_kv_heads, int head_dim, int block_size) {
+    pdl_enter();
+    rope_kv_write_t<bf16, bf16, true>(qkv, k_cache, v_cache, positions, inv_freq, slots, row_stride, num_q_heads,
+                                      num_kv_heads, head_dim, block_size, 1.0f, 1.0f, UnscaledDelta{acc, sx, sw});
+}
+extern "C" __global__ void rope_kv_write_acc_kv8_bf16(bf16* qkv, const float* acc, const float* sx, const float* sw,
+                                                      fp8* k_cache, fp8* v_cache, const int* positions,
+                                                      const float* inv_freq, const int* slots, int row_stride,
+                                                      int num_q_heads, int num_kv_heads, int head_dim,
+                                                      int block_size, float k_inv_scale, float v_inv_scale) {
+    pdl_enter();
+    rope_kv_write_t<bf16, fp8, true>(qkv, k_cache, v_cache, positions, inv_freq, slots, row_stride, num_q_heads,
+                                     num_kv_heads, head_dim, block_size, k_inv_scale, v_inv_scale,
+                                     UnscaledDelta{acc, sx, sw});
+}
 
 // rope_kv_write into an FP8 pool (`--kv-cache-dtype fp8`; BF16 activations).
 extern "C" __global__ void rope_kv_write_kv8_bf16(bf16* qkv, fp8* k_cache, fp8* v_cache, const int* positions,

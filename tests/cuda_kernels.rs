@@ -297,6 +297,102 @@ fn kv_write_case(e: &Env, rng: &mut ChaCha8Rng, nkv: usize, hd: usize, nh: usize
     );
 }
 
+/// rope_kv_write of an unscaled FP8 qkv product (decode) gives the bytes of the product's epilogue
+/// followed by rope_kv_write: the rotated q and k heads and both caches, BF16 and FP8 pools.
+#[test]
+fn rope_kv_write_of_an_unscaled_product_matches_its_epilogue_then_rope_kv_write() {
+    let Some((e, mut rng)) = env() else { return };
+    let ops = Ops {
+        k: &e.kernels,
+        stream: e.gpu.cu_stream(),
+        act: Precision::Bf16,
+    };
+    for (n, nh, nkv, hd) in [(1usize, 64, 8, 128), (32, 64, 8, 128), (7, 6, 3, 6)] {
+        let (bs, blocks) = (16, n.div_ceil(16) + 3);
+        let stride = (nh + 2 * nkv) * hd;
+        let acc: Vec<f32> = (0..n * stride)
+            .map(|_| rng.random_range(-300.0..300.0))
+            .collect();
+        let sx: Vec<f32> = (0..n).map(|_| rng.random_range(0.001..0.02)).collect();
+        let sw: Vec<f32> = (0..stride)
+            .map(|_| rng.random_range(0.0005..0.01))
+            .collect();
+        let pos: Vec<i32> = (0..n).map(|_| rng.random_range(1..100_000)).collect();
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        // Distinct slots inside the pool.
+        let slots: Vec<i32> = (0..n as i32).map(|i| 2 * i).collect();
+        let up = |v: &[f32]| e.gpu.upload(v).unwrap();
+        let (acc_d, sx_d, sw_d, inv_d) = (up(&acc), up(&sx), up(&sw), up(&inv));
+        let (dp, ds) = (e.gpu.upload(&pos).unwrap(), e.gpu.upload(&slots).unwrap());
+        for fp8 in [None, Some(Fp8KvScales { k: 0.5, v: 2.0 })] {
+            let cache_bytes = blocks * nkv * bs * hd * if fp8.is_some() { 1 } else { 2 };
+            let (k1, v1, k2, v2) = (
+                e.poisoned(cache_bytes),
+                e.poisoned(cache_bytes),
+                e.poisoned(cache_bytes),
+                e.poisoned(cache_bytes),
+            );
+            let (q1, q2) = (e.poisoned(n * stride * 2), e.poisoned(n * stride * 2));
+            tandem::backend::cuda::fp8_stream::scale_rows_cols(
+                &e.kernels,
+                n,
+                stride,
+                acc_d.ptr,
+                sx_d.ptr,
+                sw_d.ptr,
+                q1.ptr,
+                e.gpu.cu_stream(),
+            )
+            .unwrap();
+            ops.rope_kv_write(
+                q1.ptr, k1.ptr, v1.ptr, dp.ptr, inv_d.ptr, ds.ptr, n, nh, nkv, hd, bs, fp8,
+            )
+            .unwrap();
+            ops.rope_kv_write_from(
+                q2.ptr,
+                Some([acc_d.ptr, sx_d.ptr, sw_d.ptr]),
+                k2.ptr,
+                v2.ptr,
+                dp.ptr,
+                inv_d.ptr,
+                ds.ptr,
+                n,
+                nh,
+                nkv,
+                hd,
+                bs,
+                fp8,
+            )
+            .unwrap();
+            let what = format!(
+                "rope_kv_write_from {n}x({nh}+{nkv}+{nkv})x{hd} fp8 {}",
+                fp8.is_some()
+            );
+            let bytes =
+                |b: &DeviceBuffer, len: usize| -> Vec<u8> { e.gpu.download(b, len).unwrap() };
+            let (r1, r2) = (bytes(&q1, n * stride * 2), bytes(&q2, n * stride * 2));
+            // q and k heads of each row (v is read from the cache, not written back).
+            let qk = (nh + nkv) * hd * 2;
+            for t in 0..n {
+                let row = t * stride * 2;
+                assert_eq!(r1[row..row + qk], r2[row..row + qk], "{what}: row {t}");
+            }
+            assert_eq!(
+                bytes(&k1, cache_bytes),
+                bytes(&k2, cache_bytes),
+                "{what}: k cache"
+            );
+            assert_eq!(
+                bytes(&v1, cache_bytes),
+                bytes(&v2, cache_bytes),
+                "{what}: v cache"
+            );
+        }
+    }
+}
+
 /// rope_kv_write gives exactly the bytes of rope followed by kv_write: the roped qkv rows and both
 /// caches (BF16 and F32), padding tokens (slot -1) rotated but not written.
 #[test]
@@ -505,6 +601,59 @@ fn fused_norm_of_an_unscaled_product_matches_its_epilogue_then_the_norm() {
         assert_eq!(bytes(&q1, n * h), bytes(&q2, n * h), "{what}: values");
         let res2 = e.f32s(&r2, n * h);
         assert!(res2 != res, "{what}: the delta was added");
+    }
+}
+
+/// The fused silu reading an unscaled gate_up product's accumulator gives the bytes of the
+/// product's epilogue followed by the fused silu (the split pair of decode rows), scales included.
+#[test]
+fn fused_silu_of_an_unscaled_product_matches_its_epilogue_then_the_silu() {
+    let Some((e, mut rng)) = env() else { return };
+    let ops = Ops {
+        k: &e.kernels,
+        stream: e.gpu.cu_stream(),
+        act: Precision::Bf16,
+    };
+    for (n, inter) in [(1, 28672), (7, 1001), (32, 28672), (63, 1000)] {
+        let cols = 2 * inter;
+        let acc: Vec<f32> = (0..n * cols)
+            .map(|_| rng.random_range(-400.0..400.0))
+            .collect();
+        let sx: Vec<f32> = (0..n).map(|_| rng.random_range(0.001..0.02)).collect();
+        let sw: Vec<f32> = (0..cols).map(|_| rng.random_range(0.0005..0.01)).collect();
+        let (acc_d, sw_d) = (e.gpu.upload(&acc).unwrap(), e.gpu.upload(&sw).unwrap());
+        let (s1, s2) = (e.gpu.upload(&sx).unwrap(), e.gpu.upload(&sx).unwrap());
+        let scratch = e.poisoned(Ops::fused_silu_scratch_bytes(n, inter));
+        let gate_up = e.poisoned(n * cols * 2);
+        tandem::backend::cuda::fp8_stream::scale_rows_cols(
+            &e.kernels,
+            n,
+            cols,
+            acc_d.ptr,
+            s1.ptr,
+            sw_d.ptr,
+            gate_up.ptr,
+            e.gpu.cu_stream(),
+        )
+        .unwrap();
+        let q1 = e.poisoned(n * inter);
+        ops.silu_mul_fp8(q1.ptr, s1.ptr, gate_up.ptr, scratch.ptr, n, inter)
+            .unwrap();
+        let q2 = e.poisoned(n * inter);
+        ops.silu_mul_fp8_acc(q2.ptr, s2.ptr, acc_d.ptr, sw_d.ptr, scratch.ptr, n, inter)
+            .unwrap();
+        let what = format!("silu_mul_fp8_acc {n}x{inter}");
+        let bytes = |b: &DeviceBuffer, len: usize| -> Vec<u8> { e.gpu.download(b, len).unwrap() };
+        assert_eq!(bytes(&s1, n * 4), bytes(&s2, n * 4), "{what}: scales");
+        assert_eq!(
+            bytes(&q1, n * inter),
+            bytes(&q2, n * inter),
+            "{what}: values"
+        );
+        assert!(
+            e.f32s(&s2, n).iter().zip(&sx).all(|(a, b)| a != b),
+            "{what}: new scales"
+        );
     }
 }
 

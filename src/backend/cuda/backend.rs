@@ -24,7 +24,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Context, Result};
 use graphs::{DecodeGraph, StepGraphs, GRAPH_CAPACITY};
-use linear::{Delta, Lin};
+use linear::{Lin, LinOut};
 
 mod combine;
 mod graphs;
@@ -168,7 +168,7 @@ pub struct CudaBackend {
     /// (`TANDEM_COMBINE_FP8=0` keeps the unfused pair, for comparisons).
     fused_combine: bool,
     /// Leave decode's unscaled o_proj / down_proj products for the next norm to scale
-    /// (`backend/linear.rs` `Delta`; `TANDEM_FOLD_EPILOGUE=0` scales them in a kernel of their own).
+    /// (`backend/linear.rs` `LinOut`; `TANDEM_FOLD_EPILOGUE=0` scales them in a kernel of their own).
     fold_epilogues: bool,
 }
 
@@ -463,13 +463,19 @@ impl CudaBackend {
         self.mark("embed")?;
         self.tp_all_reduce(residual, n * h, Precision::F32)?;
         // The previous layer's residual delta (none before the first).
-        let mut prev = Delta::Scaled(0);
+        let mut prev = LinOut::Scaled(0);
         for i in 0..c.num_hidden_layers {
             let norm_w = self.weights.layers[i].input_norm.ptr;
-            self.norm_linear(Lin::Qkv(i), prev, norm_w, n, qkv)?;
+            let fold = self.folds_into_rope();
+            let qkv_out = self.norm_linear(Lin::Qkv(i), prev, norm_w, n, qkv, fold)?;
+            let unscaled = match qkv_out {
+                LinOut::Scaled(_) => None,
+                LinOut::Unscaled { acc, w_scale } => Some([acc, self.ws.xs.ptr, w_scale]),
+            };
             let (kc, vc) = (self.k_cache(i), self.v_cache(i));
-            self.ops().rope_kv_write(
+            self.ops().rope_kv_write_from(
                 qkv,
+                unscaled,
                 kc,
                 vc,
                 m(at.positions),
@@ -515,15 +521,16 @@ impl CudaBackend {
             })?;
             self.mark("attention")?;
             let groups = [m(at.group_part0), m(at.group_nparts), m(at.group_q0)];
-            let fold = self.folds_epilogue(Lin::GateUp(i));
+            let fold = self.folds_epilogue(Lin::GateUp(i), n);
             let o = self.combine_o_proj(i, groups, plan.num_groups, n, delta, fold)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
             let norm_w = self.weights.layers[i].post_norm.ptr;
-            self.norm_linear(Lin::GateUp(i), o, norm_w, n, gate_up)?;
+            let fold = self.folds_epilogue(Lin::Down(i), n);
+            let gu = self.norm_linear(Lin::GateUp(i), o, norm_w, n, gate_up, fold)?;
             // The last layer's delta goes to the final norm, which reads it scaled.
             let last = i + 1 == c.num_hidden_layers;
-            let fold = !last && self.folds_epilogue(Lin::Qkv(i + 1));
-            prev = self.silu_linear(Lin::Down(i), n, delta, fold)?;
+            let fold = !last && self.folds_epilogue(Lin::Qkv(i + 1), n);
+            prev = self.silu_linear(Lin::Down(i), gu, n, delta, fold)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
         }
         Ok(())

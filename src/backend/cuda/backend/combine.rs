@@ -3,7 +3,7 @@
 //! input scaled per rank (one launch instead of attention_combine + quantize_fp8, same bits).
 
 use super::super::ops::combine_fp8_heads_per_block;
-use super::linear::{Delta, Lin};
+use super::linear::{Lin, LinOut};
 use super::CudaBackend;
 use anyhow::Result;
 
@@ -19,7 +19,7 @@ impl CudaBackend {
         n: usize,
         out: u64,
         fold: bool,
-    ) -> Result<Delta> {
+    ) -> Result<LinOut> {
         let lin = Lin::O(layer);
         let attn = self.ws.attn.ptr;
         if groups == 0 {

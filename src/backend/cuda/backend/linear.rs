@@ -1,17 +1,20 @@
 //! The linears of a layer (qkv, o, gate_up, down) in each precision: FP8 with dynamic per-token
 //! input scales (optionally over the whole row of all tensor-parallel ranks), BF16, F32.
 
-use super::super::ops::{Ops, Precision, FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS};
+use super::super::ops::{
+    Ops, Precision, FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS, SILU_SPLIT_BELOW_ROWS,
+};
 use super::super::weights::{GpuLinear, GpuWeights};
 use super::CudaBackend;
 use anyhow::{bail, ensure, Result};
 
-/// A layer's residual delta (o_proj or down_proj output) as the next norm reads it: in memory
-/// (0: none), or still the F32 accumulator of an unscaled FP8 product whose epilogue the norm
-/// applies itself (`add_rmsnorm_fp8_acc`: one launch fewer per linear at decode batch sizes; the
-/// token scales are in `ws.xs`).
+/// A linear's output as the next kernel reads it: in memory (a residual delta of 0: none), or
+/// still the F32 accumulator of an unscaled FP8 product (decode batch sizes) whose epilogue that
+/// kernel applies itself, one launch fewer per linear: rope_kv_write after qkv
+/// (`rope_kv_write_from`), the norm after o_proj and down_proj (`add_rmsnorm_fp8_acc`), the silu
+/// after gate_up (`silu_mul_fp8_acc`). The token scales are in `ws.xs`.
 #[derive(Clone, Copy)]
-pub(super) enum Delta {
+pub(super) enum LinOut {
     Scaled(u64),
     Unscaled { acc: u64, w_scale: u64 },
 }
@@ -51,7 +54,7 @@ impl CudaBackend {
         m: usize,
         out: u64,
         fold: bool,
-    ) -> Result<Delta> {
+    ) -> Result<LinOut> {
         let stream = self.gpu.cu_stream();
         let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
         let (l, label) = weight(&self.weights, lin);
@@ -96,7 +99,7 @@ impl CudaBackend {
             }
         }
         self.mark(label)?;
-        Ok(Delta::Scaled(out))
+        Ok(LinOut::Scaled(out))
     }
 
     /// Does `lin` take its FP8 input scales over the whole row of all ranks?
@@ -123,29 +126,41 @@ impl CudaBackend {
         matches!(weight(&self.weights, lin).0, GpuLinear::Fp8 { .. }) && cols <= max
     }
 
-    /// The FP8 linear `lin` of the input already quantized in `ws.xq` / `ws.xs`.
-    pub(super) fn linear_quantized(&mut self, lin: Lin, m: usize, out: u64) -> Result<()> {
-        self.linear_quantized_into(lin, m, out, false).map(|_| ())
+    /// May the qkv product stay unscaled for rope_kv_write (`rope_kv_write_from`)?
+    pub(super) fn folds_into_rope(&self) -> bool {
+        self.fold_epilogues && self.tp.is_none() && self.opts.precision == Precision::Bf16
     }
 
-    /// May the delta of a layer's linear stay unscaled for the norm of `consumer`? (One GPU, BF16,
-    /// the fused FP8 norm; `TANDEM_FOLD_EPILOGUE=0` turns it off for comparisons.)
-    pub(super) fn folds_epilogue(&self, consumer: Lin) -> bool {
+    /// May a linear's output stay unscaled for the fused FP8 norm before `consumer` (o_proj and
+    /// down_proj outputs), or for the fused silu before it (`consumer` = down_proj: the gate_up
+    /// output of `rows` rows)? One GPU, BF16; `TANDEM_FOLD_EPILOGUE=0` turns it off (comparisons).
+    pub(super) fn folds_epilogue(&self, consumer: Lin, rows: usize) -> bool {
+        let fusable = match consumer {
+            Lin::Down(_) => {
+                rows < SILU_SPLIT_BELOW_ROWS
+                    && self.fp8_fusable(
+                        consumer,
+                        self.config.intermediate_size,
+                        FUSED_SILU_MAX_COLS,
+                    )
+            }
+            _ => self.fp8_fusable(consumer, self.config.hidden_size, FUSED_NORM_MAX_COLS),
+        };
         self.fold_epilogues
             && self.tp.is_none()
             && self.opts.precision == Precision::Bf16
-            && self.fp8_fusable(consumer, self.config.hidden_size, FUSED_NORM_MAX_COLS)
+            && fusable
     }
 
-    /// [`Self::linear_quantized`]; with `fold`, an unscaled product is left unscaled for the next
-    /// norm (`Delta::Unscaled`) instead of scaled into `out`.
+    /// The FP8 linear `lin` of the input already quantized in `ws.xq` / `ws.xs`, into `out`; with
+    /// `fold`, an unscaled product is left unscaled for the next kernel (`LinOut::Unscaled`).
     pub(super) fn linear_quantized_into(
         &mut self,
         lin: Lin,
         m: usize,
         out: u64,
         fold: bool,
-    ) -> Result<Delta> {
+    ) -> Result<LinOut> {
         let stream = self.gpu.cu_stream();
         let (xq, xs) = (self.ws.xq.ptr, self.ws.xs.ptr);
         let f32_out = self.opts.precision == Precision::F32;
@@ -160,7 +175,7 @@ impl CudaBackend {
             {
                 let w_scale = scale.ptr;
                 self.mark(label)?;
-                return Ok(Delta::Unscaled { acc, w_scale });
+                return Ok(LinOut::Unscaled { acc, w_scale });
             }
         }
         self.gemm.fp8_linear(
@@ -177,45 +192,47 @@ impl CudaBackend {
             stream,
         )?;
         self.mark(label)?;
-        Ok(Delta::Scaled(out))
+        Ok(LinOut::Scaled(out))
     }
 
     /// Adds `delta` to the residual stream, RMS-normalizes it with `norm_w` and runs `lin` on the
-    /// result: for an FP8 linear the norm writes the quantized input directly.
+    /// result: for an FP8 linear the norm writes the quantized input directly. `fold`: see
+    /// [`Self::linear_quantized_into`].
     pub(super) fn norm_linear(
         &mut self,
         lin: Lin,
-        delta: Delta,
+        delta: LinOut,
         norm_w: u64,
         n: usize,
         out: u64,
-    ) -> Result<()> {
+        fold: bool,
+    ) -> Result<LinOut> {
         let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps as f32);
         let ws = &self.ws;
         let (residual, xn, xq, xs) = (ws.residual.ptr, ws.xn.ptr, ws.xq.ptr, ws.xs.ptr);
         let delta = match delta {
-            Delta::Scaled(d) => d,
-            Delta::Unscaled { acc, w_scale } => {
+            LinOut::Scaled(d) => d,
+            LinOut::Unscaled { acc, w_scale } => {
                 ensure!(
-                    self.folds_epilogue(lin),
+                    self.folds_epilogue(lin, n),
                     "an unscaled delta for a norm that cannot fold it"
                 );
                 self.ops()
                     .add_rmsnorm_fp8_acc(residual, acc, w_scale, norm_w, xq, xs, n, h, eps)?;
                 self.mark("add_rmsnorm fp8")?;
-                return self.linear_quantized(lin, n, out);
+                return self.linear_quantized_into(lin, n, out, fold);
             }
         };
         if self.fp8_fusable(lin, h, FUSED_NORM_MAX_COLS) {
             self.ops()
                 .add_rmsnorm_fp8(residual, delta, norm_w, xq, xs, n, h, eps)?;
             self.mark("add_rmsnorm fp8")?;
-            self.linear_quantized(lin, n, out)
+            self.linear_quantized_into(lin, n, out, fold)
         } else {
             self.ops()
                 .add_rmsnorm(residual, delta, norm_w, xn, n, h, eps)?;
             self.mark("add_rmsnorm")?;
-            self.linear(lin, xn, n, out)
+            self.linear_into(lin, xn, n, out, fold)
         }
     }
 
@@ -224,13 +241,27 @@ impl CudaBackend {
     pub(super) fn silu_linear(
         &mut self,
         lin: Lin,
+        gate_up: LinOut,
         n: usize,
         out: u64,
         fold: bool,
-    ) -> Result<Delta> {
+    ) -> Result<LinOut> {
         let inter = self.config.intermediate_size;
         let ws = &self.ws;
-        let (gate_up, act, xq, xs) = (ws.gate_up.ptr, ws.act.ptr, ws.xq.ptr, ws.xs.ptr);
+        let (act, xq, xs) = (ws.act.ptr, ws.xq.ptr, ws.xs.ptr);
+        let gate_up = match gate_up {
+            LinOut::Scaled(g) => g,
+            LinOut::Unscaled { acc, w_scale } => {
+                ensure!(
+                    self.folds_epilogue(lin, n),
+                    "an unscaled gate_up for a silu that cannot fold it"
+                );
+                self.ops()
+                    .silu_mul_fp8_acc(xq, xs, acc, w_scale, act, n, inter)?;
+                self.mark("silu_mul fp8")?;
+                return self.linear_quantized_into(lin, n, out, fold);
+            }
+        };
         if self.fp8_fusable(lin, inter, FUSED_SILU_MAX_COLS) {
             // act is unused on this path: it holds the split kernels' partial maxima.
             self.ops().silu_mul_fp8(xq, xs, gate_up, act, n, inter)?;
@@ -240,7 +271,7 @@ impl CudaBackend {
             self.ops().silu_mul(act, gate_up, n, inter)?;
             self.mark("silu_mul")?;
             self.linear(lin, act, n, out)?;
-            Ok(Delta::Scaled(out))
+            Ok(LinOut::Scaled(out))
         }
     }
 }

@@ -163,7 +163,46 @@ impl Ops<'_> {
     /// Bytes of `scratch` that [`Self::silu_mul_fp8`] needs for up to `n` rows of `inter` (only
     /// the split path for fewer than [`SILU_SPLIT_BELOW_ROWS`] rows uses it).
     pub fn fused_silu_scratch_bytes(n: usize, inter: usize) -> usize {
-        4 * n.min(SILU_SPLIT_BELOW_ROWS - 1) * inter.div_ceil(SPLIT_COLS)
+        // Each split row's partial maxima, then (the unscaled-input pair) its input scale.
+        4 * n.min(SILU_SPLIT_BELOW_ROWS - 1) * (inter.div_ceil(SPLIT_COLS) + 1)
+    }
+
+    /// [`Self::silu_mul_fp8`] of `gate_up` still in the F32 accumulator `acc` of an unscaled FP8
+    /// product (token scales in `xs`, overwritten with this pair's; channel scales `acc_sw`): the
+    /// same bits as the product's epilogue followed by the fused silu, one launch fewer. BF16
+    /// activations, fewer than [`SILU_SPLIT_BELOW_ROWS`] rows (the split pair).
+    #[allow(clippy::too_many_arguments)]
+    pub fn silu_mul_fp8_acc(
+        &self,
+        xq: u64,
+        xs: u64,
+        acc: u64,
+        acc_sw: u64,
+        scratch: u64,
+        n: usize,
+        inter: usize,
+    ) -> Result<()> {
+        ensure!(
+            self.act == Precision::Bf16 && n < SILU_SPLIT_BELOW_ROWS,
+            "fused silu of an unscaled product: BF16 and fewer than {SILU_SPLIT_BELOW_ROWS} rows"
+        );
+        let grid = (inter.div_ceil(SPLIT_COLS) as u32, n as u32, 1);
+        let i = Arg::I32(inter as i32);
+        let (acc, sw, scratch) = (Arg::Ptr(acc), Arg::Ptr(acc_sw), Arg::Ptr(scratch));
+        self.go(
+            "silu_split_amax_acc_bf16",
+            grid,
+            SPLIT_THREADS,
+            0,
+            &[acc, Arg::Ptr(xs), sw, scratch, i],
+        )?;
+        self.go(
+            "silu_split_quant_acc_bf16",
+            grid,
+            SPLIT_THREADS,
+            0,
+            &[Arg::Ptr(xq), Arg::Ptr(xs), acc, sw, scratch, i],
+        )
     }
 
     /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output, the same bits as the unfused
@@ -244,27 +283,56 @@ impl Ops<'_> {
         block_size: usize,
         kv_fp8: Option<Fp8KvScales>,
     ) -> Result<()> {
+        self.rope_kv_write_from(
+            qkv, None, k_cache, v_cache, positions, inv_freq, slots, n, q_heads, kv_heads,
+            head_dim, block_size, kv_fp8,
+        )
+    }
+
+    /// [`Self::rope_kv_write`] of `qkv` still in the F32 accumulator of an unscaled FP8 product
+    /// (`unscaled`: accumulator, token scales, channel scales): the same bits as the product's
+    /// epilogue followed by rope_kv_write, one launch fewer (BF16 activations). The rotated q and
+    /// k rows are written to `qkv` as rope_kv_write writes them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_write_from(
+        &self,
+        qkv: u64,
+        unscaled: Option<[u64; 3]>,
+        k_cache: u64,
+        v_cache: u64,
+        positions: u64,
+        inv_freq: u64,
+        slots: u64,
+        n: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        kv_fp8: Option<Fp8KvScales>,
+    ) -> Result<()> {
         ensure!(
             head_dim.is_multiple_of(2) && head_dim <= 2048,
             "rope of head_dim {head_dim} (even, at most 2048)"
         );
         let (head_blocks, threads) = rope_kv_write_shape(n, q_heads + 2 * kv_heads, head_dim);
+        ensure!(
+            (kv_fp8.is_none() && unscaled.is_none()) || self.act == Precision::Bf16,
+            "an FP8 KV pool or an unscaled qkv takes BF16 activations"
+        );
+        let acc = if unscaled.is_some() { "_acc" } else { "" };
         let (name, scales) = match kv_fp8 {
-            Some(s) => {
-                ensure!(
-                    self.act == Precision::Bf16,
-                    "an FP8 KV pool takes BF16 activations"
-                );
-                (
-                    "rope_kv_write_kv8_bf16".to_string(),
-                    vec![Arg::F32(1.0 / s.k), Arg::F32(1.0 / s.v)],
-                )
-            }
+            Some(s) => (
+                format!("rope_kv_write{acc}_kv8_bf16"),
+                vec![Arg::F32(1.0 / s.k), Arg::F32(1.0 / s.v)],
+            ),
+            None if unscaled.is_some() => ("rope_kv_write_acc_bf16".to_string(), vec![]),
             None => (self.typed("rope_kv_write"), vec![]),
         };
+        let unscaled: Vec<Arg> = unscaled.iter().flatten().map(|&p| Arg::Ptr(p)).collect();
         let args = [
+            &[Arg::Ptr(qkv)][..],
+            &unscaled,
             &[
-                Arg::Ptr(qkv),
                 Arg::Ptr(k_cache),
                 Arg::Ptr(v_cache),
                 Arg::Ptr(positions),
