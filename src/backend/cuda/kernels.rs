@@ -502,8 +502,15 @@ mod tests {
                         && src.contains(&format!(" {prefix}_k##K##_##SUFFIX("))
                         && src.contains(&format!("_K(A, SUFFIX, {k})"))
                 });
+                // <name>_k##K##_bf16 instantiated per K by FUSED_*_ACC_K(K) macros.
+                let per_k_bf16 = base.rsplit_once("_k").is_some_and(|(prefix, k)| {
+                    let macro_call = format!("_ACC_K({k})\n");
+                    k.parse::<u32>().is_ok()
+                        && src.contains(&format!(" {prefix}_k##K##_bf16("))
+                        && src.contains(&macro_call)
+                });
                 assert!(
-                    direct || templated || stream_macro || per_k,
+                    direct || templated || stream_macro || per_k || per_k_bf16,
                     "{name} not found in {module}.cu"
                 );
             }
