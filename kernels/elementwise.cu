@@ -551,11 +551,13 @@ __device__ __forceinline__ int silu_split_values(const A* gate_up, int inter, fl
     return c0;
 }
 
-template <typename A>
-__device__ void silu_split_amax_t(const A* gate_up, float* amax_part, int inter) {
+// With ACC (BF16), `u` is the unscaled gate_up product and `sx` this row's token scale.
+template <typename A, bool ACC = false>
+__device__ void silu_split_amax_t(const A* gate_up, float* amax_part, int inter, UnscaledDelta u = {},
+                                  float sx = 0.0f) {
     __shared__ float scratch[32];
     float v[LANE_COLS];
-    silu_split_values<A>(gate_up, inter, v);
+    silu_split_values<A, ACC>(gate_up, inter, v, u, sx);
     float amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < LANE_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
@@ -563,10 +565,11 @@ __device__ void silu_split_amax_t(const A* gate_up, float* amax_part, int inter)
     if (threadIdx.x == 0) amax_part[(u64)blockIdx.y * gridDim.x + blockIdx.x] = amax;
 }
 
-template <typename A>
-__device__ void silu_split_quant_t(fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter) {
+template <typename A, bool ACC = false>
+__device__ void silu_split_quant_t(fp8* xq, float* xs, const A* gate_up, const float* amax_part, int inter,
+                                   UnscaledDelta u = {}, float sx = 0.0f) {
     float v[LANE_COLS];
-    int c0 = silu_split_values<A>(gate_up, inter, v);
+    int c0 = silu_split_values<A, ACC>(gate_up, inter, v, u, sx);
     // The row's scale from the partial maxima (a max: any order gives the same bits).
     const float* p = amax_part + (u64)blockIdx.y * gridDim.x;
     float amax = 0.0f;
@@ -584,14 +587,7 @@ __device__ void silu_split_quant_t(fp8* xq, float* xs, const A* gate_up, const f
 extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
     silu_split_amax_acc_bf16(const float* acc, const float* sx, const float* sw, float* amax_part, int inter) {
     pdl_enter();
-    __shared__ float scratch[32];
-    float v[LANE_COLS];
-    silu_split_values<bf16, true>(nullptr, inter, v, UnscaledDelta{acc, sx, sw}, sx[blockIdx.y]);
-    float amax = 0.0f;
-#pragma unroll
-    for (int j = 0; j < LANE_COLS; j++) amax = fmaxf(amax, fabsf(v[j]));
-    amax = block_max(amax, scratch);
-    if (threadIdx.x == 0) amax_part[(u64)blockIdx.y * gridDim.x + blockIdx.x] = amax;
+    silu_split_amax_t<bf16, true>(nullptr, amax_part, inter, UnscaledDelta{acc, sx, sw}, sx[blockIdx.y]);
     if (blockIdx.x == 0 && threadIdx.x == 0) amax_part[(u64)gridDim.y * gridDim.x + blockIdx.y] = sx[blockIdx.y];
 }
 
@@ -599,15 +595,7 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) silu_split_quant_acc
     fp8* xq, float* xs, const float* acc, const float* sw, const float* amax_part, int inter) {
     pdl_enter();
     float sx = amax_part[(u64)gridDim.y * gridDim.x + blockIdx.y];
-    float v[LANE_COLS];
-    int c0 = silu_split_values<bf16, true>(nullptr, inter, v, UnscaledDelta{acc, nullptr, sw}, sx);
-    const float* p = amax_part + (u64)blockIdx.y * gridDim.x;
-    float amax = 0.0f;
-    for (int b = 0; b < gridDim.x; b++) amax = fmaxf(amax, p[b]);
-    float scale = fp8_scale(amax);
-    fp8* q = xq + (u64)blockIdx.y * inter;
-    if (c0 < inter) store4_e4m3(q, c0, inter, vec_ok(q, inter), v, Fp8Quant<bf16>(scale));
-    if (blockIdx.x == 0 && threadIdx.x == 0) xs[blockIdx.y] = scale;
+    silu_split_quant_t<bf16, true>(xq, xs, nullptr, amax_part, inter, UnscaledDelta{acc, nullptr, sw}, sx);
 }
 
 // Writes token t's k and v heads (from the fused qkv row) to its cache slot; slot < 0 skips.

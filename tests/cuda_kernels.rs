@@ -347,10 +347,10 @@ fn rope_kv_write_of_an_unscaled_product_matches_its_epilogue_then_rope_kv_write(
             )
             .unwrap();
             ops.rope_kv_write(
-                q1.ptr, k1.ptr, v1.ptr, dp.ptr, inv_d.ptr, ds.ptr, n, nh, nkv, hd, bs, fp8,
+                q1.ptr, None, k1.ptr, v1.ptr, dp.ptr, inv_d.ptr, ds.ptr, n, nh, nkv, hd, bs, fp8,
             )
             .unwrap();
-            ops.rope_kv_write_from(
+            ops.rope_kv_write(
                 q2.ptr,
                 Some([acc_d.ptr, sx_d.ptr, sw_d.ptr]),
                 k2.ptr,
@@ -467,7 +467,7 @@ fn rope_kv_write_matches_rope_then_kv_write() {
             )
             .unwrap();
             ops.rope_kv_write(
-                q2.ptr, k2.ptr, v2.ptr, dp.ptr, di.ptr, ds.ptr, n, nh, nkv, hd, bs, None,
+                q2.ptr, None, k2.ptr, v2.ptr, dp.ptr, di.ptr, ds.ptr, n, nh, nkv, hd, bs, None,
             )
             .unwrap();
             let what = format!("rope_kv_write {act:?} {n}x({nh}+{nkv}+{nkv})x{hd}");
@@ -502,6 +502,7 @@ fn rope_kv_write_matches_rope_then_kv_write() {
             let (k3, v3) = (e.poisoned(elems), e.poisoned(elems));
             ops.rope_kv_write(
                 q3.ptr,
+                None,
                 k3.ptr,
                 v3.ptr,
                 dp.ptr,

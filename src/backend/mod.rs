@@ -12,7 +12,7 @@ pub mod sampling;
 pub mod steps;
 
 use crate::model::config::LlamaConfig;
-use anyhow::Result;
+use anyhow::{Context, Result};
 pub use steps::{PreviousToken, StepQueue};
 
 /// Which device runs the model.
@@ -149,10 +149,32 @@ pub trait Backend: Send {
     /// Queues a step and returns without waiting for it when the device allows (`finish_step`
     /// gives its outputs, steps finish in launch order). The chunks in `previous` start with the
     /// token the previous launched step sampled (`steps`). A step after one that returns logits is
-    /// launched only once that one is finished.
-    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()>;
-    /// Waits for the oldest launched step and returns its outputs, one per sequence.
-    fn finish_step(&mut self) -> Result<Vec<SeqOutput>>;
+    /// launched only once that one is finished. By default the batch waits in `step_queue`.
+    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
+        let queue = self
+            .step_queue()
+            .context("this backend keeps no step queue")?;
+        queue.launch(batch, previous);
+        Ok(())
+    }
+    /// Waits for the oldest launched step and returns its outputs, one per sequence. By default
+    /// the oldest batch of `step_queue` runs through `step` now.
+    fn finish_step(&mut self) -> Result<Vec<SeqOutput>> {
+        let queue = self
+            .step_queue()
+            .context("this backend keeps no step queue")?;
+        let batch = queue.next()?;
+        let outputs = self.step(&batch)?;
+        if let Some(queue) = self.step_queue() {
+            queue.done(&outputs);
+        }
+        Ok(outputs)
+    }
+    /// Where the default `launch_step` keeps launched batches (backends that compute a step when
+    /// it is finished); `None` for one that overrides `launch_step` and `finish_step`.
+    fn step_queue(&mut self) -> Option<&mut StepQueue> {
+        None
+    }
     /// `launch_step` returns before the step is computed (a GPU's stream), so the engine gains by
     /// scheduling the next step meanwhile. Backends that compute in `finish_step` say no: the
     /// engine then finishes each step before it schedules the next.

@@ -8,7 +8,7 @@ pub mod linear;
 mod llama;
 
 use super::sampling;
-use super::{Backend, Batch, Emit, KvDtype, KvLayout, PreviousToken, SeqOutput, StepQueue};
+use super::{Backend, Batch, Emit, KvDtype, KvLayout, SeqOutput, StepQueue};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{bail, ensure, Result};
@@ -124,16 +124,8 @@ impl Backend for CpuBackend {
             .collect())
     }
 
-    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
-        self.queue.launch(batch, previous);
-        Ok(())
-    }
-
-    fn finish_step(&mut self) -> Result<Vec<SeqOutput>> {
-        let batch = self.queue.next()?;
-        let outputs = self.step(&batch)?;
-        self.queue.done(&outputs);
-        Ok(outputs)
+    fn step_queue(&mut self) -> Option<&mut StepQueue> {
+        Some(&mut self.queue)
     }
 
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {

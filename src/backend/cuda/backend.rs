@@ -473,7 +473,7 @@ impl CudaBackend {
                 LinOut::Unscaled { acc, w_scale } => Some([acc, self.ws.xs.ptr, w_scale]),
             };
             let (kc, vc) = (self.k_cache(i), self.v_cache(i));
-            self.ops().rope_kv_write_from(
+            self.ops().rope_kv_write(
                 qkv,
                 unscaled,
                 kc,

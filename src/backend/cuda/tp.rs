@@ -21,7 +21,7 @@
 use super::backend::{CudaBackend, CudaOptions, WeightSource};
 use super::nccl::{NcclId, TpSetup};
 use super::shard::Shard;
-use crate::backend::{Backend, Batch, CudaKvPool, KvLayout, PreviousToken, SeqOutput, StepQueue};
+use crate::backend::{Backend, Batch, CudaKvPool, KvLayout, SeqOutput, StepQueue};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -327,16 +327,8 @@ impl Backend for TpBackend {
         Ok(self.on_ranks(move |_, b| b.step(&batch))?.swap_remove(0))
     }
 
-    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
-        self.queue.launch(batch, previous);
-        Ok(())
-    }
-
-    fn finish_step(&mut self) -> Result<Vec<SeqOutput>> {
-        let batch = self.queue.next()?;
-        let outputs = self.step(&batch)?;
-        self.queue.done(&outputs);
-        Ok(outputs)
+    fn step_queue(&mut self) -> Option<&mut StepQueue> {
+        Some(&mut self.queue)
     }
 
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {

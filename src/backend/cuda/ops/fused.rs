@@ -266,35 +266,12 @@ impl Ops<'_> {
     /// [`Self::rope`] then [`Self::kv_write`] in one launch (the same bits): rotates the q and k
     /// heads of rows laid out q | k | v (`row_stride` = (q_heads + 2 kv_heads) * head_dim) in
     /// place and writes each token's k and v heads to `slots[t]` (< 0: skipped); into an FP8 pool
-    /// with `kv_fp8`'s scales (e4m3 of the BF16 value over the scale, saturating).
+    /// with `kv_fp8`'s scales (e4m3 of the BF16 value over the scale, saturating). With
+    /// `unscaled` (accumulator, token scales, channel scales: an unscaled FP8 qkv product) the
+    /// rows are read from the accumulator as the product's epilogue would have stored them, the
+    /// same bits one launch fewer (BF16); the rotated q and k heads still go to `qkv`.
     #[allow(clippy::too_many_arguments)]
     pub fn rope_kv_write(
-        &self,
-        qkv: u64,
-        k_cache: u64,
-        v_cache: u64,
-        positions: u64,
-        inv_freq: u64,
-        slots: u64,
-        n: usize,
-        q_heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        block_size: usize,
-        kv_fp8: Option<Fp8KvScales>,
-    ) -> Result<()> {
-        self.rope_kv_write_from(
-            qkv, None, k_cache, v_cache, positions, inv_freq, slots, n, q_heads, kv_heads,
-            head_dim, block_size, kv_fp8,
-        )
-    }
-
-    /// [`Self::rope_kv_write`] of `qkv` still in the F32 accumulator of an unscaled FP8 product
-    /// (`unscaled`: accumulator, token scales, channel scales): the same bits as the product's
-    /// epilogue followed by rope_kv_write, one launch fewer (BF16 activations). The rotated q and
-    /// k rows are written to `qkv` as rope_kv_write writes them.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_kv_write_from(
         &self,
         qkv: u64,
         unscaled: Option<[u64; 3]>,
