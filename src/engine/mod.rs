@@ -2,8 +2,9 @@
 //!
 //! `Engine::start` moves a `Backend` onto a dedicated OS thread (backends are not `Sync`, and CUDA
 //! wants one thread) that loops: apply commands from `EngineHandle`s, schedule a step
-//! (`scheduler`), run it on the backend, sample (`sampler`), detokenize and stream
-//! (`output`). Dropping a request's stream cancels it; its blocks are free within one step.
+//! (`scheduler`), launch it on the backend, read the step before it (`step`: with async
+//! scheduling the GPU computes step n + 1 while the host reads step n), sample (`sampler`),
+//! detokenize and stream (`output`). Dropping a request's stream cancels it; its blocks are free within one step.
 //! If the backend fails or the thread panics, every live stream gets `EngineError::Internal`
 //! and new requests are refused.
 //!
