@@ -182,3 +182,13 @@ impl CudaBackend {
         Ok(out)
     }
 }
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Launched steps may still copy into the pinned buffers freed with the backend.
+        if !self.pending.is_empty() {
+            let _ = self.gpu.bind();
+            let _ = self.gpu.sync();
+        }
+    }
+}
