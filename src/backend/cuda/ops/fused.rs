@@ -38,11 +38,15 @@ fn fused_norm_shape(n: usize, hidden: usize) -> (String, u32) {
     if n >= NORM_ROWS_MIN_ROWS && chunks <= NORM_ROWS_MAX_CHUNKS {
         return ("add_rmsnorm_fp8_rows".to_string(), 256);
     }
+    let (k, threads) = fused_norm_k(hidden);
+    (format!("add_rmsnorm_fp8_k{k}"), threads)
+}
+
+/// K and threads per block of the row-per-block fused norm (`add_rmsnorm_fp8[_acc]_k*`).
+fn fused_norm_k(hidden: usize) -> (usize, u32) {
+    let chunks = hidden.div_ceil(NORM_CHUNK_COLS);
     let k = fused_k(chunks, 32);
-    (
-        format!("add_rmsnorm_fp8_k{k}"),
-        32 * chunks.div_ceil(k) as u32,
-    )
+    (k, 32 * chunks.div_ceil(k) as u32)
 }
 
 /// K and threads per block of the row-per-block kernels that hold a row in registers as groups of
@@ -140,12 +144,11 @@ impl Ops<'_> {
             self.act == Precision::Bf16 && hidden <= FUSED_NORM_MAX_COLS,
             "fused norm of an unscaled product: BF16 and at most {FUSED_NORM_MAX_COLS} columns"
         );
-        let chunks = hidden.div_ceil(NORM_CHUNK_COLS);
-        let k = fused_k(chunks, 32);
+        let (k, threads) = fused_norm_k(hidden);
         self.go(
             &format!("add_rmsnorm_fp8_acc_k{k}_bf16"),
             rows(n),
-            32 * chunks.div_ceil(k) as u32,
+            threads,
             0,
             &[
                 Arg::Ptr(residual),
