@@ -10,6 +10,10 @@
 // after its call e has finished reading. Block b of every rank handles the same elements and
 // handshakes on flag [b][rank], so blocks never wait on each other within a rank.
 // All ranks add in rank order, so every rank ends with the same bits.
+//
+// The epoch comes from device memory, so a CUDA graph can replay the calls: call k (1, 2, ...) of a
+// step uses *epoch_base + k, and all_reduce_epoch_advance adds the step's count of calls after
+// its last one. Every block reads the base; nothing changes it until the step's calls are done.
 
 #define ALL_REDUCE_MAX_BLOCKS 64
 #define ALL_REDUCE_MAX_RANKS 8
@@ -87,7 +91,8 @@ struct ArLanes<float> {
 // base (peer pointers, valid here through peer access). `slot_bytes`: size of one data slot.
 template <typename T>
 __device__ void all_reduce_oneshot(ar_v16* x, const u64* bufs, int world, int rank, u64 n16,
-                                   unsigned epoch, u64 slot_bytes) {
+                                   const unsigned* epoch_base, unsigned call, u64 slot_bytes) {
+    const unsigned epoch = *epoch_base + call;
     const u64 flag_bytes = ALL_REDUCE_MAX_BLOCKS * ALL_REDUCE_MAX_RANKS * 4;
     const u64 data_off = flag_bytes + (u64)(epoch & 1u) * slot_bytes;
     ar_v16* mine = (ar_v16*)((unsigned char*)bufs[rank] + data_off);
@@ -121,15 +126,21 @@ __device__ void all_reduce_oneshot(ar_v16* x, const u64* bufs, int world, int ra
 }
 
 extern "C" __global__ void __launch_bounds__(ALL_REDUCE_THREADS)
-    all_reduce_oneshot_bf16(ar_v16* x, const u64* bufs, int world, int rank, u64 n16, unsigned epoch,
-                            u64 slot_bytes) {
+    all_reduce_oneshot_bf16(ar_v16* x, const u64* bufs, int world, int rank, u64 n16,
+                            const unsigned* epoch_base, unsigned call, u64 slot_bytes) {
     pdl_enter();
-    all_reduce_oneshot<bf16>(x, bufs, world, rank, n16, epoch, slot_bytes);
+    all_reduce_oneshot<bf16>(x, bufs, world, rank, n16, epoch_base, call, slot_bytes);
 }
 
 extern "C" __global__ void __launch_bounds__(ALL_REDUCE_THREADS)
-    all_reduce_oneshot_f32(ar_v16* x, const u64* bufs, int world, int rank, u64 n16, unsigned epoch,
-                           u64 slot_bytes) {
+    all_reduce_oneshot_f32(ar_v16* x, const u64* bufs, int world, int rank, u64 n16,
+                           const unsigned* epoch_base, unsigned call, u64 slot_bytes) {
     pdl_enter();
-    all_reduce_oneshot<float>(x, bufs, world, rank, n16, epoch, slot_bytes);
+    all_reduce_oneshot<float>(x, bufs, world, rank, n16, epoch_base, call, slot_bytes);
+}
+
+// One thread: moves the epoch base past a step's `calls` all-reduces.
+extern "C" __global__ void all_reduce_epoch_advance(unsigned* epoch_base, unsigned calls) {
+    pdl_enter();
+    *epoch_base += calls;
 }

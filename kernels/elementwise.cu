@@ -1,12 +1,20 @@
 // Per-token kernels of the Llama forward pass. One block per token row unless noted.
 // Activations are BF16, the residual stream F32, accumulation F32.
 
-// residual[t, :] = table[tokens[t], :]
-extern "C" __global__ void embed(float* residual, const bf16* table, const int* tokens, int hidden) {
+// residual[t, :] = table[tokens[t] - first, :] for tokens in first .. first + count (the rank's
+// vocab slice under tensor parallelism, whose all-reduce then sums to the full embedding), else 0.
+extern "C" __global__ void embed(float* residual, const bf16* table, const int* tokens, int hidden,
+                                 int first, int count) {
     pdl_enter();
     int t = blockIdx.x;
-    const bf16* row = table + (u64)tokens[t] * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) residual[(u64)t * hidden + i] = bf2f(row[i]);
+    int local = tokens[t] - first;
+    float* out = residual + (u64)t * hidden;
+    if (local < 0 || local >= count) {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = 0.0f;
+        return;
+    }
+    const bf16* row = table + (u64)local * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = bf2f(row[i]);
 }
 
 // Kernels templated on the activation type A (bf16 or float) are instantiated below as

@@ -2,6 +2,8 @@
 //! there are): every rank must end with the bits of the rank-order F32 sum (rounded to BF16 for
 //! BF16), over several calls in a row (the two buffer slots and the epoch flags alternate), and
 //! messages it does not take (too big, not 16-byte units) must be left to NCCL untouched.
+//! On one GPU: two ranks whose buffers share it replay their calls from CUDA graphs (the epochs
+//! come from device memory), interleaved with eager calls.
 //!
 //! Skips (with a message) without a GPU or with fewer than two; with two GPUs and no libnccl it
 //! fails, since the GPU machine's setup (scripts/gpu_check.sh) is then wrong.
@@ -130,6 +132,101 @@ fn run(world: usize) {
         .flat_map(|t| t.join().unwrap())
         .collect();
     assert!(errors.is_empty(), "world {world}: {errors:#?}");
+}
+
+/// Two ranks on one GPU, each on a stream of its own: a step of three all-reduces (BF16, F32,
+/// BF16 again) and its `end_step`, captured once per rank and replayed with new inputs, every third
+/// step run eagerly instead. Replays reuse the same kernel arguments, so only epochs read from
+/// the device keep the ranks' handshakes and slots apart.
+#[test]
+fn peer_all_reduce_replays_from_cuda_graphs() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return;
+    }
+    let world = 2;
+    // One Gpu (stream) per rank over the same device.
+    let gpus: Vec<Gpu> = (0..world).map(|_| Gpu::new(0).unwrap()).collect();
+    let kernels = Kernels::load().unwrap();
+    let ranks = PeerAllReduce::on_one_gpu(&gpus[0], world).unwrap();
+    let (h, wide) = (8192, 3 * 8192);
+    let bufs: Vec<_> = (0..world)
+        .map(|_| {
+            (
+                gpus[0].alloc(h * 2).unwrap(),
+                gpus[0].alloc(wide * 4).unwrap(),
+                gpus[0].alloc(h * 2).unwrap(),
+            )
+        })
+        .collect();
+    let queue_step = |r: usize| {
+        let stream = gpus[r].cu_stream();
+        let (a, b, c) = &bufs[r];
+        let peer = &ranks[r];
+        assert!(peer.try_all_reduce(&kernels, a.ptr, h, Precision::Bf16, stream).unwrap());
+        assert!(peer.try_all_reduce(&kernels, b.ptr, wide, Precision::F32, stream).unwrap());
+        assert!(peer.try_all_reduce(&kernels, c.ptr, h, Precision::Bf16, stream).unwrap());
+        peer.end_step(&kernels, stream).unwrap();
+    };
+    let graphs: Vec<_> = (0..world)
+        .map(|r| {
+            let stream = &gpus[r].stream;
+            stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .unwrap();
+            queue_step(r);
+            stream
+                .end_capture(CUgraphInstantiate_flags(0))
+                .unwrap()
+                .expect("a captured step")
+        })
+        .collect();
+    let bf16s = |r: usize, call: usize, n: usize| -> Vec<bf16> {
+        (0..n).map(|i| bf16::from_f32(value(r, call, i))).collect()
+    };
+    for step in 0..12 {
+        let calls = [3 * step, 3 * step + 1, 3 * step + 2];
+        for r in 0..world {
+            let (a, b, c) = &bufs[r];
+            gpus[r].copy_to(a, 0, &bf16s(r, calls[0], h)).unwrap();
+            let wide_in: Vec<f32> = (0..wide).map(|i| value(r, calls[1], i)).collect();
+            gpus[r].copy_to(b, 0, &wide_in).unwrap();
+            gpus[r].copy_to(c, 0, &bf16s(r, calls[2], h)).unwrap();
+        }
+        // Both ranks' steps must be queued before either can finish (they wait on each other).
+        for (r, graph) in graphs.iter().enumerate() {
+            if step % 3 == 2 {
+                queue_step(r);
+            } else {
+                graph.launch().unwrap();
+            }
+        }
+        for gpu in &gpus {
+            gpu.sync().unwrap();
+        }
+        let bf16_sum = |call: usize, i: usize| {
+            let s = (0..world).fold(0.0f32, |acc, r| {
+                acc + bf16::from_f32(value(r, call, i)).to_f32()
+            });
+            bf16::from_f32(s)
+        };
+        for r in 0..world {
+            let (a, b, c) = &bufs[r];
+            let got_a: Vec<bf16> = gpus[r].download(a, h).unwrap();
+            let got_b: Vec<f32> = gpus[r].download(b, wide).unwrap();
+            let got_c: Vec<bf16> = gpus[r].download(c, h).unwrap();
+            for i in 0..h {
+                assert_eq!(got_a[i], bf16_sum(calls[0], i), "step {step} rank {r} call 0 [{i}]");
+                assert_eq!(got_c[i], bf16_sum(calls[2], i), "step {step} rank {r} call 2 [{i}]");
+            }
+            for (i, got) in got_b.iter().enumerate() {
+                let want = (0..world).fold(0.0f32, |acc, q| acc + value(q, calls[1], i));
+                assert_eq!(got.to_bits(), want.to_bits(), "step {step} rank {r} call 1 [{i}]");
+            }
+        }
+    }
+    println!("12 steps of 3 all-reduces on 2 ranks of one GPU: 8 replayed from graphs, 4 eager");
 }
 
 #[test]

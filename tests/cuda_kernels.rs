@@ -23,13 +23,28 @@ fn embed_gathers_rows() {
         e.gpu.upload(&tokens).unwrap(),
     );
     let out = e.poisoned(n * h * 4);
-    e.ops().embed(out.ptr, dt.ptr, dk.ptr, n, h).unwrap();
+    e.ops().embed(out.ptr, dt.ptr, dk.ptr, n, h, 0..vocab).unwrap();
     let got = e.f32s(&out, n * h);
     let want: Vec<f64> = tokens
         .iter()
         .flat_map(|&t| table[t as usize * h..][..h].iter().map(|x| x.to_f64()))
         .collect();
     check("embed", &got, &want, 1e-12);
+    // A vocab-parallel rank holding ids 300..700 (rows 0..400 of its table): other ids embed
+    // as zeros.
+    let slice = 300..700;
+    e.ops()
+        .embed(out.ptr, dt.ptr, dk.ptr, n, h, slice.clone())
+        .unwrap();
+    let got = e.f32s(&out, n * h);
+    let mut want = vec![0f64; n * h];
+    for (row, &t) in want.chunks_mut(h).zip(&tokens) {
+        if slice.contains(&(t as usize)) {
+            let from = &table[(t as usize - slice.start) * h..][..h];
+            row.iter_mut().zip(from).for_each(|(w, x)| *w = x.to_f64());
+        }
+    }
+    check("embed of a vocab slice", &got, &want, 1e-12);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use tandem::backend::cuda::ops::Precision;
 use tandem::backend::cuda::{
     gpu_available, CudaBackend, CudaOptions, TpBackend, TpWeights, WeightSource,
 };
-use tandem::backend::{Backend, Batch, Emit, SeqChunk, SeqOutput};
+use tandem::backend::{Backend, Batch, DeviceSampling, Emit, PreviousToken, SeqChunk, SeqOutput};
 
 mod cpu_support;
 
@@ -356,6 +356,95 @@ fn tp2_steps_several_sequences_and_samples_on_the_device() {
         );
     }
     println!("2 sequences x {steps} steps: TP2 tokens equal TP1's (logits and device sampler)");
+}
+
+/// The TP2 decode path as served: steps queued two deep, each decode's input token taken on the
+/// device from the step before (every rank from its own samples, embedded from its vocab slice),
+/// decode steps replayed from CUDA graphs holding the peer all-reduces (epochs from device memory)
+/// and the logits all-gather, BF16 with the folded epilogues. Its tokens equal an eager TP2's run
+/// one step at a time with the tokens passed from the host, greedy and sampled, while the rows
+/// change places between steps.
+#[test]
+fn tp2_queued_graph_steps_equal_eager_steps() {
+    if !two_gpus() {
+        return;
+    }
+    let f = fixture("llama-fp8");
+    let mut queued = tp2(&f, Precision::Bf16);
+    let mut eager = tp2_with(
+        &f,
+        CudaOptions {
+            enforce_eager: true,
+            ..options(Precision::Bf16)
+        },
+    );
+    let sample = |step: usize, s: usize| {
+        Emit::Sample(DeviceSampling {
+            temperature: if s == 0 { 0.0 } else { 1.0 },
+            top_k: 0,
+            top_p: 0.95,
+            uniform: ((step * 7919 + s * 31) % 1000) as f32 / 1000.0,
+        })
+    };
+    let prompts: Vec<Vec<u32>> = (0..3).map(|s| f.prompt[s..].to_vec()).collect();
+    let tables: Vec<Vec<u32>> = (0..3).map(|s| table(s * 20, &f)).collect();
+    let chunk = |tokens: Vec<u32>, start_pos: usize, s: usize, emit: Emit| SeqChunk {
+        tokens,
+        start_pos,
+        block_table: tables[s].clone(),
+        emit,
+    };
+    let prefill = Batch {
+        seqs: (0..3)
+            .map(|s| chunk(prompts[s].clone(), 0, s, sample(0, s)))
+            .collect(),
+    };
+    let token = |o: &SeqOutput| match o {
+        SeqOutput::Token(t) => *t,
+        other => panic!("unexpected {other:?}"),
+    };
+    let order = |k: usize| -> Vec<usize> { (0..3).map(|r| (r + k) % 3).collect() };
+    let steps = 24;
+    let mut expected = vec![eager.step(&prefill).unwrap()];
+    let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    for k in 1..=steps {
+        let (prev, prev_order) = (&expected[k - 1], order(k - 1));
+        let seqs = order(k)
+            .iter()
+            .map(|&s| {
+                let row = prev_order.iter().position(|&x| x == s).unwrap();
+                chunk(vec![token(&prev[row])], pos[s], s, sample(k, s))
+            })
+            .collect();
+        expected.push(eager.step(&Batch { seqs }).unwrap());
+        pos.iter_mut().for_each(|p| *p += 1);
+    }
+    let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    assert!(queued.queues_steps());
+    queued.launch_step(&prefill, &[]).unwrap();
+    let mut got = vec![];
+    for k in 1..=steps {
+        let prev_order = order(k - 1);
+        let mut previous = vec![];
+        let seqs = order(k)
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let row = prev_order.iter().position(|&x| x == s).unwrap();
+                previous.push(PreviousToken { seq: i, row });
+                chunk(vec![0], pos[s], s, sample(k, s))
+            })
+            .collect();
+        queued.launch_step(&Batch { seqs }, &previous).unwrap();
+        got.push(queued.finish_step().unwrap());
+        pos.iter_mut().for_each(|p| *p += 1);
+    }
+    got.push(queued.finish_step().unwrap());
+    assert_eq!(got, expected, "queued graph steps vs eager steps one by one");
+    let (captured, replayed) = queued.graph_counts().unwrap();
+    println!("TP2: {captured} decode graphs captured, {replayed} steps replayed");
+    assert!(captured >= 1 && replayed >= steps / 2, "{captured} / {replayed}");
+    assert_eq!(eager.graph_counts().unwrap(), (0, 0));
 }
 
 #[test]

@@ -163,7 +163,7 @@ pub trait Backend: Send {
         let queue = self
             .step_queue()
             .context("this backend keeps no step queue")?;
-        let batch = queue.next()?;
+        let batch = queue.take_next()?;
         let outputs = self.step(&batch)?;
         if let Some(queue) = self.step_queue() {
             queue.done(&outputs);

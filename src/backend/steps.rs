@@ -32,7 +32,7 @@ impl StepQueue {
     }
 
     /// The oldest launched batch, ready to compute.
-    pub fn next(&mut self) -> Result<Batch> {
+    pub fn take_next(&mut self) -> Result<Batch> {
         let Some((mut batch, previous)) = self.launched.pop_front() else {
             bail!("finish_step without a launched step");
         };
@@ -77,7 +77,7 @@ mod tests {
 
     /// Computes the oldest step, echoing each chunk's first token plus one as its sample.
     fn finish(q: &mut StepQueue) -> Result<Vec<SeqOutput>> {
-        let b = q.next()?;
+        let b = q.take_next()?;
         let out: Vec<SeqOutput> = b
             .seqs
             .iter()

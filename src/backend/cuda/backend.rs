@@ -231,7 +231,7 @@ impl CudaBackend {
         let p = opts.precision;
         let weights = match source {
             WeightSource::Host(w) => {
-                let rows = shard.embed_rows(full.vocab_size);
+                let rows = shard.vocab_per_rank(full.vocab_size);
                 ensure!(
                     w.embed_tokens.dims().first() == Some(&rows),
                     "rank {} of {}: host weights are not cut to the shard ({rows} embedding rows expected)",
@@ -250,7 +250,7 @@ impl CudaBackend {
                     stream: gpu.cu_stream(),
                     act: p,
                 };
-                GpuWeights::dummy(&gpu, &ops, config, shard.embed_rows(full.vocab_size), seed)?
+                GpuWeights::dummy(&gpu, &ops, config, seed)?
             }
         };
         let ws = Workspace::new(
@@ -423,6 +423,14 @@ impl CudaBackend {
         self.profiler.mark(label, self.gpu.cu_stream())
     }
 
+    /// The token ids this backend's embedding table holds (a rank's slice under TP).
+    fn vocab_slice(&self) -> std::ops::Range<usize> {
+        match &self.tp {
+            Some(tp) => tp.shard.vocab_range(tp.vocab),
+            None => 0..self.config.vocab_size,
+        }
+    }
+
     /// Tensor parallelism: sums a row-parallel output (or the vocab-parallel embedding) over the
     /// ranks, in place. Nothing on one GPU.
     fn tp_all_reduce(&mut self, ptr: u64, count: usize, p: Precision) -> Result<()> {
@@ -459,7 +467,7 @@ impl CudaBackend {
         );
         let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv, hd, self.opts.precision);
         self.ops()
-            .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h)?;
+            .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h, self.vocab_slice())?;
         self.mark("embed")?;
         self.tp_all_reduce(residual, n * h, Precision::F32)?;
         // The previous layer's residual delta (none before the first).
@@ -532,6 +540,9 @@ impl CudaBackend {
             let fold = !last && self.folds_epilogue(Lin::Qkv(i + 1), n);
             prev = self.silu_linear(Lin::Down(i), gu, n, delta, fold)?;
             self.tp_all_reduce(delta, n * h, self.opts.precision)?;
+        }
+        if let Some(tp) = &self.tp {
+            tp.end_step(&self.kernels, self.gpu.cu_stream())?;
         }
         Ok(())
     }
@@ -612,14 +623,10 @@ impl Backend for CudaBackend {
     }
 
     fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
-        ensure!(
-            self.tp.is_none() || previous.is_empty(),
-            "a tensor-parallel rank takes no previous tokens"
-        );
         self.gpu.bind()?;
         let group = self.config.num_attention_heads / self.config.num_key_value_heads;
         let vocab = self.tp.as_ref().map_or(self.config.vocab_size, |t| t.vocab);
-        let mut plan = plan_step(
+        let plan = plan_step(
             batch,
             self.opts.block_size,
             self.num_blocks,
@@ -632,10 +639,6 @@ impl Backend for CudaBackend {
                 min_keys: self.opts.split_min_keys,
             }),
         )?;
-        if let Some(tp) = &self.tp {
-            let at = plan.at.tokens;
-            tp.localize_tokens(&mut plan.packed[at..at + plan.num_tokens]);
-        }
         let chunk_starts: Vec<usize> = batch
             .seqs
             .iter()
@@ -653,7 +656,7 @@ impl Backend for CudaBackend {
     }
 
     fn queues_steps(&self) -> bool {
-        self.tp.is_none()
+        true
     }
 
     fn cuda_kv_pool(&self) -> Option<crate::backend::CudaKvPool> {

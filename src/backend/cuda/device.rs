@@ -191,6 +191,10 @@ impl PinnedI32 {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The host's view: only while no copy to or from this buffer is queued.
     pub fn as_mut_slice(&mut self) -> &mut [i32] {
         // SAFETY: `len` i32s allocated above; `&mut self` excludes other host views.
@@ -219,6 +223,8 @@ impl Event {
         Ok(Self(result::event::create(flags)?))
     }
 
+    // The driver checks the stream handle; nothing here dereferences it.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn record(&self, stream: sys::CUstream) -> Result<()> {
         // SAFETY: a live event and stream.
         unsafe { result::event::record(self.0, stream)? };

@@ -206,6 +206,15 @@ impl TpRank {
         self.comm.all_reduce_max_f32(ptr, count, stream)
     }
 
+    /// Closes a step's all-reduces (the peer kernel's epochs live on the device; see
+    /// `peer_all_reduce.rs`). Queued on `stream` after the step's last all-reduce.
+    pub fn end_step(&self, kernels: &Kernels, stream: cu::CUstream) -> Result<()> {
+        match &self.peer {
+            Some(peer) => peer.end_step(kernels, stream),
+            None => Ok(()),
+        }
+    }
+
     /// All-gathers every rank's `[rows, vocab_per_rank]` F32 logits and lays them out as
     /// `[rows, vocab]` (padding columns dropped); returns the full logits buffer.
     pub fn gather_logits(&self, local: u64, rows: usize, gpu: &Gpu) -> Result<&DeviceBuffer> {
@@ -257,12 +266,5 @@ impl TpRank {
 
     pub fn full_logits(&self) -> &DeviceBuffer {
         &self.full_logits
-    }
-
-    /// Maps a step's token ids to rows of this rank's embedding slice.
-    pub fn localize_tokens(&self, tokens: &mut [i32]) {
-        for t in tokens {
-            *t = self.shard.local_token(*t, self.vocab);
-        }
     }
 }

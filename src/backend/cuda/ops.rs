@@ -90,7 +90,8 @@ impl Ops<'_> {
         )
     }
 
-    /// `residual[t] = table[tokens[t]]` (F32 residual, BF16 table).
+    /// `residual[t] = table[tokens[t] - vocab.start]` (F32 residual, BF16 table) for tokens in `vocab` (the rows `table`
+    /// holds), zero for the others.
     pub fn embed(
         &self,
         residual: u64,
@@ -98,6 +99,7 @@ impl Ops<'_> {
         tokens: u64,
         n: usize,
         hidden: usize,
+        vocab: std::ops::Range<usize>,
     ) -> Result<()> {
         self.go(
             "embed",
@@ -109,6 +111,8 @@ impl Ops<'_> {
                 Arg::Ptr(table),
                 Arg::Ptr(tokens),
                 Arg::I32(hidden as i32),
+                Arg::I32(vocab.start as i32),
+                Arg::I32(vocab.len() as i32),
             ],
         )
     }

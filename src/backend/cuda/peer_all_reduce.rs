@@ -4,6 +4,10 @@
 //! 16-byte units, go to NCCL. The ranks are threads of one process, so a peer's device pointer is
 //! valid here once peer access is on; they learn each other's buffers by an NCCL all-gather.
 //! `TANDEM_ALL_REDUCE=nccl` turns it off.
+//!
+//! The kernels read their epoch from device memory (a base plus the call's number within the
+//! step), and [`PeerAllReduce::end_step`] queues the kernel that moves the base on: a decode step
+//! captured in a CUDA graph replays with fresh epochs.
 
 use super::device::{DeviceBuffer, Gpu};
 use super::kernels::{launch, Arg, Kernels};
@@ -30,8 +34,11 @@ pub struct PeerAllReduce {
     buf: DeviceBuffer,
     /// Every rank's `buf` base address, for the kernel.
     bases: DeviceBuffer,
-    /// Calls so far; the same count on every rank (they all run the same forward).
-    epoch: Cell<u32>,
+    /// One u32: the epoch before this step's first call (the same on every rank: they all run
+    /// the same forward).
+    epoch_base: DeviceBuffer,
+    /// Calls queued since the last `end_step`.
+    calls: Cell<u32>,
     /// Keeps the peers' contexts (and so the peer mappings) alive.
     _peers: Vec<Arc<CudaContext>>,
 }
@@ -67,12 +74,46 @@ impl PeerAllReduce {
             peers.push(enable_peer(gpu, pairs[2 * r + 1] as usize)?);
         }
         let bases: Vec<u64> = (0..world).map(|r| pairs[2 * r]).collect();
+        Self::with_buffers(gpu, rank, buf, &bases, peers)
+    }
+
+    /// `world` ranks whose buffers all lie on `gpu` (no NCCL, no peer access): for testing the
+    /// kernels on one GPU, where each rank's calls must run on a stream of its own (a rank's
+    /// kernel waits for the others').
+    pub fn on_one_gpu(gpu: &Gpu, world: usize) -> Result<Vec<Self>> {
+        ensure!(
+            (1..=MAX_RANKS).contains(&world),
+            "peer all-reduce handles 1 to {MAX_RANKS} ranks, not {world}"
+        );
+        gpu.bind()?;
+        let bufs = (0..world)
+            .map(|_| {
+                let b = gpu.alloc(FLAG_BYTES + 2 * SLOT_BYTES)?;
+                gpu.memset(&b, 0)?;
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bases: Vec<u64> = bufs.iter().map(|b| b.ptr).collect();
+        bufs.into_iter()
+            .enumerate()
+            .map(|(rank, buf)| Self::with_buffers(gpu, rank, buf, &bases, vec![]))
+            .collect()
+    }
+
+    fn with_buffers(
+        gpu: &Gpu,
+        rank: usize,
+        buf: DeviceBuffer,
+        bases: &[u64],
+        peers: Vec<Arc<CudaContext>>,
+    ) -> Result<Self> {
         Ok(Self {
             rank,
-            world,
-            bases: gpu.upload(&bases)?,
+            world: bases.len(),
+            bases: gpu.upload(bases)?,
+            epoch_base: gpu.upload(&[0u32])?,
+            calls: Cell::new(0),
             buf,
-            epoch: Cell::new(0),
             _peers: peers,
         })
     }
@@ -94,9 +135,9 @@ impl PeerAllReduce {
         }
         let n16 = bytes / 16;
         let blocks = n16.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
-        // Wraps through 0 like the kernel's comparison does; skipping a value would reuse a slot.
-        let epoch = self.epoch.get().wrapping_add(1);
-        self.epoch.set(epoch);
+        // Epochs wrap through 0 like the kernel's comparison does.
+        let call = self.calls.get().wrapping_add(1);
+        self.calls.set(call);
         let name = match p {
             Precision::Bf16 => "all_reduce_oneshot_bf16",
             Precision::F32 => "all_reduce_oneshot_f32",
@@ -113,12 +154,30 @@ impl PeerAllReduce {
                 Arg::I32(self.world as i32),
                 Arg::I32(self.rank as i32),
                 Arg::U64(n16 as u64),
-                Arg::I32(epoch as i32),
+                Arg::Ptr(self.epoch_base.ptr),
+                Arg::I32(call as i32),
                 Arg::U64(SLOT_BYTES as u64),
             ],
         )?;
         let _ = &self.buf; // read and written only by the kernels
         Ok(true)
+    }
+
+    /// Queues the move of the epoch base past the calls queued since the last `end_step`
+    /// (nothing if there were none). Every rank calls it at the same point of the same step.
+    pub fn end_step(&self, kernels: &Kernels, stream: sys::CUstream) -> Result<()> {
+        let calls = self.calls.replace(0);
+        if calls == 0 {
+            return Ok(());
+        }
+        launch(
+            kernels.get("all_reduce_epoch_advance")?,
+            (1, 1, 1),
+            (1, 1, 1),
+            0,
+            stream,
+            &[Arg::Ptr(self.epoch_base.ptr), Arg::I32(calls as i32)],
+        )
     }
 }
 

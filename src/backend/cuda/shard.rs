@@ -7,9 +7,9 @@
 //! - o/down (row-parallel): the matching input columns; their outputs are partial sums, all-reduced.
 //!   FP8 per-output-channel scales are whole (the output dimension is not split); a column-parallel
 //!   linear's scales are cut with its rows.
-//! - embedding (vocab-parallel): rows of the rank's vocab range plus one zero row; tokens outside
-//!   the range are mapped to the zero row, and the all-reduce of the embedded rows sums to the
-//!   full embedding.
+//! - embedding (vocab-parallel): rows of the rank's vocab range, padded like lm_head's; the embed
+//!   kernel writes zeros for tokens outside the range (ids go to the GPU as they are), and the
+//!   all-reduce of the embedded rows sums to the full embedding.
 //! - lm_head (vocab-parallel): rows of the vocab range, padded with zero rows to
 //!   `ceil(vocab / world)` so every rank's logits have the same size (NCCL all-gather); the padding
 //!   columns are dropped when the gathered logits are laid out as `[rows, vocab]`.
@@ -78,26 +78,6 @@ impl Shard {
         Ok(c)
     }
 
-    /// Rows of the embedding table a rank holds: its vocab slice and, with more than one rank,
-    /// a zero row that tokens of other ranks map to.
-    pub fn embed_rows(&self, vocab: usize) -> usize {
-        self.vocab_per_rank(vocab) + usize::from(self.world > 1)
-    }
-
-    /// Token id → row of this rank's embedding table (the zero row when not ours).
-    pub fn local_token(&self, token: i32, vocab: usize) -> i32 {
-        if self.world == 1 {
-            return token;
-        }
-        let r = self.vocab_range(vocab);
-        let t = token as usize;
-        if r.contains(&t) {
-            (t - r.start) as i32
-        } else {
-            self.vocab_per_rank(vocab) as i32
-        }
-    }
-
     /// This rank's weights, cut from the full host weights (copies only the rank's slices).
     pub fn weights(&self, full: &LlamaConfig, w: &LlamaWeights) -> Result<LlamaWeights> {
         let local = self.local_config(full)?;
@@ -127,7 +107,7 @@ impl Shard {
             .collect::<Result<Vec<_>>>()?;
         let vocab = full.vocab_size;
         let per = self.vocab_per_rank(vocab);
-        let embed_tokens = padded_rows(&w.embed_tokens, self.vocab_range(vocab), per + 1)?;
+        let embed_tokens = padded_rows(&w.embed_tokens, self.vocab_range(vocab), per)?;
         // An FP8 lm_head is dequantized at upload anyway; cut the dequantized rows.
         let lm = match &w.lm_head {
             Linear::Dense { weight } => weight.clone(),
@@ -239,7 +219,7 @@ mod tests {
     }
 
     #[test]
-    fn uneven_vocab_pads_the_last_rank_and_maps_foreign_tokens_to_the_zero_row() {
+    fn uneven_vocab_pads_the_last_rank() {
         let mut c = preset("llama-3.3-70b-fp8-dynamic");
         c.vocab_size = 10;
         let shards: Vec<Shard> = (0..4).map(|rank| Shard { rank, world: 4 }).collect();
@@ -248,12 +228,6 @@ mod tests {
         assert!(shards
             .iter()
             .all(|s| s.local_config(&c).unwrap().vocab_size == 3));
-        assert_eq!(shards[1].local_token(4, 10), 1);
-        assert_eq!(shards[1].local_token(9, 10), 3);
-        assert_eq!(shards[3].local_token(9, 10), 0);
-        assert_eq!(shards[3].embed_rows(10), 4);
-        assert_eq!(Shard::WHOLE.local_token(9, 10), 9);
-        assert_eq!(Shard::WHOLE.embed_rows(10), 10);
     }
 
     fn f32s(t: &Tensor) -> Vec<f32> {
@@ -280,12 +254,12 @@ mod tests {
         let vocab = full.vocab_size;
         let per = vocab.div_ceil(world);
         let h = full.hidden_size;
-        // Embedding: each rank's first `range.len()` rows; padding and the extra row are zero.
+        // Embedding: each rank's first `range.len()` rows; the padding is zero.
         let mut embed = vec![];
         for (rank, s) in shards.iter().enumerate() {
             let r = Shard { rank, world }.vocab_range(vocab);
             let rows = f32s(&s.embed_tokens);
-            assert_eq!(rows.len(), (per + usize::from(world > 1)) * h);
+            assert_eq!(rows.len(), per * h);
             embed.extend_from_slice(&rows[..r.len() * h]);
             assert!(rows[r.len() * h..].iter().all(|&x| x == 0.0));
         }

@@ -6,7 +6,10 @@
 //! local config, with NCCL all-reduces (sum) after the vocab-parallel embedding and after o_proj
 //! and down_proj, and an all-gather of the vocab-parallel logits before sampling. Every rank
 //! receives the same batch (over a channel), runs the same steps, and samples the same tokens
-//! from the same gathered logits; rank 0's outputs are the step's result. Threads rather than
+//! from the same gathered logits; rank 0's outputs are the step's result. Steps are launched and
+//! finished on the ranks like on one GPU (async scheduling: each rank takes a previous token from
+//! its own samples, which equal every other rank's), and decode steps replay CUDA graphs that hold
+//! the collectives. Threads rather than
 //! processes: no IPC, one address space for KV export/import, and NCCL supports one communicator
 //! per thread.
 //!
@@ -21,7 +24,7 @@
 use super::backend::{CudaBackend, CudaOptions, WeightSource};
 use super::nccl::{NcclId, TpSetup};
 use super::shard::Shard;
-use crate::backend::{Backend, Batch, CudaKvPool, KvLayout, SeqOutput, StepQueue};
+use crate::backend::{Backend, Batch, CudaKvPool, KvLayout, PreviousToken, SeqOutput};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::LlamaWeights;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -49,8 +52,6 @@ pub struct TpBackend {
     weight_bytes: usize,
     /// Each rank's KV pool (its share of the heads), for GPU-to-GPU KV imports.
     pools: Vec<CudaKvPool>,
-    /// Steps run synchronously on the ranks (their all-reduces take a host epoch per launch).
-    queue: StepQueue,
 }
 
 /// Building a rank: loading weights or generating a 70B's share takes a while.
@@ -170,7 +171,6 @@ impl TpBackend {
             num_blocks,
             weight_bytes: built.iter().map(|b| b.2).sum(),
             pools: built.iter().map(|b| b.3).collect(),
-            queue: StepQueue::default(),
             ranks,
             broken: None,
         })
@@ -262,6 +262,11 @@ impl TpBackend {
         Ok(())
     }
 
+    /// Rank 0's (graphs captured, steps replayed from a graph); every rank chooses alike.
+    pub fn graph_counts(&mut self) -> Result<(usize, usize)> {
+        Ok(self.on_ranks(|_, b| Ok(b.graph_counts()))?[0])
+    }
+
     /// Rank 0's kernel profile (the others wait in the same collectives).
     pub fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>> {
         Ok(self.on_ranks(|_, b| Ok(b.take_profile()))?.swap_remove(0))
@@ -327,8 +332,19 @@ impl Backend for TpBackend {
         Ok(self.on_ranks(move |_, b| b.step(&batch))?.swap_remove(0))
     }
 
-    fn step_queue(&mut self) -> Option<&mut StepQueue> {
-        Some(&mut self.queue)
+    /// Every rank queues the step on its stream; returns once all have (not when computed).
+    fn launch_step(&mut self, batch: &Batch, previous: &[PreviousToken]) -> Result<()> {
+        let (batch, previous) = (Arc::new(batch.clone()), Arc::new(previous.to_vec()));
+        self.on_ranks(move |_, b| b.launch_step(&batch, &previous))?;
+        Ok(())
+    }
+
+    fn finish_step(&mut self) -> Result<Vec<SeqOutput>> {
+        Ok(self.on_ranks(|_, b| b.finish_step())?.swap_remove(0))
+    }
+
+    fn queues_steps(&self) -> bool {
+        true
     }
 
     fn export_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {

@@ -234,26 +234,16 @@ impl GpuWeights {
     /// Seeded random weights of the config's shapes, generated on the GPU: BF16 uniform in
     /// ±sqrt(3/k) (unit-variance outputs), e4m3 weights spread over the whole FP8 range with
     /// positive per-channel scales of the matching size, norms near 1. `config` may be one
-    /// tensor-parallel rank's (see `shard.rs`); embedding rows past `config.vocab_size` (up to
-    /// `embed_rows`, the zero row of a vocab-parallel rank) are zero.
-    pub fn dummy(
-        gpu: &Gpu,
-        ops: &Ops,
-        config: &LlamaConfig,
-        embed_rows: usize,
-        seed: u64,
-    ) -> Result<Self> {
+    /// tensor-parallel rank's (see `shard.rs`).
+    pub fn dummy(gpu: &Gpu, ops: &Ops, config: &LlamaConfig, seed: u64) -> Result<Self> {
         let mut counter = seed.wrapping_mul(1_000_003);
         let mut next_seed = || {
             counter = counter.wrapping_add(1);
             counter
         };
         let h = config.hidden_size;
-        let embed = gpu.alloc(embed_rows.max(config.vocab_size) * h * 2)?;
+        let embed = gpu.alloc(config.vocab_size * h * 2)?;
         ops.fill_bf16(embed.ptr, config.vocab_size * h, next_seed(), -1.0, 1.0)?;
-        let zero_rows = embed_rows.saturating_sub(config.vocab_size);
-        let zeros_at = embed.ptr + (config.vocab_size * h * 2) as u64;
-        ops.fill_bf16(zeros_at, zero_rows * h, 0, 0.0, 0.0)?;
         let mut bf16_buf = |n: usize, lo: f32, hi: f32| -> Result<DeviceBuffer> {
             let b = gpu.alloc(n * 2)?;
             ops.fill_bf16(b.ptr, n, next_seed(), lo, hi)?;

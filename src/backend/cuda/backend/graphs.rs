@@ -130,13 +130,13 @@ pub const GRAPH_CAPACITY: usize = 32;
 
 impl CudaBackend {
     /// Whether this step's launches may come from a graph: a pure decode step that samples or
-    /// returns logits, on one GPU (the one-shot all-reduce takes a new epoch per launch as an
-    /// argument), with no per-layer host hook and no per-kernel profiling.
+    /// returns logits, with no per-layer host hook and no per-kernel profiling. Under tensor
+    /// parallelism every rank sees the same steps, so all capture and replay alike; the graph
+    /// holds the collectives (NCCL's and the peer all-reduce, whose epochs live on the device).
     pub(super) fn graphable(&self, plan: &StepPlan) -> bool {
         !self.opts.enforce_eager
             && plan.all_decode
             && !plan.emit_seqs.is_empty()
-            && self.tp.is_none()
             && self.layer_kv_hook.is_none()
             && !self.profiler.enabled
     }

@@ -126,14 +126,17 @@ impl CudaBackend {
         matches!(weight(&self.weights, lin).0, GpuLinear::Fp8 { .. }) && cols <= max
     }
 
-    /// May the qkv product stay unscaled for rope_kv_write (`rope_kv_write_from`)?
+    /// May the qkv product stay unscaled for rope_kv_write (`rope_kv_write_from`)? (Column
+    /// parallel under TP: each rank scales its own heads.)
     pub(super) fn folds_into_rope(&self) -> bool {
-        self.fold_epilogues && self.tp.is_none() && self.opts.precision == Precision::Bf16
+        self.fold_epilogues && self.opts.precision == Precision::Bf16
     }
 
     /// May a linear's output stay unscaled for the fused FP8 norm before `consumer` (o_proj and
     /// down_proj outputs), or for the fused silu before it (`consumer` = down_proj: the gate_up
-    /// output of `rows` rows)? One GPU, BF16; `TANDEM_FOLD_EPILOGUE=0` turns it off (comparisons).
+    /// output of `rows` rows)? BF16 only; under tensor parallelism only the silu (o_proj's and
+    /// down_proj's outputs are summed over the ranks, scaled, before the norm).
+    /// `TANDEM_FOLD_EPILOGUE=0` turns it off (comparisons).
     pub(super) fn folds_epilogue(&self, consumer: Lin, rows: usize) -> bool {
         let fusable = match consumer {
             Lin::Down(_) => {
@@ -147,7 +150,7 @@ impl CudaBackend {
             _ => self.fp8_fusable(consumer, self.config.hidden_size, FUSED_NORM_MAX_COLS),
         };
         self.fold_epilogues
-            && self.tp.is_none()
+            && (self.tp.is_none() || matches!(consumer, Lin::Down(_)))
             && self.opts.precision == Precision::Bf16
             && fusable
     }
