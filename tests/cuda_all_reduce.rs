@@ -164,9 +164,15 @@ fn peer_all_reduce_replays_from_cuda_graphs() {
         let stream = gpus[r].cu_stream();
         let (a, b, c) = &bufs[r];
         let peer = &ranks[r];
-        assert!(peer.try_all_reduce(&kernels, a.ptr, h, Precision::Bf16, stream).unwrap());
-        assert!(peer.try_all_reduce(&kernels, b.ptr, wide, Precision::F32, stream).unwrap());
-        assert!(peer.try_all_reduce(&kernels, c.ptr, h, Precision::Bf16, stream).unwrap());
+        assert!(peer
+            .try_all_reduce(&kernels, a.ptr, h, Precision::Bf16, stream)
+            .unwrap());
+        assert!(peer
+            .try_all_reduce(&kernels, b.ptr, wide, Precision::F32, stream)
+            .unwrap());
+        assert!(peer
+            .try_all_reduce(&kernels, c.ptr, h, Precision::Bf16, stream)
+            .unwrap());
         peer.end_step(&kernels, stream).unwrap();
     };
     let graphs: Vec<_> = (0..world)
@@ -217,12 +223,24 @@ fn peer_all_reduce_replays_from_cuda_graphs() {
             let got_b: Vec<f32> = gpus[r].download(b, wide).unwrap();
             let got_c: Vec<bf16> = gpus[r].download(c, h).unwrap();
             for i in 0..h {
-                assert_eq!(got_a[i], bf16_sum(calls[0], i), "step {step} rank {r} call 0 [{i}]");
-                assert_eq!(got_c[i], bf16_sum(calls[2], i), "step {step} rank {r} call 2 [{i}]");
+                assert_eq!(
+                    got_a[i],
+                    bf16_sum(calls[0], i),
+                    "step {step} rank {r} call 0 [{i}]"
+                );
+                assert_eq!(
+                    got_c[i],
+                    bf16_sum(calls[2], i),
+                    "step {step} rank {r} call 2 [{i}]"
+                );
             }
             for (i, got) in got_b.iter().enumerate() {
                 let want = (0..world).fold(0.0f32, |acc, q| acc + value(q, calls[1], i));
-                assert_eq!(got.to_bits(), want.to_bits(), "step {step} rank {r} call 1 [{i}]");
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "step {step} rank {r} call 1 [{i}]"
+                );
             }
         }
     }

@@ -23,7 +23,9 @@ fn embed_gathers_rows() {
         e.gpu.upload(&tokens).unwrap(),
     );
     let out = e.poisoned(n * h * 4);
-    e.ops().embed(out.ptr, dt.ptr, dk.ptr, n, h, 0..vocab).unwrap();
+    e.ops()
+        .embed(out.ptr, dt.ptr, dk.ptr, n, h, 0..vocab)
+        .unwrap();
     let got = e.f32s(&out, n * h);
     let want: Vec<f64> = tokens
         .iter()

@@ -440,10 +440,16 @@ fn tp2_queued_graph_steps_equal_eager_steps() {
         pos.iter_mut().for_each(|p| *p += 1);
     }
     got.push(queued.finish_step().unwrap());
-    assert_eq!(got, expected, "queued graph steps vs eager steps one by one");
+    assert_eq!(
+        got, expected,
+        "queued graph steps vs eager steps one by one"
+    );
     let (captured, replayed) = queued.graph_counts().unwrap();
     println!("TP2: {captured} decode graphs captured, {replayed} steps replayed");
-    assert!(captured >= 1 && replayed >= steps / 2, "{captured} / {replayed}");
+    assert!(
+        captured >= 1 && replayed >= steps / 2,
+        "{captured} / {replayed}"
+    );
     assert_eq!(eager.graph_counts().unwrap(), (0, 0));
 }
 

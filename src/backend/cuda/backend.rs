@@ -466,8 +466,14 @@ impl CudaBackend {
             ws.gate_up.ptr,
         );
         let q_per_tile = Ops::attention_tokens_per_tile(nh / nkv, hd, self.opts.precision);
-        self.ops()
-            .embed(residual, self.weights.embed.ptr, m(at.tokens), n, h, self.vocab_slice())?;
+        self.ops().embed(
+            residual,
+            self.weights.embed.ptr,
+            m(at.tokens),
+            n,
+            h,
+            self.vocab_slice(),
+        )?;
         self.mark("embed")?;
         self.tp_all_reduce(residual, n * h, Precision::F32)?;
         // The previous layer's residual delta (none before the first).

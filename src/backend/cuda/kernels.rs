@@ -107,6 +107,7 @@ const PLAIN: &[(&str, &[&str])] = &[
         ],
     ),
     ("sampling", &["sample_tokens", "take_previous_tokens"]),
+    ("all_reduce", &["all_reduce_epoch_advance"]),
     ("kv_copy", &["kv_copy_blocks"]),
     (
         "gemm_fp8",
@@ -516,6 +517,35 @@ mod tests {
             }
         }
         assert!(kernel_names("attention").contains(&"paged_attention_f32".to_string()));
+    }
+
+    /// Every kernel a source names outright (`extern "C" __global__ [bounds] void name(`) is listed,
+    /// so `Kernels::load` fetches it.
+    #[test]
+    fn every_named_kernel_in_the_sources_is_listed() {
+        for (module, src) in MODULES {
+            let listed = kernel_names(module);
+            for (at, _) in src.match_indices("extern \"C\" __global__") {
+                let rest = &src[at..];
+                let decl = &rest[..rest.find('(').unwrap()];
+                let decl = match decl.contains("__launch_bounds__") {
+                    // The name follows the bounds' parentheses.
+                    true => {
+                        let after = &rest[rest.find(')').unwrap() + 1..];
+                        &after[..after.find('(').unwrap()]
+                    }
+                    false => decl,
+                };
+                let name = decl.split_whitespace().last().unwrap();
+                if name.contains("##") {
+                    continue; // macro instantiations: checked the other way round above
+                }
+                assert!(
+                    listed.iter().any(|l| l == name),
+                    "{name} in {module}.cu is not listed in kernels.rs"
+                );
+            }
+        }
     }
 
     /// A kernel launched with programmatic serialization must wait for the previous kernel before it
