@@ -9,6 +9,7 @@ use crate::backend::cuda::device::{DeviceBuffer, Gpu};
 use crate::backend::cuda::gemm::{Fp8Path, Gemm};
 use crate::backend::cuda::kernels::Kernels;
 use crate::backend::cuda::ops::{Ops, Precision};
+use crate::backend::cuda::shard::Shard;
 use crate::model::config::LlamaConfig;
 use anyhow::{Context, Result};
 use cudarc::driver::{result, sys};
@@ -27,6 +28,9 @@ pub struct Args {
     /// Timed launches per measurement (after 3 warm-ups).
     #[arg(long, default_value_t = 30)]
     pub iters: usize,
+    /// Time one tensor-parallel rank's shapes (the linears cut `world` ways).
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
 }
 
 /// Weight bytes streamed per shape across rotated copies, so that L2 (50 MB) cannot hold them.
@@ -90,7 +94,12 @@ fn time_ms(gpu: &Gpu, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> R
 
 pub fn run(args: Args) -> Result<()> {
     let path = super::bench_step::config_path(&args.model);
-    let config = LlamaConfig::from_file(&path).with_context(|| format!("model {}", args.model))?;
+    let full = LlamaConfig::from_file(&path).with_context(|| format!("model {}", args.model))?;
+    let config = Shard {
+        rank: 0,
+        world: args.tensor_parallel_size,
+    }
+    .local_config(&full)?;
     let gpu = Gpu::new(0)?;
     let kernels = Kernels::load().context("loading the CUDA kernels")?;
     let mut gemm = Gemm::new()?;
@@ -182,10 +191,12 @@ pub fn run(args: Args) -> Result<()> {
         "{}",
         serde_json::json!({
             "model": args.model,
+            "tensor_parallel_size": args.tensor_parallel_size,
             "policy": {
                 "stream_max_m": policy.stream_max_m,
                 "unscaled_max_m": policy.unscaled_max_m,
                 "target_blocks": policy.target_blocks,
+                "stream_max_weight": policy.stream_max_weight,
             },
             "results": rows,
         })

@@ -54,12 +54,16 @@ struct Plan {
 /// three of the four shapes. The streaming kernel matches the unscaled path at M = 1 (qkv 1.8 us
 /// faster, down 2.6 us slower) and falls behind from M = 2, so it is off by default: a path switch
 /// by batch size also changes a sequence's numerics with the batch it runs in.
-/// `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the limits and
-/// `TANDEM_FP8_STREAM_TARGET_BLOCKS` the streaming kernel's CTA target (experiments).
+/// `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the limits,
+/// `TANDEM_FP8_STREAM_MAX_WEIGHT_MB` keeps the streaming kernel to weights of at most that size
+/// (the small qkv and o_proj products, where cuBLASLt is furthest from the weight-read floor) and
+/// `TANDEM_FP8_STREAM_TARGET_BLOCKS` sets its CTA target (experiments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp8Policy {
-    /// The streaming kernel for M up to this.
+    /// The streaming kernel for M up to this...
     pub stream_max_m: usize,
+    /// ...and weights of at most this many bytes.
+    pub stream_max_weight: usize,
     /// Then cuBLASLt without scales + epilogue for M up to this; outer-vector cuBLASLt above.
     pub unscaled_max_m: usize,
     /// CTAs the streaming kernel aims for when choosing its K splits.
@@ -70,6 +74,7 @@ impl Default for Fp8Policy {
     fn default() -> Self {
         Self {
             stream_max_m: 0,
+            stream_max_weight: usize::MAX,
             // The crossover lies between 64 and 128 (measured at both).
             unscaled_max_m: 96,
             target_blocks: 4 * 132,
@@ -89,6 +94,7 @@ impl Fp8Policy {
         let d = Self::default();
         Self {
             stream_max_m: var("TANDEM_FP8_STREAM_MAX_M", d.stream_max_m),
+            stream_max_weight: var("TANDEM_FP8_STREAM_MAX_WEIGHT_MB", usize::MAX >> 20) << 20,
             unscaled_max_m: var("TANDEM_FP8_UNSCALED_MAX_M", d.unscaled_max_m),
             target_blocks: var("TANDEM_FP8_STREAM_TARGET_BLOCKS", d.target_blocks),
         }
@@ -375,7 +381,8 @@ impl Gemm {
         let p = self.fp8_policy;
         if f32_out {
             Fp8Path::OuterVector
-        } else if m <= p.stream_max_m && fp8_stream::supports(n, k) {
+        } else if m <= p.stream_max_m && n * k <= p.stream_max_weight && fp8_stream::supports(n, k)
+        {
             let bytes = self.scratch.partial.bytes;
             Fp8Path::Stream {
                 splits: fp8_stream::auto_splits(m, n, k, p.target_blocks, bytes),
