@@ -172,9 +172,10 @@ case " $STAGES " in *" tp "*)
     echo "tp stage skipped: $GPUS GPU(s) visible, TP2 needs 2" | tee -a "$LOG"
   else
     step "cuda_tp (TP2 vs TP1, fixtures)" 180 "$D/tests/cuda_tp" --test-threads=1 --nocapture
+    # Decode graphs against eager launches in the same process (`_eager` keys).
     step "bench-step 70B fp8 dummy TP2" 300 "$D/tandem" bench-step --model llama-3.3-70b-fp8-dynamic \
       --load-format dummy --tensor-parallel-size 2 --batch 1,32 --context 3000 --prompt-len 3000 \
-      --prefill-batch 1 --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+      --prefill-batch 1 --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" --compare-eager
     sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_tp2.json"
     if [ -n "${TP_AB:-}" ]; then  # the same step with NCCL for every all-reduce (A/B of the peer kernel)
       step "bench-step 70B fp8 dummy TP2, NCCL all-reduce" 300 env TANDEM_ALL_REDUCE=nccl "$D/tandem" bench-step \

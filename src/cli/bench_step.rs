@@ -59,7 +59,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
     /// Also time each decode batch with the other of graphs and eager launches (`_eager` or
-    /// `_graphs` keys; one GPU only).
+    /// `_graphs` keys).
     #[arg(long)]
     pub compare_eager: bool,
     /// Timed repetitions per measurement (after 3 warm-ups); the median is reported.
@@ -95,12 +95,7 @@ trait Bench: Backend {
         bail!("--compare-combine-pair runs on one GPU only")
     }
     fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>>;
-    fn set_enforce_eager(&mut self, on: bool) -> Result<()> {
-        if on {
-            return Ok(()); // tensor-parallel steps always launch eagerly
-        }
-        bail!("decode-step CUDA graphs run on one GPU only")
-    }
+    fn set_enforce_eager(&mut self, on: bool) -> Result<()>;
 }
 
 impl Bench for CudaBackend {
@@ -156,6 +151,9 @@ impl Bench for TpBackend {
     }
     fn set_profiling(&mut self, on: bool) -> Result<()> {
         TpBackend::set_profiling(self, on)
+    }
+    fn set_enforce_eager(&mut self, on: bool) -> Result<()> {
+        TpBackend::set_enforce_eager(self, on)
     }
     fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>> {
         TpBackend::take_profile(self)

@@ -254,6 +254,14 @@ impl TpBackend {
         Ok(self.on_ranks(|_, b| Ok(b.options().split_min_keys))?[0])
     }
 
+    pub fn set_enforce_eager(&mut self, on: bool) -> Result<()> {
+        self.on_ranks(move |_, b| {
+            b.set_enforce_eager(on);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     pub fn set_profiling(&mut self, on: bool) -> Result<()> {
         self.on_ranks(move |_, b| {
             b.set_profiling(on);
