@@ -319,9 +319,33 @@ struct UnscaledDelta {
     const float* sw;
 };
 
-template <typename A, int K, bool ACC = false>
+// A delta that is this rank's part of a row-parallel product (tensor parallelism), summed over the
+// ranks on the way in: the one-shot all-reduce of all_reduce.cu fused into the norm, with its
+// buffers, epochs and handshake (peer.cuh). The block of row t puts the rank's row into its slot at
+// row t, handshakes as block t, and adds every rank's row in rank order in F32, rounded to BF16:
+// the all-reduce's bits, one launch and one pass over the delta fewer. At most
+// ALL_REDUCE_MAX_BLOCKS rows, hidden a multiple of 8, the slot's rows 16-byte aligned.
+struct PeerDelta {
+    const u64* bufs;
+    int world, rank;
+    const unsigned* epoch_base;
+    unsigned call;
+    u64 slot_bytes;
+};
+
+// 4 BF16 at p, bypassing L1 (a peer wrote them during this kernel), as F32.
+__device__ __forceinline__ void load4_bf16_cg(const bf16* p, float* f) {
+    unsigned a, b;
+    asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+    f[0] = __uint_as_float(a << 16);
+    f[1] = __uint_as_float(a & 0xffff0000u);
+    f[2] = __uint_as_float(b << 16);
+    f[3] = __uint_as_float(b & 0xffff0000u);
+}
+
+template <typename A, int K, bool ACC = false, bool PEER = false>
 __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs,
-                                  int hidden, float eps, UnscaledDelta u = {}) {
+                                  int hidden, float eps, UnscaledDelta u = {}, PeerDelta p = {}) {
     __shared__ float sums[32 * FUSED_MAX_K];
     __shared__ float scratch[32];
     int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -331,8 +355,18 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
     const float* ua = ACC ? u.acc + (u64)t * hidden : nullptr;
     float usx = ACC ? u.sx[t] : 0.0f;
     bool vu = ACC && vec_ok(ua, hidden) && vec_ok(u.sw, hidden);
-    bool has_delta = ACC || d;
+    bool has_delta = ACC || PEER || d;
     int nchunks = (hidden + CHUNK_COLS - 1) / CHUNK_COLS;
+    u64 peer_off = 0;
+    if constexpr (PEER) {
+        const unsigned epoch = *p.epoch_base + p.call;
+        peer_off = peer_slot_offset(epoch, p.slot_bytes) + (u64)t * hidden * sizeof(bf16);
+        uint4* mine = (uint4*)((unsigned char*)p.bufs[p.rank] + peer_off);
+        for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) mine[i] = ((const uint4*)d)[i];
+        __syncthreads();
+        peer_handshake(p.bufs, p.world, p.rank, epoch);
+        __syncthreads();
+    }
     // Few chunks per warp (decode shapes): the weights are loaded with the row, before the
     // reduction, so their latency is hidden; more would cost too many registers.
     constexpr bool PREFETCH = K <= 2;
@@ -353,6 +387,17 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
                 load4(u.sw, c0, hidden, vu, sw);
 #pragma unroll
                 for (int j = 0; j < LANE_COLS; j++) a[j] = as_act<A>(a[j] * usx * sw[j]);
+                dr[k].set(a);
+            } else if constexpr (PEER) {
+                float a[LANE_COLS] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int q = 0; q < p.world; q++) {
+                    float f[LANE_COLS];
+                    load4_bf16_cg((const bf16*)((const unsigned char*)p.bufs[q] + peer_off) + c0, f);
+#pragma unroll
+                    for (int j = 0; j < LANE_COLS; j++) a[j] += f[j];
+                }
+#pragma unroll
+                for (int j = 0; j < LANE_COLS; j++) a[j] = as_act<A>(a[j]);
                 dr[k].set(a);
             } else if (d) {
                 dr[k].load(d, c0, hidden, vd);
@@ -724,6 +769,19 @@ FUSED_NORM_ACC_K(1)
 FUSED_NORM_ACC_K(2)
 FUSED_NORM_ACC_K(4)
 FUSED_NORM_ACC_K(8)
+// The same with the delta summed over tensor-parallel ranks on the way in (PeerDelta).
+#define FUSED_NORM_PEER_K(K)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_fp8_peer_k##K##_bf16(                     \
+        float* residual, const bf16* delta, const bf16* weight, fp8* xq, float* xs, int hidden, float eps,  \
+        const u64* bufs, int world, int rank, const unsigned* epoch_base, unsigned call, u64 slot_bytes) {  \
+        pdl_enter();                                                                                          \
+        add_rmsnorm_fp8_t<bf16, K, false, true>(residual, delta, weight, xq, xs, hidden, eps, {},            \
+                                                PeerDelta{bufs, world, rank, epoch_base, call, slot_bytes}); \
+    }
+FUSED_NORM_PEER_K(1)
+FUSED_NORM_PEER_K(2)
+FUSED_NORM_PEER_K(4)
+FUSED_NORM_PEER_K(8)
 #define FUSED_SILU_K(A, SUFFIX, K)                                                                            \
     extern "C" __global__ void __launch_bounds__(1024)                                                        \
         silu_mul_fp8_k##K##_##SUFFIX(fp8* xq, float* xs, const A* gate_up, int inter) { pdl_enter();          \

@@ -3,17 +3,18 @@
 //! BF16), over several calls in a row (the two buffer slots and the epoch flags alternate), and
 //! messages it does not take (too big, not 16-byte units) must be left to NCCL untouched.
 //! On one GPU: two ranks whose buffers share it replay their calls from CUDA graphs (the epochs
-//! come from device memory), interleaved with eager calls.
+//! come from device memory), interleaved with eager calls; and the norm that takes the all-reduce
+//! in (`add_rmsnorm_fp8_peer`) gives the bits of the all-reduce followed by the fused norm.
 //!
 //! Skips (with a message) without a GPU or with fewer than two; with two GPUs and no libnccl it
 //! fails, since the GPU machine's setup (scripts/gpu_check.sh) is then wrong.
 
 use half::bf16;
-use tandem::backend::cuda::device::Gpu;
+use tandem::backend::cuda::device::{DeviceBuffer, Gpu};
 use tandem::backend::cuda::gpu_available;
 use tandem::backend::cuda::kernels::Kernels;
 use tandem::backend::cuda::nccl::{nccl_available, NcclComm, NcclId};
-use tandem::backend::cuda::ops::Precision;
+use tandem::backend::cuda::ops::{Ops, Precision};
 use tandem::backend::cuda::peer_all_reduce::{PeerAllReduce, SLOT_BYTES};
 
 fn gpus() -> usize {
@@ -245,6 +246,106 @@ fn peer_all_reduce_replays_from_cuda_graphs() {
         }
     }
     println!("12 steps of 3 all-reduces on 2 ranks of one GPU: 8 replayed from graphs, 4 eager");
+}
+
+/// Two ranks on one GPU (a stream each): residual += all-reduced delta, RMS norm, FP8 quantization,
+/// fused (`add_rmsnorm_fp8_peer`) against the peer all-reduce then `add_rmsnorm_fp8`, byte for byte
+/// on every rank (residual, FP8 codes, scales), at decode row counts and an uneven width; the
+/// fused calls and the plain ones share one epoch sequence.
+#[test]
+fn norm_taking_the_all_reduce_in_equals_all_reduce_then_norm() {
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return;
+    }
+    let world = 2;
+    let gpus: Vec<Gpu> = (0..world).map(|_| Gpu::new(0).unwrap()).collect();
+    let kernels = Kernels::load().unwrap();
+    let ranks = PeerAllReduce::on_one_gpu(&gpus[0], world).unwrap();
+    let ops = |r: usize| Ops {
+        k: &kernels,
+        stream: gpus[r].cu_stream(),
+        act: Precision::Bf16,
+    };
+    let eps = 1e-5f32;
+    for (case, (rows, hidden)) in [(1, 8192), (5, 8192), (64, 8192), (3, 1000)]
+        .into_iter()
+        .enumerate()
+    {
+        let n = rows * hidden;
+        // The residual is replicated; each rank has its own part of the delta.
+        let residual: Vec<f32> = (0..n).map(|i| value(9, case, i)).collect();
+        let weight: Vec<bf16> = (0..hidden)
+            .map(|i| bf16::from_f32(1.0 + value(8, case, i) / 16.0))
+            .collect();
+        let w = gpus[0].upload(&weight).unwrap();
+        // (residual, delta, xq, xs) per rank, for the fused run and the reference.
+        let bufs = |r: usize| {
+            let delta: Vec<bf16> = (0..n).map(|i| bf16::from_f32(value(r, case, i))).collect();
+            (
+                gpus[r].upload(&residual).unwrap(),
+                gpus[r].upload(&delta).unwrap(),
+                gpus[r].alloc(n).unwrap(),
+                gpus[r].alloc(rows * 4).unwrap(),
+            )
+        };
+        let fused: Vec<_> = (0..world).map(bufs).collect();
+        let plain: Vec<_> = (0..world).map(bufs).collect();
+        for r in 0..world {
+            let (res, delta, xq, xs) = &fused[r];
+            let call = ranks[r].norm_call(rows, hidden).expect("decode rows fit");
+            ops(r)
+                .add_rmsnorm_fp8_peer(
+                    res.ptr, delta.ptr, w.ptr, xq.ptr, xs.ptr, rows, hidden, eps, call,
+                )
+                .unwrap();
+        }
+        for r in 0..world {
+            let (res, delta, xq, xs) = &plain[r];
+            let stream = gpus[r].cu_stream();
+            assert!(ranks[r]
+                .try_all_reduce(&kernels, delta.ptr, n, Precision::Bf16, stream)
+                .unwrap());
+            ops(r)
+                .add_rmsnorm_fp8(res.ptr, delta.ptr, w.ptr, xq.ptr, xs.ptr, rows, hidden, eps)
+                .unwrap();
+            ranks[r].end_step(&kernels, stream).unwrap();
+        }
+        let read = |r: usize, (res, _, xq, xs): &(DeviceBuffer, DeviceBuffer, DeviceBuffer, DeviceBuffer)| {
+            let res: Vec<u32> = gpus[r].download(res, n).unwrap();
+            let xq: Vec<u8> = gpus[r].download(xq, n).unwrap();
+            let xs: Vec<u32> = gpus[r].download(xs, rows).unwrap();
+            (res, xq, xs)
+        };
+        let first = read(0, &fused[0]);
+        for r in 0..world {
+            let got = read(r, &fused[r]);
+            let want = read(r, &plain[r]);
+            assert!(
+                got.0 == want.0,
+                "rows {rows} x {hidden}, rank {r}: residual differs"
+            );
+            assert!(
+                got.1 == want.1,
+                "rows {rows} x {hidden}, rank {r}: FP8 codes differ"
+            );
+            assert_eq!(
+                got.2, want.2,
+                "rows {rows} x {hidden}, rank {r}: scales differ"
+            );
+            assert!(
+                got == first,
+                "rows {rows} x {hidden}: rank {r} differs from rank 0"
+            );
+        }
+        println!(
+            "{rows} x {hidden}: fused all-reduce + norm equals all-reduce then norm on both ranks"
+        );
+    }
+    assert!(
+        ranks[0].norm_call(65, 8192).is_none() && ranks[0].norm_call(4, 8196).is_none(),
+        "more rows than flag blocks, or rows not in 16-byte pieces, go to the plain pair"
+    );
 }
 
 #[test]

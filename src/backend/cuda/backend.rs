@@ -441,6 +441,16 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Under tensor parallelism a row-parallel linear's output is this rank's part, which the next
+    /// norm sums over the ranks (`LinOut::RankPartial`); on one GPU it is the output.
+    fn rank_partial(&self, out: LinOut) -> Result<LinOut> {
+        Ok(match (&self.tp, out) {
+            (None, out) => out,
+            (Some(_), LinOut::Scaled(p)) => LinOut::RankPartial(p),
+            (Some(_), _) => bail!("a row-parallel output to sum over the ranks must be scaled"),
+        })
+    }
+
     /// Queues the whole step, layers and head, with no host synchronization (graphs capture it).
     fn queue_step(&mut self, plan: &StepPlan) -> Result<()> {
         self.launch_layers(plan)?;
@@ -484,6 +494,7 @@ impl CudaBackend {
             let qkv_out = self.norm_linear(Lin::Qkv(i), prev, norm_w, n, qkv, fold)?;
             let unscaled = match qkv_out {
                 LinOut::Scaled(_) => None,
+                LinOut::RankPartial(_) => bail!("qkv is column-parallel"),
                 LinOut::Unscaled { acc, w_scale } => Some([acc, self.ws.xs.ptr, w_scale]),
             };
             let (kc, vc) = (self.k_cache(i), self.v_cache(i));
@@ -537,7 +548,7 @@ impl CudaBackend {
             let groups = [m(at.group_part0), m(at.group_nparts), m(at.group_q0)];
             let fold = self.folds_epilogue(Lin::GateUp(i), n);
             let o = self.combine_o_proj(i, groups, plan.num_groups, n, delta, fold)?;
-            self.tp_all_reduce(delta, n * h, self.opts.precision)?;
+            let o = self.rank_partial(o)?;
             let norm_w = self.weights.layers[i].post_norm.ptr;
             let fold = self.folds_epilogue(Lin::Down(i), n);
             let gu = self.norm_linear(Lin::GateUp(i), o, norm_w, n, gate_up, fold)?;
@@ -545,7 +556,11 @@ impl CudaBackend {
             let last = i + 1 == c.num_hidden_layers;
             let fold = !last && self.folds_epilogue(Lin::Qkv(i + 1), n);
             prev = self.silu_linear(Lin::Down(i), gu, n, delta, fold)?;
-            self.tp_all_reduce(delta, n * h, self.opts.precision)?;
+            if last {
+                self.tp_all_reduce(delta, n * h, self.opts.precision)?;
+            } else {
+                prev = self.rank_partial(prev)?;
+            }
         }
         if let Some(tp) = &self.tp {
             tp.end_step(&self.kernels, self.gpu.cu_stream())?;

@@ -18,7 +18,10 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 pub const MODULES: &[(&str, &str)] = &[
     (
         "elementwise",
-        include_str!("../../../kernels/elementwise.cu"),
+        concat!(
+            include_str!("../../../kernels/peer.cuh"),
+            include_str!("../../../kernels/elementwise.cu")
+        ),
     ),
     ("attention", include_str!("../../../kernels/attention.cu")),
     (
@@ -39,7 +42,13 @@ pub const MODULES: &[(&str, &str)] = &[
     ("sampling", include_str!("../../../kernels/sampling.cu")),
     ("kv_copy", include_str!("../../../kernels/kv_copy.cu")),
     ("gemm_fp8", include_str!("../../../kernels/gemm_fp8.cu")),
-    ("all_reduce", include_str!("../../../kernels/all_reduce.cu")),
+    (
+        "all_reduce",
+        concat!(
+            include_str!("../../../kernels/peer.cuh"),
+            include_str!("../../../kernels/all_reduce.cu")
+        ),
+    ),
 ];
 
 /// Kernels instantiated per activation type, as `<name>_bf16` and `<name>_f32`.
@@ -104,6 +113,10 @@ const PLAIN: &[(&str, &[&str])] = &[
             "silu_split_quant_acc_bf16",
             "rope_kv_write_acc_bf16",
             "rope_kv_write_acc_kv8_bf16",
+            "add_rmsnorm_fp8_peer_k1_bf16",
+            "add_rmsnorm_fp8_peer_k2_bf16",
+            "add_rmsnorm_fp8_peer_k4_bf16",
+            "add_rmsnorm_fp8_peer_k8_bf16",
         ],
     ),
     ("sampling", &["sample_tokens", "take_previous_tokens"]),
@@ -503,9 +516,9 @@ mod tests {
                         && src.contains(&format!(" {prefix}_k##K##_##SUFFIX("))
                         && src.contains(&format!("_K(A, SUFFIX, {k})"))
                 });
-                // <name>_k##K##_bf16 instantiated per K by FUSED_*_ACC_K(K) macros.
+                // <name>_k##K##_bf16 instantiated per K by FUSED_*_{ACC,PEER}_K(K) macros.
                 let per_k_bf16 = base.rsplit_once("_k").is_some_and(|(prefix, k)| {
-                    let macro_call = format!("_ACC_K({k})\n");
+                    let macro_call = format!("_K({k})\n");
                     k.parse::<u32>().is_ok()
                         && src.contains(&format!(" {prefix}_k##K##_bf16("))
                         && src.contains(&macro_call)

@@ -7,7 +7,7 @@
 use super::device::{DeviceBuffer, Gpu};
 use super::kernels::Kernels;
 use super::ops::Precision;
-use super::peer_all_reduce::PeerAllReduce;
+use super::peer_all_reduce::{PeerAllReduce, PeerCall};
 use super::shard::Shard;
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::sys as cu;
@@ -204,6 +204,12 @@ impl TpRank {
 
     pub fn all_reduce_max_f32(&self, ptr: u64, count: usize, stream: cu::CUstream) -> Result<()> {
         self.comm.all_reduce_max_f32(ptr, count, stream)
+    }
+
+    /// The peer all-reduce of `rows` BF16 rows of `cols` for a norm that takes it in
+    /// ([`PeerAllReduce::norm_call`]); None: all-reduce first.
+    pub fn norm_call(&self, rows: usize, cols: usize) -> Option<PeerCall> {
+        self.peer.as_ref()?.norm_call(rows, cols)
     }
 
     /// Closes a step's all-reduces (the peer kernel's epochs live on the device; see

@@ -5,6 +5,10 @@
 //! valid here once peer access is on; they learn each other's buffers by an NCCL all-gather.
 //! `TANDEM_ALL_REDUCE=nccl` turns it off.
 //!
+//! The norm after o_proj and down_proj can take the all-reduce in (`add_rmsnorm_fp8_peer_k*`,
+//! [`PeerAllReduce::norm_call`]): one launch and one pass fewer per all-reduce at decode sizes.
+//! `TANDEM_ALL_REDUCE=peer` keeps the all-reduce a kernel of its own (comparisons).
+//!
 //! The kernels read their epoch from device memory (a base plus the call's number within the
 //! step), and [`PeerAllReduce::end_step`] queues the kernel that moves the base on: a decode step
 //! captured in a CUDA graph replays with fresh epochs.
@@ -46,10 +50,60 @@ pub struct PeerAllReduce {
 // Used by the one thread that owns the rank's backend.
 unsafe impl Send for PeerAllReduce {}
 
+/// The peer-buffer arguments of one all-reduce taken into another kernel (the fused norm's last
+/// six: every rank's buffer, world, rank, epoch base, call number, slot bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCall {
+    bases: u64,
+    world: usize,
+    rank: usize,
+    epoch_base: u64,
+    call: u32,
+}
+
+impl PeerCall {
+    pub fn args(&self) -> [Arg; 6] {
+        [
+            Arg::Ptr(self.bases),
+            Arg::I32(self.world as i32),
+            Arg::I32(self.rank as i32),
+            Arg::Ptr(self.epoch_base),
+            Arg::I32(self.call as i32),
+            Arg::U64(SLOT_BYTES as u64),
+        ]
+    }
+}
+
 impl PeerAllReduce {
     /// Is it wanted (not turned off by `TANDEM_ALL_REDUCE=nccl`)?
     pub fn enabled() -> bool {
         std::env::var("TANDEM_ALL_REDUCE").map_or(true, |v| v != "nccl")
+    }
+
+    /// May norms take the all-reduce in (not `TANDEM_ALL_REDUCE=peer`)?
+    fn fuses() -> bool {
+        std::env::var("TANDEM_ALL_REDUCE").map_or(true, |v| v != "peer")
+    }
+
+    /// An all-reduce of `rows` BF16 rows of `cols` for a kernel that takes it in with a block per
+    /// row, if it fits (rows <= the flag blocks, rows in the slot, whole 16-byte row pieces) and
+    /// fusing is on; counts as the step's next call.
+    pub fn norm_call(&self, rows: usize, cols: usize) -> Option<PeerCall> {
+        let fits = (1..=MAX_BLOCKS).contains(&rows)
+            && cols.is_multiple_of(8)
+            && rows * cols * 2 <= SLOT_BYTES;
+        if !fits || !Self::fuses() {
+            return None;
+        }
+        let call = self.calls.get().wrapping_add(1);
+        self.calls.set(call);
+        Some(PeerCall {
+            bases: self.bases.ptr,
+            world: self.world,
+            rank: self.rank,
+            epoch_base: self.epoch_base.ptr,
+            call,
+        })
     }
 
     /// Collective: every rank of `comm` calls it at the same point. Allocates this rank's

@@ -12,11 +12,14 @@ use anyhow::{bail, ensure, Result};
 /// still the F32 accumulator of an unscaled FP8 product (decode batch sizes) whose epilogue that
 /// kernel applies itself, one launch fewer per linear: rope_kv_write after qkv
 /// (`rope_kv_write_from`), the norm after o_proj and down_proj (`add_rmsnorm_fp8_acc`), the silu
-/// after gate_up (`silu_mul_fp8_acc`). The token scales are in `ws.xs`.
+/// after gate_up (`silu_mul_fp8_acc`). The token scales are in `ws.xs`. Under tensor parallelism
+/// a row-parallel output (o_proj, down_proj) is this rank's part (`RankPartial`), which the norm
+/// reading it sums over the ranks (`add_rmsnorm_fp8_peer`, or an all-reduce first).
 #[derive(Clone, Copy)]
 pub(super) enum LinOut {
     Scaled(u64),
     Unscaled { acc: u64, w_scale: u64 },
+    RankPartial(u64),
 }
 
 #[derive(Clone, Copy)]
@@ -215,6 +218,23 @@ impl CudaBackend {
         let (residual, xn, xq, xs) = (ws.residual.ptr, ws.xn.ptr, ws.xq.ptr, ws.xs.ptr);
         let delta = match delta {
             LinOut::Scaled(d) => d,
+            LinOut::RankPartial(d) => {
+                let fusable = self.opts.precision == Precision::Bf16
+                    && self.fp8_fusable(lin, h, FUSED_NORM_MAX_COLS);
+                let peer = self.tp.as_ref().filter(|_| fusable);
+                match peer.and_then(|tp| tp.norm_call(n, h)) {
+                    Some(peer) => {
+                        self.ops()
+                            .add_rmsnorm_fp8_peer(residual, d, norm_w, xq, xs, n, h, eps, peer)?;
+                        self.mark("all_reduce + add_rmsnorm fp8")?;
+                        return self.linear_quantized_into(lin, n, out, fold);
+                    }
+                    None => {
+                        self.tp_all_reduce(d, n * h, self.opts.precision)?;
+                        d
+                    }
+                }
+            }
             LinOut::Unscaled { acc, w_scale } => {
                 ensure!(
                     self.folds_epilogue(lin, n),
@@ -254,6 +274,7 @@ impl CudaBackend {
         let (act, xq, xs) = (ws.act.ptr, ws.xq.ptr, ws.xs.ptr);
         let gate_up = match gate_up {
             LinOut::Scaled(g) => g,
+            LinOut::RankPartial(_) => bail!("silu of a rank's partial sum"),
             LinOut::Unscaled { acc, w_scale } => {
                 ensure!(
                     self.folds_epilogue(lin, n),

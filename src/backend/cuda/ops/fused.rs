@@ -3,6 +3,7 @@
 
 use super::{rows, Fp8KvScales, Ops, Precision, NORM_CHUNK_COLS, ROPE_THREADS};
 use crate::backend::cuda::kernels::Arg;
+use crate::backend::cuda::peer_all_reduce::PeerCall;
 use anyhow::{ensure, Result};
 
 /// The fused kernels hold a row in registers, one block per row: at most 32 warps and
@@ -120,6 +121,49 @@ impl Ops<'_> {
                 Arg::I32(hidden as i32),
                 Arg::F32(eps),
             ],
+        )
+    }
+
+    /// [`Self::add_rmsnorm_fp8`] with `delta` this rank's part of a row-parallel product, summed
+    /// over the tensor-parallel ranks first (`peer`, from `PeerAllReduce::norm_call`): the bits
+    /// of the peer all-reduce followed by the fused norm. BF16; `delta` rows 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rmsnorm_fp8_peer(
+        &self,
+        residual: u64,
+        delta: u64,
+        weight: u64,
+        xq: u64,
+        xs: u64,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+        peer: PeerCall,
+    ) -> Result<()> {
+        ensure!(
+            self.act == Precision::Bf16
+                && hidden <= FUSED_NORM_MAX_COLS
+                && hidden.is_multiple_of(8)
+                && delta.is_multiple_of(16),
+            "fused all-reduce and norm: BF16, at most {FUSED_NORM_MAX_COLS} columns in whole 16-byte pieces"
+        );
+        let (k, threads) = fused_norm_k(hidden);
+        let mut args = vec![
+            Arg::Ptr(residual),
+            Arg::Ptr(delta),
+            Arg::Ptr(weight),
+            Arg::Ptr(xq),
+            Arg::Ptr(xs),
+            Arg::I32(hidden as i32),
+            Arg::F32(eps),
+        ];
+        args.extend(peer.args());
+        self.go(
+            &format!("add_rmsnorm_fp8_peer_k{k}_bf16"),
+            rows(n),
+            threads,
+            0,
+            &args,
         )
     }
 
