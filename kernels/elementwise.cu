@@ -390,7 +390,8 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
                 dr[k].set(a);
             } else if constexpr (PEER) {
                 float a[LANE_COLS] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int q = 0; q < p.world; q++) {
+                // Lanes past the row's end (hidden is a multiple of 8) add nothing: zeros.
+                for (int q = 0; q < p.world && c0 < hidden; q++) {
                     float f[LANE_COLS];
                     load4_bf16_cg((const bf16*)((const unsigned char*)p.bufs[q] + peer_off) + c0, f);
 #pragma unroll

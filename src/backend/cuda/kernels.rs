@@ -539,17 +539,18 @@ mod tests {
         for (module, src) in MODULES {
             let listed = kernel_names(module);
             for (at, _) in src.match_indices("extern \"C\" __global__") {
-                let rest = &src[at..];
-                let decl = &rest[..rest.find('(').unwrap()];
-                let decl = match decl.contains("__launch_bounds__") {
-                    // The name follows the bounds' parentheses.
-                    true => {
-                        let after = &rest[rest.find(')').unwrap() + 1..];
-                        &after[..after.find('(').unwrap()]
+                // Past `void` and attributes such as `__launch_bounds__(..)`: the name.
+                let mut rest = src[at + "extern \"C\" __global__".len()..].trim_start();
+                loop {
+                    if let Some(after) = rest.strip_prefix("void") {
+                        rest = after.trim_start();
+                    } else if rest.starts_with("__") && rest.find('(') < rest.find(' ') {
+                        rest = rest[rest.find(')').unwrap() + 1..].trim_start();
+                    } else {
+                        break;
                     }
-                    false => decl,
-                };
-                let name = decl.split_whitespace().last().unwrap();
+                }
+                let name = &rest[..rest.find('(').unwrap()];
                 if name.contains("##") {
                     continue; // macro instantiations: checked the other way round above
                 }

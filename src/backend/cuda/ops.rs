@@ -17,6 +17,8 @@ pub use fused::{FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS, SILU_SPLIT_BELOW_ROWS}
 /// Threads per block for the per-row kernels (one block per row: a decode row of 8192-28672
 /// values needs many threads in flight).
 const ROW_THREADS: u32 = 1024;
+/// Blocks per row of sample_tokens (kernels/sampling.cu's SAMPLE_CLUSTER).
+const SAMPLE_CLUSTER: usize = 8;
 const ROPE_THREADS: u32 = 256;
 /// Widest rows of add_rmsnorm (chunk sums in shared memory: MAX_NORM_CHUNKS in elementwise.cu).
 const NORM_MAX_COLS: usize = 512 * NORM_CHUNK_COLS;
@@ -354,6 +356,7 @@ impl Ops<'_> {
     }
 
     /// One token per row of `logits[n, vocab]` (F32); `params[n, 4]` = temperature, top_k, top_p, uniform.
+    /// A cluster of [`SAMPLE_CLUSTER`] blocks per row (the kernel's `__cluster_dims__`).
     pub fn sample_tokens(
         &self,
         out: u64,
@@ -364,7 +367,7 @@ impl Ops<'_> {
     ) -> Result<()> {
         self.go(
             "sample_tokens",
-            rows(n),
+            ((n * SAMPLE_CLUSTER) as u32, 1, 1),
             1024,
             0,
             &[
