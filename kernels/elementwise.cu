@@ -568,6 +568,67 @@ __device__ void quantize_fp8_held_t(fp8* out, float* scales, const A* in, int co
         [&](const Held8<A>& h, int c0, float* v) { h.get(v); });
 }
 
+// silu_mul_fp8 with the row's products in shared memory instead of registers (BF16 activations,
+// prefill rows): 256 threads and ceil(inter / 8) * 16 bytes of dynamic shared memory a block, so
+// that several rows share an SM and one row's loads overlap another's reduction and stores (the
+// register version holds a 70B row in a whole SM's registers: one row at a time). The same values,
+// maximum and rounding as silu_mul_fp8_t: the same bits.
+#define SILU_SMEM_UNROLL 4
+extern "C" __global__ void __launch_bounds__(256) silu_mul_fp8_smem_bf16(fp8* xq, float* xs, const bf16* gate_up,
+                                                                          int inter) {
+    pdl_enter();
+    extern __shared__ __align__(16) unsigned char silu_smem[];
+    __shared__ float scratch[32];
+    uint4* prod = (uint4*)silu_smem;  // 8 BF16 products per group
+    const bf16* g = gate_up + (u64)blockIdx.x * 2 * inter;
+    bool vec = vec8_ok(g, inter);
+    int groups = (inter + SILU_COLS - 1) / SILU_COLS;
+    float amax = 0.0f;
+    for (int base = threadIdx.x; base < groups; base += SILU_SMEM_UNROLL * blockDim.x) {
+        Held8<bf16> gate[SILU_SMEM_UNROLL], up[SILU_SMEM_UNROLL];
+#pragma unroll
+        for (int k = 0; k < SILU_SMEM_UNROLL; k++) {
+            int c0 = (base + k * blockDim.x) * SILU_COLS;
+            if (c0 < inter) {
+                gate[k].load(g, c0, inter, vec);
+                up[k].load(g + inter, c0, inter, vec);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < SILU_SMEM_UNROLL; k++) {
+            int c0 = (base + k * blockDim.x) * SILU_COLS;
+            if (c0 < inter) {
+                float v[SILU_COLS], u[SILU_COLS];
+                gate[k].get(v);
+                up[k].get(u);
+#pragma unroll
+                for (int j = 0; j < SILU_COLS; j++) {
+                    v[j] = c0 + j < inter ? as_act<bf16>(silu_mul1<bf16>(v[j], u[j])) : 0.0f;
+                    amax = fmaxf(amax, fabsf(v[j]));
+                }
+                Held8<bf16> p;
+                p.set(v);
+                uint4 w;
+                w.x = p.w[0], w.y = p.w[1], w.z = p.w[2], w.w = p.w[3];
+                prod[c0 / SILU_COLS] = w;
+            }
+        }
+    }
+    float scale = fp8_scale(block_max(amax, scratch));  // its barriers order the products too
+    Fp8Quant<bf16> quant(scale);
+    fp8* q = xq + (u64)blockIdx.x * inter;
+    bool vq = vec8_ok(q, inter);
+    for (int i = threadIdx.x; i < groups; i += blockDim.x) {
+        uint4 w = prod[i];
+        Held8<bf16> p;
+        p.w[0] = w.x, p.w[1] = w.y, p.w[2] = w.z, p.w[3] = w.w;
+        float v[SILU_COLS];
+        p.get(v);
+        store8_e4m3(q, i * SILU_COLS, inter, vq, v, quant);
+    }
+    if (threadIdx.x == 0) xs[blockIdx.x] = scale;
+}
+
 // Few rows (decode): one SM per row is too slow for silu's expf and divisions, so each row is
 // split over blocks of SPLIT_COLS columns in two launches (partial maxima into a scratch buffer,
 // then quantize from recomputed values). Grid (column blocks, rows).

@@ -117,6 +117,7 @@ const PLAIN: &[(&str, &[&str])] = &[
             "add_rmsnorm_fp8_peer_k2_bf16",
             "add_rmsnorm_fp8_peer_k4_bf16",
             "add_rmsnorm_fp8_peer_k8_bf16",
+            "silu_mul_fp8_smem_bf16",
         ],
     ),
     ("sampling", &["sample_tokens", "take_previous_tokens"]),
@@ -357,11 +358,15 @@ pub fn pdl_enabled() -> bool {
 }
 
 /// Kernels that need more than 48 KiB of dynamic shared memory, and how much they may use.
+/// Most dynamic shared memory of silu_mul_fp8_smem_bf16 (a row's BF16 products): 3 rows an SM.
+pub const SILU_SMEM_MAX_BYTES: usize = 72 * 1024;
+
 fn big_shared() -> impl Iterator<Item = (&'static str, i32)> {
     let paged = ["paged_attention_bf16", "paged_attention_f32"].map(|n| (n, 96 * 1024));
     let flash = FLASH_ATTENTION.iter().map(|&n| (n, 112 * 1024));
     let decode = FLASH_DECODE.iter().map(|&n| (n, 96 * 1024));
-    paged.into_iter().chain(flash).chain(decode)
+    let silu = [("silu_mul_fp8_smem_bf16", SILU_SMEM_MAX_BYTES as i32)];
+    paged.into_iter().chain(flash).chain(decode).chain(silu)
 }
 
 impl Kernels {

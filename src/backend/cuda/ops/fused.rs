@@ -2,7 +2,7 @@
 //! kernel followed by `quantize_fp8`), and rope fused with the paged KV write.
 
 use super::{rows, Fp8KvScales, Ops, Precision, NORM_CHUNK_COLS, ROPE_THREADS};
-use crate::backend::cuda::kernels::Arg;
+use crate::backend::cuda::kernels::{Arg, SILU_SMEM_MAX_BYTES};
 use crate::backend::cuda::peer_all_reduce::PeerCall;
 use anyhow::{ensure, Result};
 
@@ -254,7 +254,8 @@ impl Ops<'_> {
 
     /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output, the same bits as the unfused
     /// pair. From [`SILU_SPLIT_BELOW_ROWS`] rows on, one launch: a block per row reads `gate_up`
-    /// once and keeps the products in registers. Fewer rows (decode) are split over blocks of 512
+    /// once and keeps the products in shared memory (BF16 rows up to [`SILU_SMEM_MAX_BYTES`] of
+    /// products, several rows an SM) or else in registers (a row an SM). Fewer rows (decode) are split over blocks of 512
     /// columns in two launches (partial maxima into `scratch`,
     /// [`Self::fused_silu_scratch_bytes`]), which spreads a row over many SMs.
     /// `inter` <= [`FUSED_SILU_MAX_COLS`].
@@ -295,18 +296,23 @@ impl Ops<'_> {
                 ],
             );
         }
+        let args = [
+            Arg::Ptr(xq),
+            Arg::Ptr(xs),
+            Arg::Ptr(gate_up),
+            Arg::I32(inter as i32),
+        ];
+        let smem = inter.div_ceil(8) * 16;
+        if self.act == Precision::Bf16 && smem <= SILU_SMEM_MAX_BYTES {
+            return self.go("silu_mul_fp8_smem_bf16", rows(n), 256, smem as u32, &args);
+        }
         let (k, threads) = held_row_shape(inter, SILU_MAX_THREADS);
         self.go(
             &self.typed(&format!("silu_mul_fp8_k{k}")),
             rows(n),
             threads,
             0,
-            &[
-                Arg::Ptr(xq),
-                Arg::Ptr(xs),
-                Arg::Ptr(gate_up),
-                Arg::I32(inter as i32),
-            ],
+            &args,
         )
     }
 
