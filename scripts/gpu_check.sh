@@ -177,11 +177,13 @@ case " $STAGES " in *" tp "*)
       --load-format dummy --tensor-parallel-size 2 --batch 1,32 --context 3000 --prompt-len 3000 \
       --prefill-batch 1 --gpu-memory-utilization 0.95 --iters "${ITERS:-20}" --compare-eager
     sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_tp2.json"
-    if [ -n "${TP_AB:-}" ]; then  # the same step with NCCL for every all-reduce (A/B of the peer kernel)
-      step "bench-step 70B fp8 dummy TP2, NCCL all-reduce" 300 env TANDEM_ALL_REDUCE=nccl "$D/tandem" bench-step \
-        --model llama-3.3-70b-fp8-dynamic --load-format dummy --tensor-parallel-size 2 --batch 1,32 \
-        --context 3000 --prompt-len 3000 --prefill-batch 1 --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
-      sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_tp2_nccl.json"
+    if [ -n "${TP_AB:-}" ]; then  # the same step with the all-reduce as a kernel of its own (peer), or NCCL's
+      for ar in peer nccl; do
+        step "bench-step 70B fp8 dummy TP2, TANDEM_ALL_REDUCE=$ar" 300 env TANDEM_ALL_REDUCE=$ar "$D/tandem" bench-step \
+          --model llama-3.3-70b-fp8-dynamic --load-format dummy --tensor-parallel-size 2 --batch 1,32 \
+          --context 3000 --prompt-len 3000 --prefill-batch 1 --gpu-memory-utilization 0.95 --iters "${ITERS:-20}"
+        sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_tp2_$ar.json"
+      done
     fi
   fi ;;
 esac
