@@ -255,8 +255,8 @@ impl Ops<'_> {
     /// [`Self::silu_mul`] then [`Self::quantize_fp8`] of its output, the same bits as the unfused
     /// pair. From [`SILU_SPLIT_BELOW_ROWS`] rows on, one launch: a block per row reads `gate_up`
     /// once and keeps the products in shared memory (BF16 rows up to [`SILU_SMEM_MAX_BYTES`] of
-    /// products, several rows an SM) or else in registers (a row an SM). Fewer rows (decode) are split over blocks of 512
-    /// columns in two launches (partial maxima into `scratch`,
+    /// products, several rows an SM) or else in registers (a row an SM). Fewer rows (decode) are
+    /// split over blocks of 512 columns in two launches (partial maxima into `scratch`,
     /// [`Self::fused_silu_scratch_bytes`]), which spreads a row over many SMs.
     /// `inter` <= [`FUSED_SILU_MAX_COLS`].
     pub fn silu_mul_fp8(
