@@ -333,15 +333,6 @@ struct PeerDelta {
     u64 slot_bytes;
 };
 
-// 4 BF16 at p, bypassing L1 (a peer wrote them during this kernel), as F32.
-__device__ __forceinline__ void load4_bf16_cg(const bf16* p, float* f) {
-    unsigned a, b;
-    asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
-    f[0] = __uint_as_float(a << 16);
-    f[1] = __uint_as_float(a & 0xffff0000u);
-    f[2] = __uint_as_float(b << 16);
-    f[3] = __uint_as_float(b & 0xffff0000u);
-}
 
 template <typename A, int K, bool ACC = false, bool PEER = false>
 __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* weight, fp8* xq, float* xs,
@@ -393,7 +384,7 @@ __device__ void add_rmsnorm_fp8_t(float* residual, const A* delta, const bf16* w
                 // Lanes past the row's end (hidden is a multiple of 8) add nothing: zeros.
                 for (int q = 0; q < p.world && c0 < hidden; q++) {
                     float f[LANE_COLS];
-                    load4_bf16_cg((const bf16*)((const unsigned char*)p.bufs[q] + peer_off) + c0, f);
+                    load4_cg((const bf16*)((const unsigned char*)p.bufs[q] + peer_off) + c0, f);
 #pragma unroll
                     for (int j = 0; j < LANE_COLS; j++) a[j] += f[j];
                 }

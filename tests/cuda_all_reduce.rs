@@ -135,6 +135,19 @@ fn run(world: usize) {
     assert!(errors.is_empty(), "world {world}: {errors:#?}");
 }
 
+/// `world` ranks sharing GPU 0, each with a `Gpu` (a stream) of its own; None (with a message)
+/// without a GPU.
+fn ranks_on_one_gpu(world: usize) -> Option<(Vec<Gpu>, Kernels, Vec<PeerAllReduce>)> {
+    if !gpu_available() {
+        eprintln!("skipping: no CUDA GPU on this machine");
+        return None;
+    }
+    let gpus: Vec<Gpu> = (0..world).map(|_| Gpu::new(0).unwrap()).collect();
+    let kernels = Kernels::load().unwrap();
+    let ranks = PeerAllReduce::on_one_gpu(&gpus[0], world).unwrap();
+    Some((gpus, kernels, ranks))
+}
+
 /// Two ranks on one GPU, each on a stream of its own: a step of three all-reduces (BF16, F32,
 /// BF16 again) and its `end_step`, captured once per rank and replayed with new inputs, every third
 /// step run eagerly instead. Replays reuse the same kernel arguments, so only epochs read from
@@ -142,15 +155,10 @@ fn run(world: usize) {
 #[test]
 fn peer_all_reduce_replays_from_cuda_graphs() {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    if !gpu_available() {
-        eprintln!("skipping: no CUDA GPU on this machine");
+    let Some((gpus, kernels, ranks)) = ranks_on_one_gpu(2) else {
         return;
-    }
-    let world = 2;
-    // One Gpu (stream) per rank over the same device.
-    let gpus: Vec<Gpu> = (0..world).map(|_| Gpu::new(0).unwrap()).collect();
-    let kernels = Kernels::load().unwrap();
-    let ranks = PeerAllReduce::on_one_gpu(&gpus[0], world).unwrap();
+    };
+    let world = ranks.len();
     let (h, wide) = (8192, 3 * 8192);
     let bufs: Vec<_> = (0..world)
         .map(|_| {
@@ -254,14 +262,10 @@ fn peer_all_reduce_replays_from_cuda_graphs() {
 /// fused calls and the plain ones share one epoch sequence.
 #[test]
 fn norm_taking_the_all_reduce_in_equals_all_reduce_then_norm() {
-    if !gpu_available() {
-        eprintln!("skipping: no CUDA GPU on this machine");
+    let Some((gpus, kernels, ranks)) = ranks_on_one_gpu(2) else {
         return;
-    }
-    let world = 2;
-    let gpus: Vec<Gpu> = (0..world).map(|_| Gpu::new(0).unwrap()).collect();
-    let kernels = Kernels::load().unwrap();
-    let ranks = PeerAllReduce::on_one_gpu(&gpus[0], world).unwrap();
+    };
+    let world = ranks.len();
     let ops = |r: usize| Ops {
         k: &kernels,
         stream: gpus[r].cu_stream(),
