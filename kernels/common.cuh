@@ -118,3 +118,10 @@ __device__ __forceinline__ void load4_cg(const bf16* p, float* f) {
     f[2] = __uint_as_float(b << 16);
     f[3] = __uint_as_float(b & 0xffff0000u);
 }
+
+// The 32-bit shared-memory address of a generic pointer into shared memory (cp.async, mapa).
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}

@@ -7,12 +7,6 @@
 #define FA_LN2 0.6931471805599453f
 #define FA_LOG2E 1.4426950408889634f
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
 // 16 bytes global -> shared, asynchronously; zero-filled when !valid (src must still be mapped).
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)

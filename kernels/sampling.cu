@@ -15,12 +15,6 @@
 #define SAMPLE_CLUSTER 8
 #define SAMPLE_UNROLL 8
 
-__device__ __forceinline__ unsigned shared_addr(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
 // Every thread of every block of the cluster arrives; shared-memory writes before it are visible
 // to the whole cluster after it (it is also a block barrier).
 __device__ __forceinline__ void cluster_sync() {
@@ -31,7 +25,7 @@ __device__ __forceinline__ void cluster_sync() {
 __device__ __forceinline__ float cluster_ld(const float* p, unsigned rank) {
     unsigned remote;
     float v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_addr(p)), "r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(p)), "r"(rank));
     asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
     return v;
 }

@@ -43,6 +43,8 @@ pub struct PeerAllReduce {
     epoch_base: DeviceBuffer,
     /// Calls queued since the last `end_step`.
     calls: Cell<u32>,
+    /// May norms take the all-reduce in (not `TANDEM_ALL_REDUCE=peer`)? Read once.
+    fuses: bool,
     /// Keeps the peers' contexts (and so the peer mappings) alive.
     _peers: Vec<Arc<CudaContext>>,
 }
@@ -80,11 +82,6 @@ impl PeerAllReduce {
         std::env::var("TANDEM_ALL_REDUCE").map_or(true, |v| v != "nccl")
     }
 
-    /// May norms take the all-reduce in (not `TANDEM_ALL_REDUCE=peer`)?
-    fn fuses() -> bool {
-        std::env::var("TANDEM_ALL_REDUCE").map_or(true, |v| v != "peer")
-    }
-
     /// An all-reduce of `rows` BF16 rows of `cols` for a kernel that takes it in with a block per
     /// row, if it fits (rows <= the flag blocks, rows in the slot, whole 16-byte row pieces) and
     /// fusing is on; counts as the step's next call.
@@ -92,7 +89,7 @@ impl PeerAllReduce {
         let fits = (1..=MAX_BLOCKS).contains(&rows)
             && cols.is_multiple_of(8)
             && rows * cols * 2 <= SLOT_BYTES;
-        if !fits || !Self::fuses() {
+        if !fits || !self.fuses {
             return None;
         }
         let call = self.calls.get().wrapping_add(1);
@@ -167,6 +164,7 @@ impl PeerAllReduce {
             bases: gpu.upload(bases)?,
             epoch_base: gpu.upload(&[0u32])?,
             calls: Cell::new(0),
+            fuses: std::env::var("TANDEM_ALL_REDUCE").map_or(true, |v| v != "peer"),
             buf,
             _peers: peers,
         })

@@ -43,6 +43,27 @@ fn fused_norm_shape(n: usize, hidden: usize) -> (String, u32) {
     (format!("add_rmsnorm_fp8_k{k}"), threads)
 }
 
+/// The arguments the fused norms share (`add_rmsnorm_fp8*`; the peer variant appends its own).
+fn norm_args(
+    residual: u64,
+    delta: u64,
+    weight: u64,
+    xq: u64,
+    xs: u64,
+    hidden: usize,
+    eps: f32,
+) -> [Arg; 7] {
+    [
+        Arg::Ptr(residual),
+        Arg::Ptr(delta),
+        Arg::Ptr(weight),
+        Arg::Ptr(xq),
+        Arg::Ptr(xs),
+        Arg::I32(hidden as i32),
+        Arg::F32(eps),
+    ]
+}
+
 /// K and threads per block of the row-per-block fused norm (`add_rmsnorm_fp8[_acc]_k*`).
 fn fused_norm_k(hidden: usize) -> (usize, u32) {
     let chunks = hidden.div_ceil(NORM_CHUNK_COLS);
@@ -107,21 +128,8 @@ impl Ops<'_> {
             "fused norm of {hidden} columns (at most {FUSED_NORM_MAX_COLS})"
         );
         let (name, threads) = fused_norm_shape(n, hidden);
-        self.go(
-            &self.typed(&name),
-            rows(n),
-            threads,
-            0,
-            &[
-                Arg::Ptr(residual),
-                Arg::Ptr(delta),
-                Arg::Ptr(weight),
-                Arg::Ptr(xq),
-                Arg::Ptr(xs),
-                Arg::I32(hidden as i32),
-                Arg::F32(eps),
-            ],
-        )
+        let args = norm_args(residual, delta, weight, xq, xs, hidden, eps);
+        self.go(&self.typed(&name), rows(n), threads, 0, &args)
     }
 
     /// [`Self::add_rmsnorm_fp8`] with `delta` this rank's part of a row-parallel product, summed
@@ -148,16 +156,11 @@ impl Ops<'_> {
             "fused all-reduce and norm: BF16, at most {FUSED_NORM_MAX_COLS} columns in whole 16-byte pieces"
         );
         let (k, threads) = fused_norm_k(hidden);
-        let mut args = vec![
-            Arg::Ptr(residual),
-            Arg::Ptr(delta),
-            Arg::Ptr(weight),
-            Arg::Ptr(xq),
-            Arg::Ptr(xs),
-            Arg::I32(hidden as i32),
-            Arg::F32(eps),
-        ];
-        args.extend(peer.args());
+        let args = [
+            norm_args(residual, delta, weight, xq, xs, hidden, eps).as_slice(),
+            &peer.args(),
+        ]
+        .concat();
         self.go(
             &format!("add_rmsnorm_fp8_peer_k{k}_bf16"),
             rows(n),
