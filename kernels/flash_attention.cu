@@ -559,7 +559,8 @@ __device__ __forceinline__ void flash_prefill_body(const FlashArgs& a, int tile,
         }
 }
 
-template <int D, int PM, bool KV8 = false>
+// SINGLE_ONLY: one-query items only (after flash_prefill_wgmma, which takes the others).
+template <int D, int PM, bool KV8 = false, bool SINGLE_ONLY = false>
 __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
     // Longest items first over all kv heads: a prefill's late tiles see the most keys, so they
     // should not form the tail.
@@ -569,9 +570,9 @@ __device__ __forceinline__ void flash_attention_t(const FlashArgs& a) {
     int rows = qn * (a.num_q_heads / a.num_kv_heads);
     int MT = (rows + 15) / 16;
     // A decode item (in a mixed batch) splits its keys over the warps its rows leave over.
-    if (qn > 1)
-        flash_prefill_body<D, PM, KV8>(a, tile, kvh);
-    else if (MT == 1)
+    if (qn > 1) {
+        if (!SINGLE_ONLY) flash_prefill_body<D, PM, KV8>(a, tile, kvh);
+    } else if (MT == 1)
         flash_body<D, 4, KV8>(a, tile, kvh, 1);
     else if (MT == 2)
         flash_body<D, 2, KV8>(a, tile, kvh, 2);
@@ -615,3 +616,5 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd96(FLASH_PARAMS) { flash_attention_t<96, P_HILO, true>(FLASH_ARGS); }
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd112(FLASH_PARAMS) { flash_attention_t<112, P_HILO, true>(FLASH_ARGS); }
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd128(FLASH_PARAMS) { flash_attention_t<128, P_HILO, true>(FLASH_ARGS); }
+// One-query items of a mixed batch whose multi-query items flash_prefill_wgmma_hd128 took.
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_single_hd128(FLASH_PARAMS) { flash_attention_t<128, P_HILO, false, true>(FLASH_ARGS); }

@@ -8,8 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use tandem::backend::cuda::device::DeviceBuffer;
 use tandem::backend::cuda::meta::{plan_step, SplitPolicy};
 use tandem::backend::cuda::ops::{
-    combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported, AttentionArgs,
-    Fp8KvScales, Ops, Precision, PrefillP,
+    combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported,
+    flash_prefill_wgmma_supported, AttentionArgs, Fp8KvScales, Ops, Precision, PrefillP,
 };
 use tandem::backend::{Batch, Emit, SeqChunk};
 
@@ -62,6 +62,10 @@ enum AttnKernel {
     FlashHiLo,
     /// The same with P and V of prefill blocks as F16 (`TANDEM_FLASH_PREFILL=f16`).
     FlashF16,
+    /// Flash and FlashHiLo on the mma.sync kernel only (`TANDEM_FLASH_WGMMA=0`): where head_dim
+    /// is 128 the two above run multi-query items on wgmma.
+    FlashMmaSync,
+    FlashHiLoMmaSync,
     /// The tensor-core kernel for decode-only batches.
     Decode,
     CudaCores,
@@ -170,12 +174,21 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             scale: 1.0 / (hd as f32).sqrt(),
             q_per_tile,
             decode_only: plan.all_decode,
+            single_query_items: plan.single_query_items,
             kv_fp8: pools.2,
         };
         match kernel {
             AttnKernel::Flash => e.ops().flash_attention_p(&args, PrefillP::Bf16).unwrap(),
             AttnKernel::FlashHiLo => e.ops().flash_attention_p(&args, PrefillP::HiLo).unwrap(),
             AttnKernel::FlashF16 => e.ops().flash_attention_p(&args, PrefillP::F16).unwrap(),
+            AttnKernel::FlashMmaSync => e
+                .ops()
+                .flash_attention_mma_sync(&args, PrefillP::Bf16)
+                .unwrap(),
+            AttnKernel::FlashHiLoMmaSync => e
+                .ops()
+                .flash_attention_mma_sync(&args, PrefillP::HiLo)
+                .unwrap(),
             AttnKernel::Decode => e.ops().flash_decode(&args).unwrap(),
             AttnKernel::CudaCores => e.ops().paged_attention_cuda_cores(&args).unwrap(),
         }
@@ -217,6 +230,9 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         AttnKernel::FlashF16,
         AttnKernel::CudaCores,
     ];
+    if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
+        kernels.extend([AttnKernel::FlashMmaSync, AttnKernel::FlashHiLoMmaSync]);
+    }
     if all_decode && flash_decode_supported(group, hd, Precision::Bf16) {
         kernels.push(AttnKernel::Decode);
     }
@@ -262,7 +278,13 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     let ((k8, kdq), (v8, vdq)) = (fp8_pool(&kc, scales.k), fp8_pool(&vc, scales.v));
     let (dk8, dv8) = (e.gpu.upload(&k8).unwrap(), e.gpu.upload(&v8).unwrap());
     let (dkq, dvq) = (e.gpu.upload(&kdq).unwrap(), e.gpu.upload(&vdq).unwrap());
-    let mut kv8_kernels = vec![AttnKernel::FlashHiLo];
+    // FP8 pools run the mma.sync kernel; compare with it on the BF16 pools too.
+    let hilo_mma_sync = if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
+        AttnKernel::FlashHiLoMmaSync
+    } else {
+        AttnKernel::FlashHiLo
+    };
+    let mut kv8_kernels = vec![hilo_mma_sync];
     if kernels.contains(&AttnKernel::Decode) {
         kv8_kernels.push(AttnKernel::Decode);
     }
@@ -288,6 +310,23 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     if all_decode {
         return; // no multi-query tiles to compare below
     }
+    if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
+        // wgmma and mma.sync sum the same products in their own orders: rounding apart.
+        for (wgmma, mma_sync) in [
+            (AttnKernel::FlashHiLo, AttnKernel::FlashHiLoMmaSync),
+            (AttnKernel::Flash, AttnKernel::FlashMmaSync),
+        ] {
+            let (x, _, _) = run(wgmma, flash_q_per_tile, None);
+            let (y, _, _) = run(mma_sync, flash_q_per_tile, None);
+            let y: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+            check(
+                &format!("{wgmma:?} vs {mma_sync:?} nh={nh} nkv={nkv} bs={bs}"),
+                &x,
+                &y,
+                3e-3,
+            );
+        }
+    }
     // Tensor cores: a token of a multi-query tile gets the same bits whatever else shares its
     // tile (so chunked and whole prefills agree exactly), with either P.
     let mut compared = 0;
@@ -295,6 +334,8 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         AttnKernel::Flash,
         AttnKernel::FlashHiLo,
         AttnKernel::FlashF16,
+        AttnKernel::FlashMmaSync,
+        AttnKernel::FlashHiLoMmaSync,
     ] {
         let (big, big_multi, _) = run(kernel, flash_q_per_tile, None);
         let (small, small_multi, _) = run(kernel, 2, None);

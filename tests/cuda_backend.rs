@@ -9,6 +9,11 @@ use tandem::model::config::LlamaConfig;
 const BS: usize = 16;
 
 fn config(fp8: bool) -> LlamaConfig {
+    config_hd(fp8, 32)
+}
+
+/// `head_dim` 128 runs prefill attention on the wgmma kernel (Llama 3's head size).
+fn config_hd(fp8: bool, head_dim: usize) -> LlamaConfig {
     let quant = if fp8 {
         r#", "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
             "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"],
@@ -19,7 +24,7 @@ fn config(fp8: bool) -> LlamaConfig {
     };
     LlamaConfig::from_json_str(&format!(
         r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+            "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": {head_dim},
             "vocab_size": 1000, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
             "rope_scaling": {{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}{quant}}}"#
@@ -32,6 +37,10 @@ fn backend(fp8: bool) -> Option<CudaBackend> {
 }
 
 fn backend_kv(fp8: bool, kv_cache_dtype: KvCacheDtype) -> Option<CudaBackend> {
+    backend_hd(fp8, kv_cache_dtype, 32)
+}
+
+fn backend_hd(fp8: bool, kv_cache_dtype: KvCacheDtype, head_dim: usize) -> Option<CudaBackend> {
     if !gpu_available() {
         eprintln!("skipping: no CUDA GPU on this machine");
         return None;
@@ -46,7 +55,8 @@ fn backend_kv(fp8: bool, kv_cache_dtype: KvCacheDtype) -> Option<CudaBackend> {
         split_min_keys: 16,
         ..Default::default()
     };
-    Some(CudaBackend::new(&config(fp8), WeightSource::Dummy { seed: 3 }, opts).unwrap())
+    let config = config_hd(fp8, head_dim);
+    Some(CudaBackend::new(&config, WeightSource::Dummy { seed: 3 }, opts).unwrap())
 }
 
 fn chunk(tokens: &[u32], start_pos: usize, blocks: &[u32], emit: Emit) -> SeqChunk {
@@ -120,7 +130,11 @@ fn greedy() -> Emit {
 }
 
 fn consistency(fp8: bool, kv: KvCacheDtype) {
-    let Some(mut b) = backend_kv(fp8, kv) else {
+    consistency_hd(fp8, kv, 32)
+}
+
+fn consistency_hd(fp8: bool, kv: KvCacheDtype, head_dim: usize) {
+    let Some(mut b) = backend_hd(fp8, kv, head_dim) else {
         return;
     };
     let tol = if fp8 { 3e-2 } else { 1e-2 };
@@ -280,6 +294,13 @@ fn synthetic_configs_parse() {
 #[test]
 fn bf16_model_is_self_consistent() {
     consistency(false, KvCacheDtype::Auto);
+}
+
+/// head_dim 128: prefill chunks on the wgmma kernel, decode and mixed batches on mma.sync.
+#[test]
+fn head_dim_128_models_are_self_consistent() {
+    consistency_hd(false, KvCacheDtype::Auto, 128);
+    consistency_hd(true, KvCacheDtype::Auto, 128);
 }
 
 /// With an FP8 pool every path (prefill, chunks, decode, prefix reuse, export / import) reads the

@@ -542,6 +542,7 @@ impl CudaBackend {
                 scale: 1.0 / (hd as f32).sqrt(),
                 q_per_tile,
                 decode_only: plan.all_decode,
+                single_query_items: plan.single_query_items,
                 kv_fp8: self.kv_fp8(),
             })?;
             self.mark("attention")?;

@@ -32,6 +32,13 @@ pub const MODULES: &[(&str, &str)] = &[
         ),
     ),
     (
+        "flash_prefill_wgmma",
+        concat!(
+            include_str!("../../../kernels/flash_common.cuh"),
+            include_str!("../../../kernels/flash_prefill_wgmma.cu")
+        ),
+    ),
+    (
         "flash_decode",
         concat!(
             include_str!("../../../kernels/flash_common.cuh"),
@@ -138,6 +145,7 @@ const PLAIN: &[(&str, &[&str])] = &[
         ],
     ),
     ("flash_attention", FLASH_ATTENTION),
+    ("flash_prefill_wgmma", FLASH_PREFILL_WGMMA),
     ("flash_decode", FLASH_DECODE),
 ];
 
@@ -176,6 +184,13 @@ pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hilo_kv8_hd96",
     "flash_attention_hilo_kv8_hd112",
     "flash_attention_hilo_kv8_hd128",
+    "flash_attention_single_hd128",
+];
+
+/// The wgmma prefill attention (`Ops::flash_prefill_wgmma`; `_bf16p`: P rounded to BF16).
+pub const FLASH_PREFILL_WGMMA: &[&str] = &[
+    "flash_prefill_wgmma_hd128",
+    "flash_prefill_wgmma_bf16p_hd128",
 ];
 
 /// The decode-only tensor-core attention (`Ops::flash_decode`), one kernel per head_dim.
@@ -361,12 +376,24 @@ pub fn pdl_enabled() -> bool {
 /// Most dynamic shared memory of silu_mul_fp8_smem_bf16 (a row's BF16 products): 3 rows an SM.
 pub const SILU_SMEM_MAX_BYTES: usize = 72 * 1024;
 
+/// Shared memory of the wgmma prefill attention: `FW_STAGES` (5) stages of a 64-key K tile and V
+/// tile of head_dim 128, BF16, and 1 KB to align them to the swizzle (flash_prefill_wgmma.cu).
+pub const WGMMA_SHARED_BYTES: usize = 5 * 2 * 64 * 128 * 2 + 1024;
+
 fn big_shared() -> impl Iterator<Item = (&'static str, i32)> {
     let paged = ["paged_attention_bf16", "paged_attention_f32"].map(|n| (n, 96 * 1024));
     let flash = FLASH_ATTENTION.iter().map(|&n| (n, 112 * 1024));
     let decode = FLASH_DECODE.iter().map(|&n| (n, 96 * 1024));
+    let wgmma = FLASH_PREFILL_WGMMA
+        .iter()
+        .map(|&n| (n, WGMMA_SHARED_BYTES as i32));
     let silu = [("silu_mul_fp8_smem_bf16", SILU_SMEM_MAX_BYTES as i32)];
-    paged.into_iter().chain(flash).chain(decode).chain(silu)
+    paged
+        .into_iter()
+        .chain(flash)
+        .chain(decode)
+        .chain(wgmma)
+        .chain(silu)
 }
 
 impl Kernels {

@@ -43,6 +43,8 @@ pub struct StepPlan {
     pub num_seqs: usize,
     /// Every work item has one query token (a pure decode step: the decode attention kernel runs).
     pub all_decode: bool,
+    /// Some work item has one query token.
+    pub single_query_items: bool,
     /// Sequence index of each emitting row, in batch order.
     pub emit_seqs: Vec<usize>,
     /// Whether each emitting row wants full logits (else a sampled token).
@@ -175,6 +177,7 @@ pub fn plan_step(
     // A decode step's item count moves with the context (the split above); rounded up with
     // items the kernels skip (sequence -1), it changes rarely, and so does the step's graph key.
     let all_decode = items_qn.iter().all(|&q| q == 1);
+    let single_query_items = items_qn.contains(&1);
     if all_decode {
         while items_seq.len() % DECODE_ITEM_ROUNDING != 0 {
             items_seq.push(-1);
@@ -222,6 +225,7 @@ pub fn plan_step(
         num_parts: parts,
         num_seqs: batch.seqs.len(),
         all_decode,
+        single_query_items,
         emit_seqs,
         emit_logits,
     })

@@ -1,9 +1,10 @@
 //! Attention launches: the tensor-core kernels (`flash_attention.cu`: prefill tiles and the
-//! decode-only kernel) where they take the shape, the CUDA-core kernel (`attention.cu`) otherwise,
-//! and the merge of split decode parts.
+//! decode-only kernel; `flash_prefill_wgmma.cu`: prefill tiles of head_dim 128 on wgmma) where
+//! they take the shape, the CUDA-core kernel (`attention.cu`) otherwise, and the merge of split
+//! decode parts.
 
 use super::{Fp8KvScales, Ops, Precision};
-use crate::backend::cuda::kernels::Arg;
+use crate::backend::cuda::kernels::{Arg, WGMMA_SHARED_BYTES};
 use anyhow::{ensure, Result};
 
 /// Query tokens × heads per attention block (the kernel's R limit).
@@ -25,7 +26,8 @@ pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
 }
 
 /// How prefill (multi-query) blocks multiply P by V. Measured on an H200 (one 3000-token 70B
-/// prefill, attention of all 80 layers): hi + lo 76.6 ms, F16 67.3 ms, BF16 62.6 ms.
+/// prefill, attention of all 80 layers), mma.sync kernel: hi + lo 76.6 ms, F16 67.3 ms, BF16
+/// 62.6 ms; the wgmma kernel (head_dim 128, the default there): hi + lo 63.4 ms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillP {
     /// P as BF16 hi + lo (the default): F32-like accuracy, two P·V MMAs. Decode (which keeps
@@ -50,6 +52,19 @@ pub fn flash_prefill_p() -> PrefillP {
         Ok("f16") => PrefillP::F16,
         _ => PrefillP::HiLo,
     })
+}
+
+/// The head_dim of the wgmma prefill kernel (Llama 3's).
+pub const WGMMA_HEAD_DIM: usize = 128;
+
+/// Whether multi-query items run on the wgmma kernel (`flash_prefill_wgmma.cu`): head_dim 128,
+/// BF16 KV pools, P as BF16 or hi + lo, and `TANDEM_FLASH_WGMMA` not `0` (which keeps the
+/// mma.sync kernel, for comparisons). Timings: see [`PrefillP`].
+pub fn flash_prefill_wgmma_supported(head_dim: usize, p: PrefillP, kv_fp8: bool) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled =
+        *ENABLED.get_or_init(|| std::env::var("TANDEM_FLASH_WGMMA").map_or(true, |v| v != "0"));
+    enabled && head_dim == WGMMA_HEAD_DIM && !kv_fp8 && p != PrefillP::F16
 }
 
 /// Most query heads per kv head of the decode kernel (the top half of a 16-row MMA tile; the
@@ -118,15 +133,85 @@ impl Ops<'_> {
         }
     }
 
-    /// The tensor-core kernel: one block of 4 warps per (work item, kv head); P of prefill blocks
-    /// as [`flash_prefill_p`] says.
+    /// The tensor-core kernel: one block per (work item, kv head); P of prefill blocks as
+    /// [`flash_prefill_p`] says, multi-query items on wgmma where [`flash_prefill_wgmma_supported`].
     pub fn flash_attention(&self, a: &AttentionArgs) -> Result<()> {
         self.flash_attention_p(a, flash_prefill_p())
     }
 
-    /// The tensor-core kernel with the given P·V product for multi-query blocks (one-query items
-    /// always keep P as BF16 hi + lo).
+    /// The tensor-core kernels with the given P·V product for multi-query blocks (one-query items
+    /// always keep P as BF16 hi + lo): wgmma for the multi-query items where it takes the shape
+    /// (then the mma.sync kernel for the one-query items of a mixed batch), else mma.sync for all.
     pub fn flash_attention_p(&self, a: &AttentionArgs, p: PrefillP) -> Result<()> {
+        if flash_prefill_wgmma_supported(a.head_dim, p, a.kv_fp8.is_some()) {
+            self.flash_prefill_wgmma(a, p)?;
+            if !a.single_query_items {
+                return Ok(());
+            }
+            return self.launch_mma_sync(a, "flash_attention_single");
+        }
+        self.flash_attention_mma_sync(a, p)
+    }
+
+    /// The mma.sync kernels (4 warps per block) for all work items (FP8 pools have the hi + lo
+    /// kernels only, whatever `p` says).
+    pub fn flash_attention_mma_sync(&self, a: &AttentionArgs, p: PrefillP) -> Result<()> {
+        let name = match (p, a.kv_fp8) {
+            (_, Some(_)) => "flash_attention_hilo_kv8",
+            (PrefillP::HiLo, None) => "flash_attention_hilo",
+            (PrefillP::F16, None) => "flash_attention_f16p",
+            (PrefillP::Bf16, None) => "flash_attention",
+        };
+        self.launch_mma_sync(a, name)
+    }
+
+    /// The mma.sync kernel family `name` (`_hd<head_dim>` appended).
+    fn launch_mma_sync(&self, a: &AttentionArgs, name: &str) -> Result<()> {
+        self.check_flash(a)?;
+        let (hd, keys) = (a.head_dim, FLASH_KEYS_PER_TILE);
+        // Q of a multi-query block, then double-buffered K and V tiles (rows padded by 8); a
+        // one-query item's final merge of 4 warps reuses them. FP8 pools: single BF16 tiles, then
+        // double-buffered e4m3 tiles.
+        let q = FLASH_ROWS * (hd + 8) * 2;
+        let stages = match a.kv_fp8 {
+            Some(_) => 2 * keys * (hd + 8) * 2 + 2 * 2 * keys * hd,
+            None => 2 * 2 * keys * (hd + 8) * 2,
+        };
+        let merge = (4 * 16 * (hd + 4) + 4 * 16 * 2) * 4;
+        self.go(
+            &format!("{name}_hd{hd}"),
+            (a.num_tiles as u32, a.kv_heads as u32, 1),
+            128,
+            (q + stages).max(merge) as u32,
+            &flash_args(a),
+        )
+    }
+
+    /// The wgmma kernel (`flash_prefill_wgmma.cu`) for the multi-query items; it skips one-query
+    /// items, which [`Self::flash_attention_p`] then gives the mma.sync kernel.
+    pub fn flash_prefill_wgmma(&self, a: &AttentionArgs, p: PrefillP) -> Result<()> {
+        self.check_flash(a)?;
+        ensure!(
+            a.head_dim == WGMMA_HEAD_DIM && a.kv_fp8.is_none() && p != PrefillP::F16,
+            "the wgmma prefill kernel takes head_dim {WGMMA_HEAD_DIM}, BF16 KV pools and P as BF16 \
+             or BF16 hi + lo (got head_dim {}, {p:?})",
+            a.head_dim
+        );
+        let name = match p {
+            PrefillP::Bf16 => "flash_prefill_wgmma_bf16p_hd128",
+            _ => "flash_prefill_wgmma_hd128",
+        };
+        // A block of two warpgroups per (work item, kv head).
+        self.go(
+            name,
+            (a.num_tiles as u32, a.kv_heads as u32, 1),
+            256,
+            WGMMA_SHARED_BYTES as u32,
+            &flash_args(a),
+        )
+    }
+
+    fn check_flash(&self, a: &AttentionArgs) -> Result<()> {
         let group = a.q_heads / a.kv_heads;
         ensure!(
             flash_supported(group, a.head_dim, self.act),
@@ -140,30 +225,7 @@ impl Ops<'_> {
             r <= FLASH_ROWS,
             "flash attention tile of {r} rows (at most {FLASH_ROWS})"
         );
-        let (hd, keys) = (a.head_dim, FLASH_KEYS_PER_TILE);
-        // Q of a multi-query block, then double-buffered K and V tiles (rows padded by 8); a
-        // one-query item's final merge of 4 warps reuses them. FP8 pools: single BF16 tiles, then
-        // double-buffered e4m3 tiles.
-        let q = FLASH_ROWS * (hd + 8) * 2;
-        let stages = match a.kv_fp8 {
-            Some(_) => 2 * keys * (hd + 8) * 2 + 2 * 2 * keys * hd,
-            None => 2 * 2 * keys * (hd + 8) * 2,
-        };
-        let merge = (4 * 16 * (hd + 4) + 4 * 16 * 2) * 4;
-        // FP8 pools have the hi + lo kernels only.
-        let name = match (p, a.kv_fp8) {
-            (_, Some(_)) => "flash_attention_hilo_kv8",
-            (PrefillP::HiLo, None) => "flash_attention_hilo",
-            (PrefillP::F16, None) => "flash_attention_f16p",
-            (PrefillP::Bf16, None) => "flash_attention",
-        };
-        self.go(
-            &format!("{name}_hd{hd}"),
-            (a.num_tiles as u32, a.kv_heads as u32, 1),
-            128,
-            (q + stages).max(merge) as u32,
-            &flash_args(a),
-        )
+        Ok(())
     }
 
     /// The tensor-core decode kernel: every work item must have one query token (`decode_only`);
@@ -398,6 +460,8 @@ pub struct AttentionArgs {
     pub q_per_tile: usize,
     /// Every work item has one query token (a pure decode step): the decode kernel may run.
     pub decode_only: bool,
+    /// Some work item has one query token (the wgmma prefill kernel leaves those to another).
+    pub single_query_items: bool,
     /// The pool holds e4m3 codes with these scales (the tensor-core kernels' `_kv8` versions).
     pub kv_fp8: Option<Fp8KvScales>,
 }

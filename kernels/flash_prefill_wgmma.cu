@@ -1,0 +1,355 @@
+// Prefill attention on Hopper's warpgroup MMA (wgmma), head_dim 128, BF16 KV pools: the
+// multi-query work items of flash_attention.cu's plan (same arguments, same rows: token r / G,
+// head r % G of the kv head), each by a block of 2 warpgroups (64 rows each). One-query items of
+// a mixed batch are left to flash_attention_single_hd128 (flash_attention.cu), launched after.
+//
+// Per 64-key tile (cp.async into shared memory FW_AHEAD tiles ahead, each key row gathered through
+// the block table): S = Q K^T by 8 wgmma m64n64k16 (Q as register fragments, K from shared memory),
+// the online softmax in registers (scores in log2 units, as flash_attention.cu), then O += P V by
+// wgmma m64n128k16 (P as register fragments: BF16 hi + lo, or BF16 only for the _bf16p kernel;
+// V from shared memory, transposed by the descriptor), issued with the next tile's scores so the
+// tensor cores have work during the softmax. mma.sync's register layouts are wgmma's per warp (A
+// and the accumulators), so the softmax code is flash_attention.cu's.
+//
+// Shared tiles use the 128-byte swizzle (as TMA would write them): a tile is two halves of 64 dims,
+// each 64 key rows of 128 bytes whose 16-byte chunk c sits at c ^ (row % 8). Read as K (K-major
+// B) and as V (MN-major B, transposed by the descriptor). Measured on an H200 (3000-token 70B
+// prefill, attention of 80 layers, hi + lo): 63 ms; the loads cost most (44 ms without them);
+// the no-swizzle layout (core matrices of 8 rows x 16 bytes, filled 8 rows a warp) took 81 ms, and
+// one warpgroup per block (two blocks an SM, each loading its own tiles) 97 ms.
+
+#define FW_D 128
+#define FW_KT 64
+#define FW_THREADS 256  // two warpgroups
+#define FW_STAGES 5     // K / V stages: the tile in P V, the tile in Q K^T, FW_AHEAD loading
+#define FW_AHEAD 3
+#define FW_TILE_BYTES (FW_KT * FW_D * 2)  // one K or V tile: 16 KB
+// P V products (as flash_attention.cu): P rounded to BF16, or BF16 hi + lo.
+#define P_BF16 0
+#define P_HILO 1
+
+// A shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"), no swizzle.
+__device__ __forceinline__ u64 wgmma_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+}
+// The same with the 128-byte swizzle (layout type 1; the atom's base 1024-byte aligned).
+__device__ __forceinline__ u64 wgmma_desc_sw128(unsigned addr, unsigned lbo, unsigned sbo) {
+    return wgmma_desc(addr, lbo, sbo) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Keeps the compiler from moving accesses of an accumulator across a wgmma issue or wait.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_regs(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+// cp.async's writes (generic proxy) made visible to wgmma's reads (async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// d (+)= a (64x16 BF16, register fragments) * b (16 x N BF16, shared-memory descriptor); F32 d.
+// S = Q K^T: N = 64 keys, K-major. O += P V: N = 128 dims, MN-major (transposed).
+__device__ __forceinline__ void wgmma_qk(float (&d)[32], const unsigned (&a)[4], u64 b, int accumulate) {
+    asm volatile(
+        "{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0; }"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_pv(float (&d)[64], const unsigned (&a)[4], u64 b, int accumulate) {
+    asm volatile(
+        "{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1; }"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+// A warpgroup's online softmax over one 64-key tile of scores s (the accumulator of wgmma_qk:
+// s[4j + e] is key k0 + 8j + 2t + (e & 1) of row r0 for e < 2, else of row r1): masks keys past a
+// row's position or kend (branch-free: a branch between a wgmma and its wait serializes), updates the running max m and sums l, returns in corr the
+// factors the output rows must take, and P of 16 keys per k-step as A fragments (hi, and lo for
+// hi + lo) in the accumulator's layout (n8 blocks 2ks and 2ks + 1).
+template <int PM>
+__device__ __forceinline__ void fw_softmax(float (&s)[32], int k0, int pos0, int pos1, int kend, float c,
+                                           int t, float (&m)[2], float (&l)[2], float (&corr)[2],
+                                           unsigned (&ph)[4][4], unsigned (&pl)[4][4]) {
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int key = k0 + 8 * j + 2 * t + (e & 1);
+            if (key > (e < 2 ? pos0 : pos1) || key >= kend) s[4 * j + e] = NEG_INF;
+        }
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    float b[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int x = 1; x <= 2; x <<= 1) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], x));
+        // Raw scores: scaling by c > 0 keeps the maximum (and -inf stays -inf).
+        float mn = fmaxf(m[h], mx[h] * c);
+        // A row with no visible key yet keeps m = -inf; subtract 0 then (exponentials are 0).
+        b[h] = mn == NEG_INF ? 0.0f : mn;
+        corr[h] = ex2(m[h] - b[h]);
+        m[h] = mn;
+    }
+    float ps[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            s[4 * j + e] = ex2(fmaf(s[4 * j + e], c, -b[e >> 1]));
+            ps[e >> 1] += s[4 * j + e];
+        }
+    // Per-thread partial row sums; the quad is summed at the end.
+    l[0] = l[0] * corr[0] + ps[0];
+    l[1] = l[1] * corr[1] + ps[1];
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++)
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            int j = 2 * ks + (f >> 1), e = 2 * (f & 1);
+            if (PM == P_HILO)
+                split_bf16(s[4 * j + e], s[4 * j + e + 1], ph[ks][f], pl[ks][f]);
+            else
+                ph[ks][f] = pack_bf16(s[4 * j + e], s[4 * j + e + 1]);
+        }
+}
+
+// The descriptors of one stage's tiles: K per 16-dim k-step (K-major), V per 16-key k-step
+// (MN-major, transposed). A tile is two 64-dim halves of 64 rows x 128 swizzled bytes, 8 KB
+// apart; 8-row groups are 1024 bytes apart.
+struct FwDescs {
+    u64 k[FW_D / 16], v[FW_KT / 16];
+};
+__device__ __forceinline__ FwDescs fw_descs(unsigned kt) {
+    FwDescs d;
+#pragma unroll
+    for (int kk = 0; kk < FW_D / 16; kk++) d.k[kk] = wgmma_desc_sw128(kt + (kk >> 2) * 8192 + (kk & 3) * 32, 16, 1024);
+#pragma unroll
+    for (int ks = 0; ks < FW_KT / 16; ks++) d.v[ks] = wgmma_desc_sw128(kt + FW_TILE_BYTES + ks * 2048, 8192, 1024);
+    return d;
+}
+// Keeps an in-flight wgmma's descriptors alive until its wait (else ptxas may reuse their
+// registers, and then serializes every wgmma).
+__device__ __forceinline__ void fw_keep_descs(FwDescs& d) {
+#pragma unroll
+    for (int i = 0; i < FW_D / 16; i++) asm volatile("" : "+l"(d.k[i])::"memory");
+#pragma unroll
+    for (int i = 0; i < FW_KT / 16; i++) asm volatile("" : "+l"(d.v[i])::"memory");
+}
+
+// Issues S = Q K^T over a stage's K tile (8 k-steps of 16 dims).
+__device__ __forceinline__ void fw_scores(float (&s)[32], const unsigned (&qf)[FW_D / 16][4], const FwDescs& d) {
+#pragma unroll
+    for (int kk = 0; kk < FW_D / 16; kk++) wgmma_qk(s, qf[kk], d.k[kk], kk);
+}
+
+// Issues O += P V over a stage's V tile (4 k-steps of 16 keys; hi, then lo).
+template <int PM>
+__device__ __forceinline__ void fw_pv(float (&o)[64], const unsigned (&ph)[4][4], const unsigned (&pl)[4][4],
+                                      const FwDescs& d) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++) {
+        wgmma_pv(o, ph[ks], d.v[ks], 1);
+        if (PM == P_HILO) wgmma_pv(o, pl[ks], d.v[ks], 1);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void fw_scale(float (&o)[N], const float (&corr)[2]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) o[i] *= corr[(i >> 1) & 1];
+}
+
+// Keeps P's registers (an in-flight wgmma's A operand) alive until the wait.
+__device__ __forceinline__ void fw_keep_regs(unsigned (&p)[4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int f = 0; f < 4; f++) asm volatile("" : "+r"(p[i][f])::"memory");
+}
+
+// Two warpgroups per block (rows 0..63 and 64..127 of a work item) share each K / V tile; loads
+// run FW_AHEAD tiles ahead. Per tile, a warpgroup issues its scores together with P V of the
+// previous tile (the FlashAttention-3 order), so the tensor cores have work during the softmax.
+template <int PM>
+__device__ __forceinline__ void flash_prefill_wgmma_t(const FlashArgs& a) {
+    constexpr int D = FW_D, DK = D / 16, CH = D / 8;
+    extern __shared__ __align__(128) unsigned char fw_smem[];
+    int lin = blockIdx.y * gridDim.x + blockIdx.x;
+    int tile = gridDim.x - 1 - lin / gridDim.y, kvh = lin % gridDim.y;  // longest items first
+    int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    int G = a.num_q_heads / a.num_kv_heads;
+    int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
+    if (seq < 0 || qn == 1) return;  // padding, or a one-query item (the single-query kernel's)
+    int R = qn * G;
+    // Rows past R (a warpgroup may have none) are fully masked: they compute, and are not written.
+    int r0 = (tid >> 7) * 64 + warp * 16 + g, r1 = r0 + 8;
+    int pos0 = r0 < R ? a.positions[q0 + r0 / G] : -1;
+    int pos1 = r1 < R ? a.positions[q0 + r1 / G] : -1;
+
+    // Q fragments (A operand): rows r0 / r1 (zero past R), dims 2t, 2t + 1 (+ 8) of each k-step.
+    unsigned qf[DK][4];
+    const bf16* qrow[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = h ? r1 : r0;
+        qrow[h] = r < R ? a.qkv + (u64)(q0 + r / G) * a.row_stride + (kvh * G + r % G) * D + 2 * t : nullptr;
+    }
+#pragma unroll
+    for (int kk = 0; kk < DK; kk++)
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            const bf16* q = qrow[f & 1];
+            qf[kk][f] = q ? *(const unsigned*)(q + kk * 16 + (f >> 1) * 8) : 0u;
+        }
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) o[i] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f}, corr[2];
+    float c = a.scale * FA_LOG2E;
+
+    int kbeg = a.tile_kbeg[tile];
+    int kend = min(a.positions[q0 + qn - 1] + 1, a.tile_kend[tile]);  // exclusive
+    const int* bt = a.block_tables + a.block_table_start[seq];
+    int bs = a.block_size, nkv = a.num_kv_heads;
+    bool bs_pow2 = (bs & (bs - 1)) == 0;
+    int bs_log2 = __ffs(bs) - 1;
+    unsigned smem = (smem_u32(fw_smem) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
+    // Stage s: K tile at s * 2 * FW_TILE_BYTES, V tile right after. Sixteen threads take a key
+    // row (256 contiguous global bytes): this thread its 16-byte chunk ch of rows j, j + 16, j + 32,
+    // j + 48, stored at chunk (ch % 8) ^ (row % 8) of the row's 128 bytes in half ch / 8.
+    int j0 = tid >> 4, ch = tid & 15;
+    unsigned dst0 = smem + (ch >> 3) * 8192 + j0 * 128 + (((ch & 7) ^ (j0 & 7)) << 4);
+    int ntiles = kend > kbeg ? (kend - kbeg + FW_KT - 1) / FW_KT : 0;
+    // Tile i into its stage, as one cp.async group (empty past the last tile: the counts stay even).
+    auto load = [&](int i) {
+        if (i < ntiles) {
+            int k0 = kbeg + i * FW_KT;
+#pragma unroll
+            for (int u = 0; u < FW_KT * CH / FW_THREADS; u++) {
+                int key = k0 + j0 + 16 * u;  // row j0 + 16u: the same swizzle (16u % 8 == 0)
+                unsigned dst = dst0 + (i % FW_STAGES) * 2 * FW_TILE_BYTES + u * 16 * 128;
+                bool ok = key < kend;
+                u64 src = 0;
+                if (ok) {
+                    int blk = bs_pow2 ? key >> bs_log2 : key / bs;
+                    int off = key - blk * bs;
+                    src = (((u64)__ldg(bt + blk) * nkv + kvh) * bs + off) * D + ch * 8;
+                }
+                cp_async16(dst, a.k_cache + src, ok);
+                cp_async16(dst + FW_TILE_BYTES, a.v_cache + src, ok);
+            }
+        }
+        cp_async_commit();
+    };
+    auto descs = [&](int i) { return fw_descs(smem + (i % FW_STAGES) * 2 * FW_TILE_BYTES); };
+    // Tile i landed for every thread (later tiles may be in flight), and every warp is past tile
+    // i - 2, whose stage the load of tile i + FW_AHEAD then takes.
+    auto landed = [&](int i) {
+        cp_async_wait<FW_AHEAD - 1>();
+        fence_proxy_async();
+        __syncthreads();
+        load(i + FW_AHEAD);
+    };
+
+    unsigned ph[4][4], pl[4][4], qh[4][4], ql[4][4];
+    if (ntiles > 0) {
+        for (int i = 0; i < FW_AHEAD; i++) load(i);
+        landed(0);
+        {
+            float s[32];
+            FwDescs d = descs(0);
+            wgmma_fence();
+            fw_scores(s, qf, d);
+            wgmma_commit();
+            wgmma_wait0();
+            wgmma_fence_regs(s);
+            fw_softmax<PM>(s, kbeg, pos0, pos1, kend, c, t, m, l, corr, ph, pl);
+        }
+        // Tile i: its scores, then P V of tile i - 1 (P in ih / il) while its softmax runs (P
+        // into oh / ol). No branch may separate a wgmma from its wait (ptxas would serialize
+        // them all), so every tile is masked; two P buffers alternate (no copies: ptxas must find
+        // each wgmma's A fragments where the softmax left them, or it serializes).
+        auto step = [&](int i, unsigned (&ih)[4][4], unsigned (&il)[4][4], unsigned (&oh)[4][4],
+                        unsigned (&ol)[4][4]) {
+            landed(i);
+            FwDescs cur = descs(i), prev = descs(i - 1);
+            float s[32];
+            wgmma_fence();
+            fw_scores(s, qf, cur);
+            wgmma_commit();
+            fw_pv<PM>(o, ih, il, prev);
+            wgmma_commit();
+            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+            wgmma_fence_regs(s);
+            fw_softmax<PM>(s, kbeg + i * FW_KT, pos0, pos1, kend, c, t, m, l, corr, oh, ol);
+            wgmma_wait0();
+            wgmma_fence_regs(o);
+            fw_keep_regs(ih);
+            if (PM == P_HILO) fw_keep_regs(il);
+            fw_keep_descs(cur);
+            fw_keep_descs(prev);
+            fw_scale(o, corr);
+        };
+        for (int i = 1; i < ntiles; i += 2) {
+            step(i, ph, pl, qh, ql);
+            if (i + 1 < ntiles) step(i + 1, qh, ql, ph, pl);
+        }
+        FwDescs last = descs(ntiles - 1);
+        wgmma_fence();
+        if (ntiles % 2 == 0)
+            fw_pv<PM>(o, qh, ql, last);
+        else
+            fw_pv<PM>(o, ph, pl, last);
+        wgmma_commit();
+        wgmma_wait0();
+        wgmma_fence_regs(o);
+    }
+    cp_async_wait<0>();
+
+    // Rows r0 (o[4j], o[4j + 1]) and r1 (o[4j + 2], o[4j + 3]), dims 8j + 2t, + 1.
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float L = l[h];
+        L += __shfl_xor_sync(0xffffffffu, L, 1);
+        L += __shfl_xor_sync(0xffffffffu, L, 2);
+        int r = h ? r1 : r0;
+        if (r < R) {
+            int i = r / G, hd = kvh * G + r % G;
+            unsigned* dst = (unsigned*)(a.out + (u64)(q0 + i) * a.num_q_heads * D + hd * D + 2 * t);
+#pragma unroll
+            for (int j = 0; j < 16; j++) dst[j * 4] = pack_bf16(o[4 * j + 2 * h] / L, o[4 * j + 2 * h + 1] / L);
+        }
+    }
+}
+
+// Shared memory: FW_STAGES stages of a K and a V tile (16 KB each). One block per SM.
+extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) flash_prefill_wgmma_hd128(FLASH_PARAMS) {
+    flash_prefill_wgmma_t<P_HILO>(FLASH_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) flash_prefill_wgmma_bf16p_hd128(FLASH_PARAMS) {
+    flash_prefill_wgmma_t<P_BF16>(FLASH_ARGS);
+}
