@@ -3,8 +3,8 @@
 // head r % G of the kv head), each by a block of 2 warpgroups (64 rows each). One-query items of
 // a mixed batch are left to flash_attention_single_hd128 (flash_attention.cu), launched after.
 //
-// Per 64-key tile (cp.async into shared memory FW_AHEAD tiles ahead, each key row gathered through
-// the block table): S = Q K^T by 8 wgmma m64n64k16 (Q as register fragments, K from shared memory),
+// Per 64-key tile (loaded FW_AHEAD tiles ahead: by TMA where the tile's 64 keys are consecutive
+// rows of one block, else by cp.async, each key row gathered through the block table): S = Q K^T by 8 wgmma m64n64k16 (Q as register fragments, K from shared memory),
 // the online softmax in registers (scores in log2 units, as flash_attention.cu), then O += P V by
 // wgmma m64n128k16 (P as register fragments: BF16 hi + lo, or BF16 only for the _bf16p kernel;
 // V from shared memory, transposed by the descriptor), issued with the next tile's scores so the
@@ -14,9 +14,10 @@
 // Shared tiles use the 128-byte swizzle (as TMA would write them): a tile is two halves of 64 dims,
 // each 64 key rows of 128 bytes whose 16-byte chunk c sits at c ^ (row % 8). Read as K (K-major
 // B) and as V (MN-major B, transposed by the descriptor). Measured on an H200 (3000-token 70B
-// prefill, attention of 80 layers, hi + lo): 63 ms; the loads cost most (44 ms without them);
-// the no-swizzle layout (core matrices of 8 rows x 16 bytes, filled 8 rows a warp) took 81 ms, and
-// one warpgroup per block (two blocks an SM, each loading its own tiles) 97 ms.
+// prefill, attention of 80 layers, hi + lo): 49 ms with TMA loads (BF16 P: 41), 63 ms with
+// cp.async (44 without any loads); the no-swizzle layout (core matrices of 8 rows x 16 bytes,
+// filled 8 rows a warp) took 81 ms, one warpgroup per block (two blocks an SM, each loading its
+// own tiles) 97 ms; the mma.sync kernel 76 ms.
 
 #define FW_D 128
 #define FW_KT 64
@@ -27,6 +28,31 @@
 // P V products (as flash_attention.cu): P rounded to BF16, or BF16 hi + lo.
 #define P_BF16 0
 #define P_HILO 1
+
+// TMA (cp.async.bulk.tensor) with an mbarrier per stage: the barrier expects the stage's bytes.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// The box at (c0, c1) of the 2-D tensor map at `map` (global memory) into shared `dst`.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
 
 // A shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"), no swizzle.
 __device__ __forceinline__ u64 wgmma_desc(unsigned addr, unsigned lbo, unsigned sbo) {
@@ -194,8 +220,12 @@ __device__ __forceinline__ void fw_keep_regs(unsigned (&p)[4][4]) {
 // Two warpgroups per block (rows 0..63 and 64..127 of a work item) share each K / V tile; loads
 // run FW_AHEAD tiles ahead. Per tile, a warpgroup issues its scores together with P V of the
 // previous tile (the FlashAttention-3 order), so the tensor cores have work during the softmax.
+struct FlashTmaArgs : FlashArgs {
+    const void* tensor_maps;
+};
+
 template <int PM>
-__device__ __forceinline__ void flash_prefill_wgmma_t(const FlashArgs& a) {
+__device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     constexpr int D = FW_D, DK = D / 16, CH = D / 8;
     extern __shared__ __align__(128) unsigned char fw_smem[];
     int lin = blockIdx.y * gridDim.x + blockIdx.x;
@@ -244,8 +274,36 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashArgs& a) {
     int j0 = tid >> 4, ch = tid & 15;
     unsigned dst0 = smem + (ch >> 3) * 8192 + j0 * 128 + (((ch & 7) ^ (j0 & 7)) << 4);
     int ntiles = kend > kbeg ? (kend - kbeg + FW_KT - 1) / FW_KT : 0;
-    // Tile i into its stage, as one cp.async group (empty past the last tile: the counts stay even).
+    // TMA takes a tile when its 64 keys are consecutive rows of one block: the tensor maps view
+    // each pool as rows of 128 dims, a box is 64 rows x 64 dims (the swizzled half tile). Keys
+    // past kend in the last tile are loaded too (finite: the pool is zeroed when allocated), and
+    // masked.
+    const unsigned char* maps = (const unsigned char*)a.tensor_maps;
+    bool tma = maps != nullptr && bs % FW_KT == 0 && kbeg % FW_KT == 0;
+    unsigned bars = smem + FW_STAGES * 2 * FW_TILE_BYTES;  // an 8-byte mbarrier per stage
+    if (tma) {
+        if (tid == 0)
+            for (int st = 0; st < FW_STAGES; st++) mbar_init(bars + 8 * st, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        __syncthreads();
+    }
+    // Tile i into its stage: by TMA (thread 0), or as one cp.async group of every thread (empty
+    // past the last tile: the group counts stay even).
     auto load = [&](int i) {
+        unsigned st = smem + (i % FW_STAGES) * 2 * FW_TILE_BYTES;
+        if (tma) {
+            if (tid == 0 && i < ntiles) {
+                int k0 = kbeg + i * FW_KT, blk = bs_pow2 ? k0 >> bs_log2 : k0 / bs;
+                int row = (__ldg(bt + blk) * nkv + kvh) * bs + (k0 - blk * bs);
+                unsigned bar = bars + 8 * (i % FW_STAGES);
+                mbar_expect_tx(bar, 2 * FW_TILE_BYTES);
+                tma_load_2d(st, maps, 0, row, bar);
+                tma_load_2d(st + 8192, maps, 64, row, bar);
+                tma_load_2d(st + FW_TILE_BYTES, maps + 128, 0, row, bar);
+                tma_load_2d(st + FW_TILE_BYTES + 8192, maps + 128, 64, row, bar);
+            }
+            return;
+        }
         if (i < ntiles) {
             int k0 = kbeg + i * FW_KT;
 #pragma unroll
@@ -269,8 +327,12 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashArgs& a) {
     // Tile i landed for every thread (later tiles may be in flight), and every warp is past tile
     // i - 2, whose stage the load of tile i + FW_AHEAD then takes.
     auto landed = [&](int i) {
-        cp_async_wait<FW_AHEAD - 1>();
-        fence_proxy_async();
+        if (tma) {
+            mbar_wait(bars + 8 * (i % FW_STAGES), (i / FW_STAGES) & 1);
+        } else {
+            cp_async_wait<FW_AHEAD - 1>();
+            fence_proxy_async();
+        }
         __syncthreads();
         load(i + FW_AHEAD);
     };
@@ -346,10 +408,15 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashArgs& a) {
     }
 }
 
-// Shared memory: FW_STAGES stages of a K and a V tile (16 KB each). One block per SM.
-extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) flash_prefill_wgmma_hd128(FLASH_PARAMS) {
-    flash_prefill_wgmma_t<P_HILO>(FLASH_ARGS);
+// Shared memory: FW_STAGES stages of a K and a V tile (16 KB each), their mbarriers. One block
+// per SM.
+// The last parameter: the K and V pools' tensor maps (2 x 128 bytes, global memory), or null
+// (cp.async for every tile).
+extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
+    flash_prefill_wgmma_hd128(FLASH_PARAMS, const void* tensor_maps) {
+    flash_prefill_wgmma_t<P_HILO>(FlashTmaArgs{FLASH_ARGS, tensor_maps});
 }
-extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) flash_prefill_wgmma_bf16p_hd128(FLASH_PARAMS) {
-    flash_prefill_wgmma_t<P_BF16>(FLASH_ARGS);
+extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
+    flash_prefill_wgmma_bf16p_hd128(FLASH_PARAMS, const void* tensor_maps) {
+    flash_prefill_wgmma_t<P_BF16>(FlashTmaArgs{FLASH_ARGS, tensor_maps});
 }

@@ -9,7 +9,8 @@ use tandem::backend::cuda::device::DeviceBuffer;
 use tandem::backend::cuda::meta::{plan_step, SplitPolicy};
 use tandem::backend::cuda::ops::{
     combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported,
-    flash_prefill_wgmma_supported, AttentionArgs, Fp8KvScales, Ops, Precision, PrefillP,
+    flash_prefill_wgmma_supported, kv_tensor_maps, AttentionArgs, Fp8KvScales, Ops, Precision,
+    PrefillP, WGMMA_HEAD_DIM,
 };
 use tandem::backend::{Batch, Emit, SeqChunk};
 
@@ -136,6 +137,15 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         min_keys: 128,
         ..tight
     };
+    // The wgmma kernel loads whole tiles by TMA where the block size allows (the BF16 pools'
+    // tensor maps; `use_maps` off: cp.async for every tile).
+    let maps = (hd == WGMMA_HEAD_DIM && bs % 64 == 0).then(|| {
+        let rows = c.num_blocks * nkv * bs;
+        e.gpu
+            .upload(&kv_tensor_maps(dk.ptr, dv.ptr, rows).unwrap())
+            .unwrap()
+    });
+    let use_maps = std::cell::Cell::new(true);
     // Output rows (as f32) and, per token, whether its tile had more than one query.
     let bf16_pools = (&dk, &dv, None);
     let run_on = |kernel: AttnKernel,
@@ -176,6 +186,10 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             decode_only: plan.all_decode,
             single_query_items: plan.single_query_items,
             kv_fp8: pools.2,
+            tensor_maps: match &maps {
+                Some(m) if use_maps.get() && pools.0.ptr == dk.ptr => m.ptr,
+                _ => 0,
+            },
         };
         match kernel {
             AttnKernel::Flash => e.ops().flash_attention_p(&args, PrefillP::Bf16).unwrap(),
@@ -309,6 +323,19 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     }
     if all_decode {
         return; // no multi-query tiles to compare below
+    }
+    if maps.is_some() && flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
+        // TMA and cp.async land the same tiles: the same bits.
+        let (tma, _, _) = run(AttnKernel::FlashHiLo, flash_q_per_tile, None);
+        use_maps.set(false);
+        let (cp_async, _, _) = run(AttnKernel::FlashHiLo, flash_q_per_tile, None);
+        use_maps.set(true);
+        assert!(
+            tma.iter()
+                .zip(&cp_async)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "wgmma with TMA loads differs from cp.async loads (nh={nh} nkv={nkv} bs={bs})"
+        );
     }
     if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
         // wgmma and mma.sync sum the same products in their own orders: rounding apart.

@@ -15,7 +15,8 @@ use super::kernels::Kernels;
 use super::meta::{plan_step, SplitPolicy, StepPlan};
 use super::nccl::{TpRank, TpSetup};
 use super::ops::{
-    combine_fp8_scratch_bytes, flash_supported, AttentionArgs, Fp8KvScales, Ops, Precision,
+    combine_fp8_scratch_bytes, flash_supported, kv_tensor_maps, AttentionArgs, Fp8KvScales, Ops,
+    Precision, KV_TENSOR_MAPS_BYTES, WGMMA_HEAD_DIM,
 };
 use super::shard::Shard;
 use super::weights::{GpuLinear, GpuWeights};
@@ -152,6 +153,9 @@ pub struct CudaBackend {
     pending: pending::PendingSteps,
     ws: Workspace,
     kv: DeviceBuffer,
+    /// Each layer's K and V tensor maps for the wgmma prefill attention's TMA loads (BF16 pools
+    /// of head_dim 128 with block sizes that are multiples of 64).
+    kv_maps: Option<DeviceBuffer>,
     weights: GpuWeights,
     /// Tensor parallelism: this backend is one rank's shard (see `tp.rs`).
     tp: Option<TpRank>,
@@ -290,7 +294,7 @@ impl CudaBackend {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as usize;
         let attention_target_blocks = 4 * sms;
-        Ok(Self {
+        let mut backend = Self {
             config: config.clone(),
             opts,
             profiler,
@@ -309,7 +313,10 @@ impl CudaBackend {
             fold_epilogues: std::env::var("TANDEM_FOLD_EPILOGUE").map_or(true, |v| v != "0"),
             graphs: StepGraphs::new(GRAPH_CAPACITY),
             pending: Default::default(),
-        })
+            kv_maps: None,
+        };
+        backend.kv_maps = backend.kv_tensor_maps()?;
+        Ok(backend)
     }
 
     fn layout_for(c: &LlamaConfig, opts: &CudaOptions) -> KvLayout {
@@ -342,6 +349,29 @@ impl CudaBackend {
     /// Bytes of one layer's K (or V) pool.
     fn pool_bytes(&self) -> usize {
         self.num_blocks * self.block_part_bytes()
+    }
+
+    /// The pools' tensor maps, where the wgmma kernel can load whole tiles by TMA; the pool is
+    /// zeroed then (a tile's keys past the sequence are loaded too, and must be finite).
+    fn kv_tensor_maps(&self) -> Result<Option<DeviceBuffer>> {
+        let l = Self::layout_for(&self.config, &self.opts);
+        if l.dtype != KvDtype::Bf16
+            || l.head_dim != WGMMA_HEAD_DIM
+            || !l.block_size.is_multiple_of(64)
+        {
+            return Ok(None);
+        }
+        self.gpu.memset(&self.kv, 0)?;
+        let rows = self.num_blocks * l.num_kv_heads * l.block_size;
+        let mut maps = Vec::with_capacity(l.num_layers * KV_TENSOR_MAPS_BYTES);
+        for layer in 0..l.num_layers {
+            maps.extend(kv_tensor_maps(
+                self.k_cache(layer),
+                self.v_cache(layer),
+                rows,
+            )?);
+        }
+        Ok(Some(self.gpu.upload(&maps)?))
     }
 
     fn k_cache(&self, layer: usize) -> u64 {
@@ -544,6 +574,10 @@ impl CudaBackend {
                 decode_only: plan.all_decode,
                 single_query_items: plan.single_query_items,
                 kv_fp8: self.kv_fp8(),
+                tensor_maps: self
+                    .kv_maps
+                    .as_ref()
+                    .map_or(0, |m| m.ptr + (i * KV_TENSOR_MAPS_BYTES) as u64),
             })?;
             self.mark("attention")?;
             let groups = [m(at.group_part0), m(at.group_nparts), m(at.group_q0)];

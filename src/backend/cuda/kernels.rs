@@ -377,8 +377,9 @@ pub fn pdl_enabled() -> bool {
 pub const SILU_SMEM_MAX_BYTES: usize = 72 * 1024;
 
 /// Shared memory of the wgmma prefill attention: `FW_STAGES` (5) stages of a 64-key K tile and V
-/// tile of head_dim 128, BF16, and 1 KB to align them to the swizzle (flash_prefill_wgmma.cu).
-pub const WGMMA_SHARED_BYTES: usize = 5 * 2 * 64 * 128 * 2 + 1024;
+/// tile of head_dim 128, BF16, their TMA mbarriers, and 1 KB to align the tiles to the swizzle
+/// (flash_prefill_wgmma.cu).
+pub const WGMMA_SHARED_BYTES: usize = 5 * 2 * 64 * 128 * 2 + 64 + 1024;
 
 fn big_shared() -> impl Iterator<Item = (&'static str, i32)> {
     let paged = ["paged_attention_bf16", "paged_attention_f32"].map(|n| (n, 96 * 1024));
