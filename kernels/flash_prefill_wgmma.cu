@@ -4,12 +4,13 @@
 // a mixed batch are left to flash_attention_single_hd128 (flash_attention.cu), launched after.
 //
 // Per 64-key tile (loaded FW_AHEAD tiles ahead: by TMA where the tile's 64 keys are consecutive
-// rows of one block, else by cp.async, each key row gathered through the block table): S = Q K^T by 8 wgmma m64n64k16 (Q as register fragments, K from shared memory),
-// the online softmax in registers (scores in log2 units, as flash_attention.cu), then O += P V by
-// wgmma m64n128k16 (P as register fragments: BF16 hi + lo, or BF16 only for the _bf16p kernel;
-// V from shared memory, transposed by the descriptor), issued with the next tile's scores so the
-// tensor cores have work during the softmax. mma.sync's register layouts are wgmma's per warp (A
-// and the accumulators), so the softmax code is flash_attention.cu's.
+// rows of one block, else by cp.async, each key row gathered through the block table): S = Q K^T
+// by 8 wgmma m64n64k16 (Q as register fragments, K from shared memory), the online softmax in
+// registers (scores in log2 units, as flash_attention.cu), then O += P V by wgmma m64n128k16 (P as
+// register fragments: BF16 hi + lo, or BF16 only for the _bf16p kernel; V from shared memory,
+// transposed by the descriptor), issued with the next tile's scores so the tensor cores have work
+// during the softmax. mma.sync's register layouts are wgmma's per warp (A and the accumulators),
+// so the softmax follows flash_attention.cu's.
 //
 // Shared tiles use the 128-byte swizzle (as TMA would write them): a tile is two halves of 64 dims,
 // each 64 key rows of 128 bytes whose 16-byte chunk c sits at c ^ (row % 8). Read as K (K-major
@@ -108,9 +109,10 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[64], const unsigned (&a)[4],
 
 // A warpgroup's online softmax over one 64-key tile of scores s (the accumulator of wgmma_qk:
 // s[4j + e] is key k0 + 8j + 2t + (e & 1) of row r0 for e < 2, else of row r1): masks keys past a
-// row's position or kend (branch-free: a branch between a wgmma and its wait serializes), updates the running max m and sums l, returns in corr the
-// factors the output rows must take, and P of 16 keys per k-step as A fragments (hi, and lo for
-// hi + lo) in the accumulator's layout (n8 blocks 2ks and 2ks + 1).
+// row's position or kend (always, branch-free: a branch between a wgmma and its wait serializes
+// them), updates the running max m and sums l, returns in corr the factors the output rows must
+// take, and P of 16 keys per k-step as A fragments (hi, and lo for hi + lo) in the accumulator's
+// layout (n8 blocks 2ks and 2ks + 1).
 template <int PM>
 __device__ __forceinline__ void fw_softmax(float (&s)[32], int k0, int pos0, int pos1, int kend, float c,
                                            int t, float (&m)[2], float (&l)[2], float (&corr)[2],
@@ -172,9 +174,11 @@ struct FwDescs {
 __device__ __forceinline__ FwDescs fw_descs(unsigned kt) {
     FwDescs d;
 #pragma unroll
-    for (int kk = 0; kk < FW_D / 16; kk++) d.k[kk] = wgmma_desc_sw128(kt + (kk >> 2) * 8192 + (kk & 3) * 32, 16, 1024);
+    for (int kk = 0; kk < FW_D / 16; kk++)  // K-major: a k-step is 32 bytes into the swizzled rows
+        d.k[kk] = wgmma_desc_sw128(kt + (kk >> 2) * 8192 + (kk & 3) * 32, 16, 1024);
 #pragma unroll
-    for (int ks = 0; ks < FW_KT / 16; ks++) d.v[ks] = wgmma_desc_sw128(kt + FW_TILE_BYTES + ks * 2048, 8192, 1024);
+    for (int ks = 0; ks < FW_KT / 16; ks++)  // MN-major: the dim halves LBO 8192 apart
+        d.v[ks] = wgmma_desc_sw128(kt + FW_TILE_BYTES + ks * 2048, 8192, 1024);
     return d;
 }
 // Keeps an in-flight wgmma's descriptors alive until its wait (else ptxas may reuse their
@@ -217,13 +221,14 @@ __device__ __forceinline__ void fw_keep_regs(unsigned (&p)[4][4]) {
         for (int f = 0; f < 4; f++) asm volatile("" : "+r"(p[i][f])::"memory");
 }
 
-// Two warpgroups per block (rows 0..63 and 64..127 of a work item) share each K / V tile; loads
-// run FW_AHEAD tiles ahead. Per tile, a warpgroup issues its scores together with P V of the
-// previous tile (the FlashAttention-3 order), so the tensor cores have work during the softmax.
+// FlashArgs and the pools' tensor maps (null: cp.async loads).
 struct FlashTmaArgs : FlashArgs {
     const void* tensor_maps;
 };
 
+// Two warpgroups per block (rows 0..63 and 64..127 of a work item) share each K / V tile; loads
+// run FW_AHEAD tiles ahead. Per tile, a warpgroup issues its scores together with P V of the
+// previous tile (the FlashAttention-3 order), so the tensor cores have work during the softmax.
 template <int PM>
 __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     constexpr int D = FW_D, DK = D / 16, CH = D / 8;

@@ -361,8 +361,11 @@ impl CudaBackend {
         {
             return Ok(None);
         }
-        self.gpu.memset(&self.kv, 0)?;
         let rows = self.num_blocks * l.num_kv_heads * l.block_size;
+        if rows > i32::MAX as usize {
+            return Ok(None); // TMA coordinates are 32-bit: cp.async loads instead
+        }
+        self.gpu.memset(&self.kv, 0)?;
         let mut maps = Vec::with_capacity(l.num_layers * KV_TENSOR_MAPS_BYTES);
         for layer in 0..l.num_layers {
             maps.extend(kv_tensor_maps(

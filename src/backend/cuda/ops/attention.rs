@@ -33,7 +33,8 @@ pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillP {
     /// P as BF16 hi + lo (the default): F32-like accuracy, two P·V MMAs. Decode (which keeps
-    /// hi + lo) then gives the logits of a fresh prefill of the same text bit for bit.
+    /// hi + lo) then gives the logits of a fresh prefill of the same text bit for bit on the
+    /// mma.sync kernel, and to rounding on the wgmma one (its MMAs sum in their own order).
     HiLo,
     /// P and V as F16 (`TANDEM_FLASH_PREFILL=f16`): one MMA; P keeps 11 significant bits (BF16 8),
     /// V is exact within F16's range (saturating at 65504). The fixtures give the same tokens as
@@ -84,6 +85,11 @@ pub fn kv_tensor_maps(k_cache: u64, v_cache: u64, rows: usize) -> Result<Vec<u8>
         CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B as L2_256B,
         CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B as SWIZZLE_128B,
     };
+    // The kernel addresses rows with 32-bit coordinates.
+    ensure!(
+        rows <= i32::MAX as usize,
+        "a KV pool of {rows} rows is too large for TMA"
+    );
     let mut out = Vec::with_capacity(KV_TENSOR_MAPS_BYTES);
     for pool in [k_cache, v_cache] {
         let dims = [WGMMA_HEAD_DIM as u64, rows as u64];
