@@ -86,7 +86,7 @@ case " $STAGES " in *" gemm "*)
   # Every FP8 product path on the 70B linear shapes at decode batch sizes, in isolation; GEMM_TP
   # lists tensor-parallel sizes whose per-rank shapes to time too (one GPU suffices).
   for tp in ${GEMM_TP:-1}; do
-    step "bench-gemm 70B shapes, TP$tp rank" 300 "$D/tandem" bench-gemm --m ${GEMM_M:-1,8,32} --splits 4 \
+    step "bench-gemm 70B shapes, TP$tp rank" 300 "$D/tandem" bench-gemm --m ${GEMM_M:-1,8,32} \
       --iters 30 --tensor-parallel-size "$tp"
     grep '^{' "$OUT/step.log" > "$OUT/bench_gemm_tp$tp.json"
     ROWS+=("$(grep -E ' best ' "$OUT/step.log" | sed "s/^/  TP$tp /" | paste -sd '\n')")

@@ -22,9 +22,6 @@ pub struct Args {
     /// Token counts (M) to time.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128")]
     pub m: Vec<usize>,
-    /// Fixed K splits of the streaming kernel to time besides the automatic choice.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
-    pub splits: Vec<usize>,
     /// Timed launches per measurement (after 3 warm-ups).
     #[arg(long, default_value_t = 30)]
     pub iters: usize,
@@ -128,11 +125,7 @@ pub fn run(args: Args) -> Result<()> {
         gpu.sync()?;
         for &m in &args.m {
             let auto = gemm.fp8_path(m, s.n, s.k, false);
-            let mut paths = vec![Fp8Path::OuterVector, Fp8Path::Unscaled];
-            paths.extend(args.splits.iter().map(|&splits| Fp8Path::Stream { splits }));
-            if !paths.contains(&auto) {
-                paths.push(auto);
-            }
+            let paths = [Fp8Path::OuterVector, Fp8Path::Unscaled, Fp8Path::Stream];
             let mut best: Option<(f64, String)> = None;
             for path in paths {
                 let timed = time_ms(&gpu, args.iters, |i| {
@@ -195,7 +188,6 @@ pub fn run(args: Args) -> Result<()> {
             "policy": {
                 "stream_max_m": policy.stream_max_m,
                 "unscaled_max_m": policy.unscaled_max_m,
-                "target_blocks": policy.target_blocks,
                 "stream_max_weight": policy.stream_max_weight,
             },
             "results": rows,

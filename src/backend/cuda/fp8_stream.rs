@@ -1,27 +1,50 @@
 //! The FP8 weight-streaming product of `kernels/gemm_fp8.cu` for decode-sized batches:
-//! `out[M, N] = (xq[M, K] · sx[M]) · (w[N, K] · sw[N])ᵀ`, read once through the weights at HBM rate.
+//! `out[M, N] = (xq[M, K] · sx[M]) · (w[N, K] · sw[N])ᵀ`, both operands loaded by TMA.
 //!
-//! One launch covers up to [`MAX_TOKENS`] tokens (8 token tiles of 8); larger M runs in chunks.
-//! When the row blocks alone would leave SMs idle, K is split across CTAs (`splits`); the partial
-//! sums go to `partial` and the last CTA of each row block reduces them (see the kernel).
+//! One CTA per SM; the weight chunks (64 rows x 512 k bytes) are split evenly between them, so
+//! every shape keeps every SM streaming (see the kernel). The tensor maps are encoded on the host
+//! (the weight's once, by the caller: [`weight_map`]; the activations' at each launch) and passed
+//! by value, so a launch needs no device memory of its own and can be captured in a CUDA graph.
+//! Up to [`MAX_TOKENS`] tokens a launch.
 
 use super::device::DeviceBuffer;
 use super::kernels::{launch, Arg, Kernels};
 use anyhow::{ensure, Result};
-use cudarc::driver::{result, sys::CUstream};
+use cudarc::driver::result;
+use cudarc::driver::sys::{self, CUstream};
 
-/// Weight rows per CTA (the kernel's GEMM_ROWS) and k bytes per loop step (GEMM_KSTEP).
-pub const ROWS_PER_BLOCK: usize = 64;
-const KSTEP: usize = 256;
-const THREADS: u32 = 128;
-/// Tokens per launch (the kernel's largest token-tile count, 8, times 8).
+/// Tokens per launch (8 token tiles of 8); larger M runs in chunks.
 pub const MAX_TOKENS: usize = 64;
-/// Row-block counters (zeroed once; each launch leaves them zero again).
-const COUNTERS: usize = 8192;
-/// Fewest k bytes per split: shorter slices spend more on the partial sums than they gain.
-const MIN_SPLIT_K: usize = 1024;
+/// Weight rows per tile (the kernel's TG_ROWS), k bytes per chunk (TG_CHUNK_K).
+const ROWS: usize = 64;
+const CHUNK_K: usize = 512;
+/// A producer warp and 4 consumer warps.
+const THREADS: u32 = 160;
+/// Shared memory: the stages' ring (TG_RING_BYTES), at most 5 stages' 2 mbarriers, a flag, and
+/// 1 KB to align the stages to the swizzle's 1024-byte atoms.
+pub const SHARED_BYTES: usize = 192 * 1024 + 5 * 16 + 16 + 1024;
+// One CTA per SM: within the H200's 227 KB of shared memory per block.
+const _: () = assert!(SHARED_BYTES <= 227 * 1024);
+/// Floats of one CTA's partial sums (two slots of 64 rows x 64 tokens).
+const PARTIAL_FLOATS_PER_CTA: usize = 2 * ROWS * 64;
 
-/// Scratch of the split-K reduction (also the F32 staging of the unscaled cuBLASLt path).
+/// The kernels, by token tiles and output type.
+pub const KERNELS: &[&str] = &[
+    "gemm_fp8_stream_t1_bf16",
+    "gemm_fp8_stream_t2_bf16",
+    "gemm_fp8_stream_t4_bf16",
+    "gemm_fp8_stream_t8_bf16",
+    "gemm_fp8_stream_t1_f32",
+    "gemm_fp8_stream_t2_f32",
+    "gemm_fp8_stream_t4_f32",
+    "gemm_fp8_stream_t8_f32",
+];
+
+/// Row-tile counters (zeroed once; each launch leaves them zero again).
+const COUNTERS: usize = 8192;
+
+/// Scratch of the partial sums and their counters (the partial buffer is also the F32 staging of
+/// the unscaled cuBLASLt path).
 pub struct StreamScratch {
     pub partial: DeviceBuffer,
     counters: DeviceBuffer,
@@ -39,62 +62,113 @@ impl StreamScratch {
     }
 }
 
-/// Can the streaming kernel run this shape? (16-byte rows; enough counters for its row blocks.)
+/// An encoded `CUtensorMap` (128 opaque bytes).
+pub type TensorMap = [u64; 16];
+
+/// Can the kernel run this shape? (Rows a multiple of 16 bytes, as TMA needs; a counter per row
+/// tile; 32-bit coordinates.)
 pub fn supports(n: usize, k: usize) -> bool {
-    n > 0 && k > 0 && k.is_multiple_of(16) && n.div_ceil(ROWS_PER_BLOCK) <= COUNTERS
+    n > 0
+        && k > 0
+        && k.is_multiple_of(16)
+        && n.div_ceil(ROWS) <= COUNTERS
+        && n <= i32::MAX as usize
+        && k <= i32::MAX as usize
 }
 
-/// K splits for `m` tokens: enough CTAs for `target_blocks`, each split at least
-/// [`MIN_SPLIT_K`] bytes of k, the partial sums within `partial_bytes`.
-pub fn auto_splits(
-    m: usize,
-    n: usize,
-    k: usize,
-    target_blocks: usize,
-    partial_bytes: usize,
-) -> usize {
-    let row_blocks = n.div_ceil(ROWS_PER_BLOCK);
-    let want = (target_blocks + row_blocks / 2) / row_blocks;
-    let by_k = (k / MIN_SPLIT_K).max(1);
-    let m = m.clamp(1, MAX_TOKENS);
-    let by_scratch = (partial_bytes / (m * n * 4)).max(1);
-    want.min(by_k).min(by_scratch).max(1)
+/// The tensor map of an e4m3 weight `[n, k]` at `w`: boxes of 64 rows x 128 bytes.
+pub fn weight_map(w: u64, n: usize, k: usize) -> Result<TensorMap> {
+    encode(w, n, k, ROWS)
 }
 
-/// Launches the streaming product; `splits` = 1 writes `out` directly. `out` is BF16, or F32 when
-/// `f32_out`.
+/// The tensor map of `m` e4m3 activation rows `[m, k]` at `x`, read by the kernel of `tiles`
+/// token tiles: boxes of 8 x tiles rows (tokens past `m` read as zeros) x 128 bytes.
+pub fn activation_map(x: u64, m: usize, k: usize, tiles: usize) -> Result<TensorMap> {
+    encode(x, m, k, 8 * tiles)
+}
+
+/// A 2-D tensor map of bytes `[rows, k]` at `ptr`: boxes of `box_rows` x 128 bytes, 128-byte
+/// swizzle, zeros past the edges. Encoding only: the memory is not read.
+fn encode(ptr: u64, rows: usize, k: usize, box_rows: usize) -> Result<TensorMap> {
+    use sys::{
+        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8 as U8,
+        CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE as ZERO_FILL,
+        CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE as NO_INTERLEAVE,
+        CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B as L2_256B,
+        CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B as SWIZZLE_128B,
+    };
+    ensure!(
+        supports(rows, k),
+        "FP8 streaming product: [{rows}, {k}] not supported"
+    );
+    let dims = [k as u64, rows as u64];
+    let strides = [k as u64];
+    let boxes = [128u32, box_rows as u32];
+    let steps = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: the arrays outlive the call and have the lengths rank 2 needs; the driver only
+    // encodes the map (the weight is not dereferenced here).
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            U8,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            NO_INTERLEAVE,
+            SWIZZLE_128B,
+            L2_256B,
+            ZERO_FILL,
+        )
+    };
+    ensure!(
+        r == sys::CUresult::CUDA_SUCCESS,
+        "encoding the tensor map of FP8 rows [{rows}, {k}]: {r:?}"
+    );
+    // SAFETY: the driver filled the map; it is plain bytes.
+    Ok(unsafe { map.assume_init() }.opaque)
+}
+
+/// Scratch bytes the partial sums of `sms` CTAs take.
+pub fn partial_bytes(sms: usize) -> usize {
+    sms * PARTIAL_FLOATS_PER_CTA * 4
+}
+
+/// Launches the product on `sms` SMs (one CTA each, fewer when the weight has fewer chunks);
+/// `map` is the weight's [`weight_map`]. `out` is BF16, or F32 when `f32_out`.
+/// `out` is BF16, or F32 when `f32_out`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     kernels: &Kernels,
     scratch: &StreamScratch,
+    sms: usize,
+    map: &TensorMap,
     m: usize,
     n: usize,
     k: usize,
     x: u64,
     x_scale: u64,
-    w: u64,
     w_scale: u64,
     out: u64,
     f32_out: bool,
-    splits: usize,
     stream: CUstream,
 ) -> Result<()> {
     ensure!(
         supports(n, k),
-        "FP8 streaming GEMM: N={n} K={k} not supported (K a multiple of 16)"
+        "FP8 streaming product: N={n} K={k} not supported (K a multiple of 16)"
+    );
+    let chunks = n.div_ceil(ROWS) * k.div_ceil(CHUNK_K);
+    let grid = sms.min(chunks).max(1);
+    ensure!(
+        partial_bytes(grid) <= scratch.partial.bytes,
+        "FP8 streaming product: the partial sums of {grid} CTAs exceed the scratch"
     );
     let out_bytes = if f32_out { 4 } else { 2 };
-    let row_blocks = n.div_ceil(ROWS_PER_BLOCK);
     for m0 in (0..m).step_by(MAX_TOKENS) {
         let mc = (m - m0).min(MAX_TOKENS);
-        // Split length a multiple of the loop step (16 bytes at least for tiny K).
-        let step = if k >= KSTEP { KSTEP } else { 16 };
-        let k_per_split = k.div_ceil(splits.max(1)).div_ceil(step) * step;
-        let grid_splits = k.div_ceil(k_per_split);
-        ensure!(
-            grid_splits == 1 || grid_splits * mc * n * 4 <= scratch.partial.bytes,
-            "FP8 streaming GEMM: {grid_splits} splits of M={mc} N={n} exceed the scratch"
-        );
         let tiles = match mc.div_ceil(8) {
             1 => 1,
             2 => 2,
@@ -105,24 +179,24 @@ pub fn run(
             "gemm_fp8_stream_t{tiles}_{}",
             if f32_out { "f32" } else { "bf16" }
         );
+        let x_map = activation_map(x + (m0 * k) as u64, mc, k, tiles)?;
         launch(
             kernels.get(&name)?,
-            (row_blocks as u32, grid_splits as u32, 1),
+            (grid as u32, 1, 1),
             (THREADS, 1, 1),
-            0,
+            SHARED_BYTES as u32,
             stream,
             &[
+                Arg::TensorMap(*map),
+                Arg::TensorMap(x_map),
                 Arg::Ptr(out + (m0 * n * out_bytes) as u64),
                 Arg::Ptr(scratch.partial.ptr),
                 Arg::Ptr(scratch.counters.ptr),
-                Arg::Ptr(x + (m0 * k) as u64),
                 Arg::Ptr(x_scale + (m0 * 4) as u64),
-                Arg::Ptr(w),
                 Arg::Ptr(w_scale),
                 Arg::I32(mc as i32),
                 Arg::I32(n as i32),
                 Arg::I32(k as i32),
-                Arg::I32(k_per_split as i32),
             ],
         )?;
     }
@@ -166,16 +240,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_fill_the_gpu_within_limits() {
-        let big = 64 << 20;
-        // o_proj 8192x8192: 128 row blocks, 528 target blocks -> 4 splits.
-        assert_eq!(auto_splits(1, 8192, 8192, 528, big), 4);
-        // gate_up 57344x8192: 896 row blocks fill the GPU alone.
-        assert_eq!(auto_splits(1, 57344, 8192, 528, big), 1);
-        // Tiny K: no split shorter than MIN_SPLIT_K.
-        assert_eq!(auto_splits(1, 64, 512, 528, big), 1);
-        // Scratch too small for the partial sums of 64 tokens.
-        assert_eq!(auto_splits(64, 8192, 8192, 528, 2 * 64 * 8192 * 4), 2);
-        assert!(supports(8192, 8192) && !supports(8192, 100));
+    fn supported_shapes_and_scratch_size() {
+        assert!(supports(8192, 8192) && supports(57344, 8192) && supports(100, 16));
+        assert!(!supports(8192, 100) && !supports(0, 16));
+        assert_eq!(partial_bytes(132), 132 * 2 * 64 * 64 * 4);
     }
 }

@@ -12,7 +12,7 @@
 //! for small M, and the outer-vector cuBLASLt product above.
 
 use super::device::DeviceBuffer;
-use super::fp8_stream::{self, StreamScratch};
+use super::fp8_stream::{self, StreamScratch, TensorMap};
 use super::gemm_tune;
 use super::kernels::Kernels;
 use anyhow::{anyhow, Result};
@@ -51,13 +51,13 @@ struct Plan {
 /// Measured on the H200 at the 70B shapes (`tandem bench-gemm`; benchmarks/results/gemm_fp8_h200.json): cuBLASLt without
 /// scales plus the epilogue is 1.1-1.7x faster than the outer-vector product for M <= 64 on o_proj,
 /// gate_up and down, and within 12% of it on qkv; the outer-vector product wins at M = 128 on
-/// three of the four shapes. The streaming kernel matches the unscaled path at M = 1 (qkv 1.8 us
-/// faster, down 2.6 us slower) and falls behind from M = 2, so it is off by default: a path switch
-/// by batch size also changes a sequence's numerics with the batch it runs in.
-/// `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the limits,
+/// three of the four shapes. The streaming kernel ([`fp8_stream`]) is 1.6 us faster than the
+/// unscaled path on qkv at M = 1, 0.8-8 us slower on the others, slower from M = 8, and inside the
+/// decode step slower on every linear (benchmarks/results/cuda-h200-round11.json), so it is off by
+/// default: a path switch by batch size also changes a sequence's numerics with the batch it runs
+/// in. `TANDEM_FP8_STREAM_MAX_M` / `TANDEM_FP8_UNSCALED_MAX_M` override the limits, and
 /// `TANDEM_FP8_STREAM_MAX_WEIGHT_MB` keeps the streaming kernel to weights of at most that size
-/// (the small qkv and o_proj products, where cuBLASLt is furthest from the weight-read floor) and
-/// `TANDEM_FP8_STREAM_TARGET_BLOCKS` sets its CTA target (experiments).
+/// (experiments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp8Policy {
     /// The streaming kernel for M up to this...
@@ -66,8 +66,6 @@ pub struct Fp8Policy {
     pub stream_max_weight: usize,
     /// Then cuBLASLt without scales + epilogue for M up to this; outer-vector cuBLASLt above.
     pub unscaled_max_m: usize,
-    /// CTAs the streaming kernel aims for when choosing its K splits.
-    pub target_blocks: usize,
 }
 
 impl Default for Fp8Policy {
@@ -77,7 +75,6 @@ impl Default for Fp8Policy {
             stream_max_weight: usize::MAX,
             // The crossover lies between 64 and 128 (measured at both).
             unscaled_max_m: 96,
-            target_blocks: 4 * 132,
         }
     }
 }
@@ -96,7 +93,6 @@ impl Fp8Policy {
             stream_max_m: var("TANDEM_FP8_STREAM_MAX_M", d.stream_max_m),
             stream_max_weight: var("TANDEM_FP8_STREAM_MAX_WEIGHT_MB", usize::MAX >> 20) << 20,
             unscaled_max_m: var("TANDEM_FP8_UNSCALED_MAX_M", d.unscaled_max_m),
-            target_blocks: var("TANDEM_FP8_STREAM_TARGET_BLOCKS", d.target_blocks),
         }
     }
 }
@@ -104,8 +100,8 @@ impl Fp8Policy {
 /// An FP8 product path (for benchmarks that time each one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Path {
-    /// Streaming kernel with this many K splits.
-    Stream { splits: usize },
+    /// The weight-streaming kernel (one CTA per SM, the weight chunks split evenly between them).
+    Stream,
     /// cuBLASLt without scales, F32 staged, then the scale epilogue.
     Unscaled,
     /// cuBLASLt with outer-vector scales.
@@ -120,6 +116,11 @@ pub struct Gemm {
     /// Autotuned algorithm choices of this machine (see `gemm_tune`).
     tuned: Option<gemm_tune::TuneCache>,
     pub fp8_policy: Fp8Policy,
+    /// Tensor maps of the weights the streaming kernel has read, by (address, n, k): encoded on
+    /// the host at first use, passed by value after.
+    weight_maps: HashMap<(u64, usize, usize), TensorMap>,
+    /// SMs of the current GPU (the streaming kernel runs a CTA on each).
+    sms: usize,
 }
 
 fn err(what: &str) -> impl Fn(lt::CublasError) -> anyhow::Error + '_ {
@@ -149,6 +150,15 @@ impl Gemm {
             );
         }
         let handle = lt::create_handle().map_err(err("create"))?;
+        let mut dev = 0;
+        // SAFETY: out-parameters of plain queries of the current context's device.
+        let sms = unsafe {
+            cudarc::driver::sys::cuCtxGetDevice(&mut dev).result()?;
+            cudarc::driver::result::device::get_attribute(
+                dev,
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )?
+        } as usize;
         Ok(Self {
             handle,
             workspace: DeviceBuffer::new(WORKSPACE_BYTES)?,
@@ -156,6 +166,8 @@ impl Gemm {
             plans: HashMap::new(),
             tuned: gemm_tune::enabled().then(gemm_tune::TuneCache::for_current_gpu),
             fp8_policy: Fp8Policy::from_env(),
+            weight_maps: HashMap::new(),
+            sms,
         })
     }
 
@@ -381,12 +393,12 @@ impl Gemm {
         let p = self.fp8_policy;
         if f32_out {
             Fp8Path::OuterVector
-        } else if m <= p.stream_max_m && n * k <= p.stream_max_weight && fp8_stream::supports(n, k)
+        } else if m <= p.stream_max_m
+            && n * k <= p.stream_max_weight
+            && fp8_stream::supports(n, k)
+            && fp8_stream::partial_bytes(self.sms) <= self.scratch.partial.bytes
         {
-            let bytes = self.scratch.partial.bytes;
-            Fp8Path::Stream {
-                splits: fp8_stream::auto_splits(m, n, k, p.target_blocks, bytes),
-            }
+            Fp8Path::Stream
         } else if m <= p.unscaled_max_m
             && n.is_multiple_of(16)
             && k.is_multiple_of(16)
@@ -419,21 +431,31 @@ impl Gemm {
             return Ok(());
         }
         match path {
-            Fp8Path::Stream { splits } => fp8_stream::run(
-                kernels,
-                &self.scratch,
-                m,
-                n,
-                k,
-                x,
-                x_scale,
-                w,
-                w_scale,
-                out,
-                f32_out,
-                splits,
-                stream,
-            ),
+            Fp8Path::Stream => {
+                let map = match self.weight_maps.get(&(w, n, k)) {
+                    Some(map) => *map,
+                    None => {
+                        let map = fp8_stream::weight_map(w, n, k)?;
+                        self.weight_maps.insert((w, n, k), map);
+                        map
+                    }
+                };
+                fp8_stream::run(
+                    kernels,
+                    &self.scratch,
+                    self.sms,
+                    &map,
+                    m,
+                    n,
+                    k,
+                    x,
+                    x_scale,
+                    w_scale,
+                    out,
+                    f32_out,
+                    stream,
+                )
+            }
             Fp8Path::Unscaled => {
                 anyhow::ensure!(
                     !f32_out && m * n * 4 <= self.scratch.partial.bytes,

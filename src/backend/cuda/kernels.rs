@@ -35,6 +35,7 @@ pub const MODULES: &[(&str, &str)] = &[
         "flash_prefill_wgmma",
         concat!(
             include_str!("../../../kernels/flash_common.cuh"),
+            include_str!("../../../kernels/tma.cuh"),
             include_str!("../../../kernels/flash_prefill_wgmma.cu")
         ),
     ),
@@ -48,7 +49,13 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("sampling", include_str!("../../../kernels/sampling.cu")),
     ("kv_copy", include_str!("../../../kernels/kv_copy.cu")),
-    ("gemm_fp8", include_str!("../../../kernels/gemm_fp8.cu")),
+    (
+        "gemm_fp8",
+        concat!(
+            include_str!("../../../kernels/tma.cuh"),
+            include_str!("../../../kernels/gemm_fp8.cu")
+        ),
+    ),
     (
         "all_reduce",
         concat!(
@@ -130,20 +137,7 @@ const PLAIN: &[(&str, &[&str])] = &[
     ("sampling", &["sample_tokens", "take_previous_tokens"]),
     ("all_reduce", &["all_reduce_epoch_advance"]),
     ("kv_copy", &["kv_copy_blocks"]),
-    (
-        "gemm_fp8",
-        &[
-            "gemm_fp8_stream_t1_bf16",
-            "gemm_fp8_stream_t2_bf16",
-            "gemm_fp8_stream_t4_bf16",
-            "gemm_fp8_stream_t8_bf16",
-            "gemm_fp8_stream_t1_f32",
-            "gemm_fp8_stream_t2_f32",
-            "gemm_fp8_stream_t4_f32",
-            "gemm_fp8_stream_t8_f32",
-            "scale_rows_cols_bf16",
-        ],
-    ),
+    ("gemm_fp8", &["scale_rows_cols_bf16"]),
     ("flash_attention", FLASH_ATTENTION),
     ("flash_prefill_wgmma", FLASH_PREFILL_WGMMA),
     ("flash_decode", FLASH_DECODE),
@@ -228,6 +222,9 @@ pub fn kernel_names(module: &str) -> Vec<String> {
         if *m == module {
             names.extend(list.iter().map(|n| n.to_string()));
         }
+    }
+    if module == "gemm_fp8" {
+        names.extend(super::fp8_stream::KERNELS.iter().map(|n| n.to_string()));
     }
     names
 }
@@ -381,7 +378,7 @@ pub const SILU_SMEM_MAX_BYTES: usize = 72 * 1024;
 /// (flash_prefill_wgmma.cu).
 pub const WGMMA_SHARED_BYTES: usize = 5 * 2 * 64 * 128 * 2 + 64 + 1024;
 
-fn big_shared() -> impl Iterator<Item = (&'static str, i32)> {
+fn big_shared() -> impl Iterator<Item = (String, i32)> {
     let paged = ["paged_attention_bf16", "paged_attention_f32"].map(|n| (n, 96 * 1024));
     let flash = FLASH_ATTENTION.iter().map(|&n| (n, 112 * 1024));
     let decode = FLASH_DECODE.iter().map(|&n| (n, 96 * 1024));
@@ -389,12 +386,17 @@ fn big_shared() -> impl Iterator<Item = (&'static str, i32)> {
         .iter()
         .map(|&n| (n, WGMMA_SHARED_BYTES as i32));
     let silu = [("silu_mul_fp8_smem_bf16", SILU_SMEM_MAX_BYTES as i32)];
+    let stream_gemm = super::fp8_stream::KERNELS
+        .iter()
+        .map(|&n| (n.to_string(), super::fp8_stream::SHARED_BYTES as i32));
     paged
         .into_iter()
         .chain(flash)
         .chain(decode)
         .chain(wgmma)
         .chain(silu)
+        .map(|(n, bytes)| (n.to_string(), bytes))
+        .chain(stream_gemm)
 }
 
 impl Kernels {
@@ -419,7 +421,7 @@ impl Kernels {
             }
         }
         for (fname, bytes) in big_shared() {
-            let f = functions[fname].f;
+            let f = functions[&fname].f;
             // SAFETY: a valid function handle.
             unsafe {
                 result::function::set_function_attribute(
@@ -461,14 +463,16 @@ impl Drop for Kernels {
 unsafe impl Send for Kernels {}
 unsafe impl Sync for Kernels {}
 
-/// One kernel argument. Each is passed from an 8-byte slot (little endian: 4-byte values are
-/// read from its low half).
+/// One kernel argument. Each is passed from a slot of its own (little endian: 4-byte values are
+/// read from the low half of the first word).
 #[derive(Debug, Clone, Copy)]
 pub enum Arg {
     Ptr(u64),
     I32(i32),
     U64(u64),
     F32(f32),
+    /// A `CUtensorMap` by value (a `const __grid_constant__` parameter).
+    TensorMap([u64; 16]),
 }
 
 /// Launches `kernel` on `stream`, checking the launch's return code.
@@ -482,17 +486,23 @@ pub fn launch(
     stream: sys::CUstream,
     args: &[Arg],
 ) -> Result<()> {
-    let mut slots: Vec<u64> = args
+    let word = |w: u64| {
+        let mut slot = [0u64; 16];
+        slot[0] = w;
+        slot
+    };
+    let mut slots: Vec<[u64; 16]> = args
         .iter()
         .map(|a| match *a {
-            Arg::Ptr(p) | Arg::U64(p) => p,
-            Arg::I32(v) => v as u32 as u64,
-            Arg::F32(v) => v.to_bits() as u64,
+            Arg::Ptr(p) | Arg::U64(p) => word(p),
+            Arg::I32(v) => word(v as u32 as u64),
+            Arg::F32(v) => word(v.to_bits() as u64),
+            Arg::TensorMap(map) => map,
         })
         .collect();
     let mut params: Vec<*mut c_void> = slots
         .iter_mut()
-        .map(|s| s as *mut u64 as *mut c_void)
+        .map(|s| s.as_mut_ptr() as *mut c_void)
         .collect();
     if !kernel.pdl {
         // SAFETY: the kernel's parameter list matches `args` (the ops wrappers are the only callers);
@@ -597,7 +607,8 @@ mod tests {
 
     /// A kernel launched with programmatic serialization must wait for the previous kernel before it
     /// touches activations: every kernel of a PDL module starts with `pdl_enter()`, except the
-    /// streaming GEMM's wrappers, whose template loads its first weights and then calls it.
+    /// streaming GEMM's wrappers, whose template has its producer load the first weights before
+    /// calling it, and its consumers call it before reading anything.
     #[test]
     fn every_kernel_of_a_pdl_module_waits_for_its_predecessor() {
         for (module, src) in MODULES.iter().filter(|(m, _)| PDL_MODULES.contains(m)) {
@@ -616,7 +627,11 @@ mod tests {
         }
         let gemm = MODULES.iter().find(|(m, _)| *m == "gemm_fp8").unwrap().1;
         let template = &gemm[gemm.find("__device__ void gemm_fp8_stream_t(").unwrap()..];
-        let before_loop = &template[..template.find("for (int kb").unwrap()];
-        assert!(before_loop.contains("pdl_enter();"));
+        let producer = &template[template.find("if (warp == TG_CONSUMERS)").unwrap()..];
+        let producer = &producer[..producer.find("return;").unwrap()];
+        let waits = producer.find("pdl_enter();").unwrap();
+        assert!(producer[..waits].contains("load_w(i)") && producer[waits..].contains("load_x(i)"));
+        let consumers = &template[template.find("return;").unwrap()..];
+        assert!(consumers.find("pdl_enter();").unwrap() < consumers.find("mbar_wait").unwrap());
     }
 }
