@@ -9,9 +9,11 @@
 
 use super::device::DeviceBuffer;
 use super::kernels::{launch, Arg, Kernels};
+pub use super::tensor_map::TensorMap;
+use super::tensor_map::{swizzled_2d, Element};
 use anyhow::{ensure, Result};
 use cudarc::driver::result;
-use cudarc::driver::sys::{self, CUstream};
+use cudarc::driver::sys::CUstream;
 
 /// Tokens per launch (8 token tiles of 8); larger M runs in chunks.
 pub const MAX_TOKENS: usize = 64;
@@ -62,9 +64,6 @@ impl StreamScratch {
     }
 }
 
-/// An encoded `CUtensorMap` (128 opaque bytes).
-pub type TensorMap = [u64; 16];
-
 /// Can the kernel run this shape? (Rows a multiple of 16 bytes, as TMA needs; a counter per row
 /// tile; 32-bit coordinates.)
 pub fn supports(n: usize, k: usize) -> bool {
@@ -87,49 +86,13 @@ pub fn activation_map(x: u64, m: usize, k: usize, tiles: usize) -> Result<Tensor
     encode(x, m, k, 8 * tiles)
 }
 
-/// A 2-D tensor map of bytes `[rows, k]` at `ptr`: boxes of `box_rows` x 128 bytes, 128-byte
-/// swizzle, zeros past the edges. Encoding only: the memory is not read.
+/// A map of the byte rows `[rows, k]` at `ptr` in boxes of `box_rows` x 128 bytes.
 fn encode(ptr: u64, rows: usize, k: usize, box_rows: usize) -> Result<TensorMap> {
-    use sys::{
-        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8 as U8,
-        CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE as ZERO_FILL,
-        CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE as NO_INTERLEAVE,
-        CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B as L2_256B,
-        CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B as SWIZZLE_128B,
-    };
     ensure!(
         supports(rows, k),
         "FP8 streaming product: [{rows}, {k}] not supported"
     );
-    let dims = [k as u64, rows as u64];
-    let strides = [k as u64];
-    let boxes = [128u32, box_rows as u32];
-    let steps = [1u32, 1];
-    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: the arrays outlive the call and have the lengths rank 2 needs; the driver only
-    // encodes the map (the weight is not dereferenced here).
-    let r = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            U8,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            steps.as_ptr(),
-            NO_INTERLEAVE,
-            SWIZZLE_128B,
-            L2_256B,
-            ZERO_FILL,
-        )
-    };
-    ensure!(
-        r == sys::CUresult::CUDA_SUCCESS,
-        "encoding the tensor map of FP8 rows [{rows}, {k}]: {r:?}"
-    );
-    // SAFETY: the driver filled the map; it is plain bytes.
-    Ok(unsafe { map.assume_init() }.opaque)
+    swizzled_2d(ptr, Element::U8, rows, k, box_rows, 128)
 }
 
 /// Scratch bytes the partial sums of `sms` CTAs take.

@@ -5,7 +5,8 @@
 
 use super::{Fp8KvScales, Ops, Precision};
 use crate::backend::cuda::kernels::{Arg, WGMMA_SHARED_BYTES};
-use anyhow::{ensure, Result};
+use crate::backend::cuda::tensor_map::{swizzled_2d, Element};
+use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys;
 
 /// Query tokens × heads per attention block (the kernel's R limit).
@@ -78,50 +79,11 @@ pub const KV_TENSOR_MAPS_BYTES: usize = 2 * std::mem::size_of::<sys::CUtensorMap
 /// rows x 64 dims written with the 128-byte swizzle. They go to device memory, 64-byte aligned,
 /// and [`AttentionArgs::tensor_maps`] points there.
 pub fn kv_tensor_maps(k_cache: u64, v_cache: u64, rows: usize) -> Result<Vec<u8>> {
-    use sys::{
-        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 as BF16,
-        CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE as NO_FILL,
-        CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE as NO_INTERLEAVE,
-        CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B as L2_256B,
-        CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B as SWIZZLE_128B,
-    };
-    // The kernel addresses rows with 32-bit coordinates.
-    ensure!(
-        rows <= i32::MAX as usize,
-        "a KV pool of {rows} rows is too large for TMA"
-    );
     let mut out = Vec::with_capacity(KV_TENSOR_MAPS_BYTES);
     for pool in [k_cache, v_cache] {
-        let dims = [WGMMA_HEAD_DIM as u64, rows as u64];
-        let strides = [(WGMMA_HEAD_DIM * 2) as u64];
-        let boxes = [64u32, 64];
-        let steps = [1u32, 1];
-        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-        // SAFETY: the arrays outlive the call and have the lengths rank 2 needs; the driver only
-        // encodes the map (the pool address is not dereferenced here).
-        let r = unsafe {
-            sys::cuTensorMapEncodeTiled(
-                map.as_mut_ptr(),
-                BF16,
-                2,
-                pool as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                steps.as_ptr(),
-                NO_INTERLEAVE,
-                SWIZZLE_128B,
-                L2_256B,
-                NO_FILL,
-            )
-        };
-        ensure!(
-            r == sys::CUresult::CUDA_SUCCESS,
-            "encoding the KV pool's tensor map ({rows} rows): {r:?}"
-        );
-        // SAFETY: the driver filled the map; it is plain bytes.
-        let map = unsafe { map.assume_init() };
-        out.extend(map.opaque.iter().flat_map(|w| w.to_le_bytes()));
+        let map = swizzled_2d(pool, Element::Bf16, rows, WGMMA_HEAD_DIM, 64, 64)
+            .context("the KV pool's tensor map")?;
+        out.extend(map.iter().flat_map(|w| w.to_le_bytes()));
     }
     Ok(out)
 }
