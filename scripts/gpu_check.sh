@@ -21,6 +21,8 @@ NCCL_LIB=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.s
 [ -e "$NCCL_LIB" ] && ln -sf "$NCCL_LIB" /tmp/nccl/libnccl.so
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/lib64:/tmp/nccl
 export TANDEM_KERNEL_CACHE=/tmp/tandem-kernels TANDEM_FIXTURES="$D/fixtures" TANDEM_MODELS_DIR="$D/models"
+# Cubins of an earlier run (make_dist.sh KERNEL_CACHE=...; keyed by source, so stale ones are unused).
+if [ -f "$D/kcache.tgz" ] && [ ! -d "$TANDEM_KERNEL_CACHE" ]; then tar xzf "$D/kcache.tgz" -C /tmp; fi
 export RUST_BACKTRACE=1
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
@@ -200,6 +202,9 @@ case " $STAGES " in *" tp4 "*)
     sed -n '/^{/,/^}/p' "$OUT/step.log" > "$OUT/bench_step_tp4.json"
   fi ;;
 esac
+
+# The kernel cache for the next run's dist (make_dist.sh KERNEL_CACHE=.../kcache.tgz).
+[ -d "$TANDEM_KERNEL_CACHE" ] && tar czf "$OUT/kcache.tgz" -C /tmp "$(basename "$TANDEM_KERNEL_CACHE")"
 
 echo
 echo "================ summary ================"

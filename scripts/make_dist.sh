@@ -2,6 +2,8 @@
 # Builds the release binary and the GPU test executables here (no GPU needed) and gathers what
 # scripts/gpu_check.sh needs into a folder to carry to the GPU machine:
 #   scripts/make_dist.sh <dist folder> [fixtures folder] [models folder]
+# KERNEL_CACHE=<kcache.tgz> (a cache gpu_check.sh saved on an earlier run) goes along as
+# kcache.tgz: the GPU machine then compiles only the kernel modules that changed since.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:?usage: make_dist.sh <dist folder>}
@@ -27,4 +29,5 @@ strip "$D/tandem" "$D/kv_transfer_bench" "$D"/tests/*
 cp -r "$FIX"/llama-bf16 "$FIX"/llama-fp8 "$D/fixtures/"
 cp -r "$MODELS"/. "$D/models/"
 cp scripts/gpu_check.sh scripts/gpu_compare.sh "$D/"
+if [ -n "${KERNEL_CACHE:-}" ]; then cp "$KERNEL_CACHE" "$D/kcache.tgz"; fi
 du -sh "$D"
