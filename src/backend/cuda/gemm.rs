@@ -4,8 +4,9 @@
 //! (TRANSA = T), B = x: the "TN" layout FP8 requires. FP8 uses per-output-channel weight scales
 //! (A_SCALE, length N) and per-token activation scales (B_SCALE, length M) in one call, through
 //! the OUTER_VEC_32F scale mode (checked on the H200, see shared/docs/device.md). Plans (descriptor,
-//! layouts, algorithm) are made once per shape and reused; the algorithm is the heuristic's first,
-//! or with `TANDEM_GEMM_AUTOTUNE=1` the fastest of its candidates on this machine (`gemm_tune`).
+//! layouts, algorithm) are made once per shape and reused; the algorithm is the fastest of the
+//! heuristic's candidates on this machine for decode-sized products, its first for larger ones
+//! (`gemm_tune`).
 //!
 //! [`Gemm::fp8_linear`] picks the FP8 path by batch size (see [`Fp8Policy`]): the weight-streaming
 //! kernel ([`super::fp8_stream`], off by default), cuBLASLt without scales plus a scale epilogue
@@ -230,7 +231,7 @@ impl Gemm {
                 std::mem::size_of::<usize>(),
             )
             .map_err(err("preference workspace"))?;
-            let count = if self.tuned.is_some() {
+            let count = if self.tuned.is_some() && m <= gemm_tune::max_m() {
                 gemm_tune::MAX_CANDIDATES
             } else {
                 1
@@ -296,9 +297,10 @@ impl Gemm {
             }
             .map_err(|e| anyhow!("cuBLASLt matmul {kind:?} M={m} N={n} K={k}: {e:?}"))
         };
-        if !plan.untimed.is_empty() {
+        if !plan.untimed.is_empty() && !gemm_tune::capturing(stream)? {
             // This machine's earlier choice, or a timing on the real operands (the call below then
-            // writes the result).
+            // writes the result). Not while a graph is captured: the heuristic's choice until an
+            // eager use.
             let algos = std::mem::take(&mut plan.untimed);
             let shape = format!("{kind:?} {m}x{n}x{k}");
             let cache = self.tuned.as_mut().expect("candidates only when tuning");

@@ -1,13 +1,16 @@
-//! Autotuning of cuBLASLt algorithms (opt-in: `TANDEM_GEMM_AUTOTUNE=1`). cuBLASLt's heuristic
-//! picks one algorithm per shape; another of its candidates is sometimes faster. On a shape's
-//! first use each candidate runs a few times on the real operands, timed with CUDA events, and the
-//! fastest is kept. Timings differ between runs, so the choice (the candidate's rank in the
-//! heuristic's list, which is fixed for a GPU and cuBLASLt version) is saved in the kernel cache
-//! folder, and every later process on the machine takes the same one: the same algorithm, the same
-//! bits (tensor-parallel ranks tune on their own, so within the first process they may differ).
-//! Off by default: on the H200 it shortened the 8-token decode step by 0.8-1.1 ms but left
-//! batch 1 and TP2 unchanged and batch 32 within noise (a choice timed alone is not always the
-//! fastest inside the step; benchmarks/results/cuda-h200-round5.json).
+//! Autotuning of cuBLASLt algorithms for decode-sized products. cuBLASLt's heuristic picks one
+//! algorithm per shape; another of its candidates is sometimes faster. On a shape's first use
+//! (always an eager step: decode graphs are captured on a shape's second step) each candidate runs
+//! a few times on the real operands, timed with CUDA events, and the fastest is kept. Timings
+//! differ between runs, so the choice (the candidate's rank in the heuristic's list, which is
+//! fixed for a GPU and cuBLASLt version) is saved in the kernel cache folder, and every later
+//! process on the machine takes the same one: the same algorithm, the same bits (tensor-parallel
+//! ranks tune on their own, so within the first process they may differ).
+//! On by default for products of at most [`DEFAULT_MAX_M`] rows: on the H200 it shortened the
+//! 70B decode step by 0.57-0.70 ms at batch 1, 8, 16 and 32 (benchmarks/results/cuda-h200-round11.json;
+//! in round 5, 0.8-1.1 ms at batch 8, others within noise). Larger products (prefill chunks, whose
+//! many lengths would each cost a timing of large products) keep the heuristic's choice.
+//! `TANDEM_GEMM_AUTOTUNE=0` tunes nothing, `=1` every shape.
 
 use anyhow::{anyhow, Result};
 use cudarc::cublaslt::sys;
@@ -22,9 +25,34 @@ pub const MAX_CANDIDATES: usize = 8;
 /// Timed launches per candidate (after one warm-up).
 const REPS: usize = 5;
 
+/// Rows (tokens) of the largest product tuned by default: decode batches up to vLLM's default
+/// `--max-num-seqs`.
+pub const DEFAULT_MAX_M: usize = 256;
+
+/// The largest product tuned (0: none), by `TANDEM_GEMM_AUTOTUNE` (`0`, `1`, or unset).
+pub fn max_m() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| match std::env::var("TANDEM_GEMM_AUTOTUNE").as_deref() {
+        Ok("0") => 0,
+        Ok("1") => usize::MAX,
+        _ => DEFAULT_MAX_M,
+    })
+}
+
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TANDEM_GEMM_AUTOTUNE").is_ok_and(|v| v == "1"))
+    max_m() > 0
+}
+
+/// Whether `stream` is being captured into a graph (timing then has to wait for an eager use).
+// CUDA handles are opaque to Rust: the driver checks them, nothing here dereferences them.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
+pub fn capturing(stream: drv::CUstream) -> Result<bool> {
+    let mut status = drv::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: a query of a live stream into an out-parameter.
+    unsafe { drv::cuStreamIsCapturing(stream, &mut status) }
+        .result()
+        .map_err(|e| anyhow!("cuStreamIsCapturing: {e:?}"))?;
+    Ok(status != drv::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
 /// The heuristic's usable candidates for a matmul, best-ranked first (at least one, or an error).
