@@ -6,10 +6,12 @@
 //! fixed for a GPU and cuBLASLt version) is saved in the kernel cache folder, and every later
 //! process on the machine takes the same one: the same algorithm, the same bits (tensor-parallel
 //! ranks tune on their own, so within the first process they may differ).
-//! On by default for products of at most [`DEFAULT_MAX_M`] rows: on the H200 it shortened the
-//! 70B decode step by 0.57-0.70 ms at batch 1, 8, 16 and 32 (benchmarks/results/cuda-h200-round11.json;
-//! in round 5, 0.8-1.1 ms at batch 8, others within noise). Larger products (prefill chunks, whose
-//! many lengths would each cost a timing of large products) keep the heuristic's choice.
+//! On by default for products of at most [`DEFAULT_MAX_M`] rows: on H200s it shortened the 70B
+//! decode step by 0.57-0.70 ms at batch 1, 8, 16 and 32 on one machine, by 0-0.27 ms on another
+//! whose heuristic choices were faster to begin with, and was never slower
+//! (benchmarks/results/cuda-h200-round11.json; round 5: 0.8-1.1 ms at batch 8). Larger products
+//! (prefill chunks, whose many lengths would each cost a timing of large products) keep the
+//! heuristic's choice.
 //! `TANDEM_GEMM_AUTOTUNE=0` tunes nothing, `=1` every shape.
 
 use anyhow::{anyhow, Result};
