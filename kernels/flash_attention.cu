@@ -618,3 +618,4 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_hilo_kv8_hd128(FLASH_PARAMS) { flash_attention_t<128, P_HILO, true>(FLASH_ARGS); }
 // One-query items of a mixed batch whose multi-query items flash_prefill_wgmma_hd128 took.
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_single_hd128(FLASH_PARAMS) { flash_attention_t<128, P_HILO, false, true>(FLASH_ARGS); }
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_single_kv8_hd128(FLASH_PARAMS) { flash_attention_t<128, P_HILO, true, true>(FLASH_ARGS); }

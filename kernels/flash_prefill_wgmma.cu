@@ -12,6 +12,11 @@
 // during the softmax. mma.sync's register layouts are wgmma's per warp (A and the accumulators),
 // so the softmax follows flash_attention.cu's.
 //
+// FP8 (e4m3) pools (the _kv8 kernel): the raw 64-key tiles (64 rows x 128 bytes each, the same
+// swizzle) land in the stages by TMA or cp.async; at its turn a tile is converted (times the
+// pool's scale, as flash_attention.cu's kv8 kernel) into one of two BF16 K / V tile pairs, which
+// the MMAs read: tile i's pair (i & 1) holds K(i) for its scores and V(i) for the next step's P V.
+//
 // Shared tiles use the 128-byte swizzle (as TMA would write them): a tile is two halves of 64 dims,
 // each 64 key rows of 128 bytes whose 16-byte chunk c sits at c ^ (row % 8). Read as K (K-major
 // B) and as V (MN-major B, transposed by the descriptor). Measured on an H200 (3000-token 70B
@@ -204,9 +209,41 @@ struct FlashTmaArgs : FlashArgs {
 // Two warpgroups per block (rows 0..63 and 64..127 of a work item) share each K / V tile; loads
 // run FW_AHEAD tiles ahead. Per tile, a warpgroup issues its scores together with P V of the
 // previous tile (the FlashAttention-3 order), so the tensor cores have work during the softmax.
-template <int PM>
+// FP8 pools: raw tile i's 64 x 128 codes (K at `raw`, V 8 KB after) into the BF16 pair at `dst`.
+__device__ __forceinline__ void fw_kv8_convert(unsigned dst, unsigned raw, float k_scale, float v_scale, int tid) {
+#pragma unroll
+    for (int u = 0; u < 2 * 64 * 8 / FW_THREADS; u++) {
+        int idx = tid + u * FW_THREADS, pool = idx >> 9, j = (idx >> 3) & 63, c8 = idx & 7;
+        uint4 x;
+        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                     : "r"(raw + pool * 8192 + j * 128 + ((c8 ^ (j & 7)) << 4)));
+        float scale = pool ? v_scale : k_scale;
+        unsigned w[4] = {x.x, x.y, x.z, x.w}, o[8];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            o[2 * e] = e4m3x2_to_bf16x2((unsigned short)(w[e] & 0xffffu), scale);
+            o[2 * e + 1] = e4m3x2_to_bf16x2((unsigned short)(w[e] >> 16), scale);
+        }
+        // Dims 16 c8 .. + 15: BF16 chunks 2 c8 and 2 c8 + 1 of the row, in half c8 / 4.
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            int cb = 2 * c8 + e;
+            unsigned at = dst + pool * FW_TILE_BYTES + (cb >> 3) * 8192 + j * 128 + (((cb & 7) ^ (j & 7)) << 4);
+            asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(at), "r"(o[4 * e]), "r"(o[4 * e + 1]),
+                         "r"(o[4 * e + 2]), "r"(o[4 * e + 3])
+                         : "memory");
+        }
+    }
+}
+
+template <int PM, bool KV8>
 __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     constexpr int D = FW_D, DK = D / 16, CH = D / 8;
+    // A stage holds a K and a V tile: BF16 (16 KB each), or e4m3 codes (8 KB each) whose BF16
+    // conversions go to two tile pairs after the stages.
+    constexpr int STAGE_BYTES = KV8 ? FW_TILE_BYTES : 2 * FW_TILE_BYTES;
+    constexpr int BF16_BYTES = KV8 ? 2 * 2 * FW_TILE_BYTES : 0;
     extern __shared__ __align__(128) unsigned char fw_smem[];
     int lin = blockIdx.y * gridDim.x + blockIdx.x;
     int tile = gridDim.x - 1 - lin / gridDim.y, kvh = lin % gridDim.y;  // longest items first
@@ -260,7 +297,8 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     // masked.
     const unsigned char* maps = (const unsigned char*)a.tensor_maps;
     bool tma = maps != nullptr && bs % FW_KT == 0 && kbeg % FW_KT == 0;
-    unsigned bars = smem + FW_STAGES * 2 * FW_TILE_BYTES;  // an 8-byte mbarrier per stage
+    unsigned conv = smem + FW_STAGES * STAGE_BYTES;        // FP8 pools: the BF16 tile pairs
+    unsigned bars = conv + BF16_BYTES;                     // an 8-byte mbarrier per stage
     if (tma) {
         if (tid == 0)
             for (int st = 0; st < FW_STAGES; st++) mbar_init(bars + 8 * st, 1);
@@ -270,18 +308,45 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     // Tile i into its stage: by TMA (thread 0), or as one cp.async group of every thread (empty
     // past the last tile: the group counts stay even).
     auto load = [&](int i) {
-        unsigned st = smem + (i % FW_STAGES) * 2 * FW_TILE_BYTES;
+        unsigned st = smem + (i % FW_STAGES) * STAGE_BYTES;
         if (tma) {
             if (tid == 0 && i < ntiles) {
                 int k0 = kbeg + i * FW_KT, blk = bs_pow2 ? k0 >> bs_log2 : k0 / bs;
                 int row = (__ldg(bt + blk) * nkv + kvh) * bs + (k0 - blk * bs);
                 unsigned bar = bars + 8 * (i % FW_STAGES);
-                mbar_expect_tx(bar, 2 * FW_TILE_BYTES);
-                tma_load_2d(st, maps, 0, row, bar);
-                tma_load_2d(st + 8192, maps, 64, row, bar);
-                tma_load_2d(st + FW_TILE_BYTES, maps + 128, 0, row, bar);
-                tma_load_2d(st + FW_TILE_BYTES + 8192, maps + 128, 64, row, bar);
+                mbar_expect_tx(bar, STAGE_BYTES);
+                if (KV8) {  // a box is a whole tile: 64 rows of 128 codes
+                    tma_load_2d(st, maps, 0, row, bar);
+                    tma_load_2d(st + 8192, maps + 128, 0, row, bar);
+                } else {
+                    tma_load_2d(st, maps, 0, row, bar);
+                    tma_load_2d(st + 8192, maps, 64, row, bar);
+                    tma_load_2d(st + FW_TILE_BYTES, maps + 128, 0, row, bar);
+                    tma_load_2d(st + FW_TILE_BYTES + 8192, maps + 128, 64, row, bar);
+                }
             }
+            return;
+        }
+        if (KV8) {
+            // Eight threads take a key row (128 contiguous global bytes of codes): this thread
+            // its chunk tid % 8 of rows tid / 8 and tid / 8 + 32.
+            if (i < ntiles) {
+                const fp8 *kc = (const fp8*)a.k_cache, *vc = (const fp8*)a.v_cache;
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    int j = (tid >> 3) + 32 * u, c8 = tid & 7, key = kbeg + i * FW_KT + j;
+                    bool ok = key < kend;
+                    u64 src = 0;
+                    if (ok) {
+                        int blk = bs_pow2 ? key >> bs_log2 : key / bs;
+                        src = (((u64)__ldg(bt + blk) * nkv + kvh) * bs + (key - blk * bs)) * D + c8 * 16;
+                    }
+                    unsigned dst = st + j * 128 + ((c8 ^ (j & 7)) << 4);
+                    cp_async16(dst, kc + src, ok);
+                    cp_async16(dst + 8192, vc + src, ok);
+                }
+            }
+            cp_async_commit();
             return;
         }
         if (i < ntiles) {
@@ -289,7 +354,7 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
 #pragma unroll
             for (int u = 0; u < FW_KT * CH / FW_THREADS; u++) {
                 int key = k0 + j0 + 16 * u;  // row j0 + 16u: the same swizzle (16u % 8 == 0)
-                unsigned dst = dst0 + (i % FW_STAGES) * 2 * FW_TILE_BYTES + u * 16 * 128;
+                unsigned dst = dst0 + (i % FW_STAGES) * STAGE_BYTES + u * 16 * 128;
                 bool ok = key < kend;
                 u64 src = 0;
                 if (ok) {
@@ -303,9 +368,12 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
         }
         cp_async_commit();
     };
-    auto descs = [&](int i) { return fw_descs(smem + (i % FW_STAGES) * 2 * FW_TILE_BYTES); };
+    auto descs = [&](int i) {
+        return fw_descs(KV8 ? conv + (i & 1) * 2 * FW_TILE_BYTES : smem + (i % FW_STAGES) * STAGE_BYTES);
+    };
     // Tile i landed for every thread (later tiles may be in flight), and every warp is past tile
-    // i - 2, whose stage the load of tile i + FW_AHEAD then takes.
+    // i - 2, whose stage the load of tile i + FW_AHEAD then takes (FP8: and whose BF16 pair tile
+    // i's conversion takes).
     auto landed = [&](int i) {
         if (tma) {
             mbar_wait(bars + 8 * (i % FW_STAGES), (i / FW_STAGES) & 1);
@@ -314,6 +382,12 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
             fence_proxy_async();
         }
         __syncthreads();
+        if (KV8) {
+            fw_kv8_convert(conv + (i & 1) * 2 * FW_TILE_BYTES, smem + (i % FW_STAGES) * STAGE_BYTES, a.k_scale,
+                           a.v_scale, tid);
+            fence_proxy_async();  // the conversions (generic proxy) before wgmma's reads
+            __syncthreads();
+        }
         load(i + FW_AHEAD);
     };
 
@@ -394,9 +468,16 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
 // (cp.async for every tile).
 extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
     flash_prefill_wgmma_hd128(FLASH_PARAMS, const void* tensor_maps) {
-    flash_prefill_wgmma_t<P_HILO>(FlashTmaArgs{FLASH_ARGS, tensor_maps});
+    flash_prefill_wgmma_t<P_HILO, false>(FlashTmaArgs{FLASH_ARGS, tensor_maps});
 }
 extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
     flash_prefill_wgmma_bf16p_hd128(FLASH_PARAMS, const void* tensor_maps) {
-    flash_prefill_wgmma_t<P_BF16>(FlashTmaArgs{FLASH_ARGS, tensor_maps});
+    flash_prefill_wgmma_t<P_BF16, false>(FlashTmaArgs{FLASH_ARGS, tensor_maps});
+}
+// FP8 (e4m3) pools, P as hi + lo (as flash_attention_hilo_kv8); tensor maps of the code pools
+// (boxes of 64 rows x 128 codes), or null. Shared memory: 5 stages of 16 KB, two BF16 tile pairs
+// (64 KB), the mbarriers.
+extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
+    flash_prefill_wgmma_kv8_hd128(FLASH_PARAMS, const void* tensor_maps) {
+    flash_prefill_wgmma_t<P_HILO, true>(FlashTmaArgs{FLASH_ARGS, tensor_maps});
 }

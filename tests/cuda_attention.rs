@@ -138,14 +138,16 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         ..tight
     };
     // The wgmma kernel loads whole tiles by TMA where the block size allows (the BF16 pools'
-    // tensor maps; `use_maps` off: cp.async for every tile).
+    // tensor maps, and the FP8 pools' made below; `use_maps` off: cp.async for every tile).
+    let pool_rows = c.num_blocks * nkv * bs;
     let maps = (hd == WGMMA_HEAD_DIM && bs % 64 == 0).then(|| {
-        let rows = c.num_blocks * nkv * bs;
         e.gpu
-            .upload(&kv_tensor_maps(dk.ptr, dv.ptr, rows).unwrap())
+            .upload(&kv_tensor_maps(dk.ptr, dv.ptr, pool_rows, false).unwrap())
             .unwrap()
     });
     let use_maps = std::cell::Cell::new(true);
+    // (FP8 K pool address, its maps' address), once made.
+    let fp8_maps = std::cell::Cell::new((0u64, 0u64));
     // Output rows (as f32) and, per token, whether its tile had more than one query.
     let bf16_pools = (&dk, &dv, None);
     let run_on = |kernel: AttnKernel,
@@ -188,6 +190,7 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             kv_fp8: pools.2,
             tensor_maps: match &maps {
                 Some(m) if use_maps.get() && pools.0.ptr == dk.ptr => m.ptr,
+                Some(_) if use_maps.get() && pools.0.ptr == fp8_maps.get().0 => fp8_maps.get().1,
                 _ => 0,
             },
         };
@@ -292,13 +295,20 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
     let ((k8, kdq), (v8, vdq)) = (fp8_pool(&kc, scales.k), fp8_pool(&vc, scales.v));
     let (dk8, dv8) = (e.gpu.upload(&k8).unwrap(), e.gpu.upload(&v8).unwrap());
     let (dkq, dvq) = (e.gpu.upload(&kdq).unwrap(), e.gpu.upload(&vdq).unwrap());
-    // FP8 pools run the mma.sync kernel; compare with it on the BF16 pools too.
-    let hilo_mma_sync = if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
-        AttnKernel::FlashHiLoMmaSync
-    } else {
-        AttnKernel::FlashHiLo
-    };
-    let mut kv8_kernels = vec![hilo_mma_sync];
+    let maps8 = maps.as_ref().map(|_| {
+        e.gpu
+            .upload(&kv_tensor_maps(dk8.ptr, dv8.ptr, pool_rows, true).unwrap())
+            .unwrap()
+    });
+    if let Some(m) = &maps8 {
+        fp8_maps.set((dk8.ptr, m.ptr));
+    }
+    // Each kernel on FP8 pools against itself on the dequantized BF16 pools: mma.sync, and where
+    // head_dim is 128 also wgmma (FlashHiLo: its _kv8 kernel converts each tile as mma.sync's does).
+    let mut kv8_kernels = vec![AttnKernel::FlashHiLo];
+    if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, true) {
+        kv8_kernels.push(AttnKernel::FlashHiLoMmaSync);
+    }
     if kernels.contains(&AttnKernel::Decode) {
         kv8_kernels.push(AttnKernel::Decode);
     }
@@ -320,6 +330,20 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
                 );
             }
         }
+    }
+    if maps8.is_some() && !all_decode {
+        // FP8 pools: TMA and cp.async land the same codes.
+        let fp8_pools = (&dk8, &dv8, Some(scales));
+        let (tma, _, _) = run_on(AttnKernel::FlashHiLo, flash_q_per_tile, None, fp8_pools);
+        use_maps.set(false);
+        let (cp_async, _, _) = run_on(AttnKernel::FlashHiLo, flash_q_per_tile, None, fp8_pools);
+        use_maps.set(true);
+        assert!(
+            tma.iter()
+                .zip(&cp_async)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "wgmma on FP8 pools: TMA loads differ from cp.async loads (nh={nh} nkv={nkv} bs={bs})"
+        );
     }
     if all_decode {
         return; // no multi-query tiles to compare below

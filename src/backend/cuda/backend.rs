@@ -355,10 +355,12 @@ impl CudaBackend {
     /// zeroed then (a tile's keys past the sequence are loaded too, and must be finite).
     fn kv_tensor_maps(&self) -> Result<Option<DeviceBuffer>> {
         let l = Self::layout_for(&self.config, &self.opts);
-        if l.dtype != KvDtype::Bf16
-            || l.head_dim != WGMMA_HEAD_DIM
-            || !l.block_size.is_multiple_of(64)
-        {
+        let fp8 = match l.dtype {
+            KvDtype::Bf16 => false,
+            KvDtype::F8E4M3 => true,
+            _ => return Ok(None),
+        };
+        if l.head_dim != WGMMA_HEAD_DIM || !l.block_size.is_multiple_of(64) {
             return Ok(None);
         }
         let rows = self.num_blocks * l.num_kv_heads * l.block_size;
@@ -372,6 +374,7 @@ impl CudaBackend {
                 self.k_cache(layer),
                 self.v_cache(layer),
                 rows,
+                fp8,
             )?);
         }
         Ok(Some(self.gpu.upload(&maps)?))

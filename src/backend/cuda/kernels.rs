@@ -179,12 +179,15 @@ pub const FLASH_ATTENTION: &[&str] = &[
     "flash_attention_hilo_kv8_hd112",
     "flash_attention_hilo_kv8_hd128",
     "flash_attention_single_hd128",
+    "flash_attention_single_kv8_hd128",
 ];
 
-/// The wgmma prefill attention (`Ops::flash_prefill_wgmma`; `_bf16p`: P rounded to BF16).
+/// The wgmma prefill attention (`Ops::flash_prefill_wgmma`; `_bf16p`: P rounded to BF16;
+/// `_kv8`: FP8 pools).
 pub const FLASH_PREFILL_WGMMA: &[&str] = &[
     "flash_prefill_wgmma_hd128",
     "flash_prefill_wgmma_bf16p_hd128",
+    "flash_prefill_wgmma_kv8_hd128",
 ];
 
 /// The decode-only tensor-core attention (`Ops::flash_decode`), one kernel per head_dim.

@@ -68,20 +68,26 @@ pub fn flash_prefill_wgmma_supported(head_dim: usize, p: PrefillP, kv_fp8: bool)
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let enabled =
         *ENABLED.get_or_init(|| std::env::var("TANDEM_FLASH_WGMMA").map_or(true, |v| v != "0"));
-    enabled && head_dim == WGMMA_HEAD_DIM && !kv_fp8 && p != PrefillP::F16
+    // FP8 pools have the hi + lo kernel only (as on mma.sync), whatever `p` says.
+    enabled && head_dim == WGMMA_HEAD_DIM && (kv_fp8 || p != PrefillP::F16)
 }
 
 /// Bytes of [`kv_tensor_maps`]: a K and a V tensor map.
 pub const KV_TENSOR_MAPS_BYTES: usize = 2 * std::mem::size_of::<sys::CUtensorMap>();
 
-/// The TMA tensor maps (K, then V) the wgmma kernel loads the tiles of a BF16 pool of head_dim
-/// 128 with: each pool as `rows` rows of 128 dims (blocks x kv heads x block size), boxes of 64
-/// rows x 64 dims written with the 128-byte swizzle. They go to device memory, 64-byte aligned,
-/// and [`AttentionArgs::tensor_maps`] points there.
-pub fn kv_tensor_maps(k_cache: u64, v_cache: u64, rows: usize) -> Result<Vec<u8>> {
+/// The TMA tensor maps (K, then V) the wgmma kernel loads the tiles of a pool of head_dim 128
+/// with: each pool as `rows` rows of 128 dims (blocks x kv heads x block size), boxes of 64 rows x
+/// 64 dims of BF16, or 64 rows x 128 codes of e4m3 (`fp8`), written with the 128-byte swizzle.
+/// They go to device memory, 64-byte aligned, and [`AttentionArgs::tensor_maps`] points there.
+pub fn kv_tensor_maps(k_cache: u64, v_cache: u64, rows: usize, fp8: bool) -> Result<Vec<u8>> {
+    let (element, box_cols) = if fp8 {
+        (Element::U8, WGMMA_HEAD_DIM)
+    } else {
+        (Element::Bf16, 64)
+    };
     let mut out = Vec::with_capacity(KV_TENSOR_MAPS_BYTES);
     for pool in [k_cache, v_cache] {
-        let map = swizzled_2d(pool, Element::Bf16, rows, WGMMA_HEAD_DIM, 64, 64)
+        let map = swizzled_2d(pool, element, rows, WGMMA_HEAD_DIM, 64, box_cols)
             .context("the KV pool's tensor map")?;
         out.extend(map.iter().flat_map(|w| w.to_le_bytes()));
     }
@@ -169,7 +175,11 @@ impl Ops<'_> {
             if !a.single_query_items {
                 return Ok(());
             }
-            return self.launch_mma_sync(a, "flash_attention_single");
+            let single = match a.kv_fp8 {
+                Some(_) => "flash_attention_single_kv8",
+                None => "flash_attention_single",
+            };
+            return self.launch_mma_sync(a, single);
         }
         self.flash_attention_mma_sync(a, p)
     }
@@ -213,13 +223,14 @@ impl Ops<'_> {
     pub fn flash_prefill_wgmma(&self, a: &AttentionArgs, p: PrefillP) -> Result<()> {
         self.check_flash(a)?;
         ensure!(
-            a.head_dim == WGMMA_HEAD_DIM && a.kv_fp8.is_none() && p != PrefillP::F16,
-            "the wgmma prefill kernel takes head_dim {WGMMA_HEAD_DIM}, BF16 KV pools and P as BF16 \
-             or BF16 hi + lo (got head_dim {}, {p:?})",
+            a.head_dim == WGMMA_HEAD_DIM && (a.kv_fp8.is_some() || p != PrefillP::F16),
+            "the wgmma prefill kernel takes head_dim {WGMMA_HEAD_DIM} and P as BF16 or BF16 hi + lo \
+             (got head_dim {}, {p:?})",
             a.head_dim
         );
-        let name = match p {
-            PrefillP::Bf16 => "flash_prefill_wgmma_bf16p_hd128",
+        let name = match (p, a.kv_fp8) {
+            (_, Some(_)) => "flash_prefill_wgmma_kv8_hd128",
+            (PrefillP::Bf16, None) => "flash_prefill_wgmma_bf16p_hd128",
             _ => "flash_prefill_wgmma_hd128",
         };
         // A block of two warpgroups per (work item, kv head).
