@@ -1,4 +1,4 @@
-// Prefill attention on Hopper's warpgroup MMA (wgmma), head_dim 128, BF16 KV pools: the
+// Prefill attention on Hopper's warpgroup MMA (wgmma), head_dim 128, BF16 or FP8 KV pools: the
 // multi-query work items of flash_attention.cu's plan (same arguments, same rows: token r / G,
 // head r % G of the kv head), each by a block of 2 warpgroups (64 rows each). One-query items of
 // a mixed batch are left to flash_attention_single_hd128 (flash_attention.cu), launched after.

@@ -62,8 +62,8 @@ pub fn flash_prefill_p() -> PrefillP {
 pub const WGMMA_HEAD_DIM: usize = 128;
 
 /// Whether multi-query items run on the wgmma kernel (`flash_prefill_wgmma.cu`): head_dim 128,
-/// BF16 KV pools, P as BF16 or hi + lo, and `TANDEM_FLASH_WGMMA` not `0` (which keeps the
-/// mma.sync kernel, for comparisons). Timings: see [`PrefillP`].
+/// BF16 KV pools with P as BF16 or hi + lo, or FP8 pools, and `TANDEM_FLASH_WGMMA` not `0`
+/// (which keeps the mma.sync kernel, for comparisons). Timings: see [`PrefillP`].
 pub fn flash_prefill_wgmma_supported(head_dim: usize, p: PrefillP, kv_fp8: bool) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let enabled =
