@@ -38,7 +38,7 @@ for f in ${DEPLOYMENTS:?list deployment files}; do
     agg-tp1x2) shape="--tp 1 --dp 2" ;;
     agg-tp2) shape="--tp 2 --dp 1" ;;
     agg-tp2x2) shape="--tp 2 --dp 2" ;;
-    disagg-p1-d1) shape="--mode disaggregated --prefill-tp 1 --prefill-dp 1 --decode-tp 1 --decode-dp 1" ;;
+    disagg-p1-d1|disagg-p1-d1-kv8) shape="--mode disaggregated --prefill-tp 1 --prefill-dp 1 --decode-tp 1 --decode-dp 1" ;;
     disagg-p2-d1tp2) shape="--mode disaggregated --prefill-tp 1 --prefill-dp 2 --decode-tp 2 --decode-dp 1" ;;
     *) echo "unknown deployment $name: add its shape here"; kill $SERVE; continue ;;
   esac

@@ -3,6 +3,7 @@
 //! file (`-f benchmarks/agg.yaml`).
 
 use crate::backend::factory::build_backend;
+use crate::backend::KvCacheDtype;
 use crate::cli::common::{DeviceKind, EngineArgs, LoadFormat, ModelArgs};
 use crate::engine::{Engine, EngineHandle};
 use crate::frontend::deployment::{Deployment, Role};
@@ -145,6 +146,10 @@ fn plan(args: &Args) -> Result<Plan> {
                 .gpu_memory_utilization
                 .map(f64::from)
                 .unwrap_or(e.gpu_memory_utilization);
+            if let Some(dtype) = &g.kv_cache_dtype {
+                e.kv_cache_dtype = KvCacheDtype::from_str(dtype, true)
+                    .map_err(|e| anyhow::anyhow!("kv_cache_dtype: {e}"))?;
+            }
             // Replicas take `tp` consecutive GPUs each from `first_gpu` (default: after the last
             // group's).
             let first = g.first_gpu.unwrap_or(next_gpu);
@@ -157,6 +162,16 @@ fn plan(args: &Args) -> Result<Plan> {
     }
     if plan.model.is_empty() {
         bail!("no model: pass --model, or set `model:` in the deployment file");
+    }
+    // Prefill workers hand their KV blocks to decode workers as they are.
+    let kv_dtypes: std::collections::BTreeSet<String> = plan
+        .workers
+        .iter()
+        .filter(|w| w.role != Role::Agg)
+        .map(|w| format!("{:?}", w.engine.kv_cache_dtype).to_lowercase())
+        .collect();
+    if kv_dtypes.len() > 1 {
+        bail!("prefill and decode workers must share one kv_cache_dtype (got {kv_dtypes:?})");
     }
     Ok(plan)
 }
@@ -351,6 +366,33 @@ mod tests {
         assert_eq!(p.workers[0].engine.max_num_seqs, 64);
         assert_eq!(p.workers[0].engine.max_model_len, Some(512));
         assert_eq!(p.workers.iter().map(|w| w.gpu).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(p.workers[0].engine.kv_cache_dtype, KvCacheDtype::Auto);
+    }
+
+    #[test]
+    fn deployment_file_sets_the_kv_cache_dtype() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benchmarks/h200x2/disagg-p1-d1-kv8.yaml"
+        );
+        let p = parse(&["-f", path]).unwrap();
+        assert_eq!(p.workers.len(), 2);
+        assert!(p
+            .workers
+            .iter()
+            .all(|w| w.engine.kv_cache_dtype == KvCacheDtype::Fp8));
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, "model: m\nworkers: [{kv_cache_dtype: fp7}]").unwrap();
+        let err = format!("{:#}", parse(&["-f", bad.to_str().unwrap()]).unwrap_err());
+        assert!(err.contains("kv_cache_dtype"), "{err}");
+        std::fs::write(
+            &bad,
+            "model: m\nworkers: [{role: prefill, kv_cache_dtype: fp8}, {role: decode}]",
+        )
+        .unwrap();
+        let err = format!("{:#}", parse(&["-f", bad.to_str().unwrap()]).unwrap_err());
+        assert!(err.contains("share one kv_cache_dtype"), "{err}");
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct WorkerGroup {
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub gpu_memory_utilization: Option<f32>,
+    /// `auto` or `fp8` (vLLM's `--kv-cache-dtype`). Prefill and decode workers that hand KV over
+    /// must agree.
+    pub kv_cache_dtype: Option<String>,
     /// Decode workers: prompts with at most this many uncached tokens are prefilled locally.
     pub max_local_prefill_length: Option<usize>,
     /// Decode workers: with this many prompts queued for prefill or more, prefill locally.
