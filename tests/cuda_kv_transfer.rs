@@ -12,7 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem::backend::cuda::{gpu_available, CudaBackend, CudaOptions, WeightSource};
-use tandem::backend::{Backend, Batch, DeviceSampling, Emit, KvDtype, KvLayout, SeqChunk};
+use tandem::backend::{
+    Backend, Batch, DeviceSampling, Emit, KvCacheDtype, KvDtype, KvLayout, SeqChunk,
+};
 use tandem::engine::types::{GenerateRequest, SamplingParams};
 use tandem::engine::{Engine, EngineConfig, EngineHandle};
 use tandem::kv::transfer::cuda::plan::{copy_on_host, geometry, head_routes, HeadRoute};
@@ -73,12 +75,18 @@ fn second_gpu(n: usize) -> usize {
 
 /// A backend with random KV (seeded) in `num_blocks` blocks.
 fn backend(device: usize, num_blocks: usize, kv_seed: u64) -> CudaBackend {
+    backend_kv(device, num_blocks, kv_seed, KvCacheDtype::Auto)
+}
+
+/// The same with a given KV cache type.
+fn backend_kv(device: usize, num_blocks: usize, kv_seed: u64, kv: KvCacheDtype) -> CudaBackend {
     let opts = CudaOptions {
         device,
         block_size: BS,
         num_blocks: Some(num_blocks),
         max_num_batched_tokens: 256,
         max_num_seqs: 8,
+        kv_cache_dtype: kv,
         ..Default::default()
     };
     let mut b = CudaBackend::new(&config(), WeightSource::Dummy { seed: 3 }, opts).unwrap();
@@ -359,14 +367,21 @@ fn ipc_child_holds_a_pool() {
     for _ in lines {} // until the parent closes stdin
 }
 
-fn disagg_engine(device: usize, kv_seed: u64) -> EngineHandle {
+fn disagg_engine(device: usize, kv_seed: u64, kv: KvCacheDtype) -> EngineHandle {
     let config = EngineConfig {
         max_model_len: Some(256),
         max_num_batched_tokens: 256,
         max_num_seqs: 8,
         ..Default::default()
     };
-    Engine::start(Box::new(backend(device, 64, kv_seed)), None, config)
+    Engine::start(Box::new(backend_kv(device, 64, kv_seed, kv)), None, config)
+}
+
+/// `n` prompt tokens, different for each seed.
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 37 + seed * 101 + 11) % 1000)
+        .collect()
 }
 
 fn greedy_request(id: &str, prompt: Vec<u32>) -> GenerateRequest {
@@ -428,9 +443,44 @@ async fn embedded_disagg_moves_kv_gpu_to_gpu_and_matches_aggregated() {
     if n == 0 {
         return;
     }
+    let (agg, prefill, decode) = disagg_matches_aggregated(n, KvCacheDtype::Auto).await;
+
+    // Straight through the handles: a staged export, and an import for a request that is not
+    // parked, which must be refused without touching any block.
+    let export = prefill
+        .prefill_and_export_on_device(greedy_request("x", tokens(40, 5)))
+        .await
+        .unwrap();
+    let staged = export
+        .device
+        .clone()
+        .expect("the export was staged on the GPU");
+    assert!(export.kv.is_empty());
+    assert_eq!(staged.num_blocks(), 3);
+    assert_eq!(staged.device(), 0);
+    let refused = decode
+        .import_kv_device("nobody", vec![0, 1, 2], staged.clone(), 0)
+        .await;
+    assert!(
+        refused.is_err(),
+        "an import for no parked request was accepted"
+    );
+    drop((export, staged));
+    assert_no_kv_left(&[("prefill", &prefill), ("decode", &decode)]);
+    for e in [agg, prefill, decode] {
+        e.shutdown();
+    }
+}
+
+/// Runs the embedded disaggregated deployment (prefill on GPU 0, decode on GPU 1 or 0) with `kv`
+/// pools on three prompts against an aggregated engine; returns the engines, all KV freed.
+async fn disagg_matches_aggregated(
+    n: usize,
+    kv: KvCacheDtype,
+) -> (EngineHandle, EngineHandle, EngineHandle) {
     let d = second_gpu(n);
-    let agg = disagg_engine(0, 7);
-    let (prefill, decode) = (disagg_engine(0, 8), disagg_engine(d, 9));
+    let agg = disagg_engine(0, 7, kv);
+    let (prefill, decode) = (disagg_engine(0, 8, kv), disagg_engine(d, 9, kv));
     assert!(prefill.has_device_kv() && decode.has_device_kv());
     let deployment = start_embedded(EmbeddedSpec {
         agg: vec![],
@@ -446,11 +496,6 @@ async fn embedded_disagg_moves_kv_gpu_to_gpu_and_matches_aggregated() {
     .await
     .unwrap();
     let worker = deployment.workers[0].clone();
-    let tokens = |n: usize, seed: u32| -> Vec<u32> {
-        (0..n as u32)
-            .map(|i| (i * 37 + seed * 101 + 11) % 1000)
-            .collect()
-    };
     let shared = tokens(2 * BS, 1);
     let prompts = [
         tokens(45, 2),
@@ -478,29 +523,17 @@ async fn embedded_disagg_moves_kv_gpu_to_gpu_and_matches_aggregated() {
     assert!(prefill.metrics().steps > 0, "the prefill engine never ran");
     drop(deployment);
     assert_no_kv_left(&[("prefill", &prefill), ("decode", &decode), ("agg", &agg)]);
+    (agg, prefill, decode)
+}
 
-    // Straight through the handles: a staged export, and an import for a request that is not
-    // parked, which must be refused without touching any block.
-    let export = prefill
-        .prefill_and_export_on_device(greedy_request("x", tokens(40, 5)))
-        .await
-        .unwrap();
-    let staged = export
-        .device
-        .clone()
-        .expect("the export was staged on the GPU");
-    assert!(export.kv.is_empty());
-    assert_eq!(staged.num_blocks(), 3);
-    assert_eq!(staged.device(), 0);
-    let refused = decode
-        .import_kv_device("nobody", vec![0, 1, 2], staged.clone(), 0)
-        .await;
-    assert!(
-        refused.is_err(),
-        "an import for no parked request was accepted"
-    );
-    drop((export, staged));
-    assert_no_kv_left(&[("prefill", &prefill), ("decode", &decode)]);
+/// The same with FP8 (e4m3) KV pools on every engine: the codes move as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_disagg_with_fp8_kv_matches_aggregated() {
+    let n = gpus();
+    if n == 0 {
+        return;
+    }
+    let (agg, prefill, decode) = disagg_matches_aggregated(n, KvCacheDtype::Fp8).await;
     for e in [agg, prefill, decode] {
         e.shutdown();
     }
