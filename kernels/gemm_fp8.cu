@@ -32,7 +32,6 @@ __device__ __forceinline__ void mma_e4m3(float* c, unsigned a0, unsigned a1, uns
 __device__ __forceinline__ void store_out(float* out, u64 i, float v) { out[i] = v; }
 __device__ __forceinline__ void store_out(bf16* out, u64 i, float v) { out[i] = f2bf(v); }
 
-
 #define TG_ROWS 64
 #define TG_BOX_K 128
 #define TG_BOXES 4
@@ -64,7 +63,8 @@ __device__ __forceinline__ int tg_owner(long long c, long long total, int G) {
     return (int)(((c + 1) * G - 1) / total);
 }
 
-// MT token tiles of 8 (M <= 8 * MT). Grid: G <= number of chunks CTAs of TG_THREADS threads.
+// MT token tiles of 8 (M <= 8 * MT). Grid: G CTAs of TG_THREADS threads (G at most the number of
+// chunks, so that every CTA has one).
 // `partial` holds 2 * G slots of TG_SLOT floats, `counters` one zero int per row tile.
 template <int MT, typename O>
 __device__ void gemm_fp8_stream_t(const TmaMap& wmap, const TmaMap& xmap, O* out, float* partial, int* counters,
