@@ -331,35 +331,23 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
             }
         }
     }
-    if maps8.is_some() && !all_decode {
-        // FP8 pools: TMA and cp.async land the same codes.
-        let fp8_pools = (&dk8, &dv8, Some(scales));
-        let (tma, _, _) = run_on(AttnKernel::FlashHiLo, flash_q_per_tile, None, fp8_pools);
-        use_maps.set(false);
-        let (cp_async, _, _) = run_on(AttnKernel::FlashHiLo, flash_q_per_tile, None, fp8_pools);
-        use_maps.set(true);
-        assert!(
-            tma.iter()
-                .zip(&cp_async)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "wgmma on FP8 pools: TMA loads differ from cp.async loads (nh={nh} nkv={nkv} bs={bs})"
-        );
-    }
     if all_decode {
         return; // no multi-query tiles to compare below
     }
     if maps.is_some() && flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
-        // TMA and cp.async land the same tiles: the same bits.
-        let (tma, _, _) = run(AttnKernel::FlashHiLo, flash_q_per_tile, None);
-        use_maps.set(false);
-        let (cp_async, _, _) = run(AttnKernel::FlashHiLo, flash_q_per_tile, None);
-        use_maps.set(true);
-        assert!(
-            tma.iter()
-                .zip(&cp_async)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "wgmma with TMA loads differs from cp.async loads (nh={nh} nkv={nkv} bs={bs})"
-        );
+        // TMA and cp.async land the same tiles (BF16, or FP8 codes): the same bits.
+        for (pools, kind) in [(bf16_pools, "BF16"), ((&dk8, &dv8, Some(scales)), "FP8")] {
+            let (tma, _, _) = run_on(AttnKernel::FlashHiLo, flash_q_per_tile, None, pools);
+            use_maps.set(false);
+            let (cp_async, _, _) = run_on(AttnKernel::FlashHiLo, flash_q_per_tile, None, pools);
+            use_maps.set(true);
+            assert!(
+                tma.iter()
+                    .zip(&cp_async)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "wgmma on {kind} pools: TMA loads differ from cp.async loads (nh={nh} nkv={nkv} bs={bs})"
+            );
+        }
     }
     if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
         // wgmma and mma.sync sum the same products in their own orders: rounding apart.
