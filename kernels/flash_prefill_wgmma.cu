@@ -206,14 +206,14 @@ struct FlashTmaArgs : FlashArgs {
     const void* tensor_maps;
 };
 
-// Two warpgroups per block (rows 0..63 and 64..127 of a work item) share each K / V tile; loads
-// run FW_AHEAD tiles ahead. Per tile, a warpgroup issues its scores together with P V of the
-// previous tile (the FlashAttention-3 order), so the tensor cores have work during the softmax.
-// FP8 pools: raw tile i's 64 x 128 codes (K at `raw`, V 8 KB after) into the BF16 pair at `dst`.
+// FP8 pools: raw tile i's 64 x 128 codes (K at `raw`, V 8 KB after) into the BF16 pair at `dst`,
+// by NT threads (tid 0 .. NT - 1; whole warps past the last chunk when NT does not divide 1024).
+template <int NT>
 __device__ __forceinline__ void fw_kv8_convert(unsigned dst, unsigned raw, float k_scale, float v_scale, int tid) {
-#pragma unroll
-    for (int u = 0; u < 2 * 64 * 8 / FW_THREADS; u++) {
-        int idx = tid + u * FW_THREADS, pool = idx >> 9, j = (idx >> 3) & 63, c8 = idx & 7;
+#pragma unroll 4
+    for (int u = 0; u < (2 * 64 * 8 + NT - 1) / NT; u++) {
+        int idx = tid + u * NT, pool = idx >> 9, j = (idx >> 3) & 63, c8 = idx & 7;
+        if (idx >= 2 * 64 * 8) break;
         uint4 x;
         asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
                      : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
@@ -237,50 +237,180 @@ __device__ __forceinline__ void fw_kv8_convert(unsigned dst, unsigned raw, float
     }
 }
 
-template <int PM, bool KV8>
-__device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
-    constexpr int D = FW_D, DK = D / 16, CH = D / 8;
-    // A stage holds a K and a V tile: BF16 (16 KB each), or e4m3 codes (8 KB each) whose BF16
-    // conversions go to two tile pairs after the stages.
-    constexpr int STAGE_BYTES = KV8 ? FW_TILE_BYTES : 2 * FW_TILE_BYTES;
-    constexpr int BF16_BYTES = KV8 ? 2 * 2 * FW_TILE_BYTES : 0;
-    extern __shared__ __align__(128) unsigned char fw_smem[];
+// A block's work item (longest items first): kv head kvh, query tokens q0 .. q0 + qn of sequence
+// seq (R = qn * G rows), keys kbeg .. kend in ntiles tiles. False for padding and one-query items
+// (the single-query kernel's).
+struct FwItem {
+    int seq, q0, qn, R, G, kvh, kbeg, kend, ntiles;
+};
+__device__ __forceinline__ bool fw_item(const FlashArgs& a, FwItem& it) {
     int lin = blockIdx.y * gridDim.x + blockIdx.x;
-    int tile = gridDim.x - 1 - lin / gridDim.y, kvh = lin % gridDim.y;  // longest items first
-    int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    int G = a.num_q_heads / a.num_kv_heads;
-    int seq = a.tile_seq[tile], q0 = a.tile_q_start[tile], qn = a.tile_q_len[tile];
-    if (seq < 0 || qn == 1) return;  // padding, or a one-query item (the single-query kernel's)
-    int R = qn * G;
-    // Rows past R (a warpgroup may have none) are fully masked: they compute, and are not written.
-    int r0 = (tid >> 7) * 64 + warp * 16 + g, r1 = r0 + 8;
-    int pos0 = r0 < R ? a.positions[q0 + r0 / G] : -1;
-    int pos1 = r1 < R ? a.positions[q0 + r1 / G] : -1;
+    int tile = gridDim.x - 1 - lin / gridDim.y;
+    it.kvh = lin % gridDim.y;
+    it.G = a.num_q_heads / a.num_kv_heads;
+    it.seq = a.tile_seq[tile];
+    it.q0 = a.tile_q_start[tile];
+    it.qn = a.tile_q_len[tile];
+    if (it.seq < 0 || it.qn == 1) return false;
+    it.R = it.qn * it.G;
+    it.kbeg = a.tile_kbeg[tile];
+    it.kend = min(a.positions[it.q0 + it.qn - 1] + 1, a.tile_kend[tile]);  // exclusive
+    it.ntiles = it.kend > it.kbeg ? (it.kend - it.kbeg + FW_KT - 1) / FW_KT : 0;
+    return true;
+}
 
-    // Q fragments (A operand): rows r0 / r1 (zero past R), dims 2t, 2t + 1 (+ 8) of each k-step.
-    unsigned qf[DK][4];
+// Q fragments (A operand) of rows r0 / r1 (zero past R), dims 2t, 2t + 1 (+ 8) of each k-step.
+__device__ __forceinline__ void fw_load_q(unsigned (&qf)[FW_D / 16][4], const FlashArgs& a, const FwItem& it, int r0,
+                                          int r1, int t) {
     const bf16* qrow[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         int r = h ? r1 : r0;
-        qrow[h] = r < R ? a.qkv + (u64)(q0 + r / G) * a.row_stride + (kvh * G + r % G) * D + 2 * t : nullptr;
+        qrow[h] = r < it.R ? a.qkv + (u64)(it.q0 + r / it.G) * a.row_stride + (it.kvh * it.G + r % it.G) * FW_D + 2 * t
+                           : nullptr;
     }
 #pragma unroll
-    for (int kk = 0; kk < DK; kk++)
+    for (int kk = 0; kk < FW_D / 16; kk++)
 #pragma unroll
         for (int f = 0; f < 4; f++) {
             const bf16* q = qrow[f & 1];
             qf[kk][f] = q ? *(const unsigned*)(q + kk * 16 + (f >> 1) * 8) : 0u;
         }
+}
+
+// Rows r0 (o[4j], o[4j + 1]) and r1 (o[4j + 2], o[4j + 3]), dims 8j + 2t, + 1, over their sums.
+__device__ __forceinline__ void fw_store(const FlashArgs& a, const FwItem& it, const float (&o)[64], const float (&l)[2],
+                                         int r0, int r1, int t) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float L = l[h];
+        L += __shfl_xor_sync(0xffffffffu, L, 1);
+        L += __shfl_xor_sync(0xffffffffu, L, 2);
+        int r = h ? r1 : r0;
+        if (r < it.R) {
+            int i = r / it.G, hd = it.kvh * it.G + r % it.G;
+            unsigned* dst = (unsigned*)(a.out + (u64)(it.q0 + i) * a.num_q_heads * FW_D + hd * FW_D + 2 * t);
+#pragma unroll
+            for (int j = 0; j < 16; j++) dst[j * 4] = pack_bf16(o[4 * j + 2 * h] / L, o[4 * j + 2 * h + 1] / L);
+        }
+    }
+}
+
+// No turns: the warpgroups issue their MMAs whenever they are ready.
+struct FwAnyTurn {
+    __device__ __forceinline__ void take() {}
+    __device__ __forceinline__ void pass() {}
+};
+
+// A warpgroup's pass over the item's key tiles (rows r0 / r1 at positions pos0 / pos1; o and l
+// zero on entry; Q as fragments qf): landed(i) waits until tile i is in shared memory (descs(i): its descriptors);
+// done(i) says the warpgroup's MMAs no longer read it. Per tile it issues the scores together with
+// P V of the previous tile (the FlashAttention-3 order); turn.take() / turn.pass() bracket each
+// issue (ping-pong between warpgroups). In the SASS (ptxas 12.9 and NVRTC 13.0 alike) the wait for
+// P V lands before the softmax's first shuffle whatever the source order (register pressure, the
+// shuffles, the keep-alive asm and FA3's o-scaling order changed nothing), so a warpgroup's
+// softmax overlaps the other warpgroup's MMAs, not its own.
+template <int PM, typename Landed, typename Descs, typename Done, typename Turn>
+__device__ __forceinline__ void fw_mainloop(float (&o)[64], float (&l)[2], const unsigned (&qf)[FW_D / 16][4],
+                                            const FwItem& it, int pos0, int pos1, float c, int t, Landed landed,
+                                            Descs descs, Done done, Turn& turn) {
+    float m[2] = {NEG_INF, NEG_INF}, corr[2];
+    unsigned ph[4][4], pl[4][4], qh[4][4], ql[4][4];
+    int ntiles = it.ntiles, kbeg = it.kbeg, kend = it.kend;
+    landed(0);
+    {
+        float s[32];
+        FwDescs d = descs(0);
+        turn.take();
+        wgmma_fence();
+        fw_scores(s, qf, d);
+        wgmma_commit();
+        turn.pass();
+        wgmma_wait0();
+        wgmma_fence_regs(s);
+        fw_softmax<PM>(s, kbeg, pos0, pos1, kend, c, t, m, l, corr, ph, pl);
+    }
+    // Tile i: its scores, then P V of tile i - 1 (P in ih / il) while its softmax runs (P into
+    // oh / ol). No branch may separate a wgmma from its wait (ptxas would serialize them all), so
+    // every tile is masked; two P buffers alternate (no copies: ptxas must find each wgmma's A
+    // fragments where the softmax left them, or it serializes).
+    auto step = [&](int i, unsigned (&ih)[4][4], unsigned (&il)[4][4], unsigned (&oh)[4][4], unsigned (&ol)[4][4]) {
+        landed(i);
+        FwDescs cur = descs(i), prev = descs(i - 1);
+        float s[32];
+        turn.take();
+        wgmma_fence();
+        fw_scores(s, qf, cur);
+        wgmma_commit();
+        fw_pv<PM>(o, ih, il, prev);
+        wgmma_commit();
+        turn.pass();
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        wgmma_fence_regs(s);
+        fw_softmax<PM>(s, kbeg + i * FW_KT, pos0, pos1, kend, c, t, m, l, corr, oh, ol);
+        wgmma_wait0();
+        wgmma_fence_regs(o);
+        fw_keep_regs(ih);
+        if (PM == P_HILO) fw_keep_regs(il);
+        fw_keep_descs(cur);
+        fw_keep_descs(prev);
+        done(i - 1);
+        fw_scale(o, corr);
+    };
+    for (int i = 1; i < ntiles; i += 2) {
+        step(i, ph, pl, qh, ql);
+        if (i + 1 < ntiles) step(i + 1, qh, ql, ph, pl);
+    }
+    // The last tile's P V, its P picked without a branch (ptxas may take a wgmma under a
+    // data-dependent branch for a divergent path and serialize them all); no MMA is in flight.
+    FwDescs last = descs(ntiles - 1);
+    bool even = ntiles % 2 == 0;
+    unsigned lh[4][4], ll[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            lh[i][f] = even ? qh[i][f] : ph[i][f];
+            ll[i][f] = even ? ql[i][f] : pl[i][f];
+        }
+    turn.take();
+    wgmma_fence();
+    fw_pv<PM>(o, lh, ll, last);
+    wgmma_commit();
+    turn.pass();
+    wgmma_wait0();
+    wgmma_fence_regs(o);
+    done(ntiles - 1);
+}
+
+// Two warpgroups per block (rows 0..63 and 64..127 of a work item) share each K / V tile; every
+// thread takes part in the loads, which run FW_AHEAD tiles ahead (flash_prefill_ws.cu has a
+// producer warpgroup instead, for TMA-loaded items).
+template <int PM, bool KV8>
+__device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
+    constexpr int D = FW_D, CH = D / 8;
+    // A stage holds a K and a V tile: BF16 (16 KB each), or e4m3 codes (8 KB each) whose BF16
+    // conversions go to two tile pairs after the stages.
+    constexpr int STAGE_BYTES = KV8 ? FW_TILE_BYTES : 2 * FW_TILE_BYTES;
+    constexpr int BF16_BYTES = KV8 ? 2 * 2 * FW_TILE_BYTES : 0;
+    extern __shared__ __align__(128) unsigned char fw_smem[];
+    FwItem it;
+    if (!fw_item(a, it)) return;
+    int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    // Rows past R (a warpgroup may have none) are fully masked: they compute, and are not written.
+    int r0 = (tid >> 7) * 64 + warp * 16 + g, r1 = r0 + 8;
+    int pos0 = r0 < it.R ? a.positions[it.q0 + r0 / it.G] : -1;
+    int pos1 = r1 < it.R ? a.positions[it.q0 + r1 / it.G] : -1;
+    unsigned qf[FW_D / 16][4];
+    fw_load_q(qf, a, it, r0, r1, t);
     float o[64];
 #pragma unroll
     for (int i = 0; i < 64; i++) o[i] = 0.0f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f}, corr[2];
+    float l[2] = {0.0f, 0.0f};
     float c = a.scale * FA_LOG2E;
 
-    int kbeg = a.tile_kbeg[tile];
-    int kend = min(a.positions[q0 + qn - 1] + 1, a.tile_kend[tile]);  // exclusive
-    const int* bt = a.block_tables + a.block_table_start[seq];
+    int kbeg = it.kbeg, kend = it.kend, ntiles = it.ntiles, kvh = it.kvh;
+    const int* bt = a.block_tables + a.block_table_start[it.seq];
     int bs = a.block_size, nkv = a.num_kv_heads;
     bool bs_pow2 = (bs & (bs - 1)) == 0;
     int bs_log2 = __ffs(bs) - 1;
@@ -290,7 +420,6 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     // j + 48, stored at chunk (ch % 8) ^ (row % 8) of the row's 128 bytes in half ch / 8.
     int j0 = tid >> 4, ch = tid & 15;
     unsigned dst0 = smem + (ch >> 3) * 8192 + j0 * 128 + (((ch & 7) ^ (j0 & 7)) << 4);
-    int ntiles = kend > kbeg ? (kend - kbeg + FW_KT - 1) / FW_KT : 0;
     // TMA takes a tile when its 64 keys are consecutive rows of one block: the tensor maps view
     // each pool as rows of 128 dims, a box is 64 rows x 64 dims (the swizzled half tile). Keys
     // past kend in the last tile are loaded too (finite: the pool is zeroed when allocated), and
@@ -383,7 +512,7 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
         }
         __syncthreads();
         if (KV8) {
-            fw_kv8_convert(conv + (i & 1) * 2 * FW_TILE_BYTES, smem + (i % FW_STAGES) * STAGE_BYTES, a.k_scale,
+            fw_kv8_convert<FW_THREADS>(conv + (i & 1) * 2 * FW_TILE_BYTES, smem + (i % FW_STAGES) * STAGE_BYTES, a.k_scale,
                            a.v_scale, tid);
             fence_proxy_async();  // the conversions (generic proxy) before wgmma's reads
             __syncthreads();
@@ -391,75 +520,13 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
         load(i + FW_AHEAD);
     };
 
-    unsigned ph[4][4], pl[4][4], qh[4][4], ql[4][4];
+    FwAnyTurn any;
     if (ntiles > 0) {
         for (int i = 0; i < FW_AHEAD; i++) load(i);
-        landed(0);
-        {
-            float s[32];
-            FwDescs d = descs(0);
-            wgmma_fence();
-            fw_scores(s, qf, d);
-            wgmma_commit();
-            wgmma_wait0();
-            wgmma_fence_regs(s);
-            fw_softmax<PM>(s, kbeg, pos0, pos1, kend, c, t, m, l, corr, ph, pl);
-        }
-        // Tile i: its scores, then P V of tile i - 1 (P in ih / il) while its softmax runs (P
-        // into oh / ol). No branch may separate a wgmma from its wait (ptxas would serialize
-        // them all), so every tile is masked; two P buffers alternate (no copies: ptxas must find
-        // each wgmma's A fragments where the softmax left them, or it serializes).
-        auto step = [&](int i, unsigned (&ih)[4][4], unsigned (&il)[4][4], unsigned (&oh)[4][4],
-                        unsigned (&ol)[4][4]) {
-            landed(i);
-            FwDescs cur = descs(i), prev = descs(i - 1);
-            float s[32];
-            wgmma_fence();
-            fw_scores(s, qf, cur);
-            wgmma_commit();
-            fw_pv<PM>(o, ih, il, prev);
-            wgmma_commit();
-            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-            wgmma_fence_regs(s);
-            fw_softmax<PM>(s, kbeg + i * FW_KT, pos0, pos1, kend, c, t, m, l, corr, oh, ol);
-            wgmma_wait0();
-            wgmma_fence_regs(o);
-            fw_keep_regs(ih);
-            if (PM == P_HILO) fw_keep_regs(il);
-            fw_keep_descs(cur);
-            fw_keep_descs(prev);
-            fw_scale(o, corr);
-        };
-        for (int i = 1; i < ntiles; i += 2) {
-            step(i, ph, pl, qh, ql);
-            if (i + 1 < ntiles) step(i + 1, qh, ql, ph, pl);
-        }
-        FwDescs last = descs(ntiles - 1);
-        wgmma_fence();
-        if (ntiles % 2 == 0)
-            fw_pv<PM>(o, qh, ql, last);
-        else
-            fw_pv<PM>(o, ph, pl, last);
-        wgmma_commit();
-        wgmma_wait0();
-        wgmma_fence_regs(o);
+        fw_mainloop<PM>(o, l, qf, it, pos0, pos1, c, t, landed, descs, [](int) {}, any);
     }
     cp_async_wait<0>();
-
-    // Rows r0 (o[4j], o[4j + 1]) and r1 (o[4j + 2], o[4j + 3]), dims 8j + 2t, + 1.
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float L = l[h];
-        L += __shfl_xor_sync(0xffffffffu, L, 1);
-        L += __shfl_xor_sync(0xffffffffu, L, 2);
-        int r = h ? r1 : r0;
-        if (r < R) {
-            int i = r / G, hd = kvh * G + r % G;
-            unsigned* dst = (unsigned*)(a.out + (u64)(q0 + i) * a.num_q_heads * D + hd * D + 2 * t);
-#pragma unroll
-            for (int j = 0; j < 16; j++) dst[j * 4] = pack_bf16(o[4 * j + 2 * h] / L, o[4 * j + 2 * h + 1] / L);
-        }
-    }
+    fw_store(a, it, o, l, r0, r1, t);
 }
 
 // Shared memory: FW_STAGES stages of a K and a V tile (16 KB each), their mbarriers. One block

@@ -10,7 +10,7 @@ use tandem::backend::cuda::meta::{plan_step, SplitPolicy};
 use tandem::backend::cuda::ops::{
     combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported,
     flash_prefill_wgmma_supported, kv_tensor_maps, AttentionArgs, Fp8KvScales, Ops, Precision,
-    PrefillP, WGMMA_HEAD_DIM,
+    PrefillP, PrefillWs, WGMMA_HEAD_DIM,
 };
 use tandem::backend::{Batch, Emit, SeqChunk};
 
@@ -67,6 +67,9 @@ enum AttnKernel {
     /// is 128 the two above run multi-query items on wgmma.
     FlashMmaSync,
     FlashHiLoMmaSync,
+    /// The tensor-core kernel (P as BF16 hi + lo, or plain BF16 with `true`) with the given
+    /// version of the wgmma prefill kernel (None: every thread loads; else a producer warpgroup).
+    FlashWs(Option<PrefillWs>, bool),
     /// The tensor-core kernel for decode-only batches.
     Decode,
     CudaCores,
@@ -206,6 +209,10 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
                 .ops()
                 .flash_attention_mma_sync(&args, PrefillP::HiLo)
                 .unwrap(),
+            AttnKernel::FlashWs(ws, bf16_p) => {
+                let p = if bf16_p { PrefillP::Bf16 } else { PrefillP::HiLo };
+                e.ops().flash_attention_ws(&args, p, ws).unwrap()
+            }
             AttnKernel::Decode => e.ops().flash_decode(&args).unwrap(),
             AttnKernel::CudaCores => e.ops().paged_attention_cuda_cores(&args).unwrap(),
         }
@@ -335,18 +342,28 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         return; // no multi-query tiles to compare below
     }
     if maps.is_some() && flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {
-        // TMA and cp.async land the same tiles (BF16, or FP8 codes): the same bits.
+        // TMA and cp.async land the same tiles (BF16, or FP8 codes), and the producer-warpgroup
+        // versions (TMA only) do the same arithmetic: the same bits.
+        let versions = [None, Some(PrefillWs::PingPong), Some(PrefillWs::Free)];
         for (pools, kind) in [(bf16_pools, "BF16"), ((&dk8, &dv8, Some(scales)), "FP8")] {
-            let (tma, _, _) = run_on(AttnKernel::FlashHiLo, flash_q_per_tile, None, pools);
-            use_maps.set(false);
-            let (cp_async, _, _) = run_on(AttnKernel::FlashHiLo, flash_q_per_tile, None, pools);
-            use_maps.set(true);
-            assert!(
-                tma.iter()
-                    .zip(&cp_async)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "wgmma on {kind} pools: TMA loads differ from cp.async loads (nh={nh} nkv={nkv} bs={bs})"
-            );
+            let p_kinds: &[bool] = if kind == "BF16" { &[false, true] } else { &[false] };
+            for &bf16_p in p_kinds {
+                use_maps.set(false);
+                let (cp_async, _, _) =
+                    run_on(AttnKernel::FlashWs(None, bf16_p), flash_q_per_tile, None, pools);
+                use_maps.set(true);
+                for ws in versions {
+                    let kernel = AttnKernel::FlashWs(ws, bf16_p);
+                    let (tma, _, _) = run_on(kernel, flash_q_per_tile, None, pools);
+                    assert!(
+                        tma.iter()
+                            .zip(&cp_async)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{kernel:?} on {kind} pools by TMA differs from cp.async loads \
+                         (nh={nh} nkv={nkv} bs={bs})"
+                    );
+                }
+            }
         }
     }
     if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, false) {

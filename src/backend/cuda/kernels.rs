@@ -36,7 +36,8 @@ pub const MODULES: &[(&str, &str)] = &[
         concat!(
             include_str!("../../../kernels/flash_common.cuh"),
             include_str!("../../../kernels/tma.cuh"),
-            include_str!("../../../kernels/flash_prefill_wgmma.cu")
+            include_str!("../../../kernels/flash_prefill_wgmma.cu"),
+            include_str!("../../../kernels/flash_prefill_ws.cu")
         ),
     ),
     (
@@ -183,11 +184,18 @@ pub const FLASH_ATTENTION: &[&str] = &[
 ];
 
 /// The wgmma prefill attention (`Ops::flash_prefill_wgmma`; `_bf16p`: P rounded to BF16;
-/// `_kv8`: FP8 pools).
+/// `_kv8`: FP8 pools; `_ws`: with a producer warpgroup, TMA-loaded items only; `_nopp`: without
+/// the consumers' ping-pong).
 pub const FLASH_PREFILL_WGMMA: &[&str] = &[
     "flash_prefill_wgmma_hd128",
     "flash_prefill_wgmma_bf16p_hd128",
     "flash_prefill_wgmma_kv8_hd128",
+    "flash_prefill_ws_hd128",
+    "flash_prefill_ws_bf16p_hd128",
+    "flash_prefill_ws_kv8_hd128",
+    "flash_prefill_ws_nopp_hd128",
+    "flash_prefill_ws_nopp_bf16p_hd128",
+    "flash_prefill_ws_nopp_kv8_hd128",
 ];
 
 /// The decode-only tensor-core attention (`Ops::flash_decode`), one kernel per head_dim.
@@ -381,13 +389,23 @@ pub const SILU_SMEM_MAX_BYTES: usize = 72 * 1024;
 /// (flash_prefill_wgmma.cu).
 pub const WGMMA_SHARED_BYTES: usize = 5 * 2 * 64 * 128 * 2 + 64 + 1024;
 
+/// Shared memory of the `_ws` kernels (flash_prefill_ws.cu), the larger of BF16 pools' (5 stages
+/// of a K and V tile) and FP8 pools' (4 BF16 stages and 4 stages of codes, 16 KB each), their
+/// mbarriers (at most 24 of 8 bytes) and 1 KB to align the tiles.
+pub const WS_SHARED_BYTES: usize = 4 * 2 * 64 * 128 * 2 + 4 * 2 * 64 * 128 + 24 * 8 + 1024;
+
 fn big_shared() -> impl Iterator<Item = (String, i32)> {
     let paged = ["paged_attention_bf16", "paged_attention_f32"].map(|n| (n, 96 * 1024));
     let flash = FLASH_ATTENTION.iter().map(|&n| (n, 112 * 1024));
     let decode = FLASH_DECODE.iter().map(|&n| (n, 96 * 1024));
-    let wgmma = FLASH_PREFILL_WGMMA
-        .iter()
-        .map(|&n| (n, WGMMA_SHARED_BYTES as i32));
+    let wgmma = FLASH_PREFILL_WGMMA.iter().map(|&n| {
+        let bytes = if n.contains("_ws_") {
+            WS_SHARED_BYTES
+        } else {
+            WGMMA_SHARED_BYTES
+        };
+        (n, bytes as i32)
+    });
     let silu = [("silu_mul_fp8_smem_bf16", SILU_SMEM_MAX_BYTES as i32)];
     let stream_gemm = super::fp8_stream::KERNELS
         .iter()

@@ -4,7 +4,7 @@
 //! decode parts.
 
 use super::{Fp8KvScales, Ops, Precision};
-use crate::backend::cuda::kernels::{Arg, WGMMA_SHARED_BYTES};
+use crate::backend::cuda::kernels::{Arg, WGMMA_SHARED_BYTES, WS_SHARED_BYTES};
 use crate::backend::cuda::tensor_map::{swizzled_2d, Element};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys;
@@ -70,6 +70,36 @@ pub fn flash_prefill_wgmma_supported(head_dim: usize, p: PrefillP, kv_fp8: bool)
         *ENABLED.get_or_init(|| std::env::var("TANDEM_FLASH_WGMMA").map_or(true, |v| v != "0"));
     // FP8 pools have the hi + lo kernel only (as on mma.sync), whatever `p` says.
     enabled && head_dim == WGMMA_HEAD_DIM && (kv_fp8 || p != PrefillP::F16)
+}
+
+/// The wgmma prefill's version with a producer warpgroup (`flash_prefill_ws.cu`), for items
+/// whose tiles all load by TMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillWs {
+    /// The consumer warpgroups take turns issuing their MMAs (the default).
+    PingPong,
+    /// Each issues when ready (`TANDEM_FLASH_WS=nopp`).
+    Free,
+}
+
+impl PrefillWs {
+    fn kernel_infix(self) -> &'static str {
+        match self {
+            PrefillWs::PingPong => "",
+            PrefillWs::Free => "nopp_",
+        }
+    }
+}
+
+/// The producer-warpgroup version `TANDEM_FLASH_WS` asks for: ping-pong unless `nopp`; `0`
+/// keeps the version where every thread loads (for comparisons).
+pub fn flash_prefill_ws() -> Option<PrefillWs> {
+    static MODE: std::sync::OnceLock<Option<PrefillWs>> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("TANDEM_FLASH_WS").as_deref() {
+        Ok("0") => None,
+        Ok("nopp") => Some(PrefillWs::Free),
+        _ => Some(PrefillWs::PingPong),
+    })
 }
 
 /// Bytes of [`kv_tensor_maps`]: a K and a V tensor map.
@@ -170,8 +200,19 @@ impl Ops<'_> {
     /// always keep P as BF16 hi + lo): wgmma for the multi-query items where it takes the shape
     /// (then the mma.sync kernel for the one-query items of a mixed batch), else mma.sync for all.
     pub fn flash_attention_p(&self, a: &AttentionArgs, p: PrefillP) -> Result<()> {
+        self.flash_attention_ws(a, p, flash_prefill_ws())
+    }
+
+    /// [`Self::flash_attention_p`] with the given producer-warpgroup version of the wgmma kernel
+    /// (None: the one where every thread loads).
+    pub fn flash_attention_ws(
+        &self,
+        a: &AttentionArgs,
+        p: PrefillP,
+        ws: Option<PrefillWs>,
+    ) -> Result<()> {
         if flash_prefill_wgmma_supported(a.head_dim, p, a.kv_fp8.is_some()) {
-            self.flash_prefill_wgmma(a, p)?;
+            self.flash_prefill_wgmma(a, p, ws)?;
             if !a.single_query_items {
                 return Ok(());
             }
@@ -219,8 +260,15 @@ impl Ops<'_> {
     }
 
     /// The wgmma kernel (`flash_prefill_wgmma.cu`) for the multi-query items; it skips one-query
-    /// items, which [`Self::flash_attention_p`] then gives the mma.sync kernel.
-    pub fn flash_prefill_wgmma(&self, a: &AttentionArgs, p: PrefillP) -> Result<()> {
+    /// items, which [`Self::flash_attention_p`] then gives the mma.sync kernel. Where every tile
+    /// loads by TMA (tensor maps, block size a multiple of 64) the version with a producer
+    /// warpgroup runs, unless `ws` is None.
+    pub fn flash_prefill_wgmma(
+        &self,
+        a: &AttentionArgs,
+        p: PrefillP,
+        ws: Option<PrefillWs>,
+    ) -> Result<()> {
         self.check_flash(a)?;
         ensure!(
             a.head_dim == WGMMA_HEAD_DIM && (a.kv_fp8.is_some() || p != PrefillP::F16),
@@ -228,17 +276,26 @@ impl Ops<'_> {
              (got head_dim {}, {p:?})",
             a.head_dim
         );
-        let name = match (p, a.kv_fp8) {
-            (_, Some(_)) => "flash_prefill_wgmma_kv8_hd128",
-            (PrefillP::Bf16, None) => "flash_prefill_wgmma_bf16p_hd128",
-            _ => "flash_prefill_wgmma_hd128",
+        let ws = ws.filter(|_| a.tensor_maps != 0 && a.block_size.is_multiple_of(64));
+        let kind = match (p, a.kv_fp8) {
+            (_, Some(_)) => "kv8_",
+            (PrefillP::Bf16, None) => "bf16p_",
+            _ => "",
         };
-        // A block of two warpgroups per (work item, kv head).
+        let (name, threads, shared) = match ws {
+            Some(ws) => (
+                format!("flash_prefill_ws_{}{kind}hd128", ws.kernel_infix()),
+                384,
+                WS_SHARED_BYTES,
+            ),
+            None => (format!("flash_prefill_wgmma_{kind}hd128"), 256, WGMMA_SHARED_BYTES),
+        };
+        // A block of two (consuming) warpgroups per (work item, kv head).
         self.go(
-            name,
+            &name,
             (a.num_tiles as u32, a.kv_heads as u32, 1),
-            256,
-            WGMMA_SHARED_BYTES as u32,
+            threads,
+            shared as u32,
             &[flash_args(a), vec![Arg::Ptr(a.tensor_maps)]].concat(),
         )
     }
