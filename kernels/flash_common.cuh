@@ -82,6 +82,25 @@ __device__ __forceinline__ float ex2(float x) {
     return r;
 }
 
+// Two e4m3 codes (`x`'s low byte in the low half) as F16x2; exact.
+__device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned x) {
+    unsigned r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)(x & 0xffffu)));
+    return r;
+}
+
+__device__ __forceinline__ float f16_lo(unsigned x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(x & 0xffffu)));
+    return f;
+}
+
+// (lo, hi) as F16x2 `h` plus the F16x2 `l` of what rounding left over.
+__device__ __forceinline__ void split_f16(float lo, float hi, unsigned& h, unsigned& l) {
+    h = pack_f16(lo, hi);
+    l = pack_f16(lo - f16_lo(h), hi - f16_lo(h >> 16));
+}
+
 // Two e4m3 codes (`x`'s low byte the lower column) times `scale` as BF16x2. e4m3 -> F16 is exact.
 __device__ __forceinline__ unsigned e4m3x2_to_bf16x2(unsigned short x, float scale) {
     unsigned h2;

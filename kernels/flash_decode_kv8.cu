@@ -13,25 +13,6 @@
 //   o[2j] holds dims 16j + 4t, + 2 and o[2j + 1] dims 16j + 4t + 1, + 3.
 // k_scale folds into the score scale, v_scale into the merged output: codes are used as they are.
 
-// Two e4m3 codes (`x`'s low byte in the low half) as F16x2; exact.
-__device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned x) {
-    unsigned r;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)(x & 0xffffu)));
-    return r;
-}
-
-__device__ __forceinline__ float f16_lo(unsigned x) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(x & 0xffffu)));
-    return f;
-}
-
-// (lo, hi) as F16x2 `h` plus the F16x2 `l` of what rounding left over.
-__device__ __forceinline__ void split_f16(float lo, float hi, unsigned& h, unsigned& l) {
-    h = pack_f16(lo, hi);
-    l = pack_f16(lo - f16_lo(h), hi - f16_lo(h >> 16));
-}
-
 template <int D>
 __device__ __forceinline__ void flash_decode_kv8_body(const FlashArgs& a) {
     constexpr int RSTR = D + 16;           // bytes per raw key row in a slot

@@ -13,9 +13,11 @@
 // so the softmax follows flash_attention.cu's.
 //
 // FP8 (e4m3) pools (the _kv8 kernel): the raw 64-key tiles (64 rows x 128 bytes each, the same
-// swizzle) land in the stages by TMA or cp.async; at its turn a tile is converted (times the
-// pool's scale, as flash_attention.cu's kv8 kernel) into one of two BF16 K / V tile pairs, which
-// the MMAs read: tile i's pair (i & 1) holds K(i) for its scores and V(i) for the next step's P V.
+// swizzle) land in the stages by TMA or cp.async; at its turn a tile is converted (exactly, without
+// the pool's scale) into one of two F16 K / V tile pairs, which F16 MMAs read with Q and P as F16
+// (P hi + lo), the K scale folded into the score scale and the V scale into the output (as the
+// decode kernel of flash_decode_kv8.cu): tile i's pair (i & 1) holds K(i) for its scores and V(i)
+// for the next step's P V.
 //
 // Shared tiles use the 128-byte swizzle (as TMA would write them): a tile is two halves of 64 dims,
 // each 64 key rows of 128 bytes whose 16-byte chunk c sits at c ^ (row % 8). Read as K (K-major
@@ -55,36 +57,51 @@ __device__ __forceinline__ void wgmma_fence_regs(float (&d)[N]) {
 // cp.async's writes (generic proxy) made visible to wgmma's reads (async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// d (+)= a (64x16 BF16, register fragments) * b (16 x N BF16, shared-memory descriptor); F32 d.
-// S = Q K^T: N = 64 keys, K-major. O += P V: N = 128 dims, MN-major (transposed).
+// d (+)= a (64x16 BF16, or F16, register fragments) * b (16 x N of the same, shared-memory
+// descriptor); F32 d. S = Q K^T: N = 64 keys, K-major. O += P V: N = 128 dims, MN-major
+// (transposed).
+#define FW_WGMMA_QK(T) \
+    asm volatile( \
+        "{ .reg .pred p; setp.ne.b32 p, %37, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." T "." T " " \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0; }" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
+
+template <bool F16>
 __device__ __forceinline__ void wgmma_qk(float (&d)[32], const unsigned (&a)[4], u64 b, int accumulate) {
-    asm volatile(
-        "{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 0; }"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+    if constexpr (F16)
+        FW_WGMMA_QK("f16");
+    else
+        FW_WGMMA_QK("bf16");
 }
 
+#define FW_WGMMA_PV(T) \
+    asm volatile( \
+        "{ .reg .pred p; setp.ne.b32 p, %69, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1; }" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
+
+template <bool F16>
 __device__ __forceinline__ void wgmma_pv(float (&d)[64], const unsigned (&a)[4], u64 b, int accumulate) {
-    asm volatile(
-        "{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 1; }"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+    if constexpr (F16)
+        FW_WGMMA_PV("f16");
+    else
+        FW_WGMMA_PV("bf16");
 }
 
 // A warpgroup's online softmax over one 64-key tile of scores s (the accumulator of wgmma_qk:
@@ -93,7 +110,7 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[64], const unsigned (&a)[4],
 // them), updates the running max m and sums l, returns in corr the factors the output rows must
 // take, and P of 16 keys per k-step as A fragments (hi, and lo for hi + lo) in the accumulator's
 // layout (n8 blocks 2ks and 2ks + 1).
-template <int PM>
+template <int PM, bool F16>
 __device__ __forceinline__ void fw_softmax(float (&s)[32], int k0, int pos0, int pos1, int kend, float c,
                                            int t, float (&m)[2], float (&l)[2], float (&corr)[2],
                                            unsigned (&ph)[4][4], unsigned (&pl)[4][4]) {
@@ -138,7 +155,9 @@ __device__ __forceinline__ void fw_softmax(float (&s)[32], int k0, int pos0, int
 #pragma unroll
         for (int f = 0; f < 4; f++) {
             int j = 2 * ks + (f >> 1), e = 2 * (f & 1);
-            if (PM == P_HILO)
+            if (PM == P_HILO && F16)
+                split_f16(s[4 * j + e], s[4 * j + e + 1], ph[ks][f], pl[ks][f]);
+            else if (PM == P_HILO)
                 split_bf16(s[4 * j + e], s[4 * j + e + 1], ph[ks][f], pl[ks][f]);
             else
                 ph[ks][f] = pack_bf16(s[4 * j + e], s[4 * j + e + 1]);
@@ -171,19 +190,20 @@ __device__ __forceinline__ void fw_keep_descs(FwDescs& d) {
 }
 
 // Issues S = Q K^T over a stage's K tile (8 k-steps of 16 dims).
+template <bool F16>
 __device__ __forceinline__ void fw_scores(float (&s)[32], const unsigned (&qf)[FW_D / 16][4], const FwDescs& d) {
 #pragma unroll
-    for (int kk = 0; kk < FW_D / 16; kk++) wgmma_qk(s, qf[kk], d.k[kk], kk);
+    for (int kk = 0; kk < FW_D / 16; kk++) wgmma_qk<F16>(s, qf[kk], d.k[kk], kk);
 }
 
 // Issues O += P V over a stage's V tile (4 k-steps of 16 keys; hi, then lo).
-template <int PM>
+template <int PM, bool F16>
 __device__ __forceinline__ void fw_pv(float (&o)[64], const unsigned (&ph)[4][4], const unsigned (&pl)[4][4],
                                       const FwDescs& d) {
 #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
-        wgmma_pv(o, ph[ks], d.v[ks], 1);
-        if (PM == P_HILO) wgmma_pv(o, pl[ks], d.v[ks], 1);
+        wgmma_pv<F16>(o, ph[ks], d.v[ks], 1);
+        if (PM == P_HILO) wgmma_pv<F16>(o, pl[ks], d.v[ks], 1);
     }
 }
 
@@ -206,10 +226,13 @@ struct FlashTmaArgs : FlashArgs {
     const void* tensor_maps;
 };
 
-// FP8 pools: raw tile i's 64 x 128 codes (K at `raw`, V 8 KB after) into the BF16 pair at `dst`,
-// by NT threads (tid 0 .. NT - 1; whole warps past the last chunk when NT does not divide 1024).
+// FP8 pools: raw tile i's 64 x 128 codes (K at `raw`, V 8 KB after) as F16 (exact; the pools'
+// scales go into the score scale and the output) into the tile pair at `dst`, by NT threads (tid
+// 0 .. NT - 1; whole warps past the last chunk when NT does not divide 1024). One conversion per
+// pair of codes: the BF16 tiles (times the scale, 3 more per pair) made the conversion the
+// FP8 prefill's bound.
 template <int NT>
-__device__ __forceinline__ void fw_kv8_convert(unsigned dst, unsigned raw, float k_scale, float v_scale, int tid) {
+__device__ __forceinline__ void fw_kv8_convert(unsigned dst, unsigned raw, int tid) {
 #pragma unroll 4
     for (int u = 0; u < (2 * 64 * 8 + NT - 1) / NT; u++) {
         int idx = tid + u * NT, pool = idx >> 9, j = (idx >> 3) & 63, c8 = idx & 7;
@@ -218,14 +241,13 @@ __device__ __forceinline__ void fw_kv8_convert(unsigned dst, unsigned raw, float
         asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
                      : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
                      : "r"(raw + pool * 8192 + j * 128 + ((c8 ^ (j & 7)) << 4)));
-        float scale = pool ? v_scale : k_scale;
         unsigned w[4] = {x.x, x.y, x.z, x.w}, o[8];
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            o[2 * e] = e4m3x2_to_bf16x2((unsigned short)(w[e] & 0xffffu), scale);
-            o[2 * e + 1] = e4m3x2_to_bf16x2((unsigned short)(w[e] >> 16), scale);
+            o[2 * e] = e4m3x2_to_f16x2(w[e]);
+            o[2 * e + 1] = e4m3x2_to_f16x2(w[e] >> 16);
         }
-        // Dims 16 c8 .. + 15: BF16 chunks 2 c8 and 2 c8 + 1 of the row, in half c8 / 4.
+        // Dims 16 c8 .. + 15: 16-byte chunks 2 c8 and 2 c8 + 1 of the row, in half c8 / 4.
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             int cb = 2 * c8 + e;
@@ -259,7 +281,9 @@ __device__ __forceinline__ bool fw_item(const FlashArgs& a, FwItem& it) {
     return true;
 }
 
-// Q fragments (A operand) of rows r0 / r1 (zero past R), dims 2t, 2t + 1 (+ 8) of each k-step.
+// Q fragments (A operand) of rows r0 / r1 (zero past R), dims 2t, 2t + 1 (+ 8) of each k-step;
+// as F16 for F16 (exact for magnitudes in [2^-14, 65504]).
+template <bool F16>
 __device__ __forceinline__ void fw_load_q(unsigned (&qf)[FW_D / 16][4], const FlashArgs& a, const FwItem& it, int r0,
                                           int r1, int t) {
     const bf16* qrow[2];
@@ -274,11 +298,14 @@ __device__ __forceinline__ void fw_load_q(unsigned (&qf)[FW_D / 16][4], const Fl
 #pragma unroll
         for (int f = 0; f < 4; f++) {
             const bf16* q = qrow[f & 1];
-            qf[kk][f] = q ? *(const unsigned*)(q + kk * 16 + (f >> 1) * 8) : 0u;
+            unsigned v = q ? *(const unsigned*)(q + kk * 16 + (f >> 1) * 8) : 0u;
+            qf[kk][f] = F16 ? bf16x2_to_f16x2(v) : v;
         }
 }
 
-// Rows r0 (o[4j], o[4j + 1]) and r1 (o[4j + 2], o[4j + 3]), dims 8j + 2t, + 1, over their sums.
+// Rows r0 (o[4j], o[4j + 1]) and r1 (o[4j + 2], o[4j + 3]), dims 8j + 2t, + 1, over their sums
+// (times the V pool's scale for F16: the products took the FP8 codes as they are).
+template <bool F16>
 __device__ __forceinline__ void fw_store(const FlashArgs& a, const FwItem& it, const float (&o)[64], const float (&l)[2],
                                          int r0, int r1, int t) {
 #pragma unroll
@@ -291,7 +318,11 @@ __device__ __forceinline__ void fw_store(const FlashArgs& a, const FwItem& it, c
             int i = r / it.G, hd = it.kvh * it.G + r % it.G;
             unsigned* dst = (unsigned*)(a.out + (u64)(it.q0 + i) * a.num_q_heads * FW_D + hd * FW_D + 2 * t);
 #pragma unroll
-            for (int j = 0; j < 16; j++) dst[j * 4] = pack_bf16(o[4 * j + 2 * h] / L, o[4 * j + 2 * h + 1] / L);
+            for (int j = 0; j < 16; j++) {
+                float x = o[4 * j + 2 * h], y = o[4 * j + 2 * h + 1];
+                if (F16) x *= a.v_scale, y *= a.v_scale;
+                dst[j * 4] = pack_bf16(x / L, y / L);
+            }
         }
     }
 }
@@ -310,7 +341,7 @@ struct FwAnyTurn {
 // P V lands before the softmax's first shuffle whatever the source order (register pressure, the
 // shuffles, the keep-alive asm and FA3's o-scaling order changed nothing), so a warpgroup's
 // softmax overlaps the other warpgroup's MMAs, not its own.
-template <int PM, typename Landed, typename Descs, typename Done, typename Turn>
+template <int PM, bool F16, typename Landed, typename Descs, typename Done, typename Turn>
 __device__ __forceinline__ void fw_mainloop(float (&o)[64], float (&l)[2], const unsigned (&qf)[FW_D / 16][4],
                                             const FwItem& it, int pos0, int pos1, float c, int t, Landed landed,
                                             Descs descs, Done done, Turn& turn) {
@@ -323,12 +354,12 @@ __device__ __forceinline__ void fw_mainloop(float (&o)[64], float (&l)[2], const
         FwDescs d = descs(0);
         turn.take();
         wgmma_fence();
-        fw_scores(s, qf, d);
+        fw_scores<F16>(s, qf, d);
         wgmma_commit();
         turn.pass();
         wgmma_wait0();
         wgmma_fence_regs(s);
-        fw_softmax<PM>(s, kbeg, pos0, pos1, kend, c, t, m, l, corr, ph, pl);
+        fw_softmax<PM, F16>(s, kbeg, pos0, pos1, kend, c, t, m, l, corr, ph, pl);
     }
     // Tile i: its scores, then P V of tile i - 1 (P in ih / il) while its softmax runs (P into
     // oh / ol). No branch may separate a wgmma from its wait (ptxas would serialize them all), so
@@ -340,14 +371,14 @@ __device__ __forceinline__ void fw_mainloop(float (&o)[64], float (&l)[2], const
         float s[32];
         turn.take();
         wgmma_fence();
-        fw_scores(s, qf, cur);
+        fw_scores<F16>(s, qf, cur);
         wgmma_commit();
-        fw_pv<PM>(o, ih, il, prev);
+        fw_pv<PM, F16>(o, ih, il, prev);
         wgmma_commit();
         turn.pass();
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
         wgmma_fence_regs(s);
-        fw_softmax<PM>(s, kbeg + i * FW_KT, pos0, pos1, kend, c, t, m, l, corr, oh, ol);
+        fw_softmax<PM, F16>(s, kbeg + i * FW_KT, pos0, pos1, kend, c, t, m, l, corr, oh, ol);
         wgmma_wait0();
         wgmma_fence_regs(o);
         fw_keep_regs(ih);
@@ -375,7 +406,7 @@ __device__ __forceinline__ void fw_mainloop(float (&o)[64], float (&l)[2], const
         }
     turn.take();
     wgmma_fence();
-    fw_pv<PM>(o, lh, ll, last);
+    fw_pv<PM, F16>(o, lh, ll, last);
     wgmma_commit();
     turn.pass();
     wgmma_wait0();
@@ -402,12 +433,12 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     int pos0 = r0 < it.R ? a.positions[it.q0 + r0 / it.G] : -1;
     int pos1 = r1 < it.R ? a.positions[it.q0 + r1 / it.G] : -1;
     unsigned qf[FW_D / 16][4];
-    fw_load_q(qf, a, it, r0, r1, t);
+    fw_load_q<KV8>(qf, a, it, r0, r1, t);
     float o[64];
 #pragma unroll
     for (int i = 0; i < 64; i++) o[i] = 0.0f;
     float l[2] = {0.0f, 0.0f};
-    float c = a.scale * FA_LOG2E;
+    float c = a.scale * FA_LOG2E * (KV8 ? a.k_scale : 1.0f);  // FP8 pools: scores of the raw codes
 
     int kbeg = it.kbeg, kend = it.kend, ntiles = it.ntiles, kvh = it.kvh;
     const int* bt = a.block_tables + a.block_table_start[it.seq];
@@ -512,8 +543,7 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
         }
         __syncthreads();
         if (KV8) {
-            fw_kv8_convert<FW_THREADS>(conv + (i & 1) * 2 * FW_TILE_BYTES, smem + (i % FW_STAGES) * STAGE_BYTES, a.k_scale,
-                           a.v_scale, tid);
+            fw_kv8_convert<FW_THREADS>(conv + (i & 1) * 2 * FW_TILE_BYTES, smem + (i % FW_STAGES) * STAGE_BYTES, tid);
             fence_proxy_async();  // the conversions (generic proxy) before wgmma's reads
             __syncthreads();
         }
@@ -523,10 +553,10 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     FwAnyTurn any;
     if (ntiles > 0) {
         for (int i = 0; i < FW_AHEAD; i++) load(i);
-        fw_mainloop<PM>(o, l, qf, it, pos0, pos1, c, t, landed, descs, [](int) {}, any);
+        fw_mainloop<PM, KV8>(o, l, qf, it, pos0, pos1, c, t, landed, descs, [](int) {}, any);
     }
     cp_async_wait<0>();
-    fw_store(a, it, o, l, r0, r1, t);
+    fw_store<KV8>(a, it, o, l, r0, r1, t);
 }
 
 // Shared memory: FW_STAGES stages of a K and a V tile (16 KB each), their mbarriers. One block

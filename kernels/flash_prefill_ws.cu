@@ -11,9 +11,9 @@
 // (setmaxnreg).
 //
 // Measured on an H200 (3000-token 70B prefill, attention of 80 layers): BF16 pools 44.1 ms with
-// ping-pong, 43.9 without (flash_prefill_wgmma_hd128: 49.9); FP8 pools 67.6 (68.8): the
-// conversions, now on 3 warps, still bound it. Q in shared memory (SS score MMAs, 32 registers
-// fewer) took 47.4 ms; a conversion without F16 steps (integer ops, one cvt per pair) 77.6.
+// ping-pong, 43.9 without (flash_prefill_wgmma_hd128: 49.9); FP8 pools 53.1 (63.7), 67.6 (68.8)
+// while the tiles were converted to BF16 times the scale. Q in shared memory (SS score MMAs, 32
+// registers fewer) took 47.4 ms.
 #define WS_THREADS 384
 #define WS_STAGES 5      // BF16 pools: K / V stages, TMA's destinations
 #define WS_KV8_STAGES 4  // FP8 pools: BF16 K / V stages the producer converts into,
@@ -103,7 +103,7 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
             int s = i % S, u = i / S, r = i % WS_RAW;
             mbar_wait(raw_full + 8 * r, (i / WS_RAW) & 1);
             if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
-            fw_kv8_convert<96>(smem + s * PAIR, raw + r * RAW, a.k_scale, a.v_scale, tid - 32);
+            fw_kv8_convert<96>(smem + s * PAIR, raw + r * RAW, tid - 32);
             fence_proxy_async();  // the conversions (generic proxy) before wgmma's reads
             mbar_arrive(full + 8 * s);
             mbar_arrive(raw_empty + 8 * r);
@@ -118,11 +118,12 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
     int pos0 = r0 < it.R ? a.positions[it.q0 + r0 / it.G] : -1;
     int pos1 = r1 < it.R ? a.positions[it.q0 + r1 / it.G] : -1;
     unsigned qf[FW_D / 16][4];
-    fw_load_q(qf, a, it, r0, r1, t);
+    fw_load_q<KV8>(qf, a, it, r0, r1, t);
     float o[64];
 #pragma unroll
     for (int i = 0; i < 64; i++) o[i] = 0.0f;
     float l[2] = {0.0f, 0.0f};
+    float c = a.scale * FA_LOG2E * (KV8 ? a.k_scale : 1.0f);  // FP8 pools: scores of the raw codes
     auto landed = [&](int i) { mbar_wait(full + 8 * (i % S), (i / S) & 1); };
     auto descs = [&](int i) { return fw_descs(smem + (i % S) * PAIR); };
     auto done = [&](int i) {
@@ -131,13 +132,13 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
     if (PP) {
         FwPingPong turn{wg};
         if (wg == 1) turn.pass();
-        fw_mainloop<PM>(o, l, qf, it, pos0, pos1, a.scale * FA_LOG2E, t, landed, descs, done, turn);
+        fw_mainloop<PM, KV8>(o, l, qf, it, pos0, pos1, c, t, landed, descs, done, turn);
         if (wg == 0) turn.take();
     } else {
         FwAnyTurn turn;
-        fw_mainloop<PM>(o, l, qf, it, pos0, pos1, a.scale * FA_LOG2E, t, landed, descs, done, turn);
+        fw_mainloop<PM, KV8>(o, l, qf, it, pos0, pos1, c, t, landed, descs, done, turn);
     }
-    fw_store(a, it, o, l, r0, r1, t);
+    fw_store<KV8>(a, it, o, l, r0, r1, t);
 }
 
 // Shared memory: WS_SHARED_BYTES (kernels.rs): the stages (BF16: 5 x 32 KB; FP8: 4 x 32 KB of

@@ -311,7 +311,7 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         fp8_maps.set((dk8.ptr, m.ptr));
     }
     // Each kernel on FP8 pools against itself on the dequantized BF16 pools: mma.sync, and where
-    // head_dim is 128 also wgmma (FlashHiLo: its _kv8 kernel converts each tile as mma.sync's does).
+    // head_dim is 128 also wgmma (FlashHiLo).
     let mut kv8_kernels = vec![AttnKernel::FlashHiLo];
     if flash_prefill_wgmma_supported(hd, PrefillP::HiLo, true) {
         kv8_kernels.push(AttnKernel::FlashHiLoMmaSync);
@@ -325,7 +325,13 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
                 run_on(kernel, flash_q_per_tile, policy, (&dk8, &dv8, Some(scales)));
             let (deq, _, _) = run_on(kernel, flash_q_per_tile, policy, (&dkq, &dvq, None));
             let what = format!("{kernel:?} on FP8 pools vs dequantized BF16 pools nh={nh} nkv={nkv} hd={hd} bs={bs} parts={parts}");
-            if kernel == AttnKernel::Decode {
+            // The decode kernel and, where head_dim is 128, wgmma's _kv8 (FlashHiLo there) take
+            // the codes as F16 (the scales folded in): rounding apart. mma.sync converts each
+            // tile as the host dequantized: the same bits.
+            let f16_path = kernel == AttnKernel::Decode
+                || (kernel == AttnKernel::FlashHiLo
+                    && flash_prefill_wgmma_supported(hd, PrefillP::HiLo, true));
+            if f16_path {
                 let deq: Vec<f64> = deq.iter().map(|&x| x as f64).collect();
                 check(&what, &fp8, &deq, 2e-3);
             } else {
