@@ -114,13 +114,16 @@ template <int PM, bool F16>
 __device__ __forceinline__ void fw_softmax(float (&s)[32], int k0, int pos0, int pos1, int kend, float c,
                                            int t, float (&m)[2], float (&l)[2], float (&corr)[2],
                                            unsigned (&ph)[4][4], unsigned (&pl)[4][4]) {
+    // Key k0 + 8j + 2t + (e & 1) is masked past min(row position, kend - 1), relative to this
+    // thread's first key: only in tiles that reach past some row's position (one warp-uniform
+    // test; the others skip the 32 compares).
+    int d0 = min(pos0, kend - 1) - k0 - 2 * t, d1 = min(pos1, kend - 1) - k0 - 2 * t;
+    if (!__all_sync(0xffffffffu, FW_KT - 1 <= min(d0, d1)))
 #pragma unroll
-    for (int j = 0; j < 8; j++)
+        for (int j = 0; j < 8; j++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int key = k0 + 8 * j + 2 * t + (e & 1);
-            if (key > (e < 2 ? pos0 : pos1) || key >= kend) s[4 * j + e] = NEG_INF;
-        }
+            for (int e = 0; e < 4; e++)
+                if (8 * j + (e & 1) > (e < 2 ? d0 : d1)) s[4 * j + e] = NEG_INF;
     float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
     for (int j = 0; j < 8; j++) {
@@ -386,7 +389,8 @@ __device__ __forceinline__ void fw_mainloop(float (&o)[64], float (&l)[2], const
         fw_keep_descs(cur);
         fw_keep_descs(prev);
         done(i - 1);
-        fw_scale(o, corr);
+        // Once the row maxima settle the factors are 1 (exact either way): skip the 64 products.
+        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) fw_scale(o, corr);
     };
     for (int i = 1; i < ntiles; i += 2) {
         step(i, ph, pl, qh, ql);
