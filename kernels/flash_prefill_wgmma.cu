@@ -263,8 +263,8 @@ __device__ __forceinline__ void fw_kv8_convert(unsigned dst, unsigned raw, int t
 }
 
 // A block's work item (longest items first): kv head kvh, query tokens q0 .. q0 + qn of sequence
-// seq (R = qn * G rows), keys kbeg .. kend in ntiles tiles. False for padding and one-query items
-// (the single-query kernel's).
+// seq (R = qn * G rows), keys kbeg .. kend in ntiles tiles. False for padding, one-query items
+// (the single-query kernel's) and items without keys.
 struct FwItem {
     int seq, q0, qn, R, G, kvh, kbeg, kend, ntiles;
 };
@@ -281,7 +281,24 @@ __device__ __forceinline__ bool fw_item(const FlashArgs& a, FwItem& it) {
     it.kbeg = a.tile_kbeg[tile];
     it.kend = min(a.positions[it.q0 + it.qn - 1] + 1, a.tile_kend[tile]);  // exclusive
     it.ntiles = it.kend > it.kbeg ? (it.kend - it.kbeg + FW_KT - 1) / FW_KT : 0;
-    return true;
+    return it.ntiles > 0;  // a multi-query item always has keys (its first query's own)
+}
+
+// Rows r0 / r1 of the item for lane (g, t) of warp `warp` of the warpgroup whose first row is
+// `first`, and their positions: -1 past R (such rows, a warpgroup may have only those, are fully
+// masked: they compute, and are not written).
+__device__ __forceinline__ void fw_rows(const FlashArgs& a, const FwItem& it, int first, int warp, int g, int& r0,
+                                        int& r1, int& pos0, int& pos1) {
+    r0 = first + warp * 16 + g;
+    r1 = r0 + 8;
+    pos0 = r0 < it.R ? a.positions[it.q0 + r0 / it.G] : -1;
+    pos1 = r1 < it.R ? a.positions[it.q0 + r1 / it.G] : -1;
+}
+
+// The softmax's scale of raw scores (log2 units); FP8 pools: of the scores of the raw K codes.
+template <bool KV8>
+__device__ __forceinline__ float fw_score_scale(const FlashArgs& a) {
+    return a.scale * FA_LOG2E * (KV8 ? a.k_scale : 1.0f);
 }
 
 // Q fragments (A operand) of rows r0 / r1 (zero past R), dims 2t, 2t + 1 (+ 8) of each k-step;
@@ -336,8 +353,8 @@ struct FwAnyTurn {
     __device__ __forceinline__ void pass() {}
 };
 
-// A warpgroup's pass over the item's key tiles (rows r0 / r1 at positions pos0 / pos1; o and l
-// zero on entry; Q as fragments qf): landed(i) waits until tile i is in shared memory (descs(i): its descriptors);
+// A warpgroup's pass over the item's key tiles (rows r0 / r1 at positions pos0 / pos1, Q as
+// fragments qf) into its output rows o and their sums l: landed(i) waits until tile i is in shared memory (descs(i): its descriptors);
 // done(i) says the warpgroup's MMAs no longer read it. Per tile it issues the scores together with
 // P V of the previous tile (the FlashAttention-3 order); turn.take() / turn.pass() bracket each
 // issue (ping-pong between warpgroups). In the SASS (ptxas 12.9 and NVRTC 13.0 alike) the wait for
@@ -348,6 +365,9 @@ template <int PM, bool F16, typename Landed, typename Descs, typename Done, type
 __device__ __forceinline__ void fw_mainloop(float (&o)[64], float (&l)[2], const unsigned (&qf)[FW_D / 16][4],
                                             const FwItem& it, int pos0, int pos1, float c, int t, Landed landed,
                                             Descs descs, Done done, Turn& turn) {
+#pragma unroll
+    for (int i = 0; i < 64; i++) o[i] = 0.0f;
+    l[0] = l[1] = 0.0f;
     float m[2] = {NEG_INF, NEG_INF}, corr[2];
     unsigned ph[4][4], pl[4][4], qh[4][4], ql[4][4];
     int ntiles = it.ntiles, kbeg = it.kbeg, kend = it.kend;
@@ -432,17 +452,11 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     FwItem it;
     if (!fw_item(a, it)) return;
     int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    // Rows past R (a warpgroup may have none) are fully masked: they compute, and are not written.
-    int r0 = (tid >> 7) * 64 + warp * 16 + g, r1 = r0 + 8;
-    int pos0 = r0 < it.R ? a.positions[it.q0 + r0 / it.G] : -1;
-    int pos1 = r1 < it.R ? a.positions[it.q0 + r1 / it.G] : -1;
+    int r0, r1, pos0, pos1;
+    fw_rows(a, it, (tid >> 7) * 64, warp, g, r0, r1, pos0, pos1);
     unsigned qf[FW_D / 16][4];
     fw_load_q<KV8>(qf, a, it, r0, r1, t);
-    float o[64];
-#pragma unroll
-    for (int i = 0; i < 64; i++) o[i] = 0.0f;
-    float l[2] = {0.0f, 0.0f};
-    float c = a.scale * FA_LOG2E * (KV8 ? a.k_scale : 1.0f);  // FP8 pools: scores of the raw codes
+    float o[64], l[2], c = fw_score_scale<KV8>(a);
 
     int kbeg = it.kbeg, kend = it.kend, ntiles = it.ntiles, kvh = it.kvh;
     const int* bt = a.block_tables + a.block_table_start[it.seq];
@@ -555,10 +569,8 @@ __device__ __forceinline__ void flash_prefill_wgmma_t(const FlashTmaArgs& a) {
     };
 
     FwAnyTurn any;
-    if (ntiles > 0) {
-        for (int i = 0; i < FW_AHEAD; i++) load(i);
-        fw_mainloop<PM, KV8>(o, l, qf, it, pos0, pos1, c, t, landed, descs, [](int) {}, any);
-    }
+    for (int i = 0; i < FW_AHEAD; i++) load(i);
+    fw_mainloop<PM, KV8>(o, l, qf, it, pos0, pos1, c, t, landed, descs, [](int) {}, any);
     cp_async_wait<0>();
     fw_store<KV8>(a, it, o, l, r0, r1, t);
 }

@@ -40,7 +40,7 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
     constexpr int S = KV8 ? WS_KV8_STAGES : WS_STAGES, PAIR = 2 * FW_TILE_BYTES, RAW = FW_TILE_BYTES;
     extern __shared__ __align__(128) unsigned char ws_smem[];
     FwItem it;
-    if (!fw_item(a, it) || it.ntiles == 0) return;  // the same for every thread of the block
+    if (!fw_item(a, it)) return;  // the same for every thread of the block
     int tid = threadIdx.x;
     unsigned smem = (smem_u32(ws_smem) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
     unsigned raw = smem + S * PAIR;  // FP8 pools: the raw stages
@@ -113,17 +113,11 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(WS_CONSUMER_REGS));
     int ct = tid - 128, wg = ct >> 7, warp = (ct >> 5) & 3, lane = ct & 31, g = lane >> 2, t = lane & 3;
-    // Rows past R (a warpgroup may have none) are fully masked: they compute, and are not written.
-    int r0 = wg * 64 + warp * 16 + g, r1 = r0 + 8;
-    int pos0 = r0 < it.R ? a.positions[it.q0 + r0 / it.G] : -1;
-    int pos1 = r1 < it.R ? a.positions[it.q0 + r1 / it.G] : -1;
+    int r0, r1, pos0, pos1;
+    fw_rows(a, it, wg * 64, warp, g, r0, r1, pos0, pos1);
     unsigned qf[FW_D / 16][4];
     fw_load_q<KV8>(qf, a, it, r0, r1, t);
-    float o[64];
-#pragma unroll
-    for (int i = 0; i < 64; i++) o[i] = 0.0f;
-    float l[2] = {0.0f, 0.0f};
-    float c = a.scale * FA_LOG2E * (KV8 ? a.k_scale : 1.0f);  // FP8 pools: scores of the raw codes
+    float o[64], l[2], c = fw_score_scale<KV8>(a);
     auto landed = [&](int i) { mbar_wait(full + 8 * (i % S), (i / S) & 1); };
     auto descs = [&](int i) { return fw_descs(smem + (i % S) * PAIR); };
     auto done = [&](int i) {
@@ -144,13 +138,14 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
 // Shared memory: WS_SHARED_BYTES (kernels.rs): the stages (BF16: 5 x 32 KB; FP8: 4 x 32 KB of
 // BF16 and 4 x 16 KB of codes), the mbarriers, 1 KB of alignment. One block per SM. The last
 // parameter: the K and V pools' tensor maps (2 x 128 bytes, global memory), never null.
-#define WS_KERNEL(NAME, PM, KV8, PP)                                                              \
-    extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) NAME(FLASH_PARAMS, const void* tensor_maps) { \
-        flash_prefill_ws_t<PM, KV8, PP>(FlashTmaArgs{FLASH_ARGS, tensor_maps});                  \
+#define WS_KERNEL(NAME, PM, KV8, PP)                                                                  \
+    extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)                                       \
+        flash_prefill_ws_##NAME(FLASH_PARAMS, const void* tensor_maps) {                              \
+        flash_prefill_ws_t<PM, KV8, PP>(FlashTmaArgs{FLASH_ARGS, tensor_maps});                      \
     }
-WS_KERNEL(flash_prefill_ws_hd128, P_HILO, false, true)
-WS_KERNEL(flash_prefill_ws_bf16p_hd128, P_BF16, false, true)
-WS_KERNEL(flash_prefill_ws_kv8_hd128, P_HILO, true, true)
-WS_KERNEL(flash_prefill_ws_nopp_hd128, P_HILO, false, false)
-WS_KERNEL(flash_prefill_ws_nopp_bf16p_hd128, P_BF16, false, false)
-WS_KERNEL(flash_prefill_ws_nopp_kv8_hd128, P_HILO, true, false)
+WS_KERNEL(hd128, P_HILO, false, true)
+WS_KERNEL(bf16p_hd128, P_BF16, false, true)
+WS_KERNEL(kv8_hd128, P_HILO, true, true)
+WS_KERNEL(nopp_hd128, P_HILO, false, false)
+WS_KERNEL(nopp_bf16p_hd128, P_BF16, false, false)
+WS_KERNEL(nopp_kv8_hd128, P_HILO, true, false)

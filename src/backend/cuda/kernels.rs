@@ -587,8 +587,12 @@ mod tests {
                         && src.contains(&format!(" {prefix}_k##K##_bf16("))
                         && src.contains(&macro_call)
                 });
+                // flash_prefill_ws_<rest> instantiated by WS_KERNEL(<rest>, ..).
+                let ws_macro = name
+                    .strip_prefix("flash_prefill_ws_")
+                    .is_some_and(|rest| src.contains(&format!("WS_KERNEL({rest}, ")));
                 assert!(
-                    direct || templated || stream_macro || per_k || per_k_bf16,
+                    direct || templated || stream_macro || per_k || per_k_bf16 || ws_macro,
                     "{name} not found in {module}.cu"
                 );
             }
