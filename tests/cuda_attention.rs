@@ -210,7 +210,11 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
                 .flash_attention_mma_sync(&args, PrefillP::HiLo)
                 .unwrap(),
             AttnKernel::FlashWs(ws, bf16_p) => {
-                let p = if bf16_p { PrefillP::Bf16 } else { PrefillP::HiLo };
+                let p = if bf16_p {
+                    PrefillP::Bf16
+                } else {
+                    PrefillP::HiLo
+                };
                 e.ops().flash_attention_ws(&args, p, ws).unwrap()
             }
             AttnKernel::Decode => e.ops().flash_decode(&args).unwrap(),
@@ -352,11 +356,19 @@ fn check_attention(e: &Env, rng: &mut ChaCha8Rng, c: &AttentionCase) {
         // versions (TMA only) do the same arithmetic: the same bits.
         let versions = [None, Some(PrefillWs::PingPong), Some(PrefillWs::Free)];
         for (pools, kind) in [(bf16_pools, "BF16"), ((&dk8, &dv8, Some(scales)), "FP8")] {
-            let p_kinds: &[bool] = if kind == "BF16" { &[false, true] } else { &[false] };
+            let p_kinds: &[bool] = if kind == "BF16" {
+                &[false, true]
+            } else {
+                &[false]
+            };
             for &bf16_p in p_kinds {
                 use_maps.set(false);
-                let (cp_async, _, _) =
-                    run_on(AttnKernel::FlashWs(None, bf16_p), flash_q_per_tile, None, pools);
+                let (cp_async, _, _) = run_on(
+                    AttnKernel::FlashWs(None, bf16_p),
+                    flash_q_per_tile,
+                    None,
+                    pools,
+                );
                 use_maps.set(true);
                 for ws in versions {
                     let kernel = AttnKernel::FlashWs(ws, bf16_p);

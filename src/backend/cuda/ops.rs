@@ -10,8 +10,8 @@ mod fused;
 pub use attention::{
     combine_fp8_heads_per_block, combine_fp8_scratch_bytes, flash_decode_supported,
     flash_prefill_p, flash_prefill_wgmma_supported, flash_prefill_ws, flash_supported,
-    kv_tensor_maps, AttentionArgs, PrefillP, PrefillWs, ATTENTION_ROWS, FLASH_DECODE_GROUP, FLASH_ROWS, KV_TENSOR_MAPS_BYTES, MAX_HEAD_DIM,
-    WGMMA_HEAD_DIM,
+    kv_tensor_maps, AttentionArgs, PrefillP, PrefillWs, ATTENTION_ROWS, FLASH_DECODE_GROUP,
+    FLASH_ROWS, KV_TENSOR_MAPS_BYTES, MAX_HEAD_DIM, WGMMA_HEAD_DIM,
 };
 pub use fused::{FUSED_NORM_MAX_COLS, FUSED_SILU_MAX_COLS, SILU_SPLIT_BELOW_ROWS};
 

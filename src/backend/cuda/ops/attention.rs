@@ -288,7 +288,11 @@ impl Ops<'_> {
                 384,
                 WS_SHARED_BYTES,
             ),
-            None => (format!("flash_prefill_wgmma_{kind}hd128"), 256, WGMMA_SHARED_BYTES),
+            None => (
+                format!("flash_prefill_wgmma_{kind}hd128"),
+                256,
+                WGMMA_SHARED_BYTES,
+            ),
         };
         // A block of two (consuming) warpgroups per (work item, kv head).
         self.go(
