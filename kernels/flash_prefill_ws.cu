@@ -4,19 +4,20 @@
 //
 // Block: 3 warpgroups. Warpgroup 0 produces: its thread 0 issues the TMA loads into a ring of
 // stages as soon as both consumers have released a stage (an mbarrier pair per stage: full,
-// empty), so no block-wide barrier paces the tiles. For FP8 pools its warp 0 loads raw e4m3 tiles
-// (their own ring, WS_RAW ahead) and warps 1..3 convert each into the BF16 stage the consumers
+// empty), so no block-wide barrier paces the tiles. For FP8 pools thread 0 loads raw e4m3 tiles
+// (their own ring, WS_RAW ahead) and the warpgroup converts each into the F16 stage the consumers
 // read. Warpgroups 1 and 2 consume (rows 0..63 and 64..127 of the item) and, with PP, take turns
 // issuing their MMAs (FlashAttention-3's ping-pong). The producer gives registers to the consumers
 // (setmaxnreg).
 //
 // Measured on an H200 (3000-token 70B prefill, attention of 80 layers): BF16 pools 44.1 ms with
-// ping-pong, 43.9 without (flash_prefill_wgmma_hd128: 49.9); FP8 pools 53.1 (63.7), 67.6 (68.8)
-// while the tiles were converted to BF16 times the scale. Q in shared memory (SS score MMAs, 32
-// registers fewer) took 47.4 ms.
+// ping-pong, 43.9 without (flash_prefill_wgmma_hd128: 49.9), 42.3 once the softmax masks only
+// diagonal tiles; FP8 pools 52.5 (63.7), 67.6 (68.8) while the tiles were converted to BF16 times
+// the scale; converting on 3 warps instead of 4 gave the same 52.5. Q in shared memory (SS score
+// MMAs, 32 registers fewer) took 47.4 ms.
 #define WS_THREADS 384
 #define WS_STAGES 5      // BF16 pools: K / V stages, TMA's destinations
-#define WS_KV8_STAGES 4  // FP8 pools: BF16 K / V stages the producer converts into,
+#define WS_KV8_STAGES 4  // FP8 pools: F16 K / V stages the producer converts into,
 #define WS_RAW 4         // from raw code stages (K and V codes, 8 KB each) loaded by TMA
 #define WS_PRODUCER_REGS 40
 #define WS_CONSUMER_REGS 232
@@ -45,17 +46,14 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
     unsigned smem = (smem_u32(ws_smem) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
     unsigned raw = smem + S * PAIR;  // FP8 pools: the raw stages
     unsigned full = raw + (KV8 ? WS_RAW * RAW : 0), empty = full + 8 * S;
-    unsigned raw_full = empty + 8 * S, raw_empty = raw_full + 8 * WS_RAW;
+    unsigned raw_full = empty + 8 * S;
     if (tid == 0) {
         for (int s = 0; s < S; s++) {
-            mbar_init(full + 8 * s, KV8 ? 96 : 1);  // TMA's arrival, or the converting threads'
-            mbar_init(empty + 8 * s, 8);            // each consumer warp
+            mbar_init(full + 8 * s, KV8 ? 128 : 1);  // TMA's arrival, or the converting threads'
+            mbar_init(empty + 8 * s, 8);             // each consumer warp
         }
         if (KV8)
-            for (int r = 0; r < WS_RAW; r++) {
-                mbar_init(raw_full + 8 * r, 1);
-                mbar_init(raw_empty + 8 * r, 96);
-            }
+            for (int r = 0; r < WS_RAW; r++) mbar_init(raw_full + 8 * r, 1);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
@@ -84,29 +82,26 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
                 }
             return;
         }
-        // FP8 pools: warp 0's thread 0 loads raw tiles (a box is a whole tile: 64 rows x 128
-        // codes) WS_RAW ahead; warps 1..3 convert them. (Loads and conversions in the same warp
-        // made ptxas serialize the consumers' wgmmas.)
-        if (tid < 32) {
-            if (tid == 0)
-                for (int i = 0; i < ntiles; i++) {
-                    int r = i % WS_RAW, u = i / WS_RAW, k0 = row(i);
-                    if (u > 0) mbar_wait(raw_empty + 8 * r, (u - 1) & 1);
-                    unsigned st = raw + r * RAW, bar = raw_full + 8 * r;
-                    mbar_expect_tx(bar, RAW);
-                    tma_load_2d(st, maps, 0, k0, bar);
-                    tma_load_2d(st + 8192, maps + 128, 0, k0, bar);
-                }
-            return;
-        }
+        // FP8 pools: thread 0 loads raw tiles (a box is a whole tile: 64 rows x 128 codes)
+        // WS_RAW ahead; the warpgroup converts them.
+        auto load_raw = [&](int i) {
+            unsigned st = raw + (i % WS_RAW) * RAW, bar = raw_full + 8 * (i % WS_RAW);
+            int k0 = row(i);
+            mbar_expect_tx(bar, RAW);
+            tma_load_2d(st, maps, 0, k0, bar);
+            tma_load_2d(st + 8192, maps + 128, 0, k0, bar);
+        };
+        if (tid == 0)
+            for (int i = 0; i < min(WS_RAW, ntiles); i++) load_raw(i);
         for (int i = 0; i < ntiles; i++) {
             int s = i % S, u = i / S, r = i % WS_RAW;
             mbar_wait(raw_full + 8 * r, (i / WS_RAW) & 1);
             if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
-            fw_kv8_convert<96>(smem + s * PAIR, raw + r * RAW, tid - 32);
+            fw_kv8_convert<128>(smem + s * PAIR, raw + r * RAW, tid);
             fence_proxy_async();  // the conversions (generic proxy) before wgmma's reads
             mbar_arrive(full + 8 * s);
-            mbar_arrive(raw_empty + 8 * r);
+            named_bar_sync(1, 128);  // every producer thread is past raw tile i: reload its stage
+            if (tid == 0 && i + WS_RAW < ntiles) load_raw(i + WS_RAW);
         }
         return;
     }
