@@ -158,6 +158,7 @@ __device__ __forceinline__ void fw_softmax(float (&s)[32], int k0, int pos0, int
 #pragma unroll
         for (int f = 0; f < 4; f++) {
             int j = 2 * ks + (f >> 1), e = 2 * (f & 1);
+            static_assert(!F16 || PM == P_HILO, "F16 MMAs take P as F16 hi + lo");
             if (PM == P_HILO && F16)
                 split_f16(s[4 * j + e], s[4 * j + e + 1], ph[ks][f], pl[ks][f]);
             else if (PM == P_HILO)
@@ -231,11 +232,12 @@ struct FlashTmaArgs : FlashArgs {
 
 // FP8 pools: raw tile i's 64 x 128 codes (K at `raw`, V 8 KB after) as F16 (exact; the pools'
 // scales go into the score scale and the output) into the tile pair at `dst`, by NT threads (tid
-// 0 .. NT - 1; whole warps past the last chunk when NT does not divide 1024). One conversion per
-// pair of codes: the BF16 tiles (times the scale, 3 more per pair) made the conversion the
-// FP8 prefill's bound.
+// 0 .. NT - 1). One conversion per pair of codes: BF16 tiles times the scale (4 more instructions
+// per pair) made the conversions the FP8 prefill's bound. (The bound check below never fails for
+// NT = 128 or 256; without it ptxas allocates the NT = 256 kernel differently and spills.)
 template <int NT>
 __device__ __forceinline__ void fw_kv8_convert(unsigned dst, unsigned raw, int tid) {
+    static_assert(2 * 64 * 8 % NT == 0, "whole 16-byte chunks per thread");
 #pragma unroll 4
     for (int u = 0; u < (2 * 64 * 8 + NT - 1) / NT; u++) {
         int idx = tid + u * NT, pool = idx >> 9, j = (idx >> 3) & 63, c8 = idx & 7;
