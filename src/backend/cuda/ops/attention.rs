@@ -30,7 +30,8 @@ pub fn flash_supported(group: usize, head_dim: usize, act: Precision) -> bool {
 /// How prefill (multi-query) blocks multiply P by V. Measured on an H200 (one 3000-token 70B
 /// prefill, attention of all 80 layers), mma.sync kernel: hi + lo 76.6 ms, F16 67.3 ms, BF16
 /// 62.6 ms; the wgmma kernel (head_dim 128, the default there): hi + lo 49.1 ms, BF16 40.7 ms
-/// (tiles loaded by TMA; by cp.async hi + lo took 63.4 ms).
+/// (tiles loaded by TMA; by cp.async hi + lo took 63.4 ms); with a producer warpgroup (the
+/// default for TMA-loaded items) hi + lo 42.3 ms (benchmarks/results/cuda-h200-round12.json).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillP {
     /// P as BF16 hi + lo (the default): F32-like accuracy, two P·V MMAs. Decode (which keeps
