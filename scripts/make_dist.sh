@@ -2,8 +2,9 @@
 # Builds the release binary and the GPU test executables here (no GPU needed) and gathers what
 # scripts/gpu_check.sh needs into a folder to carry to the GPU machine:
 #   scripts/make_dist.sh <dist folder> [fixtures folder] [models folder]
-# KERNEL_CACHE=<kcache.tgz> (a cache gpu_check.sh saved on an earlier run) goes along as
-# kcache.tgz: the GPU machine then compiles only the kernel modules that changed since.
+# KERNEL_CACHE=<kcache.tgz> (a cache gpu_check.sh saved on an earlier run: cubins and autotuning
+# choices) goes along as kcache.tgz, with every kernel module compiled here (NVRTC 13.0 from .venv)
+# added: the GPU machine then compiles nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:?usage: make_dist.sh <dist folder>}
@@ -29,5 +30,14 @@ strip "$D/tandem" "$D/kv_transfer_bench" "$D"/tests/*
 cp -r "$FIX"/llama-bf16 "$FIX"/llama-fp8 "$D/fixtures/"
 cp -r "$MODELS"/. "$D/models/"
 cp scripts/gpu_check.sh scripts/gpu_compare.sh "$D/"
-if [ -n "${KERNEL_CACHE:-}" ]; then cp "$KERNEL_CACHE" "$D/kcache.tgz"; fi
+# The kernel cache: KERNEL_CACHE's (autotuning choices, cubins), with every module compiled here
+# by NVRTC 13.0 from .venv where it is installed, so the GPU machine compiles nothing.
+kc=$(mktemp -d)
+if [ -n "${KERNEL_CACHE:-}" ]; then tar xzf "$KERNEL_CACHE" -C "$kc"; fi
+nvrtc=$(ls -d .venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n 1)
+if [ -n "$nvrtc" ]; then
+  LD_LIBRARY_PATH="$nvrtc" TANDEM_KERNEL_CACHE="$kc/tandem-kernels" "$D/tandem" kernels --check --fill-cache >/dev/null
+fi
+if [ -d "$kc/tandem-kernels" ]; then tar czf "$D/kcache.tgz" -C "$kc" tandem-kernels; fi
+rm -rf "$kc"
 du -sh "$D"

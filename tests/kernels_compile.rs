@@ -2,7 +2,7 @@
 //!
 //! NVRTC comes from the `nvidia-cuda-nvrtc` pip package in the repo's `.venv` (installed by
 //! `.ci/run`). The dynamic loader reads LD_LIBRARY_PATH only at process start, so the check runs
-//! in a child `tandem kernels --check` with the package's lib folder on the path.
+//! in a child `tandem kernels --check --fill-cache` with the package's lib folder on the path.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,9 +27,14 @@ fn every_kernel_compiles_for_sm90a() {
         eprintln!("skipping: {msg}");
         return;
     };
+    // Through the cache (--fill-cache): a stale cubin of a module goes, other files stay.
     let cache = tempfile::tempdir().unwrap();
+    let stale = cache.path().join("elementwise-0123456789abcdef.cubin");
+    let tuning = cache.path().join("gemm_tune_choices.txt");
+    std::fs::write(&stale, b"old").unwrap();
+    std::fs::write(&tuning, b"kept").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["kernels", "--check"])
+        .args(["kernels", "--check", "--fill-cache"])
         .env("LD_LIBRARY_PATH", &lib)
         .env("TANDEM_KERNEL_CACHE", cache.path())
         .output()
@@ -45,5 +50,18 @@ fn every_kernel_compiles_for_sm90a() {
             stdout.contains(&format!("ok {module} (")),
             "module {module} not reported:\n{stdout}"
         );
+    }
+    let files: Vec<String> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!stale.exists(), "the stale cubin stayed: {files:?}");
+    assert!(tuning.exists(), "a file other than a cubin went: {files:?}");
+    for module in ["elementwise", "attention", "flash_prefill_wgmma"] {
+        let cubins = files
+            .iter()
+            .filter(|f| f.starts_with(&format!("{module}-")) && f.ends_with(".cubin"))
+            .count();
+        assert_eq!(cubins, 1, "{module}'s cubins in the cache: {files:?}");
     }
 }

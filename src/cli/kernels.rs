@@ -12,6 +12,11 @@ pub struct Args {
     /// Also write each module's cubin into this folder (for cuobjdump / nvdisasm).
     #[arg(long)]
     pub dump: Option<std::path::PathBuf>,
+    /// Compile through the kernel cache (`$TANDEM_KERNEL_CACHE`): modules already there are not
+    /// compiled again, the cubins of their earlier sources are removed. A cache filled here goes
+    /// to the GPU machine with the dist (scripts/make_dist.sh).
+    #[arg(long)]
+    pub fill_cache: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -26,7 +31,12 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(dir) = &args.dump {
         std::fs::create_dir_all(dir)?;
     }
-    for (name, cubin) in kernels::check_all()? {
+    let cubins = if args.fill_cache {
+        kernels::fill_cache()?
+    } else {
+        kernels::check_all()?
+    };
+    for (name, cubin) in cubins {
         println!("ok {name} ({} bytes of sm_90a cubin)", cubin.len());
         if let Some(dir) = &args.dump {
             std::fs::write(dir.join(format!("{name}.cubin")), &cubin)?;

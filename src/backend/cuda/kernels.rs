@@ -315,8 +315,8 @@ pub(crate) fn cache_dir() -> PathBuf {
     base.join("tandem").join("kernels")
 }
 
-/// The cubin of a module, from the disk cache or freshly compiled (and then cached).
-pub fn cubin_cached(name: &str, src: &str) -> Result<Vec<u8>> {
+/// Where a module's cubin is cached: keyed by its source, the compile options and NVRTC's version.
+fn cache_path(name: &str, src: &str) -> Result<PathBuf> {
     let (major, minor) = nvrtc_version()?;
     let key = format!(
         "{}\0{}\0{major}.{minor}",
@@ -324,7 +324,12 @@ pub fn cubin_cached(name: &str, src: &str) -> Result<Vec<u8>> {
         OPTIONS.join(" ")
     );
     let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
-    let path = cache_dir().join(format!("{name}-{hash:016x}.cubin"));
+    Ok(cache_dir().join(format!("{name}-{hash:016x}.cubin")))
+}
+
+/// The cubin of a module, from the disk cache or freshly compiled (and then cached).
+pub fn cubin_cached(name: &str, src: &str) -> Result<Vec<u8>> {
+    let path = cache_path(name, src)?;
     if let Ok(bytes) = std::fs::read(&path) {
         if !bytes.is_empty() {
             return Ok(bytes);
@@ -347,6 +352,38 @@ pub fn check_all() -> Result<Vec<(&'static str, Vec<u8>)>> {
         .iter()
         .map(|(name, src)| Ok((*name, compile_cubin(name, src)?)))
         .collect()
+}
+
+/// Every module's cubin into the cache folder (compiled unless already there), and the cubins
+/// of earlier sources of these modules out of it; other files (autotuning choices) stay. With
+/// NVRTC 13.0 here the cache serves a GPU machine with the same NVRTC version, which then compiles
+/// nothing (scripts/make_dist.sh). Returns (module, cubin).
+pub fn fill_cache() -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut out = Vec::with_capacity(MODULES.len());
+    for (name, src) in MODULES {
+        let cubin = cubin_cached(name, src)?;
+        let keep = cache_path(name, src)?;
+        let stale = std::fs::read_dir(cache_dir())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p != &keep && is_cubin_of(p, name));
+        for path in stale {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing the stale {}", path.display()))?;
+        }
+        out.push((*name, cubin));
+    }
+    Ok(out)
+}
+
+/// Whether `path` is named `<module>-<16 hex digits>.cubin`.
+fn is_cubin_of(path: &std::path::Path, module: &str) -> bool {
+    let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+        return false;
+    };
+    file.strip_prefix(module)
+        .and_then(|r| r.strip_prefix('-'))
+        .and_then(|r| r.strip_suffix(".cubin"))
+        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Every kernel function, loaded into the current context.
