@@ -31,11 +31,12 @@ cp -r "$FIX"/llama-bf16 "$FIX"/llama-fp8 "$D/fixtures/"
 cp -r "$MODELS"/. "$D/models/"
 cp scripts/gpu_check.sh scripts/gpu_compare.sh "$D/"
 # The kernel cache: KERNEL_CACHE's (autotuning choices, cubins), with every module compiled here
-# by NVRTC 13.0 from .venv where it is installed, so the GPU machine compiles nothing.
+# by NVRTC 13.0 from .venv where it is installed, so the GPU machine compiles nothing
+# (KERNEL_FILL=0: carry KERNEL_CACHE as it is, the GPU machine compiling what changed).
 kc=$(mktemp -d)
 if [ -n "${KERNEL_CACHE:-}" ]; then tar xzf "$KERNEL_CACHE" -C "$kc"; fi
 nvrtc=$(ls -d .venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n 1)
-if [ -n "$nvrtc" ]; then
+if [ -n "$nvrtc" ] && [ "${KERNEL_FILL:-1}" != 0 ]; then
   LD_LIBRARY_PATH="$nvrtc" TANDEM_KERNEL_CACHE="$kc/tandem-kernels" "$D/tandem" kernels --check --fill-cache >/dev/null
 fi
 if [ -d "$kc/tandem-kernels" ]; then tar czf "$D/kcache.tgz" -C "$kc" tandem-kernels; fi
