@@ -131,7 +131,7 @@ __device__ __forceinline__ void flash_prefill_ws_t(const FlashTmaArgs& a) {
 }
 
 // Shared memory: WS_SHARED_BYTES (kernels.rs): the stages (BF16: 5 x 32 KB; FP8: 4 x 32 KB of
-// BF16 and 4 x 16 KB of codes), the mbarriers, 1 KB of alignment. One block per SM. The last
+// F16 and 4 x 16 KB of codes), the mbarriers, 1 KB of alignment. One block per SM. The last
 // parameter: the K and V pools' tensor maps (2 x 128 bytes, global memory), never null.
 #define WS_KERNEL(NAME, PM, KV8, PP)                                                                  \
     extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)                                       \

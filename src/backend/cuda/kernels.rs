@@ -427,7 +427,7 @@ pub const SILU_SMEM_MAX_BYTES: usize = 72 * 1024;
 pub const WGMMA_SHARED_BYTES: usize = 5 * 2 * 64 * 128 * 2 + 64 + 1024;
 
 /// Shared memory of the `_ws` kernels (flash_prefill_ws.cu), the larger of BF16 pools' (5 stages
-/// of a K and V tile) and FP8 pools' (4 BF16 stages and 4 stages of codes, 16 KB each), their
+/// of a K and V tile) and FP8 pools' (4 F16 stages and 4 stages of codes, 16 KB each), their
 /// mbarriers (at most 24 of 8 bytes) and 1 KB to align the tiles.
 pub const WS_SHARED_BYTES: usize = 4 * 2 * 64 * 128 * 2 + 4 * 2 * 64 * 128 + 24 * 8 + 1024;
 
