@@ -35,7 +35,7 @@ cp scripts/gpu_check.sh scripts/gpu_compare.sh "$D/"
 # (KERNEL_FILL=0: carry KERNEL_CACHE as it is, the GPU machine compiling what changed).
 kc=$(mktemp -d)
 if [ -n "${KERNEL_CACHE:-}" ]; then tar xzf "$KERNEL_CACHE" -C "$kc"; fi
-nvrtc=$(ls -d .venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n 1)
+nvrtc=$(ls -d .venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n 1 || true)
 if [ -n "$nvrtc" ] && [ "${KERNEL_FILL:-1}" != 0 ]; then
   LD_LIBRARY_PATH="$nvrtc" TANDEM_KERNEL_CACHE="$kc/tandem-kernels" "$D/tandem" kernels --check --fill-cache >/dev/null
 fi
