@@ -20,6 +20,8 @@ timeout ${NCU_TIMEOUT:-400} "$NCU" --clock-control none -k "regex:${KERNELS:?reg
   --launch-skip ${SKIP:-0} --launch-count ${COUNT:-8} --csv --page raw --metrics "$METRICS" \
   --log-file "$OUT/ncu.csv" "$bin" "$@" > "$OUT/app.log" 2> "$OUT/ncu.err"
 echo "ncu rc=$?"
+# timeout stops ncu, not the program it started: stop that too before the next pass.
+pkill -9 -x "$(basename "$bin")" 2>/dev/null; sleep 1
 python3 - "$OUT/ncu.csv" <<'PY'
 import csv, sys
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"')) if len(r) > 5]
@@ -42,6 +44,7 @@ if [ "${SECTIONS:-1}" != 0 ]; then
   timeout ${NCU_TIMEOUT:-400} "$NCU" --clock-control none -k "regex:${KERNELS}" --launch-skip ${SKIP:-0} \
     --launch-count ${SECTION_COUNT:-2} --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section WarpStateStats --section LaunchStats "$bin" "$@" > "$OUT/ncu_sections.txt" 2>&1
+  pkill -9 -x "$(basename "$bin")" 2>/dev/null
   grep -E "^  [a-z_]+.*\(|Stall|Warp Cycles|Memory Throughput|DRAM Throughput|Achieved Occupancy|Duration|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu_sections.txt" | head -n 80
 fi
 tail -n 5 "$OUT/ncu.err"
