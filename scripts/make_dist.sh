@@ -29,7 +29,7 @@ done
 strip "$D/tandem" "$D/kv_transfer_bench" "$D"/tests/*
 cp -r "$FIX"/llama-bf16 "$FIX"/llama-fp8 "$D/fixtures/"
 cp -r "$MODELS"/. "$D/models/"
-cp scripts/gpu_check.sh scripts/gpu_compare.sh "$D/"
+cp scripts/gpu_check.sh scripts/gpu_compare.sh scripts/ncu_kernels.sh "$D/"
 # The kernel cache: KERNEL_CACHE's (autotuning choices, cubins), with every module compiled here
 # by NVRTC 13.0 from .venv where it is installed, so the GPU machine compiles nothing
 # (KERNEL_FILL=0: carry KERNEL_CACHE as it is, the GPU machine compiling what changed).
