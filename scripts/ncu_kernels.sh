@@ -3,7 +3,9 @@
 # runtime; from a dist folder, like gpu_check.sh):
 #   KERNELS="silu_mul_fp8_smem|add_rmsnorm_fp8_k" COUNT=8 bash dist/ncu_kernels.sh tandem bench-step ...
 # Kernels inside CUDA graph captures cannot be profiled: pass --enforce-eager where the command
-# has it. One CSV row per launch (time, DRAM bytes and throughput, grid, registers, occupancy) in
+# has it. Every launch is slower under ncu (a 70B decode step took 84 ms instead of 20), so give it
+# commands that reach the kernels soon: the prefill kernels after bench-step's decode steps were
+# not reached in 170 s. One CSV row per launch (time, DRAM bytes and throughput, grid, registers, occupancy) in
 # $OUT/ncu.csv, and the full sections of the first launches in $OUT/ncu_sections.txt (SECTIONS=0
 # skips them).
 set -uo pipefail
