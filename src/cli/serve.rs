@@ -146,6 +146,9 @@ fn plan(args: &Args) -> Result<Plan> {
                 .gpu_memory_utilization
                 .map(f64::from)
                 .unwrap_or(e.gpu_memory_utilization);
+            e.enable_prefix_caching = g
+                .enable_prefix_caching
+                .unwrap_or(e.enable_prefix_caching);
             if let Some(dtype) = &g.kv_cache_dtype {
                 e.kv_cache_dtype = KvCacheDtype::from_str(dtype, true)
                     .map_err(|e| anyhow::anyhow!("kv_cache_dtype: {e}"))?;
@@ -381,6 +384,10 @@ mod tests {
             .workers
             .iter()
             .all(|w| w.engine.kv_cache_dtype == KvCacheDtype::Fp8));
+        assert!(
+            p.workers.iter().all(|w| !w.engine.enable_prefix_caching),
+            "the guide's runs measure without prefix caching"
+        );
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.yaml");
         std::fs::write(&bad, "model: m\nworkers: [{kv_cache_dtype: fp7}]").unwrap();

@@ -50,6 +50,9 @@ pub struct WorkerGroup {
     /// `auto` or `fp8` (vLLM's `--kv-cache-dtype`). Prefill and decode workers that hand KV over
     /// must agree.
     pub kv_cache_dtype: Option<String>,
+    /// Reuse the KV of shared prompt prefixes (vLLM's `--enable-prefix-caching`). The guide's
+    /// runs turn it off: a sweep's levels repeat prompts, and hits would skip their prefills.
+    pub enable_prefix_caching: Option<bool>,
     /// Decode workers: prompts with at most this many uncached tokens are prefilled locally.
     pub max_local_prefill_length: Option<usize>,
     /// Decode workers: with this many prompts queued for prefill or more, prefill locally.

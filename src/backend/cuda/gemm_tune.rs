@@ -24,8 +24,8 @@ use std::sync::OnceLock;
 
 /// Candidates asked of the heuristic.
 pub const MAX_CANDIDATES: usize = 8;
-/// Timed launches per candidate (after one warm-up).
-const REPS: usize = 5;
+/// Timed launches per candidate (after one warm-up); the median counts.
+const REPS: usize = 7;
 
 /// Rows (tokens) of the largest product tuned by default: decode batches up to vLLM's default
 /// `--max-num-seqs`.
@@ -99,6 +99,12 @@ pub unsafe fn candidates(
 
 /// Index of the fastest of `count` candidates, `launch(i)` running candidate `i` on `stream`
 /// (a candidate whose launch fails is skipped; the first is kept if all fail).
+///
+/// Each launch is timed alone, after a write of [`FLUSH_BYTES`] that evicts L2, and a candidate
+/// scores its median. Timed back to back, launches after the first read a weight that fits in L2
+/// (the tensor-parallel ranks' qkv and o, 32-40 MB at TP2) from L2, and host launch gaps fall
+/// inside the timing: two processes of one binary chose differently for TP2 at batch 1 (o_proj
+/// 1.4 against 2.6 ms a step in the eager profile, decode step 13.4 against 14.5 ms).
 // CUDA handles are opaque to Rust: the driver checks them, nothing here dereferences them.
 #[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn fastest(
@@ -106,24 +112,34 @@ pub fn fastest(
     count: usize,
     mut launch: impl FnMut(usize) -> Result<()>,
 ) -> Result<usize> {
-    let start = result::event::create(drv::CUevent_flags::CU_EVENT_DEFAULT)?;
-    let end = result::event::create(drv::CUevent_flags::CU_EVENT_DEFAULT)?;
+    let flush = FlushBuffer::new();
+    let events = (0..2 * REPS)
+        .map(|_| result::event::create(drv::CUevent_flags::CU_EVENT_DEFAULT))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut best = (0, f32::INFINITY);
     for i in 0..count {
         if launch(i).is_err() {
             continue;
         }
-        // SAFETY: live events and stream; the events are destroyed below.
+        // SAFETY: live events, stream and flush buffer; the events are destroyed below.
         let ms = unsafe {
-            result::event::record(start, stream)?;
             let mut ok = true;
-            for _ in 0..REPS {
+            for rep in 0..REPS {
+                if let Some(f) = &flush {
+                    result::memset_d8_async(f.ptr, rep as u8, FLUSH_BYTES, stream)?;
+                }
+                result::event::record(events[2 * rep], stream)?;
                 ok &= launch(i).is_ok();
+                result::event::record(events[2 * rep + 1], stream)?;
             }
-            result::event::record(end, stream)?;
-            result::event::synchronize(end)?;
+            result::event::synchronize(events[2 * REPS - 1])?;
+            let mut times = Vec::with_capacity(REPS);
+            for rep in 0..REPS {
+                times.push(result::event::elapsed(events[2 * rep], events[2 * rep + 1])?);
+            }
+            times.sort_by(f32::total_cmp);
             if ok {
-                result::event::elapsed(start, end)?
+                times[REPS / 2]
             } else {
                 f32::INFINITY
             }
@@ -132,12 +148,40 @@ pub fn fastest(
             best = (i, ms);
         }
     }
-    // SAFETY: created above, destroyed once.
-    unsafe {
-        let _ = result::event::destroy(start);
-        let _ = result::event::destroy(end);
+    for e in events {
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { result::event::destroy(e) };
     }
     Ok(best.0)
+}
+
+/// Bytes written between timed launches: more than the H200's 50 MB of L2.
+const FLUSH_BYTES: usize = 128 << 20;
+
+/// Device memory for the L2 flush, freed on drop. `None` when it cannot be had (the timing then
+/// runs without flushes rather than failing the product).
+struct FlushBuffer {
+    ptr: drv::CUdeviceptr,
+}
+
+impl FlushBuffer {
+    fn new() -> Option<Self> {
+        // SAFETY: a plain allocation in the current context, freed once in drop.
+        match unsafe { result::malloc_sync(FLUSH_BYTES) } {
+            Ok(ptr) => Some(Self { ptr }),
+            Err(e) => {
+                tracing::debug!("no L2 flush buffer for GEMM autotuning: {e:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for FlushBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_sync`, freed once; the timings above synchronized.
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
 }
 
 /// The choices made on this machine (candidate rank per GPU, cuBLASLt version and shape), read
