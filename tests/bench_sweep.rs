@@ -413,3 +413,60 @@ async fn demo_runs_end_to_end_on_the_tiny_model() {
         outcome.report
     );
 }
+
+/// A target that answers every request at once with `osl` one-token chunks and keeps the prompts.
+#[derive(Default)]
+struct RecordingTarget {
+    prompts: std::sync::Mutex<Vec<String>>,
+}
+
+impl tandem::bench::LoadTarget for RecordingTarget {
+    fn stream(
+        &self,
+        prompt: &tandem::bench::prompts::Prompt,
+        osl: usize,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<tandem::bench::ChunkStream>> {
+        self.prompts.lock().unwrap().push(prompt.text.clone());
+        Box::pin(async move {
+            let chunks = (0..osl).map(|_| {
+                Ok(tandem::bench::Chunk {
+                    text: "w".into(),
+                    tokens: Some(1),
+                    completion_tokens: None,
+                })
+            });
+            Ok(Box::pin(futures::stream::iter(chunks)) as tandem::bench::ChunkStream)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn levels_send_prompts_of_their_own_and_reproducibly() {
+    let dir = tempfile::tempdir().unwrap();
+    bench_common::write_word_tokenizer(&dir.path().join("tok"));
+    let tok = Arc::new(BenchTokenizer::load(&dir.path().join("tok")).unwrap());
+    let sent = |run: &str| {
+        let (tok, path) = (tok.clone(), dir.path().join(run));
+        async move {
+            let target = Arc::new(RecordingTarget::default());
+            run_sweep(target.clone(), Some(tok), &sweep_config(&path, vec![1, 2, 4]))
+                .await
+                .unwrap();
+            let prompts = target.prompts.lock().unwrap().clone();
+            prompts
+        }
+    };
+    let first = sent("a").await;
+    assert_eq!(first.len(), 12 + 24 + 48, "12·C prompts a level");
+    let distinct: std::collections::HashSet<&String> = first.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        first.len(),
+        "no prompt repeats, within a level or across levels"
+    );
+    let mut again = sent("b").await;
+    let mut first_sorted = first.clone();
+    first_sorted.sort();
+    again.sort();
+    assert_eq!(again, first_sorted, "the same seed sends the same prompts");
+}
