@@ -52,6 +52,8 @@ for f in ${DEPLOYMENTS:?list deployment files}; do
   dirs+=("$WORK/$name")
   kill $SERVE; wait $SERVE 2>/dev/null
   tail -n 5 "$OUT/serve-$name.log"
+  # The cuBLASLt algorithms the servers tuned so far (gemm_tune; kept with the results).
+  cp "$TANDEM_KERNEL_CACHE/cublaslt-choices.json" "$OUT/" 2>/dev/null
 done
 "$D/tandem" pareto "${dirs[@]}" --output-dir "$OUT" 2>&1 | tail -n 30
 tar -czf "$OUT/artifacts.tar.gz" -C "$WORK" .

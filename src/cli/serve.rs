@@ -384,10 +384,6 @@ mod tests {
             .workers
             .iter()
             .all(|w| w.engine.kv_cache_dtype == KvCacheDtype::Fp8));
-        assert!(
-            p.workers.iter().all(|w| !w.engine.enable_prefix_caching),
-            "the guide's runs measure without prefix caching"
-        );
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.yaml");
         std::fs::write(&bad, "model: m\nworkers: [{kv_cache_dtype: fp7}]").unwrap();
@@ -400,6 +396,31 @@ mod tests {
         .unwrap();
         let err = format!("{:#}", parse(&["-f", bad.to_str().unwrap()]).unwrap_err());
         assert!(err.contains("share one kv_cache_dtype"), "{err}");
+    }
+
+    #[test]
+    fn the_guides_deployment_files_turn_prefix_caching_off() {
+        // Sweep levels would otherwise find prompts cached by earlier runs against the same server.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benchmarks");
+        let mut checked = 0;
+        for dir in ["h200x2", "h200x4"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                let p = parse(&["-f", path.to_str().unwrap()]).unwrap();
+                assert!(
+                    p.workers.iter().all(|w| !w.engine.enable_prefix_caching),
+                    "{}",
+                    path.display()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 6, "{checked} files");
+        // Unset, the command line's value (on by default) holds.
+        let agg = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/agg.yaml");
+        assert!(parse(&["-f", agg]).unwrap().workers[0].engine.enable_prefix_caching);
+        let off = parse(&["-f", agg, "--enable-prefix-caching=false"]).unwrap();
+        assert!(!off.workers[0].engine.enable_prefix_caching);
     }
 
     #[test]
