@@ -449,9 +449,13 @@ async fn levels_send_prompts_of_their_own_and_reproducibly() {
         let (tok, path) = (tok.clone(), dir.path().join(run));
         async move {
             let target = Arc::new(RecordingTarget::default());
-            run_sweep(target.clone(), Some(tok), &sweep_config(&path, vec![1, 2, 4]))
-                .await
-                .unwrap();
+            run_sweep(
+                target.clone(),
+                Some(tok),
+                &sweep_config(&path, vec![1, 2, 4]),
+            )
+            .await
+            .unwrap();
             let prompts = target.prompts.lock().unwrap().clone();
             prompts
         }

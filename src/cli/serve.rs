@@ -146,9 +146,7 @@ fn plan(args: &Args) -> Result<Plan> {
                 .gpu_memory_utilization
                 .map(f64::from)
                 .unwrap_or(e.gpu_memory_utilization);
-            e.enable_prefix_caching = g
-                .enable_prefix_caching
-                .unwrap_or(e.enable_prefix_caching);
+            e.enable_prefix_caching = g.enable_prefix_caching.unwrap_or(e.enable_prefix_caching);
             if let Some(dtype) = &g.kv_cache_dtype {
                 e.kv_cache_dtype = KvCacheDtype::from_str(dtype, true)
                     .map_err(|e| anyhow::anyhow!("kv_cache_dtype: {e}"))?;
@@ -418,7 +416,11 @@ mod tests {
         assert!(checked >= 6, "{checked} files");
         // Unset, the command line's value (on by default) holds.
         let agg = concat!(env!("CARGO_MANIFEST_DIR"), "/benchmarks/agg.yaml");
-        assert!(parse(&["-f", agg]).unwrap().workers[0].engine.enable_prefix_caching);
+        assert!(
+            parse(&["-f", agg]).unwrap().workers[0]
+                .engine
+                .enable_prefix_caching
+        );
         let off = parse(&["-f", agg, "--enable-prefix-caching=false"]).unwrap();
         assert!(!off.workers[0].engine.enable_prefix_caching);
     }

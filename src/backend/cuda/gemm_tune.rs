@@ -135,7 +135,10 @@ pub fn fastest(
             result::event::synchronize(events[2 * REPS - 1])?;
             let mut times = Vec::with_capacity(REPS);
             for rep in 0..REPS {
-                times.push(result::event::elapsed(events[2 * rep], events[2 * rep + 1])?);
+                times.push(result::event::elapsed(
+                    events[2 * rep],
+                    events[2 * rep + 1],
+                )?);
             }
             times.sort_by(f32::total_cmp);
             if ok {
