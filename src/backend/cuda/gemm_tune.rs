@@ -14,6 +14,7 @@
 //! heuristic's choice.
 //! `TANDEM_GEMM_AUTOTUNE=0` tunes nothing, `=1` every shape.
 
+use super::device::DeviceBuffer;
 use anyhow::{anyhow, Result};
 use cudarc::cublaslt::sys;
 use cudarc::driver::{result, sys as drv};
@@ -112,7 +113,10 @@ pub fn fastest(
     count: usize,
     mut launch: impl FnMut(usize) -> Result<()>,
 ) -> Result<usize> {
-    let flush = FlushBuffer::new();
+    // Without the memory (the timing then runs without flushes) the product still runs.
+    let flush = DeviceBuffer::new(FLUSH_BYTES)
+        .inspect_err(|e| tracing::debug!("no L2 flush buffer for GEMM autotuning: {e:#}"))
+        .ok();
     let events = (0..2 * REPS)
         .map(|_| result::event::create(drv::CUevent_flags::CU_EVENT_DEFAULT))
         .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -160,32 +164,6 @@ pub fn fastest(
 
 /// Bytes written between timed launches: more than the H200's 50 MB of L2.
 const FLUSH_BYTES: usize = 128 << 20;
-
-/// Device memory for the L2 flush, freed on drop. `None` when it cannot be had (the timing then
-/// runs without flushes rather than failing the product).
-struct FlushBuffer {
-    ptr: drv::CUdeviceptr,
-}
-
-impl FlushBuffer {
-    fn new() -> Option<Self> {
-        // SAFETY: a plain allocation in the current context, freed once in drop.
-        match unsafe { result::malloc_sync(FLUSH_BYTES) } {
-            Ok(ptr) => Some(Self { ptr }),
-            Err(e) => {
-                tracing::debug!("no L2 flush buffer for GEMM autotuning: {e:?}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for FlushBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated by `malloc_sync`, freed once; the timings above synchronized.
-        let _ = unsafe { result::free_sync(self.ptr) };
-    }
-}
 
 /// The choices made on this machine (candidate rank per GPU, cuBLASLt version and shape), read
 /// from and saved to one JSON file. An unreadable or unwritable file only costs a re-tune.
