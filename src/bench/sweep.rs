@@ -170,7 +170,7 @@ fn progress_bar(enabled: bool, c: usize, len: u64) -> ProgressBar {
 /// level with one seed, sends the same ones at every level): a server with prefix caching on
 /// would otherwise find a level's prompts cached by the levels before it and skip their prefills
 /// (on 2 H200s a prefill-bound deployment measured 246 tokens/s/gpu at C = 64 so, 183 without).
-pub fn level_seed(seed: u64, c: usize) -> u64 {
+fn level_seed(seed: u64, c: usize) -> u64 {
     seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
